@@ -1,0 +1,177 @@
+"""Model adapters: where things live inside a Hugging Face multimodal model.
+
+Methods talk to an adapter, never to transformers internals directly, so a new model family is one
+adapter class here. An adapter wraps one loaded model *instance*; it does not copy or modify it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class NotApplicable(ValueError):
+    """A method (or tool) cannot act on this model family."""
+
+
+@dataclass
+class ModelAdapter:
+    """Common view of a LLaVA-style model (vision tower -> projector -> decoder-only LLM)."""
+
+    model: nn.Module
+    family: str = "llava"
+
+    # ---- modules -------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def vision_config(self):
+        return self.model.config.vision_config
+
+    @property
+    def base(self) -> nn.Module:
+        """The inner `LlavaModel` / `LlavaNextModel` (holds towers, projector, LLM)."""
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The CLIP encoder layers (`CLIPEncoderLayer`), in order."""
+        return self.vision_tower.encoder.layers
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.base.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.language_model
+
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # ---- geometry ------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def num_llm_layers(self) -> int:
+        return len(self.llm_layers)
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.vision_layers)
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """Index into CLIP `hidden_states` that feeds the projector (-2 for LLaVA)."""
+        layer = self.model.config.vision_feature_layer
+        if isinstance(layer, (list, tuple)):
+            raise NotApplicable("multi-layer vision features are not supported")
+        return int(layer)
+
+    @property
+    def last_useful_vision_layer(self) -> int:
+        """0-based index of the last CLIP layer whose output reaches the LLM.
+
+        `hidden_states[0]` is the embedding output, so `hidden_states[-2]` is the output of layer
+        `num_layers - 2`; work done in later layers is wasted.
+        """
+        n = self.num_vision_layers
+        idx = self.vision_feature_layer
+        return (n + idx) if idx < 0 else idx - 1
+
+    @property
+    def patches_per_side(self) -> int:
+        vc = self.vision_config
+        return vc.image_size // vc.patch_size
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        """Tokens per image (or per crop) in the CLIP encoder, CLS included."""
+        return self.patches_per_side**2 + 1
+
+    @property
+    def drops_cls(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "default"
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """Visual tokens one LLaVA-1.5 image (or one LLaVA-NeXT crop) contributes to the LLM."""
+        return self.vision_tokens_per_image - (1 if self.drops_cls else 0)
+
+    # ---- masks ---------------------------------------------------------------------------------
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, T] mask of visual-token positions, from `input_ids == image_token_id`."""
+        return input_ids == self.image_token_id
+
+    def describe(self) -> dict:
+        tc, vc = self.text_config, self.vision_config
+        return {
+            "family": self.family,
+            "llm_type": tc.model_type,
+            "llm_layers": self.num_llm_layers,
+            "llm_hidden": tc.hidden_size,
+            "llm_heads": tc.num_attention_heads,
+            "llm_kv_heads": getattr(tc, "num_key_value_heads", tc.num_attention_heads),
+            "llm_intermediate": tc.intermediate_size,
+            "vocab_size": tc.vocab_size,
+            "vision_layers": self.num_vision_layers,
+            "vision_hidden": vc.hidden_size,
+            "vision_image_size": vc.image_size,
+            "vision_patch_size": vc.patch_size,
+            "visual_tokens_per_image": self.visual_tokens_per_image,
+            "vision_feature_layer": self.vision_feature_layer,
+        }
+
+
+class LlavaAdapter(ModelAdapter):
+    def __init__(self, model: nn.Module):
+        super().__init__(model=model, family="llava")
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT: anyres tiles (base crop + high-res crops) packed with `image_newline` tokens.
+
+    The number of visual tokens per image depends on its size; `visual_tokens_per_image` is the
+    count for one crop.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model=model, family="llava_next")
+
+
+_ADAPTERS = {
+    "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+}
+
+
+def family_of(config) -> str:
+    mt = getattr(config, "model_type", None)
+    if mt not in _ADAPTERS:
+        raise NotApplicable(
+            f"model type {mt!r} is not supported (supported families: {', '.join(sorted(_ADAPTERS))})"
+        )
+    return mt
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for a loaded model; raises `NotApplicable` for unknown families."""
+    return _ADAPTERS[family_of(model.config)](model)

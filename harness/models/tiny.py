@@ -1,0 +1,216 @@
+"""Tiny random LLaVA-family models built from configs (no downloads), for tests and benchmarks.
+
+`build_tiny(family=..., lm=...)` returns `(model, processor)`: a real
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` with a CLIP vision tower and a
+Llama-, Mistral- or Qwen2-style language model (optionally with grouped-query attention), plus a
+processor with an in-process trained BPE tokenizer and a PIL image processor.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_BASE_CORPUS = [
+    "USER: ASSISTANT: What is shown in the image? Answer with one word.",
+    "What colour is the shape in the top left? red green blue yellow purple orange white black gray",
+    "How many circles squares triangles stars are there? zero one two three four five six seven eight nine",
+    "Which letter is written in the square? A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+    "Is there a circle left of the triangle? yes no. top bottom left right middle centre row column",
+    "The quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 , . ? !",
+]
+
+LM_STYLES = ("llama", "mistral", "qwen2")
+
+
+def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained in-process; `<image>` is a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus or _BASE_CORPUS), trainer=trainer)
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer():
+    return make_tokenizer()
+
+
+def text_config(
+    lm: str = "llama",
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 4096,
+):
+    """Config of a Llama-, Mistral- or Qwen2-style decoder."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if lm not in LM_STYLES:
+        raise ValueError(f"unknown language-model style {lm!r}; choose from {LM_STYLES}")
+    common = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    if lm == "llama":
+        return LlamaConfig(**common)
+    if lm == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    return Qwen2Config(**common, use_sliding_window=False)
+
+
+def vision_config(*, image_size=64, patch_size=8, hidden_size=32, num_layers=3, num_heads=4):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+    )
+
+
+def build_tiny(
+    family: str = "llava",
+    lm: str = "llama",
+    *,
+    gqa: bool = False,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    tokenizer=None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a tiny random model of `family` ('llava' | 'llava_next') with an `lm`-style decoder.
+
+    Returns `(model, processor)`; the model is in eval mode on CPU.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = tokenizer or _default_tokenizer()
+    tcfg = text_config(
+        lm,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=(num_heads // 2 if gqa else num_heads),
+        vocab_size=len(tok),
+    )
+    vcfg = vision_config(
+        image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden, num_layers=vision_layers
+    )
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    n_img = (image_size // patch_size) ** 2
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = LlavaConfig(
+            vision_config=vcfg,
+            text_config=tcfg,
+            image_token_index=image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_seq_length=n_img,
+        )
+        model = LlavaForConditionalGeneration(cfg)
+        ip = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        processor = LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    elif family == "llava_next":
+        s = image_size
+        pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+        cfg = LlavaNextConfig(
+            vision_config=vcfg,
+            text_config=tcfg,
+            image_token_index=image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_grid_pinpoints=pinpoints,
+            image_seq_length=n_img,
+        )
+        model = LlavaNextForConditionalGeneration(cfg)
+        ip = LlavaNextImageProcessorPil(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints
+        )
+        processor = LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose 'llava' or 'llava_next'")
+    model.set_attn_implementation(attn_implementation)
+    model = model.to(dtype).eval()
+    return model, processor

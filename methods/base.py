@@ -1,0 +1,46 @@
+"""The method interface: one small `apply(model, adapter)` per method.
+
+A method is a dataclass of its parameters. `validate(adapter)` checks them against a model's
+architecture (it only reads configs and module shapes, so it runs on a meta-device copy before any
+weights load); `apply(model, adapter)` patches that one model instance in place and returns it, still a
+Hugging Face model whose `generate` works.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+
+class MethodError(ValueError):
+    """A method parameter is invalid, or invalid for the loaded model. Message is one line."""
+
+
+@dataclasses.dataclass
+class Method:
+    name: ClassVar[str] = "base"
+    #: model families this method can act on
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
+    #: True if the method only simulates the saving (masks instead of skipping compute)
+    simulated: ClassVar[bool] = False
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_params(self) -> None:
+        """Model-independent range checks; raise MethodError."""
+
+    def validate(self, adapter) -> None:
+        """Checks against a model (family, layer counts, token budgets); raise MethodError."""
+        if adapter.family not in self.families:
+            raise MethodError(
+                f"method {self.name!r} is not applicable to model family {adapter.family!r} "
+                f"(supports: {', '.join(self.families)})"
+            )
+
+    def apply(self, model, adapter):
+        """Patch `model` in place (this instance only) and return it."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({p})"

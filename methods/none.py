@@ -1,0 +1,16 @@
+"""`none`: the unmodified model, the reference every method is compared against."""
+from __future__ import annotations
+
+import dataclasses
+
+from methods import register
+from methods.base import Method
+
+
+@register
+@dataclasses.dataclass
+class NoReduction(Method):
+    name = "none"
+
+    def apply(self, model, adapter):
+        return model
