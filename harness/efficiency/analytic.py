@@ -1,0 +1,151 @@
+"""Analytic FLOPs: the one place where compute formulas live.
+
+Counting rule (state it with every number): **FLOPs = 2 x multiply-accumulates (MACs)** of the matrix
+products (linear layers, attention QK^T and AV, convolution). Element-wise work (norms, RoPE,
+activations, softmax, residual adds) is not counted, matching what fvcore counts once its MAC count
+is doubled and attention is added back. Causal masking is not halved: SDPA/eager compute the full
+n_q x n_k score matrix.
+
+The primitives below take token counts, so a method's formula is a composition of them (e.g. a
+ShortV frozen layer = `llm_layer_macs(s, n_q=text, n_kv=all, n_o=text, n_ffn=text)`). Paper
+conventions (FastV's `4nd^2+2n^2d+2ndm`, FiCoCo's LLM-only prefill with 60 text tokens, ShortV's 64 text
+tokens) are built on the same primitives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    mlp_matrices: int = 3  # SwiGLU: gate, up, down
+
+    @classmethod
+    def from_config(cls, tc) -> "LLMShape":
+        heads = tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        return cls(
+            hidden=tc.hidden_size,
+            intermediate=tc.intermediate_size,
+            layers=tc.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab=tc.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+
+    @classmethod
+    def from_config(cls, vc) -> "ViTShape":
+        return cls(
+            hidden=vc.hidden_size,
+            intermediate=vc.intermediate_size,
+            layers=vc.num_hidden_layers,
+            heads=vc.num_attention_heads,
+            image_size=vc.image_size,
+            patch_size=vc.patch_size,
+            channels=getattr(vc, "num_channels", 3),
+        )
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image in the encoder, CLS included."""
+        return self.patches + 1
+
+
+def flops(macs: int) -> int:
+    """FLOPs = 2 x MACs."""
+    return 2 * int(macs)
+
+
+# ---- language model ------------------------------------------------------------------------------
+def llm_layer_macs(
+    s: LLMShape,
+    n_q: int,
+    n_kv: int | None = None,
+    n_k: int | None = None,
+    n_o: int | None = None,
+    n_ffn: int | None = None,
+    ffn_channels: int | None = None,
+    attn_pairs: int | None = None,
+) -> int:
+    """MACs of one decoder layer.
+
+    n_q: tokens whose queries are computed; n_kv: tokens whose K/V are projected (default n_q);
+    n_k: keys each query attends to (default n_kv, i.e. no cache); n_o: tokens through W_O (default
+    n_q); n_ffn: tokens through the FFN (default n_o); ffn_channels: FFN width used for those tokens
+    (default the full intermediate size); attn_pairs: explicit number of (query, key) pairs scored,
+    overriding n_q * n_k (for custom attention patterns computed sparsely).
+    """
+    d, hd = s.hidden, s.head_dim
+    n_kv = n_q if n_kv is None else n_kv
+    n_k = n_kv if n_k is None else n_k
+    n_o = n_q if n_o is None else n_o
+    n_ffn = n_o if n_ffn is None else n_ffn
+    m = s.intermediate if ffn_channels is None else ffn_channels
+    pairs = n_q * n_k if attn_pairs is None else attn_pairs
+    q = n_q * d * s.heads * hd
+    kv = 2 * n_kv * d * s.kv_heads * hd
+    attn = 2 * pairs * s.heads * hd  # QK^T and AV
+    o = n_o * s.heads * hd * d
+    ffn = s.mlp_matrices * n_ffn * d * m
+    return q + kv + attn + o + ffn
+
+
+def llm_prefill_macs(s: LLMShape, n: int) -> int:
+    """Dense LLM prefill over n tokens (all layers)."""
+    return s.layers * llm_layer_macs(s, n)
+
+
+def llm_decode_macs(s: LLMShape, context: int) -> int:
+    """One decoded token attending to `context` cached tokens plus itself (all layers)."""
+    return s.layers * llm_layer_macs(s, n_q=1, n_kv=1, n_k=context + 1)
+
+
+def lm_head_macs(s: LLMShape, n_logits: int) -> int:
+    return n_logits * s.hidden * s.vocab
+
+
+# ---- vision tower and projector --------------------------------------------------------------------
+def vit_layer_macs(v: ViTShape, n: int, n_out: int | None = None) -> int:
+    """MACs of one CLIP encoder layer over n tokens; MLP over n_out tokens (after a merge)."""
+    d = v.hidden
+    n_out = n if n_out is None else n_out
+    return 4 * n * d * d + 2 * n * n * d + 2 * n_out * d * v.intermediate
+
+
+def vit_embed_macs(v: ViTShape) -> int:
+    """Patch-embedding convolution."""
+    return v.patches * v.channels * v.patch_size**2 * v.hidden
+
+
+def vit_macs(v: ViTShape, layers_run: int | None = None) -> int:
+    """Dense vision tower: embedding + `layers_run` layers (default all; HF runs all of them)."""
+    L = v.layers if layers_run is None else layers_run
+    return vit_embed_macs(v) + L * vit_layer_macs(v, v.tokens)
+
+
+def projector_macs(vision_hidden: int, text_hidden: int, n_tokens: int) -> int:
+    """LLaVA's 2-layer MLP projector."""
+    return n_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)

@@ -1,0 +1,174 @@
+"""Load a model + processor from a model config (`conf/model/*.yaml`).
+
+`pretrained` is a hub id, a local directory, or `builtin:<name>` (a folder under `harness/assets`).
+Only safetensors weights are loaded; `trust_remote_code` is off unless the model config sets it.
+`config_from_cfg` gives the architecture without weights (from the config's `arch` block or the
+checkpoint's `config.json`), and `meta_model` builds it on the meta device for validation and FLOPs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.models.adapter import ModelAdapter, family_of, get_adapter
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded (missing checkpoint, offline hub id, corrupt file). One line."""
+
+
+def _get(cfg: Any, key: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
+    """Return `(path_or_id, is_local)`; raise ModelLoadError for a missing local/builtin folder."""
+    if not pretrained:
+        raise ModelLoadError("model.pretrained is empty")
+    if pretrained.startswith("builtin:"):
+        path = ASSETS / pretrained.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"built-in model folder {path} has no config.json (run `make tiny-model` to train it)"
+            )
+        return str(path), True
+    p = Path(os.path.expanduser(pretrained))
+    looks_local = pretrained.startswith((".", "/", "~")) or p.exists()
+    if looks_local:
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"local checkpoint {p} not found (no config.json)")
+        return str(p), True
+    return pretrained, False
+
+
+def _check_reachable(path: str, is_local: bool, revision: str | None = None) -> None:
+    """Fail in one line when a hub id cannot be resolved (offline and not in the local HF cache)."""
+    if is_local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    if hub_offline():
+        raise ModelLoadError(
+            f"hub id {path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+            "download it first or point model.pretrained at a local directory"
+        )
+
+
+def config_from_cfg(model_cfg) -> Any:
+    """The transformers config of a model config, without loading weights."""
+    from transformers import AutoConfig
+
+    arch = _get(model_cfg, "arch")
+    if arch:
+        arch = dict(arch) if not isinstance(arch, dict) else arch
+        try:
+            from omegaconf import OmegaConf
+
+            if not isinstance(arch, dict) or any(hasattr(v, "_metadata") for v in arch.values()):
+                arch = OmegaConf.to_container(OmegaConf.create(arch), resolve=True)
+        except Exception:  # pragma: no cover - plain dicts
+            pass
+        arch = dict(arch)
+        model_type = arch.pop("model_type")
+        return AutoConfig.for_model(model_type, **arch)
+    path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
+    _check_reachable(path, is_local, _get(model_cfg, "revision"))
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=_get(model_cfg, "revision"), trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False))
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def meta_model(config) -> torch.nn.Module:
+    """Instantiate the architecture on the meta device (no memory for weights), in eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    family_of(config)  # raises NotApplicable for unsupported families
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.eval()
+
+
+def meta_adapter(model_cfg) -> ModelAdapter:
+    return get_adapter(meta_model(config_from_cfg(model_cfg)))
+
+
+def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
+    """Load `(model, processor, adapter)` for a model config. Safetensors only; eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
+    _check_reachable(path, is_local, _get(model_cfg, "revision"))
+    torch_dtype = resolve_dtype(dtype or _get(model_cfg, "dtype"))
+    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    revision = _get(model_cfg, "revision")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            revision=revision,
+            dtype=torch_dtype,
+            attn_implementation=_get(model_cfg, "attn_implementation", "sdpa"),
+            trust_remote_code=trust,
+            use_safetensors=True,
+            device_map=device,
+        )
+        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {path!r}: {msg}") from None
+    model.eval()
+    adapter = get_adapter(model)
+    _check_arch(model_cfg, model.config)
+    return model, processor, adapter
+
+
+def _check_arch(model_cfg, config) -> None:
+    """If the model config embeds `arch`, it must agree with the loaded checkpoint."""
+    arch = _get(model_cfg, "arch")
+    if not arch:
+        return
+    tc = _get(arch, "text_config") or {}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        want = _get(tc, key)
+        got = getattr(config.text_config, key, None)
+        if want is not None and got is not None and int(want) != int(got):
+            raise ModelLoadError(
+                f"model config arch.text_config.{key}={want} disagrees with the checkpoint ({got})"
+            )

@@ -1,0 +1,1 @@
+"""Machinery shared by several methods (visual-token bookkeeping, reduced layers, merging)."""

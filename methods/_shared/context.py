@@ -1,0 +1,73 @@
+"""Visual-token bookkeeping: where the visual tokens are in the current forward pass.
+
+`install_context(model, adapter)` wraps the inner multimodal model's `forward` of this one instance
+(idempotently) so that every call records, before the language model runs:
+
+* `visual_mask` [B, T]: `input_ids == image_token_id` for the tokens of this call (never an offset
+  like 35: the span is read from the ids, per sample, so padding and prompts of any length work);
+* `attention_mask` as passed (2-D padding mask or None);
+* `is_prefill`: True when no tokens are cached yet; `past_length` otherwise.
+
+Methods acting inside the LLM read it through `get_context(model)`; `ctx.scratch` is cleared at every
+call and holds per-forward method state (e.g. the kept indices chosen at a layer).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_ATTR = "_vtbench_context"
+
+
+@dataclass
+class VisualContext:
+    visual_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    is_prefill: bool = False
+    past_length: int = 0
+    scratch: dict[str, Any] = field(default_factory=dict)
+    #: per-call log of visual tokens alive at the input of each LLM layer (prefill only), filled by
+    #: methods that change it; read by the efficiency probe
+    visual_tokens_per_layer: list[int] | None = None
+
+
+def _cache_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    try:
+        return int(past_key_values.get_seq_length())
+    except Exception:  # pragma: no cover - exotic caches
+        return 0
+
+
+def install_context(model, adapter) -> VisualContext:
+    """Attach (once) and return the `VisualContext` of `model`."""
+    ctx = getattr(model, _ATTR, None)
+    if ctx is not None:
+        return ctx
+    ctx = VisualContext()
+    base = adapter.base
+    original = base.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        ctx.past_length = _cache_length(past)
+        ctx.is_prefill = ctx.past_length == 0
+        ctx.visual_mask = adapter.visual_mask(input_ids) if input_ids is not None else None
+        ctx.attention_mask = kwargs.get("attention_mask")
+        ctx.scratch = {}
+        ctx.visual_tokens_per_layer = None
+        return original(*args, **kwargs)
+
+    base.forward = forward
+    object.__setattr__(model, _ATTR, ctx)
+    return ctx
+
+
+def get_context(model) -> VisualContext | None:
+    return getattr(model, _ATTR, None)
