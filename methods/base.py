@@ -41,6 +41,19 @@ class Method:
         """Patch `model` in place (this instance only) and return it."""
         raise NotImplementedError
 
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        """MACs of one prefill with this method applied, per component (vision, projector, llm,
+        lm_head), composed from `harness.efficiency.analytic` primitives. fvcore's count of the
+        patched model must equal this exactly (tests check it)."""
+        from harness.efficiency.analytic import dense_prefill_macs
+
+        return dense_prefill_macs(shapes, layout)
+
+    def visual_tokens_to_llm(self, n_visual: int) -> int:
+        """Visual tokens entering the LLM for an input with `n_visual` of them (vision-side methods
+        reduce it)."""
+        return n_visual
+
     def describe(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({p})"

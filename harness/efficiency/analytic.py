@@ -149,3 +149,50 @@ def vit_macs(v: ViTShape, layers_run: int | None = None) -> int:
 def projector_macs(vision_hidden: int, text_hidden: int, n_tokens: int) -> int:
     """LLaVA's 2-layer MLP projector."""
     return n_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
+
+
+# ---- whole-model prefill, by component -------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token counts of one prompt (batch 1): text before the image, visual tokens, text after it.
+
+    `visual` counts the visual tokens entering the LLM (after any vision-side reduction is not
+    applied: methods compute their own reduced counts from this full count). `images` is the number of
+    vision-encoder passes (1 for LLaVA-1.5; crops for LLaVA-NeXT).
+    """
+
+    before: int
+    visual: int
+    after: int
+    images: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.before + self.visual + self.after
+
+    @property
+    def text(self) -> int:
+        return self.before + self.after
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    llm: LLMShape
+    vit: ViTShape
+    #: CLIP layers HF actually runs (all of them, even past `vision_feature_layer`)
+    vit_layers_run: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShapes":
+        vit = ViTShape.from_config(config.vision_config)
+        return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers)
+
+
+def dense_prefill_macs(shapes: ModelShapes, layout: TokenLayout, n_logits: int = 1) -> dict[str, int]:
+    """MACs of an unmodified model's prefill, per component (lm_head over `n_logits` positions)."""
+    return {
+        "vision": layout.images * vit_macs(shapes.vit, shapes.vit_layers_run),
+        "projector": projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual),
+        "llm": llm_prefill_macs(shapes.llm, layout.total),
+        "lm_head": lm_head_macs(shapes.llm, n_logits),
+    }
