@@ -1,0 +1,121 @@
+"""`vtbench`: evaluate one cell, or a Hydra multirun sweep of cells.
+
+    vtbench                                     # tiny model, method none, shapes (the defaults)
+    vtbench method=fastv method.params.R=0.75 run.limit=64
+    vtbench -m method=none,fastv,tome           # a sweep (Hydra multirun; resumable)
+    vtbench --help
+
+Errors in the configuration, the method parameters, the model or the data end in one line on
+stderr and exit code 2 before anything is written; Ctrl-C exits with 130 and the cell resumes on
+the next run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: vtbench [-m|--multirun] [key=value ...]
+
+Config groups (conf/):  model=<{models}>
+                        method=<{methods}>
+                        benchmark=<{benchmarks}>
+                        logger=<{loggers}>   experiment=<{experiments}>
+Common keys:            run.limit=N run.batch_size=N run.seed=N run.device=cpu|cuda run.force=true
+                        method.params.<name>=<value>   store.dir=PATH   data_dir=PATH
+"""
+
+#: exit codes
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _usage() -> str:
+    from harness.config import group_options
+
+    opts = {g: "|".join(group_options(g)) for g in ("model", "method", "benchmark", "logger", "experiment")}
+    return USAGE.format(
+        models=opts["model"],
+        methods=opts["method"],
+        benchmarks=opts["benchmark"],
+        loggers=opts["logger"],
+        experiments=opts["experiment"] or "-",
+    )
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    from harness.benchmarks.prepare import BenchmarkDataError
+    from harness.config import ConfigError
+    from harness.models.adapter import NotApplicable
+    from harness.models.loading import ModelLoadError
+    from harness.results import StoreError
+    from methods import MethodError
+
+    return (ConfigError, MethodError, NotApplicable, ModelLoadError, BenchmarkDataError, StoreError)
+
+
+def efficiency_fn():
+    """The efficiency probe, if the efficiency package is available."""
+    try:
+        from harness.efficiency.probe import measure_cell
+    except ImportError:
+        return None
+    return measure_cell
+
+
+def format_record(rec: dict) -> str:
+    cell = rec["cell"]
+    eff = rec.get("efficiency") or {}
+    flops = (eff.get("flops") or {}).get("prefill_total")
+    lat = (eff.get("latency") or {}).get("prefill_ms_median")
+    acc = rec.get("accuracy")
+    rows = [
+        ("model", cell["model"]["name"]),
+        ("method", rec.get("method_description", cell["method"]["name"])),
+        ("benchmark", f"{cell['benchmark']['name']} ({cell['benchmark']['task']})"),
+        (rec.get("primary_metric", "accuracy"), "n/a" if acc is None else f"{acc:.4f}"),
+        ("samples", f"{rec.get('n_samples')} (failed {rec.get('n_failed')}, empty {rec.get('n_empty')})"),
+    ]
+    if flops is not None:
+        rows.append(("prefill FLOPs", f"{flops:.4g}"))
+    if lat is not None:
+        rows.append(("prefill latency", f"{lat:.1f} ms"))
+    rows.append(("record", rec["key"]))
+    w = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (w + 2) + "+" + "-" * 48 + "+"
+    body = "\n".join(f"| {k:<{w}} | {str(v)[:46]:<46} |" for k, v in rows)
+    return f"{line}\n{body}\n{line}"
+
+
+def run_one(overrides: list[str]) -> int:
+    from harness.config import compose_config
+    from harness.runner import run_cell
+
+    errors = bad_input_errors()
+    try:
+        cfg = compose_config(overrides)
+        rec = run_cell(cfg, efficiency_fn=efficiency_fn())
+    except errors as e:
+        print(f"vtbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("vtbench: interrupted; completed work is kept and the cell resumes on the next run", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_record(rec))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if any(a in ("-h", "--help") for a in argv):
+        print(_usage() + "\n" + (__doc__ or ""))
+        return 0
+    if any(a in ("-m", "--multirun") for a in argv):
+        from harness.sweep import run_multirun
+
+        return run_multirun([a for a in argv if a not in ("-m", "--multirun")])
+    return run_one(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

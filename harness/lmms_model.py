@@ -1,0 +1,218 @@
+"""vtbench's lmms-eval model: a (possibly method-patched) Hugging Face LLaVA behind lmms-eval's API.
+
+Registered through lmms-eval's public registry (entry point group `lmms_eval.models`, see
+pyproject.toml), so the lmms-eval CLI can use it directly:
+
+    lmms-eval --model vtbench --model_args model=tiny,method=fastv,method.params.R=0.75 \
+        --include_path "$(vtbench-prepare)" --tasks vtbench_shapes --limit 8
+
+`--model_args` are vtbench config overrides (the same `key=value` syntax as `vtbench`). The runner
+builds the model itself and passes an instance (`VTBenchLMM(model=..., processor=..., ...)`).
+
+Greedy decoding only. Batches are left-padded. A generation that raises is recorded in `failures`
+(and answered with an empty string, which lmms-eval scores as wrong); empty answers are counted in
+`n_empty`: the runner reports both, so nothing is silently scored.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+try:  # lmms-eval is installed with --no-deps by `make setup`; keep this module importable without it
+    from lmms_eval.api.model import lmms as _LmmsBase
+except Exception:  # pragma: no cover
+    _LmmsBase = object
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def manifest():
+    """Entry point payload for lmms-eval's model registry."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="vtbench", simple_class_path="harness.lmms_model.VTBenchLMM")
+
+
+class VTBenchLMM(_LmmsBase):
+    is_simple = True
+
+    def __init__(
+        self,
+        model=None,
+        processor=None,
+        adapter=None,
+        batch_size: int | str = 1,
+        device: str | None = None,
+        max_new_tokens: int | None = None,
+        chat_template: str | None = None,
+        progress: bool = True,
+        on_batch: Any = None,
+        **overrides,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            model, processor, adapter = self._build_from_overrides(overrides, device)
+        elif overrides:
+            raise TypeError(f"unexpected arguments with a model instance: {sorted(overrides)}")
+        self._model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.adapter = adapter
+        self.batch_size_per_gpu = int(batch_size)
+        self._device = next(model.parameters()).device
+        self.max_new_tokens = max_new_tokens
+        self.chat_template = chat_template
+        self.progress = progress
+        #: called as on_batch(task, split, doc_ids, answers) after each batch (per-sample resume store)
+        self.on_batch = on_batch
+        #: callable (task, split, doc_id) -> cached answer or None (per-sample resume)
+        self.lookup = None
+        self.failures: dict[str, str] = {}
+        self.n_empty = 0
+        self.n_generated = 0
+
+    # ---- construction from the lmms-eval CLI ------------------------------------------------------
+    @staticmethod
+    def _build_from_overrides(overrides: dict, device: str | None):
+        from harness.config import compose_config, validate, validate_against_model
+        from harness.models.loading import load_model
+
+        args = [f"{k}={v}" for k, v in overrides.items()]
+        if device:
+            args.append(f"run.device={device}")
+        cfg = compose_config(args)
+        method = validate(cfg)
+        validate_against_model(cfg, method)
+        model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
+        method.apply(model, adapter)
+        return model, processor, adapter
+
+    # ---- lmms API ------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def eot_token_id(self):
+        return self.tokenizer.eos_token_id
+
+    def build_prompt(self, context: str, n_images: int) -> str:
+        text = context.replace(IMAGE_PLACEHOLDER, "").strip()
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+
+    def encode(self, contexts: list[str], visuals: list[list]) -> dict:
+        """Processor inputs for a batch (left padded), on the model's device and dtype."""
+        prompts = [self.build_prompt(c, len(v)) for c, v in zip(contexts, visuals)]
+        images = [im for v in visuals for im in v]
+        inputs = self.processor(
+            images=images or None, text=prompts, return_tensors="pt", padding=len(prompts) > 1
+        )
+        dtype = self._model.dtype
+        return {
+            k: (v.to(self._device, dtype) if torch.is_floating_point(v) else v.to(self._device))
+            for k, v in inputs.items()
+        }
+
+    @torch.inference_mode()
+    def generate_batch(self, contexts: list[str], visuals: list[list], max_new_tokens: int) -> list[str]:
+        inputs = self.encode(contexts, visuals)
+        out = self._model.generate(
+            **inputs,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    @staticmethod
+    def _truncate(text: str, until: list[str]) -> str:
+        for stop in until:
+            if stop and stop in text:
+                text = text.split(stop, 1)[0]
+        return text.strip()
+
+    def generate_until(self, requests) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        todo = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            cached = self.lookup(task, split, doc_id) if self.lookup else None
+            if cached is not None:
+                answers[i] = cached
+            else:
+                todo.append(i)
+        bs = self.batch_size_per_gpu
+        pbar = tqdm(total=len(todo), desc="vtbench generate", disable=not self.progress, leave=False)
+        for start in range(0, len(todo), bs):
+            idx = todo[start : start + bs]
+            args = [requests[i].args for i in idx]
+            gen_kwargs = dict(args[0][1] or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(self.max_new_tokens or gen_kwargs.get("max_new_tokens") or 32)
+            contexts = [a[0] for a in args]
+            docs = [self.task_dict[a[4]][a[5]][a[3]] for a in args]
+            try:
+                visuals = [list(a[2](d)) for a, d in zip(args, docs)]
+                texts = self.generate_batch(contexts, visuals, max_new)
+            except Exception as e:  # recorded, reported, never silently scored
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                for a in args:
+                    self.failures[f"{a[4]}/{a[3]}"] = msg
+                texts = [""] * len(idx)
+            texts = [self._truncate(t, until) for t in texts]
+            for i, t in zip(idx, texts):
+                answers[i] = t
+                self.n_generated += 1
+                if not t:
+                    self.n_empty += 1
+            if self.on_batch is not None:
+                failed = {f"{a[4]}/{a[3]}" for a in args} & set(self.failures)
+                ok = [(a[4], a[5], a[3], t) for a, t in zip(args, texts) if f"{a[4]}/{a[3]}" not in failed]
+                if ok:
+                    self.on_batch(ok)
+            pbar.update(len(idx))
+        pbar.close()
+        return [a if a is not None else "" for a in answers]
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation given its context and images (batch 1)."""
+        res = []
+        for req in requests:
+            context, continuation, doc_to_visual, doc_id, task, split = req.args
+            if not isinstance(continuation, str):
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]))
+            ctx_inputs = self.encode([context], [visuals])
+            cont_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            cont_ids = cont_ids.to(self._device)
+            ids = torch.cat([ctx_inputs["input_ids"], cont_ids], dim=1)
+            inputs = dict(ctx_inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+            logits = self._model(**inputs).logits[0, -cont_ids.shape[1] - 1 : -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            target = cont_ids[0]
+            total = logprobs.gather(-1, target[:, None]).sum().item()
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            res.append((total, greedy))
+        return res
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("vtbench: multi-round generation is not supported")

@@ -1,0 +1,246 @@
+"""The local results store: one JSON record per evaluation cell, read back with pandas.
+
+Layout under the store directory:
+
+    records/<key>.json     one complete (or failed) cell; written atomically (temp file + fsync +
+                           os.replace), so a reader never sees half a record
+    partial/<key>.jsonl    per-sample answers of a cell in progress (appended per batch); a killed
+                           cell resumes from it; removed when the record is written
+
+The key is a hash of the fully resolved settings that change results (model + revision + dtype +
+attention backend, method + params, benchmark + split + data seed, limit, seed, batch size, generation
+length). JSON only: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = 1
+
+
+class StoreError(RuntimeError):
+    """The store cannot be written (permissions, full disk); one line."""
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cell_identity(cfg: dict) -> dict:
+    """The settings that define a cell (and nothing else: paths, loggers and devices excluded)."""
+    model, method, bench, run = cfg["model"], cfg["method"], cfg["benchmark"], cfg["run"]
+    return {
+        "schema": SCHEMA,
+        "model": {
+            "name": model["name"],
+            "pretrained": model["pretrained"],
+            "revision": model.get("revision"),
+            "dtype": run.get("dtype") or model["dtype"],
+            "attn_implementation": model["attn_implementation"],
+        },
+        "method": {"name": method["name"], "params": method.get("params") or {}},
+        "benchmark": {
+            "name": bench["name"],
+            "task": bench["task"],
+            "split": bench.get("split"),
+            "seed": bench.get("seed"),
+        },
+        "limit": run.get("limit"),
+        "seed": run["seed"],
+        "batch_size": run["batch_size"],
+        "max_new_tokens": run.get("max_new_tokens"),
+    }
+
+
+def record_key(cfg: dict) -> str:
+    return hashlib.sha256(_canonical(cell_identity(cfg)).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class ResultsStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(os.path.expanduser(str(root)))
+        self.records = self.root / "records"
+        self.partial = self.root / "partial"
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail early (one line) if records cannot be written here."""
+        try:
+            self.records.mkdir(parents=True, exist_ok=True)
+            self.partial.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.records, prefix=".probe.")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise StoreError(f"results store {self.root} is not writable: {e.strerror or e}") from None
+
+    # ---- records -----------------------------------------------------------------------------------
+    def record_path(self, key: str) -> Path:
+        return self.records / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        """The record of `key`, or None if absent or unreadable."""
+        p = self.record_path(key)
+        if not p.is_file():
+            return None
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("key") == key else None
+
+    def is_complete(self, key: str) -> bool:
+        rec = self.get(key)
+        return bool(rec) and rec.get("status") == "complete"
+
+    def write(self, record: dict) -> Path:
+        key = record["key"]
+        path = self.record_path(key)
+        try:
+            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=False, default=str))
+        except OSError as e:
+            raise StoreError(f"cannot write record {path}: {e.strerror or e}") from None
+        self.clear_partial(key)
+        return path
+
+    def iter_records(self) -> Iterator[tuple[Path, dict | None, str | None]]:
+        """Yield `(path, record, error)`; corrupt files come with record None and an error."""
+        if not self.records.is_dir():
+            return
+        for p in sorted(self.records.glob("*.json")):
+            try:
+                rec = json.loads(p.read_text())
+                if not isinstance(rec, dict) or "key" not in rec or rec.get("key") != p.stem:
+                    raise ValueError("not a vtbench record (missing or mismatched key)")
+                yield p, rec, None
+            except (OSError, ValueError) as e:
+                yield p, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    # ---- per-sample progress ---------------------------------------------------------------------
+    def partial_path(self, key: str) -> Path:
+        return self.partial / f"{key}.jsonl"
+
+    def load_partial(self, key: str) -> dict[tuple[str, str, int], str]:
+        """Answers already produced for a cell in progress (a torn last line is ignored)."""
+        p = self.partial_path(key)
+        out: dict[tuple[str, str, int], str] = {}
+        if not p.is_file():
+            return out
+        for line in p.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                out[(row["task"], row["split"], int(row["doc_id"]))] = row["answer"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def append_partial(self, key: str, rows: list[tuple[str, str, int, str]]) -> None:
+        p = self.partial_path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(
+            json.dumps({"task": t, "split": s, "doc_id": int(d), "answer": a}) + "\n" for t, s, d, a in rows
+        )
+        with open(p, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear_partial(self, key: str) -> None:
+        try:
+            self.partial_path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _flatten(prefix: str, obj: Any, out: dict) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+
+
+def record_row(rec: dict) -> dict:
+    """One flat row of a record (per-sample predictions left out)."""
+    cell = rec.get("cell", {})
+    row = {
+        "key": rec["key"],
+        "status": rec.get("status"),
+        "model": cell.get("model", {}).get("name"),
+        "method": cell.get("method", {}).get("name"),
+        "method_params": _canonical(cell.get("method", {}).get("params", {})),
+        "benchmark": cell.get("benchmark", {}).get("name"),
+        "limit": cell.get("limit"),
+        "seed": cell.get("seed"),
+        "batch_size": cell.get("batch_size"),
+        "primary_metric": rec.get("primary_metric"),
+        "accuracy": rec.get("accuracy"),
+        "n_samples": rec.get("n_samples"),
+        "n_failed": rec.get("n_failed"),
+        "n_empty": rec.get("n_empty"),
+        "error": rec.get("error"),
+        "created": rec.get("created"),
+    }
+    for section in ("metrics", "efficiency"):
+        flat: dict = {}
+        _flatten("", rec.get(section) or {}, flat)
+        for k, v in flat.items():
+            if not isinstance(v, (list, tuple)):
+                row[f"{section}.{k}"] = v
+    return row
+
+
+def load(store_dir: str | os.PathLike | None = None, include_failed: bool = False):
+    """Records of a store as a pandas DataFrame, one row per cell.
+
+    Corrupt record files are reported (a warning naming each) and excluded, never aggregated; their
+    paths are in `df.attrs["corrupt"]`.
+    """
+    import pandas as pd
+
+    store = ResultsStore(store_dir or os.environ.get("VTBENCH_STORE", "runs/store"))
+    rows, corrupt = [], []
+    for path, rec, err in store.iter_records():
+        if rec is None:
+            corrupt.append(str(path))
+            warnings.warn(f"vtbench: skipping corrupt record {path}: {err}", stacklevel=2)
+            continue
+        if rec.get("status") != "complete" and not include_failed:
+            continue
+        rows.append(record_row(rec))
+    df = pd.DataFrame(rows)
+    df.attrs["corrupt"] = corrupt
+    return df
+
+
+def load_samples(store_dir: str | os.PathLike, key: str):
+    """Per-sample predictions of one record as a DataFrame."""
+    import pandas as pd
+
+    rec = ResultsStore(store_dir).get(key)
+    if rec is None:
+        raise KeyError(f"no record {key} in {store_dir}")
+    return pd.DataFrame(rec.get("samples", []))

@@ -1,0 +1,243 @@
+"""Evaluate one cell (model x method x benchmark x seed) end to end.
+
+Order matters: everything that can fail cheaply fails first, in one line, before the model loads —
+config values, method parameters, the method against the architecture (meta device), the results
+store, the benchmark data — and nothing is written to the store until the record is complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+from omegaconf import DictConfig
+
+from harness.config import resolved, validate, validate_against_model
+from harness.results import ResultsStore, cell_identity, record_key
+
+
+def _log(msg: str) -> None:
+    print(f"[vtbench] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _quiet_libraries():
+    """lmms-eval/datasets/transformers are chatty at INFO level; keep warnings and errors."""
+    from loguru import logger as loguru_logger
+
+    loguru_logger.remove()
+    hid = loguru_logger.add(sys.stderr, level="WARNING")
+    old = {n: logging.getLogger(n).level for n in ("datasets", "transformers", "lmms-eval")}
+    for n in old:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        loguru_logger.remove(hid)
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def load_tasks(task: str, include_path: str | None):
+    """Build lmms-eval's task objects (this loads the benchmark data: a missing dataset fails here,
+    before any model is loaded)."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from harness.benchmarks.prepare import BenchmarkDataError
+
+    tm = TaskManager(verbosity="WARNING", include_path=include_path, include_defaults=include_path is None)
+    if task not in tm.all_tasks:
+        raise BenchmarkDataError(f"lmms-eval has no task {task!r}")
+    try:
+        task_dict = get_task_dict([task], tm)
+    except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BenchmarkDataError(f"cannot load data of task {task!r}: {type(e).__name__}: {first}") from None
+    return tm, task_dict
+
+
+def _task_objects(task_dict) -> list:
+    from lmms_eval.api.task import Task
+
+    objs = [t for t in task_dict.values() if isinstance(t, Task)]
+    return objs if len(objs) == len(task_dict) else None
+
+
+def _metrics_of(results: dict, task: str) -> dict:
+    raw = results.get("results", {}).get(task, {})
+    out = {}
+    for k, v in raw.items():
+        if k == "alias" or "_stderr" in k:
+            continue
+        name = k.split(",", 1)[0]
+        if isinstance(v, (int, float)):
+            out[name] = float(v)
+    return out
+
+
+def _samples_of(results: dict, task: str, metrics: list[str]) -> list[dict]:
+    rows = []
+    for s in results.get("samples", {}).get(task, []) or []:
+        resp = s.get("filtered_resps") or s.get("resps") or [""]
+        while isinstance(resp, (list, tuple)) and resp:
+            resp = resp[0]
+        row = {"doc_id": int(s.get("doc_id")), "target": str(s.get("target")), "prediction": str(resp)}
+        for m in metrics:
+            if m in s and isinstance(s[m], (int, float, bool)):
+                row[m] = float(s[m])
+        rows.append(row)
+    rows.sort(key=lambda r: r["doc_id"])
+    return rows
+
+
+def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
+    """Evaluate one cell and return its record (reusing a complete one unless `run.force`)."""
+    t_start = time.perf_counter()
+    method = validate(cfg)
+    conf = resolved(cfg)
+    key = record_key(conf)
+    store = ResultsStore(cfg.store.dir)
+    existing = store.get(key)
+    if existing and existing.get("status") == "complete" and not cfg.run.force:
+        _log(f"cell {key} already complete in {store.root}: reusing it (run.force=true re-evaluates)")
+        existing["_reused"] = True
+        return existing
+    store.check_writable()
+    validate_against_model(cfg, method)
+
+    from harness.benchmarks.prepare import prepare
+
+    task, include = prepare(cfg.benchmark, cfg.data_dir)
+    with _quiet_libraries():
+        tm, task_dict = load_tasks(task, include)
+
+    import torch
+
+    from harness.lmms_model import VTBenchLMM
+    from harness.models.loading import load_model
+
+    _log(f"cell {key}: model={cfg.model.name} method={method.describe()} benchmark={cfg.benchmark.name}")
+    torch.manual_seed(cfg.run.seed)
+    model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
+    method.validate(adapter)
+    method.apply(model, adapter)
+
+    done = store.load_partial(key)
+    if done:
+        _log(f"resuming cell {key}: {len(done)} answers already produced")
+    lm = VTBenchLMM(
+        model=model,
+        processor=processor,
+        adapter=adapter,
+        batch_size=cfg.run.batch_size,
+        max_new_tokens=cfg.run.max_new_tokens,
+        chat_template=cfg.model.get("chat_template"),
+        on_batch=lambda rows: store.append_partial(key, rows),
+    )
+    lm.lookup = lambda t, s, d: done.get((t, s, int(d)))
+
+    from lmms_eval.evaluator import simple_evaluate
+
+    t_eval = time.perf_counter()
+    objs = _task_objects(task_dict)
+    with _quiet_libraries():
+        results = simple_evaluate(
+            model=lm,
+            tasks=objs if objs is not None else [task],
+            task_manager=tm,
+            limit=cfg.run.limit,
+            batch_size=cfg.run.batch_size,
+            log_samples=True,
+            bootstrap_iters=0,
+            random_seed=cfg.run.seed,
+            numpy_random_seed=cfg.run.seed,
+            torch_random_seed=cfg.run.seed,
+            fewshot_random_seed=cfg.run.seed,
+            verbosity="WARNING",
+            process_docs_parallel=1,
+        )
+    eval_seconds = time.perf_counter() - t_eval
+    if results is None:
+        raise RuntimeError("lmms-eval returned no results")
+    metrics = _metrics_of(results, task)
+    primary = cfg.benchmark.metric
+    samples = _samples_of(results, task, list(cfg.benchmark.metrics))
+
+    efficiency = None
+    if cfg.run.efficiency.enabled and efficiency_fn is not None:
+        efficiency = efficiency_fn(cfg, model, processor, adapter, method, lm, task_dict)
+
+    from harness.environment import environment
+
+    record = {
+        "schema": 1,
+        "key": key,
+        "status": "complete",
+        "error": None,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cell": cell_identity(conf),
+        "config": conf,
+        "method_description": method.describe(),
+        "method_simulated": bool(getattr(method, "simulated", False)),
+        "primary_metric": primary,
+        "accuracy": metrics.get(primary),
+        "metrics": metrics,
+        "n_samples": len(samples),
+        "n_failed": len(lm.failures),
+        "n_empty": lm.n_empty,
+        "failures": lm.failures,
+        "n_resumed": len(done),
+        "samples": samples,
+        "efficiency": efficiency,
+        "environment": environment(cfg.run.device),
+        "data": {"task": task, "include_path": include, "dataset": _dataset_info(cfg)},
+        "timing": {"eval_seconds": round(eval_seconds, 3), "cell_seconds": None},
+    }
+    from harness.wandb_log import log_cell
+
+    record["wandb"] = log_cell(record, conf.get("logger"), conf)
+    record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
+    store.write(record)
+    return record
+
+
+def _dataset_info(cfg) -> dict:
+    bench = cfg.benchmark
+    if bench.get("builtin"):
+        from harness.benchmarks.prepare import shapes_task_dir
+
+        meta = shapes_task_dir(cfg.data_dir, int(bench.get("seed", 0))) / "meta.json"
+        try:
+            import json
+
+            return {"path": str(meta.parent), "meta": json.loads(meta.read_text())}
+        except (OSError, ValueError):
+            return {"path": str(meta.parent)}
+    return {"task": bench.task, "hf_datasets_cache": os.environ.get("HF_DATASETS_CACHE")}
+
+
+def write_failed(cfg: DictConfig, reason: str) -> None:
+    """Record a cell that failed at run time (never overwrites a complete record)."""
+    conf = resolved(cfg)
+    key = record_key(conf)
+    store = ResultsStore(cfg.store.dir)
+    if store.is_complete(key):
+        return
+    # the per-sample answers in partial/ are kept, so a retry resumes where the failure happened
+    record = {
+        "schema": 1,
+        "key": key,
+        "status": "failed",
+        "error": reason,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cell": cell_identity(conf),
+        "config": conf,
+    }
+    import json
+
+    from harness.results import atomic_write_text
+
+    atomic_write_text(store.record_path(key), json.dumps(record, indent=1, default=str))
