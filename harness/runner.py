@@ -28,8 +28,12 @@ def _quiet_libraries():
     """lmms-eval/datasets/transformers are chatty at INFO level; keep warnings and errors."""
     from loguru import logger as loguru_logger
 
+    import datasets
+
     loguru_logger.remove()
     hid = loguru_logger.add(sys.stderr, level="WARNING")
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     old = {n: logging.getLogger(n).level for n in ("datasets", "transformers", "lmms-eval")}
     for n in old:
         logging.getLogger(n).setLevel(logging.WARNING)
@@ -37,6 +41,8 @@ def _quiet_libraries():
         yield
     finally:
         loguru_logger.remove(hid)
+        if bars:
+            datasets.enable_progress_bars()
         for n, lvl in old.items():
             logging.getLogger(n).setLevel(lvl)
 
@@ -107,11 +113,14 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         return existing
     store.check_writable()
     validate_against_model(cfg, method)
+    from harness.models.loading import check_available
+
+    check_available(cfg.model)
 
     from harness.benchmarks.prepare import prepare
 
-    task, include = prepare(cfg.benchmark, cfg.data_dir)
     with _quiet_libraries():
+        task, include = prepare(cfg.benchmark, cfg.data_dir)
         tm, task_dict = load_tasks(task, include)
 
     import torch

@@ -89,6 +89,12 @@ def _check_reachable(path: str, is_local: bool, revision: str | None = None) -> 
         )
 
 
+def check_available(model_cfg) -> None:
+    """Fail in one line, without loading anything, if the checkpoint cannot be found."""
+    path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
+    _check_reachable(path, is_local, _get(model_cfg, "revision"))
+
+
 def config_from_cfg(model_cfg) -> Any:
     """The transformers config of a model config, without loading weights."""
     from transformers import AutoConfig

@@ -1,0 +1,43 @@
+"""Shared fixtures: offline environment, a tiny random LLaVA checkpoint on disk, a data folder."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA (llama LM) saved with save_pretrained: a local checkpoint folder."""
+    from harness.models.tiny import build_tiny
+
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    model, processor = build_tiny("llava", "llama")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("vtbench-data"))
+
+
+@pytest.fixture
+def cell_overrides(tiny_checkpoint, data_dir, tmp_path):
+    """Overrides for a fast, isolated cell on the tiny random checkpoint."""
+    return [
+        f"model.pretrained={tiny_checkpoint}",
+        f"data_dir={data_dir}",
+        f"store.dir={tmp_path / 'store'}",
+        f"logger.dir={tmp_path / 'wandb'}",
+        "run.limit=4",
+        "run.efficiency.enabled=false",
+    ]

@@ -1,0 +1,56 @@
+"""The `vtbench` command: bad input ends in one line, exit code 2, nothing written, quickly."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+VTBENCH = os.path.join(os.path.dirname(sys.executable), "vtbench")
+
+
+def _run(args, tmp_path, timeout=60):
+    t = time.perf_counter()
+    out = subprocess.run([VTBENCH, *args, f"store.dir={tmp_path / 'store'}"] if "-h" not in args else [VTBENCH, *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    return out, time.perf_counter() - t
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["method=nosuchmethod"], "unknown method 'nosuchmethod'"),
+        (["benchmark=nosuchbench"], "unknown benchmark 'nosuchbench'"),
+        (["run.limit=many"], "run.limit must be a positive integer"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(args, message, tmp_path):
+    out, seconds = _run(args, tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert seconds < 10
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.bad_input
+def test_missing_local_checkpoint(tmp_path):
+    out, _ = _run([f"model.pretrained={tmp_path / 'nope'}"], tmp_path)
+    assert out.returncode == 2
+    assert "local checkpoint" in out.stderr and "not found" in out.stderr
+    assert not list((tmp_path / "store").glob("records/*.json")) if (tmp_path / "store").exists() else True
+
+
+@pytest.mark.bad_input
+def test_hub_id_while_offline(tmp_path):
+    out, seconds = _run(["model=llava15_7b"], tmp_path)
+    assert out.returncode == 2
+    assert "HF_HUB_OFFLINE=1" in out.stderr and "llava-hf/llava-1.5-7b-hf" in out.stderr
+    assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_help_lists_groups(tmp_path):
+    out, _ = _run(["--help"], tmp_path)
+    assert out.returncode == 0 and "method=" in out.stdout and "shapes" in out.stdout

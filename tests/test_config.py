@@ -1,0 +1,56 @@
+"""Config composition and validation: every bad value is one clear line, before anything loads."""
+import pytest
+
+from harness.config import ConfigError, compose_config, group_options, validate, validate_against_model
+
+
+def test_default_composition():
+    cfg = compose_config([])
+    assert cfg.model.name == "tiny" and cfg.method.name == "none" and cfg.benchmark.name == "shapes"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.model.trust_remote_code is False
+    assert validate(cfg).name == "none"
+
+
+def test_groups_have_the_papers_benchmarks_and_models():
+    for name in ["gqa", "mme", "pope", "scienceqa_img", "textvqa_val", "mmbench_en_dev", "seedbench",
+                 "vqav2_val", "mmmu_val", "mmstar", "flickr30k_test", "shapes"]:
+        assert name in group_options("benchmark")
+        cfg = compose_config([f"benchmark={name}"])
+        assert cfg.benchmark.task and cfg.benchmark.metric in cfg.benchmark.metrics
+    for name in ["tiny", "llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b"]:
+        assert compose_config([f"model={name}"]).model.name == name
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=gpt5"], "unknown model 'gpt5'"),
+        (["method=magic"], "unknown method 'magic'"),
+        (["benchmark=imagenet"], "unknown benchmark 'imagenet'"),
+        (["run.limit=abc"], "run.limit must be a positive integer"),
+        (["run.limit=-3"], "run.limit must be a positive integer"),
+        (["run.batch_size=0"], "run.batch_size must be a positive integer"),
+        (["run.device=gpu7"], "run.device must be"),
+        (["run.dtype=float8"], "run.dtype must be one of"),
+        (["run.typo=1"], "unknown config key 'run.typo'"),
+        (["method.params.R=0.5"], "unknown config key 'method.params.R'"),
+        (["model.attn_implementation=magic"], "model.attn_implementation must be one of"),
+        (["logger.mode=loud"], "logger.mode must be"),
+        (["benchmark.split=train"], "benchmark.split must be val or test"),
+    ],
+)
+def test_bad_values_fail_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(overrides))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_full_size_configs_validate_on_meta_without_weights():
+    for name in ["llava15_7b", "llava_next_13b"]:
+        cfg = compose_config([f"model={name}"])
+        adapter = validate_against_model(cfg, validate(cfg))
+        assert adapter.visual_tokens_per_image == 576
+        assert next(adapter.model.parameters()).device.type == "meta"

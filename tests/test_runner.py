@@ -1,0 +1,79 @@
+"""One cell end to end through lmms-eval on a tiny random checkpoint: record, reuse, W&B, resume."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import compose_config
+from harness.results import ResultsStore, load
+from harness.runner import run_cell
+
+
+def test_cell_end_to_end_and_reuse(cell_overrides, tmp_path, monkeypatch):
+    cfg = compose_config(cell_overrides)
+    rec = run_cell(cfg)
+    assert rec["status"] == "complete" and rec["n_samples"] == 4
+    assert 0.0 <= rec["accuracy"] <= 1.0
+    assert rec["n_failed"] == 0
+    assert [s["doc_id"] for s in rec["samples"]] == [0, 1, 2, 3]
+    assert all("prediction" in s and "target" in s for s in rec["samples"])
+    env = rec["environment"]
+    assert env["versions"]["transformers"] and env["versions"]["lmms_eval"] == "0.7.3"
+    assert "sha" in env["git"] and "dirty" in env["git"]
+    assert rec["data"]["dataset"]["meta"]["sha256"]["test"]
+    df = load(cfg.store.dir)
+    assert list(df["key"]) == [rec["key"]]
+
+    # W&B offline run holds the config and the summary metrics of the cell
+    wandb_file = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(wandb_file) == 1
+    blob = open(wandb_file[0], "rb").read()
+    for needle in [rec["key"], "metrics/exact_match", "n_samples", os.path.basename(cfg.model.pretrained)]:
+        assert needle.encode() in blob, needle
+
+    # the same cell again: reused, no model load, no evaluation
+    import harness.models.loading as loading
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded for a complete cell")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+    again = run_cell(compose_config(cell_overrides))
+    assert again.get("_reused") and again["key"] == rec["key"]
+    monkeypatch.undo()
+    forced = run_cell(compose_config(cell_overrides + ["run.force=true"]))
+    assert not forced.get("_reused") and forced["samples"] == rec["samples"]
+
+
+def test_cell_resumes_from_partial_answers(cell_overrides):
+    cfg = compose_config(cell_overrides)
+    from harness.config import resolved
+    from harness.results import record_key
+
+    key = record_key(resolved(cfg))
+    store = ResultsStore(cfg.store.dir)
+    # answers of a killed earlier attempt: docs 0 and 1 were done (deliberately fake text, to see reuse)
+    store.append_partial(key, [("vtbench_shapes", "test", 0, "resumed-0"), ("vtbench_shapes", "test", 1, "resumed-1")])
+    rec = run_cell(cfg)
+    assert rec["n_resumed"] == 2
+    preds = {s["doc_id"]: s["prediction"] for s in rec["samples"]}
+    assert preds[0] == "resumed-0" and preds[1] == "resumed-1"
+    assert not store.partial_path(key).exists()
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_runs_vtbench_model(tiny_checkpoint, data_dir, tmp_path):
+    env = dict(os.environ, VTBENCH_DATA=data_dir)
+    bin_dir = os.path.dirname(sys.executable)
+    include = subprocess.run([os.path.join(bin_dir, "vtbench-prepare")], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [os.path.join(bin_dir, "lmms-eval"), "--model", "vtbench", "--model_args", f"model.pretrained={tiny_checkpoint}",
+         "--include_path", include, "--tasks", "vtbench_shapes", "--limit", "4", "--batch_size", "2",
+         "--output_path", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "vtbench_shapes" in out.stdout and "exact_match" in out.stdout
