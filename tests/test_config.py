@@ -54,3 +54,9 @@ def test_full_size_configs_validate_on_meta_without_weights():
         adapter = validate_against_model(cfg, validate(cfg))
         assert adapter.visual_tokens_per_image == 576
         assert next(adapter.model.parameters()).device.type == "meta"
+
+
+def test_experiment_is_a_named_combination():
+    cfg = compose_config(["experiment=quick"])
+    assert (cfg.model.name, cfg.benchmark.split, cfg.logger.name, cfg.run.limit) == ("tiny", "val", "none", 64)
+    assert compose_config(["experiment=quick", "run.limit=3"]).run.limit == 3
