@@ -65,8 +65,8 @@ def efficiency_fn():
 def format_record(rec: dict) -> str:
     cell = rec["cell"]
     eff = rec.get("efficiency") or {}
-    flops = (eff.get("flops") or {}).get("prefill_total")
-    lat = (eff.get("latency") or {}).get("prefill_ms_median")
+    flops = ((eff.get("flops") or {}).get("prefill") or {}).get("total")
+    lat = ((eff.get("latency") or {}).get("prefill_ms") or {}).get("median")
     acc = rec.get("accuracy")
     rows = [
         ("model", cell["model"]["name"]),
@@ -75,8 +75,10 @@ def format_record(rec: dict) -> str:
         (rec.get("primary_metric", "accuracy"), "n/a" if acc is None else f"{acc:.4f}"),
         ("samples", f"{rec.get('n_samples')} (failed {rec.get('n_failed')}, empty {rec.get('n_empty')})"),
     ]
+    if eff.get("visual_tokens_llm") is not None:
+        rows.append(("visual tokens to LLM", f"{eff['visual_tokens_llm']:.0f} (of {eff['visual_tokens_in']:.0f})"))
     if flops is not None:
-        rows.append(("prefill FLOPs", f"{flops:.4g}"))
+        rows.append(("prefill FLOPs", f"{flops:.4g} (fvcore, 2 x MACs)"))
     if lat is not None:
         rows.append(("prefill latency", f"{lat:.1f} ms"))
     rows.append(("record", rec["key"]))

@@ -52,6 +52,9 @@ class VTBenchLMM(_LmmsBase):
         **overrides,
     ) -> None:
         super().__init__()
+        #: a model passed in belongs to the caller (the runner measures it after the evaluation), so
+        #: lmms-eval's end-of-evaluation `clean()` must not delete it
+        self.owns_model = model is None
         if model is None:
             model, processor, adapter = self._build_from_overrides(overrides, device)
         elif overrides:
@@ -89,6 +92,10 @@ class VTBenchLMM(_LmmsBase):
         model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
         method.apply(model, adapter)
         return model, processor, adapter
+
+    def clean(self):
+        if self.owns_model and hasattr(super(), "clean"):
+            super().clean()
 
     # ---- lmms API ------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,111 @@
+"""The efficiency probe of a cell: FLOPs, latency, memory, KV cache on a fixed probe subset.
+
+The probe set is the first `run.efficiency.probe_size` documents of the benchmark (the same for every
+method, so methods are compared on the same inputs), each encoded exactly as the evaluation encodes it
+(same prompt, same processor) and measured at batch 1:
+
+* FLOPs counted with fvcore on the patched model (prefill per component, one decode step), beside the
+  method's analytic formula for the same token layout; mean over the probe documents;
+* latency (time to first token, decode per token), peak memory, KV-cache bytes and visual tokens per
+  LLM layer with `harness.efficiency.latency.measure` (median over documents of each document's median).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from harness.efficiency import flops as F
+from harness.efficiency.latency import measure
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(statistics.fmean(xs)) if xs else None
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
+
+
+def probe_inputs(lm, task_dict, n: int) -> list[dict]:
+    """Processor inputs of the first `n` documents of the (single) task, encoded like the evaluation."""
+    (task,) = [t for t in task_dict.values() if hasattr(t, "test_docs")][:1] or [None]
+    if task is None:
+        return []
+    docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+    out = []
+    for i, doc in enumerate(docs):
+        if i >= n:
+            break
+        context = task.doc_to_text(doc)
+        visuals = task.doc_to_visual(doc) if callable(task.doc_to_visual) else []
+        out.append(lm.encode([context], [list(visuals or [])]))
+    return out
+
+
+def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=3, decode_tokens=8) -> dict[str, Any]:
+    """Efficiency figures of `model` over a list of batch-1 inputs."""
+    config = model.config
+    pre, dec, ana, unsupported = [], [], [], {}
+    lat = []
+    visual_in = []
+    for inputs in inputs_list:
+        c = F.count_prefill(model, inputs)
+        d = F.count_decode(model, inputs)
+        pre.append(c.flops | {"total": c.total})
+        dec.append(d.flops | {"total": d.total})
+        for op, k in c.unsupported_ops.items():
+            unsupported[op] = unsupported.get(op, 0) + k
+        (layout,) = F.layouts_from_inputs(config, inputs)
+        visual_in.append(layout.visual)
+        a = F.analytic_prefill(config, layout, method=method)
+        ana.append(a | {"total": sum(a.values())})
+        lat.append(measure(model, inputs, warmup=warmup, repeats=repeats, decode_tokens=decode_tokens))
+
+    def mean_components(rows):
+        keys = sorted({k for r in rows for k in r})
+        return {k: _mean([r.get(k) for r in rows]) for k in keys}
+
+    prefill = mean_components(pre)
+    analytic = mean_components(ana)
+    vis_layers = [m.get("visual_tokens_per_layer") for m in lat if m.get("visual_tokens_per_layer")]
+    per_layer = [_mean(col) for col in zip(*vis_layers)] if vis_layers else None
+    return {
+        "probe_size": len(inputs_list),
+        "visual_tokens_in": _mean(visual_in),
+        "visual_tokens_llm": per_layer[0] if per_layer else _mean(visual_in),
+        "visual_tokens_per_layer": per_layer,
+        "flops": {
+            "prefill": prefill,
+            "decode_per_token": mean_components(dec),
+            "analytic_prefill": analytic,
+            "counted_equals_analytic": all(
+                abs((prefill.get(k) or 0) - (analytic.get(k) or 0)) < 0.5 for k in analytic
+            ),
+            "counter": "fvcore",
+            "unsupported_ops": unsupported,
+            "convention": "FLOPs = 2 x MACs of matrix products; prefill logits for the last position only",
+        },
+        "latency": {
+            "prefill_ms": {"median": _median([m["prefill_ms"]["median"] for m in lat])},
+            "decode_ms_per_token": {"median": _median([m["decode_ms_per_token"]["median"] for m in lat])},
+            "clock": lat[0].get("clock") if lat else None,
+            "warmup": warmup,
+            "repeats": repeats,
+            "decode_tokens": decode_tokens,
+        },
+        "memory": {
+            "peak_delta_bytes": _median([m["memory"].get("peak_delta_bytes") for m in lat]),
+            "kind": lat[0]["memory"].get("kind") if lat else None,
+        },
+        "kv_cache_bytes": _median([m.get("kv_cache_bytes") for m in lat]),
+    }
+
+
+def measure_cell(cfg, model, processor, adapter, method, lm, task_dict) -> dict[str, Any]:
+    eff = cfg.run.efficiency
+    inputs_list = probe_inputs(lm, task_dict, int(eff.probe_size))
+    return measure_inputs(
+        model, method, inputs_list, warmup=int(eff.warmup), repeats=int(eff.repeats), decode_tokens=int(eff.decode_tokens)
+    )
