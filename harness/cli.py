@@ -73,7 +73,8 @@ def format_record(rec: dict) -> str:
         ("method", rec.get("method_description", cell["method"]["name"])),
         ("benchmark", f"{cell['benchmark']['name']} ({cell['benchmark']['task']})"),
         (rec.get("primary_metric", "accuracy"), "n/a" if acc is None else f"{acc:.4f}"),
-        ("samples", f"{rec.get('n_samples')} (failed {rec.get('n_failed')}, empty {rec.get('n_empty')})"),
+        ("samples", f"{rec.get('n_samples')} (failed {rec.get('n_failed')}, empty {rec.get('n_empty')}, "
+                    f"non-finite {rec.get('n_nonfinite', 0)})"),
     ]
     if eff.get("visual_tokens_llm") is not None:
         rows.append(("visual tokens to LLM", f"{eff['visual_tokens_llm']:.0f} (of {eff['visual_tokens_in']:.0f})"))

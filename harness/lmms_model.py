@@ -74,6 +74,9 @@ class VTBenchLMM(_LmmsBase):
         #: callable (task, split, doc_id) -> cached answer or None (per-sample resume)
         self.lookup = None
         self.failures: dict[str, str] = {}
+        #: "task/doc_id" of samples whose logits contained NaN/inf at some step
+        self.nonfinite: list[str] = []
+        self._last_nonfinite: list[int] = []
         self.n_empty = 0
         self.n_generated = 0
 
@@ -144,8 +147,13 @@ class VTBenchLMM(_LmmsBase):
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
-        new = out[:, inputs["input_ids"].shape[1] :]
+        # non-finite logits (fp16 overflow, a broken patch) are flagged per sample, never hidden
+        finite = torch.stack([torch.isfinite(step).all(dim=-1) for step in out.logits], dim=1).all(dim=1)
+        self._last_nonfinite = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     @staticmethod
@@ -179,6 +187,7 @@ class VTBenchLMM(_LmmsBase):
             try:
                 visuals = [list(a[2](d)) for a, d in zip(args, docs)]
                 texts = self.generate_batch(contexts, visuals, max_new)
+                self.nonfinite += [f"{args[j][4]}/{args[j][3]}" for j in self._last_nonfinite]
             except Exception as e:  # recorded, reported, never silently scored
                 msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 for a in args:

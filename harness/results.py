@@ -201,6 +201,7 @@ def record_row(rec: dict) -> dict:
         "n_samples": rec.get("n_samples"),
         "n_failed": rec.get("n_failed"),
         "n_empty": rec.get("n_empty"),
+        "n_nonfinite": rec.get("n_nonfinite"),
         "error": rec.get("error"),
         "created": rec.get("created"),
     }

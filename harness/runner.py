@@ -198,6 +198,8 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         "n_failed": len(lm.failures),
         "n_empty": lm.n_empty,
         "failures": lm.failures,
+        "n_nonfinite": len(lm.nonfinite),
+        "nonfinite": lm.nonfinite,
         "n_resumed": len(done),
         "samples": samples,
         "efficiency": efficiency,

@@ -77,3 +77,26 @@ def test_lmms_eval_cli_runs_vtbench_model(tiny_checkpoint, data_dir, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "vtbench_shapes" in out.stdout and "exact_match" in out.stdout
+
+
+@pytest.mark.bad_input
+def test_nonfinite_logits_are_flagged_in_the_record(cell_overrides):
+    """A model producing NaN logits still yields a record, with every affected sample flagged."""
+    import harness.models.loading as loading
+
+    real = loading.load_model
+
+    def nan_model(*a, **k):
+        model, processor, adapter = real(*a, **k)
+        model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
+        return model, processor, adapter
+
+    orig = loading.load_model
+    loading.load_model = nan_model
+    try:
+        rec = run_cell(compose_config(cell_overrides + ["run.seed=7"]))
+    finally:
+        loading.load_model = orig
+    assert rec["status"] == "complete"
+    assert rec["n_nonfinite"] == rec["n_samples"] == 4
+    assert sorted(rec["nonfinite"]) == [f"vtbench_shapes/{i}" for i in range(4)]
