@@ -1,0 +1,462 @@
+"""Between-layer token reduction inside the LLM decoder: the machinery FastV, `random`, FiCoCo-L and
+FiCoCo-VL share.
+
+How it acts on one model instance (no transformers source is touched):
+
+* **Layer wrappers.** Every decoder layer from the first reducing layer on gets an instance-level
+  `forward` wrapper. The model's layer loop is unchanged: it computes `position_embeddings` (cos, sin),
+  position ids and the attention mask once, for the full sequence, and passes them to every layer. A
+  wrapped layer slices them with the indices of the tokens still alive, which `ReduceState` keeps per
+  sample as indices into the prefill sequence (so no offset is ever hard-coded, and left padding works).
+* **Two reduction points.** A `ReductionPlan` may drop tokens at a layer's input (`before_layer`: FastV,
+  `random`) and/or merge tokens between a layer's attention and its MLP (`after_attention`: FiCoCo-L).
+  The second one runs the layer composed from its own submodules (pre-norm Llama/Mistral/Qwen2 layout).
+* **Masks.** A layer running on a shortened sequence gets a mask built here from the per-sample 2-D
+  padding mask (causal AND key valid; kept tokens stay in original order, so causality in the shortened
+  sequence is causality in the original one), in the format of the attention implementation (bool for
+  SDPA, additive float for eager), or `None` where SDPA's no-mask path is exact (no padding and
+  q_len == 1 or q_len == kv_len), exactly as transformers decides it.
+* **KV cache.** A shortened layer caches only its kept tokens (`DynamicCache` keeps per-layer tensors, so
+  cache lengths differ per layer). In decode each shortened layer builds its mask from the validity of
+  its own cached prefill tokens plus the decode tokens' columns of the 2-D mask `generate` grows.
+* **Positions.** `"keep"` (FastV): kept tokens keep their RoPE positions (gaps allowed) and decode tokens
+  continue at full-length positions. `"renumber"`: after a removal positions are contiguous per sample
+  (each token's position minus the tokens removed before it); decode tokens are shifted by the number
+  removed before the layer.
+* **Scores.** `QKCapture` records a layer's q_proj / k_proj outputs with forward hooks (the layer's SDPA
+  call is untouched); `post_rope` applies the model's own RoPE function; `query_row_probs` computes
+  only the needed attention rows.
+
+Batch > 1: every sample must lose the same number of tokens (equal per-sample budgets), so samples in a
+batch need the same number of visual tokens; a clear error says so otherwise.
+
+No-cache calls re-run the prefill path on the whole sequence. Methods whose selection depends on "the
+last prompt token" read `score_row`, which `pin_prompt_length(model, n)` can fix to column n-1, so an
+uncached forward over prompt+generated tokens reproduces the cached (prune-once-at-prefill) semantics.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from methods._shared.context import get_context, install_context
+from methods.base import MethodError
+
+_ATTR = "_vtbench_llm_reducer"
+SUPPORTED_ATTN = ("sdpa", "eager")
+
+
+# ---- selection helpers ---------------------------------------------------------------------------
+def equal_visual_count(visual: torch.Tensor, what: str = "reduction") -> int:
+    """Number of visual tokens per sample; raise if samples differ (equal per-sample budgets)."""
+    counts = visual.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise MethodError(
+            f"{what}: samples in this batch have different numbers of visual tokens "
+            f"({', '.join(str(int(c)) for c in counts)}); equal per-sample budgets need equal counts "
+            "(use batch size 1 or images of the same size)"
+        )
+    return int(counts[0])
+
+
+def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices [B, n - nv + keep] (ascending) keeping every non-visual token and the `keep` visual
+    tokens with the highest score per sample. `scores`, `visual`: [B, n]."""
+    n = visual.shape[1]
+    nv = equal_visual_count(visual)
+    s = scores.float().masked_fill(~visual, float("inf"))
+    idx = torch.topk(s, n - nv + keep, dim=1, sorted=False).indices
+    return torch.sort(idx, dim=1).values
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, n, d] -> [B, H_kv * n_rep, n, d] (GQA: each kv head serves n_rep query heads)."""
+    return x if n_rep == 1 else torch.repeat_interleave(x, n_rep, dim=1)
+
+
+def query_row_probs(
+    q_rows: torch.Tensor, k: torch.Tensor, key_allowed: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of a few query rows over all keys.
+
+    q_rows [B, H, r, d] (post-RoPE), k [B, H_kv, n, d] (post-RoPE), key_allowed [B, r, n] or [B, n]
+    bool. Returns probabilities [B, H, r, n] (float32). Cost: B*H*r*n*d MACs (one matmul).
+    """
+    k = repeat_kv(k, q_rows.shape[1] // k.shape[1])
+    logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scaling
+    allowed = key_allowed[:, None, None, :] if key_allowed.dim() == 2 else key_allowed[:, None]
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+class QKCapture:
+    """Records the q_proj / k_proj outputs of one attention module during prefill (forward hooks on the
+    projections: the attention itself, SDPA included, runs unchanged)."""
+
+    def __init__(self, attn, enabled):
+        self.attn = attn
+        self.enabled = enabled  # callable -> bool
+        self.q = self.k = None
+        self._handles = [
+            attn.q_proj.register_forward_hook(self._hook("q")),
+            attn.k_proj.register_forward_hook(self._hook("k")),
+        ]
+
+    def _hook(self, which):
+        def hook(module, inputs, output):
+            if self.enabled():
+                setattr(self, which, output)
+
+        return hook
+
+    def take(self):
+        q, k = self.q, self.k
+        self.q = self.k = None
+        return q, k
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, n, H*d] -> [B, H, n, d]."""
+    b, n, _ = x.shape
+    return x.view(b, n, -1, head_dim).transpose(1, 2)
+
+
+def rope_function(attn):
+    """The model's own `apply_rotary_pos_emb` (from the attention module's modeling file)."""
+    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise MethodError(f"{type(attn).__name__}: no apply_rotary_pos_emb in its modeling module")
+    return fn
+
+
+def post_rope(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the model's RoPE to x [B, H, n, d] with cos/sin [B|1, n, d]."""
+    return rope_function(attn)(x, x, cos, sin)[0]
+
+
+# ---- state --------------------------------------------------------------------------------------
+@dataclass
+class ReduceState:
+    """Per-model bookkeeping of one generation (reset at every prefill)."""
+
+    n_layers: int
+    P: int = 0  # prefill length (padded)
+    valid: torch.Tensor | None = None  # [B, P] bool: real (non-padding) prefill tokens
+    pos: torch.Tensor | None = None  # [B, P] long: prefill position ids
+    visual: torch.Tensor | None = None  # [B, P] bool
+    cur: torch.Tensor | None = None  # [B, n] indices of alive tokens (None: all P)
+    removed_any: bool = False  # the sliced path is active (some layer got explicit indices)
+    cache_idx: list = field(default_factory=list)  # per layer: prefill tokens cached ([B,n_l] | None)
+    shift: list = field(default_factory=list)  # per layer: [B] tokens removed before decode tokens
+    pinned_prompt: int | None = None
+
+    def reset(self, visual, attention_mask, position_ids, P, B, device):
+        self.P = P
+        self.visual = visual
+        if attention_mask is not None and attention_mask.dim() == 2:
+            self.valid = attention_mask[:, -P:].bool()
+        else:
+            self.valid = torch.ones(B, P, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = torch.arange(P, device=device)[None]
+        self.pos = position_ids.expand(B, -1).long()
+        self.cur = None
+        self.removed_any = False
+        self.cache_idx = [None] * self.n_layers
+        self.shift = [None] * self.n_layers
+
+    def current(self) -> torch.Tensor:
+        if self.cur is None:
+            B = self.valid.shape[0]
+            return torch.arange(self.P, device=self.valid.device)[None].expand(B, -1)
+        return self.cur
+
+    def removed_before(self, idx: torch.Tensor) -> torch.Tensor:
+        """For tokens `idx` [B, n] (prefill indices): how many prefill tokens before each are removed."""
+        cur = self.current()
+        alive = torch.zeros(self.valid.shape, dtype=torch.long, device=cur.device).scatter(
+            1, cur, torch.ones_like(cur)
+        )
+        removed = 1 - alive
+        before = removed.cumsum(1) - removed
+        return before.gather(1, idx)
+
+
+@dataclass
+class LayerView:
+    """What a plan sees at one layer during prefill."""
+
+    layer: int
+    ctx: Any
+    state: ReduceState
+    hidden: torch.Tensor  # [B, n, d] current hidden states (layer input or after attention)
+    position_embeddings: tuple  # (cos, sin) for the current tokens
+    index: torch.Tensor  # [B, n] prefill indices of the current tokens
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return self.state.visual.gather(1, self.index)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.state.valid.gather(1, self.index)
+
+    @property
+    def score_row(self) -> int:
+        """Column (in the current sequence) of the query that scores: the last prompt token (the last
+        token, or column n-1 of the pinned prompt length)."""
+        if self.state.pinned_prompt is None:
+            return self.hidden.shape[1] - 1
+        target = self.state.pinned_prompt - 1
+        hit = (self.index[0] == target).nonzero()
+        if hit.numel() == 0:
+            raise MethodError("pinned prompt end was removed; it must be a non-visual token")
+        return int(hit[0, 0])
+
+
+class ReductionPlan:
+    """Hooks a method implements. Indices returned are into the current sequence, ascending, same
+    count per sample."""
+
+    first_layer: int = 0
+    positions: str = "keep"  # or "renumber"
+
+    def score_layers(self) -> list[int]:
+        """Layers whose q/k projections must be captured during prefill."""
+        return []
+
+    def before_layer(self, view: LayerView) -> torch.Tensor | None:
+        return None
+
+    def merges_at(self, layer: int) -> bool:
+        return False
+
+    def after_attention(self, view: LayerView, qk) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(updated hidden [B, n, d], keep indices [B, n']) or None, for a layer where `merges_at` is
+        True: the machinery then keeps rows `keep` of the updated hidden states for the MLP and the
+        following layers. `qk`: the layer's captured (q_proj, k_proj) outputs."""
+        return None
+
+
+# ---- masks --------------------------------------------------------------------------------------
+def build_mask(key_valid: torch.Tensor, q_len: int, impl: str, dtype) -> torch.Tensor | None:
+    """4-D mask for q_len queries that are the last q_len of the keys: allowed[b, i, j] =
+    key_valid[b, j] and j <= n_k - q_len + i. None when SDPA's no-mask path is exact."""
+    B, n_k = key_valid.shape
+    if impl == "sdpa" and (q_len == 1 or q_len == n_k) and bool(key_valid.all()):
+        return None
+    dev = key_valid.device
+    i = torch.arange(q_len, device=dev)[:, None]
+    j = torch.arange(n_k, device=dev)[None, :]
+    allowed = (j <= n_k - q_len + i)[None, None] & key_valid[:, None, None, :]
+    if impl == "eager":
+        out = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+        return out.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B|1, P, ...] gathered along dim 1 with idx [B, n]."""
+    B = idx.shape[0]
+    x = x.expand(B, *x.shape[1:])
+    shape = idx.shape + x.shape[2:]
+    return x.gather(1, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
+
+
+# ---- the reducer ----------------------------------------------------------------------------------
+class LLMReducer:
+    """Installs a `ReductionPlan` on one model instance."""
+
+    def __init__(self, model, adapter, plan: ReductionPlan):
+        self.model = model
+        self.adapter = adapter
+        self.plan = plan
+        self.ctx = install_context(model, adapter)
+        self.layers = adapter.llm_layers
+        self.state = ReduceState(n_layers=len(self.layers))
+        plan.reducer = self
+        self.impl = adapter.text_config._attn_implementation or "eager"
+        self.rotary = getattr(adapter.language_model, "rotary_emb", None)
+        self.captures = {
+            i: QKCapture(self.layers[i].self_attn, lambda: self.ctx.is_prefill) for i in plan.score_layers()
+        }
+        self._originals = {}
+        for i in range(plan.first_layer, len(self.layers)):
+            layer = self.layers[i]
+            self._originals[i] = layer.forward
+            layer.forward = self._wrap(i, layer, layer.forward)
+
+    # -- prefill ------------------------------------------------------------------------------------
+    def _positions(self, hidden, idx, cos_sin, position_ids):
+        """(cos, sin) and position ids for tokens `idx` (prefill indices)."""
+        st = self.state
+        if self.plan.positions == "renumber" and st.removed_any:
+            pos = st.pos.gather(1, idx) - st.removed_before(idx)
+            return self.rotary(hidden, pos), pos
+        cos, sin = cos_sin
+        pos = st.pos.gather(1, idx)
+        return (_gather_seq(cos, idx), _gather_seq(sin, idx)), pos
+
+    def _prefill(self, i, layer, orig, hidden, kwargs):
+        ctx, st, plan = self.ctx, self.state, self.plan
+        if i == plan.first_layer:
+            B, P = hidden.shape[:2]
+            vm = ctx.visual_mask
+            if vm is None or vm.shape != (B, P):
+                raise MethodError("LLM token reduction needs input_ids (visual mask) for the prefill")
+            st.reset(vm, ctx.attention_mask, kwargs.get("position_ids"), P, B, hidden.device)
+            nv = equal_visual_count(vm)
+            ctx.visual_tokens_per_layer = [nv] * len(self.layers)
+        full_pe = kwargs["position_embeddings"]
+
+        # 1) drop at the layer input
+        keep = plan.before_layer(
+            LayerView(i, ctx, st, hidden, self._cur_pe(hidden, full_pe, kwargs), st.current())
+        )
+        if keep is not None:
+            hidden = _gather_seq(hidden, keep)
+            st.cur = st.current().gather(1, keep)
+            st.removed_any = True
+        if st.cur is not None:
+            ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
+
+        merging = plan.merges_at(i)
+        if not st.removed_any and not merging:
+            out = orig(hidden, **kwargs)  # nothing removed yet: untouched inputs
+            self._release(i, merging)
+            return out
+        idx = st.current()
+        kw = dict(kwargs)
+        if st.removed_any:
+            pe, pos = self._positions(hidden, idx, full_pe, kwargs.get("position_ids"))
+            kw["position_embeddings"] = pe
+            kw["position_ids"] = pos
+            kw["attention_mask"] = build_mask(st.valid.gather(1, idx), idx.shape[1], self.impl, hidden.dtype)
+            st.cache_idx[i] = idx
+            if self.plan.positions == "renumber":
+                st.shift[i] = torch.full((idx.shape[0],), st.P - idx.shape[1], device=idx.device)
+        if not merging:
+            out = orig(hidden, **kw)
+            self._release(i, merging)
+            return out
+        return self._merge_layer(i, layer, hidden, kw)
+
+    def _release(self, i, merging):
+        """Drop q/k captured at a wrapped layer that did not merge (captures of layers before the
+        first wrapped one are read by a later layer's `before_layer`)."""
+        if not merging and i in self.captures:
+            self.captures[i].take()
+
+    def _cur_pe(self, hidden, full_pe, kwargs):
+        st = self.state
+        if st.cur is None:
+            return full_pe
+        return self._positions(hidden, st.cur, full_pe, kwargs.get("position_ids"))[0]
+
+    def _merge_layer(self, i, layer, hidden, kw):
+        """A pre-norm decoder layer composed from its own modules, with a merge between the attention
+        residual and the MLP."""
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        attn_kw = {k: v for k, v in kw.items() if k not in ("hidden_states",)}
+        a, _ = layer.self_attn(hidden_states=x, **attn_kw)
+        hidden = residual + a
+        qk = self.captures[i].take() if i in self.captures else None
+        st = self.state
+        out = self.plan.after_attention(
+            LayerView(i, self.ctx, st, hidden, kw["position_embeddings"], st.current()), qk
+        )
+        if out is not None:
+            hidden, keep = out
+            hidden = _gather_seq(hidden, keep)
+            st.cur = st.current().gather(1, keep)
+            st.removed_any = True
+        residual = hidden
+        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    # -- decode -------------------------------------------------------------------------------------
+    def _decode(self, i, orig, hidden, kwargs):
+        st = self.state
+        idx = st.cache_idx[i] if st.cache_idx else None
+        if idx is None:
+            return orig(hidden, **kwargs)
+        B, q = hidden.shape[:2]
+        kw = dict(kwargs)
+        pkv = kwargs.get("past_key_values")
+        cached = pkv.get_seq_length(i) if pkv is not None else 0
+        n_new = cached + q - idx.shape[1]  # decode tokens in this layer's keys (incl. current)
+        am = self.ctx.attention_mask
+        if am is not None and am.dim() == 2:
+            new_valid = am[:, -n_new:].bool()
+        else:
+            new_valid = torch.ones(B, n_new, dtype=torch.bool, device=hidden.device)
+        key_valid = torch.cat([st.valid.gather(1, idx), new_valid], dim=1)
+        kw["attention_mask"] = build_mask(key_valid, q, self.impl, hidden.dtype)
+        if self.plan.positions == "renumber" and st.shift[i] is not None:
+            pos = kwargs["position_ids"].expand(B, -1) - st.shift[i][:, None]
+            kw["position_ids"] = pos
+            kw["position_embeddings"] = self.rotary(hidden, pos)
+        return orig(hidden, **kw)
+
+    def _wrap(self, i, layer, orig):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise MethodError("LLM token reduction expects decoder layers to be called with keywords")
+            if self.ctx.is_prefill:
+                return self._prefill(i, layer, orig, hidden_states, kwargs)
+            return self._decode(i, orig, hidden_states, kwargs)
+
+        return forward
+
+    def remove(self):
+        for i, f in self._originals.items():
+            self.layers[i].forward = f
+        for c in self.captures.values():
+            c.remove()
+
+
+def install(model, adapter, plan: ReductionPlan) -> LLMReducer:
+    """Install `plan` on `model` (once per instance)."""
+    if getattr(model, _ATTR, None) is not None:
+        raise MethodError("an LLM token-reduction method is already applied to this model instance")
+    impl = adapter.text_config._attn_implementation or "eager"
+    if impl not in SUPPORTED_ATTN:
+        raise MethodError(
+            f"LLM token reduction supports attention implementations {', '.join(SUPPORTED_ATTN)}, not {impl!r}"
+        )
+    red = LLMReducer(model, adapter, plan)
+    object.__setattr__(model, _ATTR, red)
+    return red
+
+
+def get_reducer(model) -> LLMReducer | None:
+    return getattr(model, _ATTR, None)
+
+
+def pin_prompt_length(model, n: int | None) -> None:
+    """Make scoring use column n-1 as "the last prompt token" (None: the last token of each call).
+
+    With it, an uncached forward over prompt + generated tokens selects exactly what the cached
+    prefill selected (prune once at prefill), which is how cached and uncached decoding are compared.
+    """
+    red = get_reducer(model)
+    if red is None:
+        raise MethodError("no LLM token-reduction method is applied to this model")
+    red.state.pinned_prompt = n
+
+
+def check_layer_layout(adapter, layers) -> None:
+    """Merging between attention and MLP needs the pre-norm Llama/Mistral/Qwen2 decoder layout."""
+    for i in layers:
+        layer = adapter.llm_layers[i]
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            if not hasattr(layer, name):
+                raise MethodError(f"LLM layer {i} ({type(layer).__name__}) has no {name}: unsupported layout")

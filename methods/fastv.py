@@ -1,0 +1,156 @@
+"""FastV — Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
+Acceleration for Large Vision-Language Models", ECCV 2024 (arXiv 2403.06764).
+
+Algorithm (paper §4, KV-cache variant of the released code; spec token_methods.md Part 1):
+
+* Decoder layers 0..K-1 run on the full prompt.
+* At layer K-1 the attention row of the **last prompt token** is computed from that layer's own
+  post-RoPE query and keys: per head `softmax(q_last K^T / sqrt(d_h))` (padding keys masked), then the
+  mean over heads. Only this one row is computed here (H x n x d_h MACs); the layer's attention output
+  itself still comes from SDPA (or whatever implementation the model uses).
+* Visual token j's score is that mean attention; the top `round(N_img * (1 - R))` visual tokens (or
+  `keep`) are kept, every non-visual token is kept, in original order and with their original RoPE
+  positions (gaps allowed).
+* Layers K..L-1 run on the kept tokens only and cache only them; decode steps do not re-prune and
+  continue at full-length positions. Uncached calls re-prune from their own last token (the original
+  no-cache FastV); `methods._shared.llm_reduce.pin_prompt_length` pins the scoring token instead.
+
+FLOPs (paper §4.2, eq. 5): per layer `4nd^2 + 2n^2d + 2ndm`; reduction ratio
+`1 - [K F(n) + (T-K) F(n_hat)] / [T F(n)]`. `fastv_paper_flops` reproduces the paper's Table 1
+"FLOPs(B)" column: that formula averaged over the T layers, in billions, with n = system + image tokens
+and n_hat = n - 576 R (no rounding of the kept count).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from harness.efficiency import analytic as A
+from methods import register
+from methods._shared import llm_reduce as LR
+from methods.base import Method, MethodError
+
+
+def kept_visual(n_visual: int, R: float, keep: int | None) -> int:
+    """Visual tokens FastV keeps out of `n_visual`."""
+    if keep is not None:
+        return min(int(keep), n_visual)
+    return int(round(n_visual * (1.0 - R)))
+
+
+class _FastVPlan(LR.ReductionPlan):
+    def __init__(self, K: int, R: float, keep: int | None, positions: str):
+        self.first_layer = K
+        self.K, self.R, self.keep, self.positions = K, R, keep, positions
+
+    def score_layers(self):
+        return [self.K - 1]
+
+    def before_layer(self, view):
+        if view.layer != self.K:
+            return None
+        red = self.reducer
+        q, k = red.captures[self.K - 1].take()
+        visual = view.visual
+        nv = LR.equal_visual_count(visual, "fastv")
+        n_keep = kept_visual(nv, self.R, self.keep)
+        if n_keep >= nv:
+            return None
+        scores = last_token_attention(red.layers[self.K - 1].self_attn, q, k, view)
+        return LR.keep_top_visual(scores, visual, n_keep)
+
+
+def last_token_attention(attn, q: torch.Tensor, k: torch.Tensor, view) -> torch.Tensor:
+    """Head-mean softmax attention [B, n] that the scoring token (the last prompt token) gives every
+    token, from a layer's captured q_proj/k_proj outputs (over all n tokens) and its cos/sin."""
+    hd = attn.head_dim
+    r = view.score_row
+    cos, sin = view.position_embeddings
+    q_r = LR.post_rope(attn, LR.heads(q[:, r : r + 1], hd), cos[:, r : r + 1], sin[:, r : r + 1])
+    k = LR.post_rope(attn, LR.heads(k, hd), cos, sin)
+    n = k.shape[2]
+    allowed = view.valid & (torch.arange(n, device=k.device) <= r)[None]
+    probs = LR.query_row_probs(q_r, k, allowed, attn.scaling)  # [B, H, 1, n]
+    return probs.mean(dim=1)[:, 0]
+
+
+@register
+@dataclasses.dataclass
+class FastV(Method):
+    name = "fastv"
+
+    #: first pruned decoder layer (0-based); scores come from layer K-1's attention
+    K: int = 2
+    #: fraction of visual tokens dropped, in [0, 1)
+    R: float = 0.5
+    #: number of visual tokens kept (overrides R when set)
+    keep: int | None = None
+    #: "keep" original RoPE positions (FastV) or "renumber" them contiguously after the drop
+    positions: str = "keep"
+
+    def check_params(self) -> None:
+        if not isinstance(self.K, int) or self.K < 1:
+            raise MethodError(f"fastv: K must be an integer >= 1 (scores need layer K-1), got {self.K!r}")
+        if not (0.0 <= float(self.R) < 1.0):
+            raise MethodError(f"fastv: R must be in [0, 1), got {self.R!r}")
+        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 0):
+            raise MethodError(f"fastv: keep must be a non-negative integer, got {self.keep!r}")
+        if self.positions not in ("keep", "renumber"):
+            raise MethodError(f"fastv: positions must be 'keep' or 'renumber', got {self.positions!r}")
+
+    def validate(self, adapter) -> None:
+        super().validate(adapter)
+        L = adapter.num_llm_layers
+        if self.K >= L:
+            raise MethodError(f"fastv: K={self.K} must be < the number of LLM layers ({L})")
+        if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
+            raise MethodError(
+                f"fastv: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"
+            )
+
+    def apply(self, model, adapter):
+        self.validate(adapter)
+        if self.keep is None and self.R == 0.0:
+            return model  # no-op: nothing is dropped
+        LR.install(model, adapter, _FastVPlan(self.K, float(self.R), self.keep, self.positions))
+        return model
+
+    # ---- FLOPs --------------------------------------------------------------------------------------
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        macs = A.dense_prefill_macs(shapes, layout)
+        s, n = shapes.llm, layout.total
+        kept = kept_visual(layout.visual, float(self.R), self.keep)
+        if kept >= layout.visual or (self.keep is None and self.R == 0.0):
+            return macs
+        n_hat = n - (layout.visual - kept)
+        score = s.heads * n * s.head_dim  # one query row x n keys x heads (QK^T only)
+        macs["llm"] = (
+            self.K * A.llm_layer_macs(s, n) + (s.layers - self.K) * A.llm_layer_macs(s, n_hat) + score
+        )
+        return macs
+
+
+# ---- the paper's FLOPs table ----------------------------------------------------------------------------
+#: LLaVA-1.5 language models as FastV counts them (hidden d, FFN m, layers T, heads)
+PAPER_MODELS = {"7B": (4096, 11008, 32, 32), "13B": (5120, 13824, 40, 40)}
+#: tokens "related to the image" in FastV's accounting: system prompt + 576 image tokens (7B: 35-token
+#: system prompt; 13B: 36, FastV's --fast-v-sys-length) — the values that reproduce Table 1
+PAPER_N = {"7B": 611, "13B": 612}
+
+
+def fastv_paper_flops(model: str, K: int | None = None, R: float = 0.0, n: float | None = None,
+                      image_tokens: int = 576) -> float:
+    """FastV Table 1 "FLOPs(B)": eq. 5's numerator averaged per layer, in units of 1e9.
+
+    Per layer F(n) = 4nd^2 + 2n^2d + 2ndm, built from `llm_layer_macs` with an MHA shape and a 2-matrix
+    FFN (FastV's formula); n_hat = n - image_tokens * R. K=None: the unpruned baseline.
+    """
+    d, m, T, H = PAPER_MODELS[model]
+    s = A.LLMShape(hidden=d, intermediate=m, layers=T, heads=H, kv_heads=H, head_dim=d // H, vocab=0,
+                   mlp_matrices=2)
+    n = PAPER_N[model] if n is None else n
+    if K is None:
+        return A.llm_layer_macs(s, n) / 1e9
+    n_hat = n - image_tokens * R
+    return (K * A.llm_layer_macs(s, n) + (T - K) * A.llm_layer_macs(s, n_hat)) / T / 1e9

@@ -1,0 +1,328 @@
+"""FiCoCo-L — Han et al., "Filter, Correlate, Compress: Training-Free Token Reduction for MLLM
+Acceleration" (arXiv 2411.17686 v4, AAAI 2026; v1 "Rethinking Token Reduction in MLLMs"), §4, App. 9,
+Alg. 2; spec token_methods.md §3.4 (paper), §3.5 (reference code), §3.7 (hyper-parameters).
+
+In every decoder layer of [start_layer, end_layer], between the attention residual and the MLP, r_l
+visual tokens are removed and their information merged into the kept visual tokens:
+
+1. **Filter** (eq. 3): redundancy `s_i = beta * (1/N) sum_{j in V} A_ij - (1-beta) * task_i`; the r_l
+   visual tokens with the largest s are discarded (set S), the other visual tokens are targets (T).
+2. **Correlate** (eq. 4): `C_ij = gamma * A_ij + (1-gamma) * indirect_ij` for i in S, j in T.
+3. **Compress** (eq. 2): `tau_i = quantile(C_i, eps)`, `J_i = {j : C_ij >= tau_i}`,
+   `alpha_ij = C_ij / sum_{J_i} C_ij'`, `X_j <- (X_j + sum_i alpha_ij X_i) / (1 + sum_i alpha_ij)`.
+
+`A` is the layer's head-mean attention, computed here from the layer's own post-RoPE q/k for the rows
+needed only (visual and text rows; the attention output itself still comes from SDPA). Text = the
+non-visual prompt tokens after the first visual token (the instruction), M of them.
+
+Variants (`variant`):
+* `"paper"` (default): A = causal softmax attention (padding keys masked), head mean. In a causal LLM
+  the literal eq. 3/4 terms `A_{i,k}` (visual i -> later text k) are identically 0, so the task term and
+  the indirect term use what the prose describes — attention the visual tokens *receive* from the text:
+  `task_i = (1/M) sum_k A_{k,i}`, `indirect_ij = (1/M) sum_k A_{k,i} A_{k,j}`. Self-preserving
+  normalized compress (eq. 2).
+* `"code"`: the released code (spec §3.5): S = head-mean *pre-softmax* logits `QK^T/sqrt(d_h)` over the
+  (visual + text) span, un-masked (future positions included); filter `beta * sum_{j in V} S_ij -
+  (1-beta) * mean_{k in Text} S_ik`; `C = gamma S[V,V] + (1-gamma) S[V,Text] S[Text,V]` (diagonal -inf);
+  one k per layer = the max over discarded rows of #{C_ij > quantile(C_i, eps)}; weights = top-k of
+  softmax(C_i) over all visual columns (discarded ones included: their share is lost), renormalized;
+  un-normalized compress `X_j <- X_j + sum_i alpha_ij X_i`. Not reproduced: the hard-coded 576-token
+  span starting at position 0 (we read the visual span from the ids) and the decode position offset.
+
+Schedule: `r` tokens per layer (the code's rule: a layer removes r while more than r visual tokens
+remain), an explicit per-layer `schedule`, or `final_tokens` (visual tokens left after the last merge
+layer; 576 - final spread evenly over the merge layers, earlier layers taking the remainder). The
+paper's budgets 3.3/2.4/1.5 TFLOPs are reported as ~192/128/64 final tokens for LLaVA-1.5-7B (spec §3.5).
+Positions: kept tokens keep their RoPE positions (`"keep"`) or are renumbered contiguously
+(`"renumber"`, as the code does in prefill). KV cache: layer l caches the tokens present at its
+attention (before its merge); decode is not reduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from harness.efficiency import analytic as A
+from methods import register
+from methods._shared import llm_reduce as LR
+from methods.base import Method, MethodError
+
+
+# ---- schedule ---------------------------------------------------------------------------------------
+def merge_schedule(n_visual: int, layers: list[int], r: int, schedule, final_tokens) -> dict[int, int]:
+    """Tokens removed at each merge layer for an input with `n_visual` visual tokens."""
+    if final_tokens is not None:
+        total = max(n_visual - int(final_tokens), 0)
+        base, extra = divmod(total, len(layers))
+        return {layer: base + (1 if j < extra else 0) for j, layer in enumerate(layers)}
+    if schedule is not None:
+        out, left = {}, n_visual
+        for layer, rl in zip(layers, schedule):
+            rl = min(int(rl), max(left - 1, 0))
+            out[layer] = rl
+            left -= rl
+        return out
+    out, left = {}, n_visual
+    for layer in layers:
+        rl = r if left - r > 0 else 0
+        out[layer] = rl
+        left -= rl
+    return out
+
+
+# ---- the plan ------------------------------------------------------------------------------------------
+class _FiCoCoLPlan(LR.ReductionPlan):
+    def __init__(self, m: "FiCoCoL", layers: list[int]):
+        self.m = m
+        self.layers = layers
+        self.first_layer = layers[0]
+        self.positions = m.positions
+        self.sched: dict[int, int] = {}
+
+    def score_layers(self):
+        return list(self.layers)
+
+    def before_layer(self, view):
+        if view.layer == self.first_layer:
+            nv = LR.equal_visual_count(view.visual, "ficoco_l")
+            m = self.m
+            self.sched = merge_schedule(nv, self.layers, m.r, m.schedule, m.final_tokens) if nv else {}
+        return None
+
+    def merges_at(self, layer):
+        return self.sched.get(layer, 0) > 0
+
+    def after_attention(self, view, qk):
+        layer = self.reducer.layers[view.layer]
+        return ficoco_merge(self.m, layer.self_attn, view, qk, self.sched[view.layer])
+
+
+def _spans(view):
+    """Visual and text columns of the current sequence, per sample, and the row range [c0, c1)."""
+    visual, valid = view.visual, view.valid
+    B, n = visual.shape
+    c1 = view.score_row + 1
+    col = torch.arange(n, device=visual.device)
+    first = torch.where(visual, col, n).min(dim=1).values  # first visual column per sample
+    text = valid & ~visual & (col[None] > first[:, None]) & (col[None] < c1)
+    c0 = int(first.min())
+    return visual, text, c0, c1
+
+
+def _index_of(mask: torch.Tensor):
+    """Column indices of True entries per row, padded to the max count: (idx [B, m], ok [B, m])."""
+    counts = mask.sum(1)
+    m = int(counts.max()) if mask.numel() else 0
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    ok = torch.arange(m, device=mask.device)[None] < counts[:, None]
+    return order, ok
+
+
+def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
+    """One FiCoCo-L filter-correlate-compress step on the post-attention hidden states."""
+    q, k = qk
+    hd = attn.head_dim
+    cos, sin = view.position_embeddings
+    visual, text, c0, c1 = _spans(view)
+    B, n, d = view.hidden.shape
+    nv = int(visual[0].sum())
+    vis_idx, _ = _index_of(visual)  # [B, v]
+    txt_idx, txt_ok = _index_of(text)  # [B, M]
+    M = txt_ok.sum(1).clamp(min=1).to(torch.float32)  # [B]
+
+    qh = LR.post_rope(attn, LR.heads(q[:, c0:c1], hd), cos[:, c0:c1], sin[:, c0:c1])
+    rows = torch.arange(c0, c1, device=q.device)
+    if m.variant == "paper":
+        kh = LR.post_rope(attn, LR.heads(k, hd), cos, sin)
+        allowed = view.valid[:, None, :] & (torch.arange(n, device=q.device)[None, None] <= rows[None, :, None])
+        att = LR.query_row_probs(qh, kh, allowed, attn.scaling).mean(1)  # [B, c1-c0, n]
+        att = att.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # padding rows see no key (NaN)
+    else:
+        kh = LR.post_rope(attn, LR.heads(k[:, c0:c1], hd), cos[:, c0:c1], sin[:, c0:c1])
+        kh = LR.repeat_kv(kh, qh.shape[1] // kh.shape[1])
+        att = (torch.matmul(qh, kh.transpose(-1, -2)) * attn.scaling).float().mean(1)  # [B, R, R]
+        att = torch.nn.functional.pad(att, (c0, n - c1))  # columns back to sequence positions
+
+    def rows_of(idx):  # rows (sequence positions idx) of att
+        return att.gather(1, (idx - c0).clamp(min=0)[..., None].expand(-1, -1, att.shape[2]))
+
+    def cols_of(x, idx):
+        return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
+
+    A_vv = cols_of(rows_of(vis_idx), vis_idx)  # [B, v, v]
+    tmask = txt_ok[..., None].float()
+    if m.variant == "paper":
+        A_tv = cols_of(rows_of(txt_idx), vis_idx) * tmask  # [B, M, v]: text rows -> visual keys
+        redundancy = m.beta * A_vv.mean(-1) - (1 - m.beta) * A_tv.sum(1) / M[:, None]
+    else:
+        A_vt = cols_of(rows_of(vis_idx), txt_idx) * txt_ok[:, None, :].float()  # [B, v, M]
+        A_tv = cols_of(rows_of(txt_idx), vis_idx) * tmask
+        redundancy = m.beta * A_vv.sum(-1) - (1 - m.beta) * A_vt.sum(-1) / M[:, None]
+
+    disc = torch.topk(redundancy, r, dim=1).indices  # [B, r] visual ordinals (discarded)
+    is_disc = torch.zeros(B, nv, dtype=torch.bool, device=q.device).scatter(1, disc, torch.ones_like(disc, dtype=torch.bool))
+    tgt = torch.sort(torch.where(is_disc, nv, torch.arange(nv, device=q.device)[None]), dim=1).values[:, : nv - r]
+    disc = torch.sort(disc, dim=1).values
+
+    def sub(x, rows_, cols_):
+        x = x.gather(1, rows_[..., None].expand(-1, -1, x.shape[2]))
+        return x.gather(2, cols_[:, None, :].expand(-1, x.shape[1], -1))
+
+    X = view.hidden
+    X_v = X.gather(1, vis_idx[..., None].expand(-1, -1, d))  # [B, v, d]
+    X_s = X_v.gather(1, disc[..., None].expand(-1, -1, d))
+    if m.variant == "paper":
+        W = A_tv.gather(2, disc[:, None, :].expand(-1, A_tv.shape[1], -1))  # [B, M, r]
+        Tt = A_tv.gather(2, tgt[:, None, :].expand(-1, A_tv.shape[1], -1))  # [B, M, v-r]
+        indirect = torch.matmul(W.transpose(1, 2), Tt) / M[:, None, None]  # [B, r, v-r]
+        C = m.gamma * sub(A_vv, disc, tgt) + (1 - m.gamma) * indirect
+        tau = torch.quantile(C, m.epsilon, dim=2, keepdim=True)
+        Cj = torch.where(C >= tau, C, torch.zeros_like(C))
+        den = Cj.sum(2, keepdim=True)
+        alpha = torch.where(den > 0, Cj / den.clamp(min=1e-30), torch.zeros_like(Cj))  # [B, r, v-r]
+        moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)  # [B, v-r, d]
+        X_t = X_v.gather(1, tgt[..., None].expand(-1, -1, d))
+        X_t = (X_t + moved) / (1 + alpha.sum(1))[..., None].to(X.dtype)
+    else:
+        A_sT = A_vt.gather(1, disc[..., None].expand(-1, -1, A_vt.shape[2]))  # [B, r, M]
+        indirect = torch.matmul(A_sT, A_tv)  # [B, r, v]
+        C = m.gamma * A_vv.gather(1, disc[..., None].expand(-1, -1, nv)) + (1 - m.gamma) * indirect
+        C = C.scatter(2, disc[..., None], float("-inf"))  # diagonal
+        tau = torch.quantile(C, m.epsilon, dim=2, keepdim=True)
+        kk = max(int((C > tau).sum(2).max()), 1)
+        p = torch.softmax(C, dim=2)
+        top = torch.topk(p, kk, dim=2)
+        w = top.values / top.values.sum(2, keepdim=True)
+        full = torch.zeros_like(p).scatter(2, top.indices, w)  # [B, r, v]
+        alpha = full.gather(2, tgt[:, None, :].expand(-1, r, -1))  # shares to kept targets
+        moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)
+        X_t = X_v.gather(1, tgt[..., None].expand(-1, -1, d)) + moved
+
+    # write the targets back and keep every non-visual token + the targets
+    tgt_pos = vis_idx.gather(1, tgt)  # sequence positions of targets
+    X = X.scatter(1, tgt_pos[..., None].expand(-1, -1, d), X_t)
+    disc_pos = vis_idx.gather(1, disc)
+    drop = torch.zeros(B, n, dtype=torch.bool, device=X.device).scatter(1, disc_pos, torch.ones_like(disc_pos, dtype=torch.bool))
+    keep = torch.arange(n, device=X.device).expand(B, n)[~drop].view(B, n - r)
+    return X, keep
+
+
+# ---- the method ----------------------------------------------------------------------------------------
+@register
+@dataclasses.dataclass
+class FiCoCoL(Method):
+    name = "ficoco_l"
+
+    #: first merging decoder layer (0-based); paper: "starts at the 4-th layer"; code: 5
+    start_layer: int = 4
+    #: last merging decoder layer (None: the last layer)
+    end_layer: int | None = None
+    #: visual tokens removed per merge layer (code default 14: 576 - 27*14 = 198 with layers 5..31)
+    r: int = 14
+    #: explicit per-layer removal counts for layers start..end (overrides r)
+    schedule: list | None = None
+    #: visual tokens left after the last merge layer (overrides r and schedule), e.g. 192/128/64
+    final_tokens: int | None = None
+    #: filter weight of the vision-aware term (eq. 3)
+    beta: float = 0.6
+    #: correlate weight of the direct term (eq. 4)
+    gamma: float = 0.6
+    #: quantile of the token-adaptive threshold
+    epsilon: float = 0.998
+    #: "paper" (causal attention, normalized compress) or "code" (reference-code behaviour, §3.5)
+    variant: str = "paper"
+    #: "keep" original RoPE positions or "renumber" contiguously after each merge
+    positions: str = "keep"
+
+    def check_params(self) -> None:
+        def bad(msg):
+            raise MethodError(f"ficoco_l: {msg}")
+
+        if not isinstance(self.start_layer, int) or self.start_layer < 0:
+            bad(f"start_layer must be a non-negative integer, got {self.start_layer!r}")
+        if self.end_layer is not None and (not isinstance(self.end_layer, int) or self.end_layer < self.start_layer):
+            bad(f"end_layer must be an integer >= start_layer ({self.start_layer}), got {self.end_layer!r}")
+        if not isinstance(self.r, int) or self.r < 0:
+            bad(f"r must be a non-negative integer, got {self.r!r}")
+        if self.schedule is not None and (
+            not isinstance(self.schedule, (list, tuple)) or any(not isinstance(x, int) or x < 0 for x in self.schedule)
+        ):
+            bad(f"schedule must be a list of non-negative integers, got {self.schedule!r}")
+        if self.final_tokens is not None and (not isinstance(self.final_tokens, int) or self.final_tokens < 1):
+            bad(f"final_tokens must be an integer >= 1, got {self.final_tokens!r}")
+        for nm in ("beta", "gamma"):
+            if not (0.0 <= float(getattr(self, nm)) <= 1.0):
+                bad(f"{nm} must be in [0, 1], got {getattr(self, nm)!r}")
+        if not (0.0 < float(self.epsilon) <= 1.0):
+            bad(f"epsilon must be in (0, 1], got {self.epsilon!r}")
+        if self.variant not in ("paper", "code"):
+            bad(f"variant must be 'paper' or 'code', got {self.variant!r}")
+        if self.positions not in ("keep", "renumber"):
+            bad(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
+
+    def merge_layers(self, n_layers: int) -> list[int]:
+        end = n_layers - 1 if self.end_layer is None else self.end_layer
+        return list(range(self.start_layer, end + 1))
+
+    def validate(self, adapter) -> None:
+        super().validate(adapter)
+        L = adapter.num_llm_layers
+        if self.start_layer >= L:
+            raise MethodError(f"ficoco_l: start_layer={self.start_layer} must be < the number of LLM layers ({L})")
+        if self.end_layer is not None and self.end_layer >= L:
+            raise MethodError(f"ficoco_l: end_layer={self.end_layer} must be < the number of LLM layers ({L})")
+        layers = self.merge_layers(L)
+        if self.schedule is not None and len(self.schedule) != len(layers):
+            raise MethodError(
+                f"ficoco_l: schedule has {len(self.schedule)} entries for {len(layers)} merge layers "
+                f"({layers[0]}..{layers[-1]})"
+            )
+        if adapter.family == "llava":
+            nv = adapter.visual_tokens_per_image
+            if self.final_tokens is not None and self.final_tokens > nv:
+                raise MethodError(f"ficoco_l: final_tokens={self.final_tokens} exceeds the {nv} visual tokens per image")
+            if self.schedule is not None and sum(self.schedule) >= nv:
+                raise MethodError(f"ficoco_l: schedule removes {sum(self.schedule)} of {nv} visual tokens (must leave >= 1)")
+        LR.check_layer_layout(adapter, layers)
+
+    def _noop(self) -> bool:
+        if self.final_tokens is not None:
+            return False
+        return (sum(self.schedule) == 0) if self.schedule is not None else self.r == 0
+
+    def apply(self, model, adapter):
+        self.validate(adapter)
+        if self._noop():
+            return model
+        LR.install(model, adapter, _FiCoCoLPlan(self, self.merge_layers(adapter.num_llm_layers)))
+        return model
+
+    # ---- FLOPs --------------------------------------------------------------------------------------
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        """Batch-1 prefill: dense layers before start_layer; at a merge layer with n tokens, v visual,
+        M = layout.after text tokens and r removed: attention over n, MLP over n - r, plus the scores
+        (paper: (v+M) query rows x n keys; code: (v+M) x (v+M)), the indirect term (paper r x M x (v-r);
+        code r x M x v) and the compress matmul ((v-r) x r x d)."""
+        macs = A.dense_prefill_macs(shapes, layout)
+        s = shapes.llm
+        layers = self.merge_layers(s.layers)
+        sched = merge_schedule(layout.visual, layers, self.r, self.schedule, self.final_tokens) if layout.visual else {}
+        if self._noop() or not any(sched.values()):
+            return macs
+        n, v, M, hw = layout.total, layout.visual, layout.after, s.heads * s.head_dim
+        llm = 0
+        for layer in range(s.layers):
+            r = sched.get(layer, 0)
+            if r == 0:
+                llm += A.llm_layer_macs(s, n)
+                continue
+            llm += A.llm_layer_macs(s, n_q=n, n_ffn=n - r)
+            if self.variant == "paper":
+                llm += (v + M) * n * hw + r * M * (v - r)
+            else:
+                llm += (v + M) * (v + M) * hw + r * M * v
+            llm += (v - r) * r * s.hidden
+            n, v = n - r, v - r
+        macs["llm"] = llm
+        return macs

@@ -1,0 +1,102 @@
+"""`random` — drop a seeded random subset of visual tokens at the LLM input.
+
+A control baseline (FastV paper §4.1 / Table 7 "random drop"; FiCoCo v1 Table 3 "Random Sampling"): the
+kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`), drawn
+from a generator seeded with `seed`, the same relative subset for every sample (so a batch gives the
+same result per sample as batch 1, and every forward of one generation picks the same subset). Tokens
+are removed before decoder layer 0 through the shared LLM-reduction machinery (`methods._shared.
+llm_reduce`): every layer runs on, and caches, the kept tokens only; kept tokens keep their positions
+(`positions="keep"`) or are renumbered. A method that cannot beat it at equal budget is not selecting
+anything useful; a benchmark on which it scores like the full model does not need the image much.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random as _random
+
+import torch
+
+from harness.efficiency import analytic as A
+from methods import register
+from methods._shared import llm_reduce as LR
+from methods.base import Method, MethodError
+
+
+def kept_visual(n_visual: int, keep_ratio: float, keep: int | None) -> int:
+    if keep is not None:
+        return min(int(keep), n_visual)
+    return int(round(n_visual * keep_ratio))
+
+
+def random_subset(n_visual: int, n_keep: int, seed: int) -> torch.Tensor:
+    """Sorted ordinals (0..n_visual-1) of the kept visual tokens (Python's seeded `random.Random`, so
+    the choice is independent of torch's global RNG and device)."""
+    chosen = _random.Random(int(seed)).sample(range(n_visual), n_keep)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+class _RandomPlan(LR.ReductionPlan):
+    def __init__(self, keep_ratio, keep, seed, positions, layer=0):
+        self.first_layer = layer
+        self.keep_ratio, self.keep, self.seed, self.positions = keep_ratio, keep, seed, positions
+
+    def before_layer(self, view):
+        if view.layer != self.first_layer:
+            return None
+        visual = view.visual
+        nv = LR.equal_visual_count(visual, "random")
+        n_keep = kept_visual(nv, self.keep_ratio, self.keep)
+        if n_keep >= nv:
+            return None
+        chosen = torch.zeros(nv, dtype=torch.bool)
+        chosen[random_subset(nv, n_keep, self.seed)] = True
+        scores = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+        # visual tokens in order per sample get 1 if chosen, 0 otherwise
+        scores[visual] = chosen.to(visual.device).float().repeat(visual.shape[0])
+        return LR.keep_top_visual(scores, visual, n_keep)
+
+
+@register
+@dataclasses.dataclass
+class RandomDrop(Method):
+    name = "random"
+
+    #: fraction of visual tokens kept, in (0, 1]; 1.0 is the no-op
+    keep_ratio: float = 0.1
+    #: number of visual tokens kept (overrides keep_ratio when set)
+    keep: int | None = None
+    #: seed of the generator choosing the subset
+    seed: int = 0
+    #: "keep" original RoPE positions or "renumber" them contiguously
+    positions: str = "keep"
+
+    def check_params(self) -> None:
+        if not (0.0 < float(self.keep_ratio) <= 1.0):
+            raise MethodError(f"random: keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 0):
+            raise MethodError(f"random: keep must be a non-negative integer, got {self.keep!r}")
+        if not isinstance(self.seed, int):
+            raise MethodError(f"random: seed must be an integer, got {self.seed!r}")
+        if self.positions not in ("keep", "renumber"):
+            raise MethodError(f"random: positions must be 'keep' or 'renumber', got {self.positions!r}")
+
+    def validate(self, adapter) -> None:
+        super().validate(adapter)
+        if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
+            raise MethodError(
+                f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"
+            )
+
+    def apply(self, model, adapter):
+        self.validate(adapter)
+        if self.keep is None and float(self.keep_ratio) == 1.0:
+            return model
+        LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions))
+        return model
+
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        macs = A.dense_prefill_macs(shapes, layout)
+        kept = kept_visual(layout.visual, float(self.keep_ratio), self.keep)
+        if kept < layout.visual:
+            macs["llm"] = A.llm_prefill_macs(shapes.llm, layout.total - (layout.visual - kept))
+        return macs

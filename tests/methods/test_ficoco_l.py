@@ -1,0 +1,169 @@
+"""FiCoCo-L: no-op identity, the merge step == a direct per-sample transcription of eqs. 2-4 on the eager
+attention (left-padded batch), token counts / cache lengths per layer, cached == uncached greedy decoding
+(batch 1 and left-padded batch 4; Llama/Mistral/Qwen2 incl. GQA; both variants), counted FLOPs ==
+analytic, schedules, errors, the shipped config."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import methods
+from harness.efficiency.flops import analytic_prefill, count_prefill, layouts_from_inputs
+from harness.models.adapter import get_adapter
+from methods._shared.context import get_context
+from methods.base import MethodError
+from methods.ficoco_l import merge_schedule
+from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def apply(model, **params):
+    m = methods.build("ficoco_l", params)
+    return m.apply(model, get_adapter(model)), m
+
+
+@pytest.mark.parametrize("params", [{"r": 0, "start_layer": 2}, {"final_tokens": 64, "start_layer": 1}, {"schedule": [0, 0, 0], "start_layer": 1}])
+def test_noop_identical_logits(params):
+    base, proc = tiny("llava", "mistral", gqa=True)
+    inp = make_inputs(proc, (0, 1, 2, 3))
+    model, _ = apply(copy.deepcopy(base), **params)
+    assert torch.equal(forward(model, inp).logits, forward(base, inp).logits)
+
+
+def test_schedules():
+    layers = list(range(5, 32))
+    assert sum(merge_schedule(576, layers, 14, None, None).values()) == 27 * 14  # 198 left (code r=14)
+    for final in (192, 128, 64):
+        sch = merge_schedule(576, layers, 14, None, final)
+        assert 576 - sum(sch.values()) == final and max(sch.values()) - min(sch.values()) <= 1
+    assert merge_schedule(10, [1, 2, 3], 4, None, None) == {1: 4, 2: 4, 3: 0}  # keeps > 0 left
+    assert merge_schedule(10, [1, 2], 0, [3, 9], None) == {1: 3, 2: 6}
+
+
+def test_token_counts_and_cache_lengths():
+    model, proc = tiny("llava", "llama")
+    apply(model, start_layer=1, schedule=[8, 16, 4])
+    inp = make_inputs(proc, (2,))
+    P = inp["input_ids"].shape[1]
+    out = forward(model, inp, use_cache=True)
+    assert get_context(model).visual_tokens_per_layer == [64, 64, 56, 40]
+    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [P, P, P - 8, P - 24]
+
+
+def _reference_merge(A, X, visual, valid, r, beta=0.6, gamma=0.6, eps=0.998):
+    """Eqs. 2-4 (paper variant) for one sample, transcribed directly: A [P, P] head-mean causal attention,
+    X [P, d] post-attention hidden states."""
+    V = [i for i in range(len(visual)) if visual[i]]
+    T = [k for k in range(V[0] + 1, len(visual)) if valid[k] and not visual[k]]
+    s = torch.stack([beta * A[i, V].mean() - (1 - beta) * A[T, i].mean() for i in V])
+    S = sorted(int(o) for o in torch.topk(s, r).indices)
+    keep = [o for o in range(len(V)) if o not in S]
+    X = X.clone()
+    new = {}
+    alphas = torch.zeros(len(S), len(keep))
+    for a, si in enumerate(S):
+        i = V[si]
+        C = torch.stack([gamma * A[i, V[tj]] + (1 - gamma) * torch.stack([A[k, i] * A[k, V[tj]] for k in T]).mean()
+                         for tj in keep])
+        tau = torch.quantile(C, eps)
+        Cj = torch.where(C >= tau, C, torch.zeros_like(C))
+        alphas[a] = Cj / Cj.sum()
+    for b, tj in enumerate(keep):
+        j = V[tj]
+        num = X[j] + sum(alphas[a, b] * X[V[si]] for a, si in enumerate(S))
+        new[j] = num / (1 + alphas[:, b].sum())
+    for j, x in new.items():
+        X[j] = x
+    dropped = {V[si] for si in S}
+    return X[[p for p in range(X.shape[0]) if p not in dropped]]
+
+
+@pytest.mark.parametrize("lm,gqa", [("llama", False), ("qwen2", True)])
+def test_merge_equals_direct_transcription(lm, gqa):
+    layer, r = 2, 12
+    base, proc = tiny("llava", lm, gqa=gqa, attn="eager")
+    inp = make_inputs(proc, (0, 1, 2))
+    att = forward(base, inp, output_attentions=True).attentions[layer].mean(1)  # [B, P, P]
+
+    model = copy.deepcopy(base)
+    apply(model, start_layer=layer, end_layer=layer, r=r)
+    lyr = get_adapter(model).llm_layers[layer]
+    seen = {}
+    h1 = lyr.input_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    h2 = lyr.self_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o[0]))
+    h3 = lyr.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("merged", a[0]))
+    forward(model, inp)
+    for h in (h1, h2, h3):
+        h.remove()
+    X_pre = seen["x"] + seen["attn"]
+    visual = inp["input_ids"] == base.config.image_token_id
+    valid = inp["attention_mask"].bool()
+    for b in range(3):
+        ref = _reference_merge(att[b], X_pre[b], visual[b].tolist(), valid[b].tolist(), r)
+        torch.testing.assert_close(seen["merged"][b], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm,gqa,variant,positions", [
+    ("llama", False, "paper", "keep"), ("mistral", True, "code", "renumber"), ("qwen2", True, "paper", "renumber"),
+])
+def test_cached_equals_uncached(lm, gqa, variant, positions):
+    model, proc = tiny("llava", lm, gqa=gqa)
+    apply(model, start_layer=1, final_tokens=16, variant=variant, positions=positions)
+    check_decode_consistency(model, proc, steps=2)
+
+
+@pytest.mark.slow
+def test_cached_equals_uncached_llava_next():
+    model, proc = tiny("llava_next", "llama")
+    apply(model, start_layer=2, r=40, variant="code")
+    check_decode_consistency(model, proc, steps=2, size=(64, 128))
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_counted_flops_equal_analytic(variant):
+    model, proc = tiny("llava", "qwen2", gqa=True)
+    _, method = apply(model, start_layer=1, schedule=[10, 0, 20], variant=variant)
+    inp = make_inputs(proc, (3,))
+    layout = layouts_from_inputs(model, inp)[0]
+    counted = count_prefill(model, inp).flops
+    analytic = analytic_prefill(model.config, layout, method)
+    assert counted == analytic
+    assert analytic["llm"] < analytic_prefill(model.config, layout, None)["llm"]
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [({"start_layer": -1}, "start_layer must be"), ({"start_layer": 3, "end_layer": 2}, "end_layer must be"),
+     ({"r": -1}, "r must be"), ({"schedule": [1, -2]}, "schedule must be"), ({"final_tokens": 0}, "final_tokens must be"),
+     ({"beta": 1.5}, "beta must be"), ({"epsilon": 0.0}, "epsilon must be"), ({"variant": "v2"}, "variant must be"),
+     ({"positions": "x"}, "positions must be")],
+)
+def test_bad_params(params, match):
+    with pytest.raises(MethodError, match=match):
+        methods.build("ficoco_l", params)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [({"start_layer": 4}, "start_layer=4 must be <"), ({"start_layer": 1, "end_layer": 4}, "end_layer=4 must be <"),
+     ({"start_layer": 1, "schedule": [1, 2]}, "schedule has 2 entries for 3 merge layers"),
+     ({"start_layer": 1, "final_tokens": 65}, "exceeds the 64 visual tokens"),
+     ({"start_layer": 1, "schedule": [30, 30, 4]}, "must leave >= 1")],
+)
+def test_validate_against_model(params, match):
+    model, _ = tiny("llava", "llama")
+    with pytest.raises(MethodError, match=match) as e:
+        methods.build("ficoco_l", params).validate(get_adapter(model))
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_builds():
+    cfg = yaml.safe_load((ROOT / "conf/method/ficoco_l.yaml").read_text())
+    m = methods.build(cfg["name"], cfg["params"])
+    assert (m.name, m.variant, m.beta, m.gamma, m.epsilon) == ("ficoco_l", "paper", 0.6, 0.6, 0.998)

@@ -1,0 +1,103 @@
+"""`random`: no-op identity, seeded and batch-independent subset, cached == uncached greedy decoding
+(batch 1 and left-padded batch 4; Llama/Mistral/Qwen2 incl. GQA), counted FLOPs == analytic, errors,
+the shipped config."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import methods
+from harness.efficiency.flops import analytic_prefill, count_prefill, layouts_from_inputs
+from harness.models.adapter import get_adapter
+from methods._shared import llm_reduce as LR
+from methods._shared.context import get_context
+from methods.base import MethodError
+from methods.random_drop import random_subset
+from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def apply(model, **params):
+    m = methods.build("random", params)
+    return m.apply(model, get_adapter(model)), m
+
+
+def test_noop_identical_logits():
+    base, proc = tiny("llava", "qwen2", gqa=True)
+    inp = make_inputs(proc, (0, 1, 2, 3))
+    for params in ({"keep_ratio": 1.0}, {"keep": 64}):
+        model, _ = apply(copy.deepcopy(base), **params)
+        assert torch.equal(forward(model, inp).logits, forward(base, inp).logits)
+
+
+def test_seeded_subset_same_for_every_sample():
+    assert torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 3))
+    assert not torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 4))
+    model, proc = tiny("llava", "llama")
+    apply(model, keep=10, seed=3)
+    inp = make_inputs(proc, (0, 1, 2))
+    out = forward(model, inp, use_cache=True)
+    assert get_context(model).visual_tokens_per_layer == [10, 10, 10, 10]
+    visual = inp["input_ids"] == model.config.image_token_id
+    kept = LR.get_reducer(model).state.cache_idx[0]
+    for b in range(3):
+        vis_pos = visual[b].nonzero().flatten()
+        kept_vis = [int(i) for i in kept[b] if visual[b, i]]
+        ordinals = [int((vis_pos == i).nonzero()) for i in kept_vis]
+        assert ordinals == random_subset(64, 10, 3).tolist()
+    P = inp["input_ids"].shape[1]
+    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [P - 54] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm,gqa,positions", [("llama", False, "keep"), ("mistral", True, "renumber"),
+                                              ("qwen2", True, "keep")])
+def test_cached_equals_uncached(lm, gqa, positions):
+    model, proc = tiny("llava", lm, gqa=gqa)
+    apply(model, keep_ratio=0.25, positions=positions)
+    check_decode_consistency(model, proc, steps=3)
+
+
+@pytest.mark.slow
+def test_cached_equals_uncached_llava_next():
+    model, proc = tiny("llava_next", "mistral", gqa=True)
+    apply(model, keep_ratio=0.5)
+    check_decode_consistency(model, proc, steps=2, size=(128, 64))
+
+
+@pytest.mark.parametrize("params", [{"keep_ratio": 0.1}, {"keep": 33, "positions": "renumber"}])
+def test_counted_flops_equal_analytic(params):
+    model, proc = tiny("llava", "mistral", gqa=True)
+    _, method = apply(model, **params)
+    inp = make_inputs(proc, (2,))
+    layout = layouts_from_inputs(model, inp)[0]
+    counted = count_prefill(model, inp).flops
+    assert counted == analytic_prefill(model.config, layout, method)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"), ({"keep_ratio": 1.5}, "keep_ratio must be"),
+     ({"keep": -2}, "keep must be a non-negative"), ({"seed": "a"}, "seed must be an integer"),
+     ({"positions": "x"}, "positions must be")],
+)
+def test_bad_params(params, match):
+    with pytest.raises(MethodError, match=match):
+        methods.build("random", params)
+
+
+def test_validate_keep_exceeds_visual_tokens():
+    model, _ = tiny("llava", "llama")
+    with pytest.raises(MethodError, match="exceeds the 64 visual tokens"):
+        methods.build("random", {"keep": 100}).validate(get_adapter(model))
+
+
+def test_config_file_builds():
+    cfg = yaml.safe_load((ROOT / "conf/method/random.yaml").read_text())
+    m = methods.build(cfg["name"], cfg["params"])
+    assert (m.name, m.keep_ratio, m.seed) == ("random", 0.1, 0)
