@@ -1,0 +1,129 @@
+"""FiCoCo-VL (Han et al., arXiv 2411.17686 **v1** "Rethinking Token Reduction in MLLMs: Towards a Unified
+Paradigm for Training-Free Acceleration", Tables 3/5/8; dropped from v4): FiCoCo-V in the CLIP vision
+encoder followed by FiCoCo-L in the LLM decoder, composed from `methods/ficoco_v.py` and
+`methods/ficoco_l.py` (each keeps its own equations, options and defaults).
+
+Budget split (undocumented by the authors, spec §3.6 / Part 6 item 4, so it is a parameter here): the LLM
+ends with `tokens` visual tokens per image; the vision stage removes the share `vision_share` of the
+576 − tokens removals (rounded), i.e. FiCoCo-V leaves `vision_tokens = 576 − round(vision_share·(576 −
+tokens))` tokens for the LLM's input, and FiCoCo-L spreads the rest over its merge layers (its
+`final_tokens = tokens`). `vision_tokens` can also be given directly. Other parameters of the two stages
+pass through `vision_params` and `llm_params` (e.g. `vision_params: {start_layer: 12}`,
+`llm_params: {start_layer: 4, variant: code}`).
+
+LLaVA-1.5 only for now (`families`): on LLaVA-NeXT FiCoCo-V counts per crop and FiCoCo-L per packed image,
+so one `tokens` budget has no single meaning there; validate() raises for llava_next.
+
+FLOPs (analytic): FiCoCo-V's vision encoder and projector terms, FiCoCo-L's LLM term for an input with
+FiCoCo-V's reduced visual count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from harness.efficiency.analytic import TokenLayout
+from methods import register
+from methods._shared.vision_reduce import VisionGeometry
+from methods.base import Method, MethodError
+from methods.ficoco_l import FiCoCoL
+from methods.ficoco_v import FiCoCoV
+
+
+@register
+@dataclasses.dataclass
+class FiCoCoVL(Method):
+    name = "ficoco_vl"
+    #: LLaVA-NeXT is not supported yet: FiCoCo-V's budget is per crop, FiCoCo-L's per packed image
+    families = ("llava",)
+
+    #: visual tokens per image left after the LLM stage (e.g. 192 / 128 / 64 of 576); None = no reduction
+    tokens: int | None = None
+    #: share of the removals done in the vision encoder (0 = FiCoCo-L only, 1 = FiCoCo-V only)
+    vision_share: float = 0.5
+    #: visual tokens leaving the vision encoder (overrides vision_share); must be >= tokens
+    vision_tokens: int | None = None
+    #: extra FiCoCo-V parameters (not tokens / r)
+    vision_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: extra FiCoCo-L parameters (not final_tokens / r / schedule)
+    llm_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def check_params(self) -> None:
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise MethodError(f"ficoco_vl: tokens must be a positive integer, got {self.tokens!r}")
+        if not 0.0 <= float(self.vision_share) <= 1.0:
+            raise MethodError(f"ficoco_vl: vision_share must be in [0, 1], got {self.vision_share!r}")
+        if self.vision_tokens is not None:
+            if not isinstance(self.vision_tokens, int) or self.vision_tokens < 1:
+                raise MethodError(f"ficoco_vl: vision_tokens must be a positive integer, got {self.vision_tokens!r}")
+            if self.tokens is None or self.vision_tokens < self.tokens:
+                raise MethodError(
+                    f"ficoco_vl: vision_tokens={self.vision_tokens} needs tokens set and >= tokens ({self.tokens})"
+                )
+        stages = (
+            ("vision_params", self.vision_params, ("tokens", "r")),
+            ("llm_params", self.llm_params, ("final_tokens", "r", "schedule")),
+        )
+        for stage, params, owned in stages:
+            if not isinstance(params, dict):
+                raise MethodError(f"ficoco_vl: {stage} must be a mapping of parameters, got {params!r}")
+            clash = sorted(set(params) & set(owned))
+            if clash:
+                raise MethodError(f"ficoco_vl: set the budget with tokens / vision_tokens, not {stage}.{clash[0]}")
+        self._stages(576)  # parameter checks of both stages (budget-independent)
+
+    # ---- the two stages ------------------------------------------------------------------------------
+    def split(self, n_visual: int) -> int:
+        """Visual tokens per image/crop leaving the vision encoder."""
+        if self.tokens is None:
+            return n_visual
+        if self.vision_tokens is not None:
+            return self.vision_tokens
+        return n_visual - round(float(self.vision_share) * (n_visual - self.tokens))
+
+    def _stages(self, n_visual: int) -> tuple[FiCoCoV, FiCoCoL]:
+        import methods
+
+        vt = self.split(n_visual)
+        v = methods.build("ficoco_v", {**self.vision_params, "tokens": vt if vt < n_visual else None})
+        final = self.tokens if self.tokens is not None and self.tokens < vt else None
+        l_params = {**self.llm_params, "final_tokens": final}
+        if final is None:
+            l_params["r"] = 0
+        return v, methods.build("ficoco_l", l_params)
+
+    def validate(self, adapter) -> None:
+        super().validate(adapter)
+        n = adapter.visual_tokens_per_image
+        if self.tokens is not None and self.tokens > n:
+            raise MethodError(f"ficoco_vl: tokens={self.tokens} exceeds the {n} visual tokens per image")
+        if self.vision_tokens is not None and self.vision_tokens > n:
+            raise MethodError(f"ficoco_vl: vision_tokens={self.vision_tokens} exceeds the {n} visual tokens per image")
+        v, lm = self._stages(n)
+        v.validate(adapter)
+        lm.validate(adapter)
+        self._v, self._l = v, lm
+
+    def apply(self, model, adapter):
+        self.validate(adapter)
+        self._v.apply(model, adapter)
+        self._l.apply(model, adapter)
+        return model
+
+    def visual_tokens_to_llm(self, n_visual: int) -> int:
+        """Visual tokens entering the LLM (its first layer); FiCoCo-L then shrinks them to `tokens`."""
+        return self._v.visual_tokens_to_llm(n_visual)
+
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        v, lm = getattr(self, "_v", None), getattr(self, "_l", None)
+        if v is None:
+            v, lm = self._stages(shapes.vit.patches)
+        macs = dict(v.analytic_prefill_macs(shapes, layout))
+        geom = v._geom or VisionGeometry.from_shapes(shapes)
+        visual = layout.visual
+        if v.schedule(geom):
+            visual = v.reduced_layout_counts(layout, geom)[2]
+        reduced = TokenLayout(before=layout.before, visual=visual, after=layout.after, images=layout.images)
+        llm = lm.analytic_prefill_macs(shapes, reduced)
+        macs["llm"], macs["lm_head"] = llm["llm"], llm["lm_head"]
+        return macs
