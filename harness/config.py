@@ -124,6 +124,16 @@ def validate(cfg: DictConfig):
     if logger.name == "wandb" and logger.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode must be offline, online or disabled, got {logger.mode!r}")
 
+    from harness.budget import BudgetError, check
+
+    budget = OmegaConf.to_container(cfg.budget, resolve=True) if cfg.get("budget") is not None else None
+    try:
+        check(budget)
+    except BudgetError as e:
+        raise ConfigError(str(e)) from None
+    if budget and budget.get("kind") is not None and cfg.method.name == "none":
+        raise ConfigError("method none has no budget (it is the reference): drop budget.kind")
+
     params = cfg.method.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
     try:
@@ -132,19 +142,23 @@ def validate(cfg: DictConfig):
         raise ConfigError(str(e)) from None
 
 
-def validate_against_model(cfg: DictConfig, method) -> Any:
-    """Check the method against the model architecture (meta device, no weights); returns the
-    meta adapter. Raises ConfigError (bad method/model combination) or ModelLoadError."""
+def validate_against_model(cfg: DictConfig, method) -> tuple[Any, Any, dict]:
+    """Check the method against the model architecture (meta device, no weights) and apply the
+    budget; returns `(method, meta adapter, budget info)`. Raises ConfigError (bad method/model
+    combination, impossible budget) or ModelLoadError."""
+    from harness.budget import BudgetError, resolve
     from harness.models.adapter import NotApplicable
     from harness.models.loading import meta_adapter
     from methods import MethodError
 
+    budget = OmegaConf.to_container(cfg.budget, resolve=True) if cfg.get("budget") is not None else None
     try:
         adapter = meta_adapter(cfg.model)
         method.validate(adapter)
-    except (MethodError, NotApplicable) as e:
+        method, info = resolve(method, adapter, budget)
+    except (MethodError, NotApplicable, BudgetError) as e:
         raise ConfigError(str(e)) from None
-    return adapter
+    return method, adapter, info
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -91,7 +91,7 @@ class VTBenchLMM(_LmmsBase):
             args.append(f"run.device={device}")
         cfg = compose_config(args)
         method = validate(cfg)
-        validate_against_model(cfg, method)
+        method, _, _ = validate_against_model(cfg, method)
         model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
         method.apply(model, adapter)
         return model, processor, adapter

@@ -45,6 +45,7 @@ def cell_identity(cfg: dict) -> dict:
             "attn_implementation": model["attn_implementation"],
         },
         "method": {"name": method["name"], "params": method.get("params") or {}},
+        "budget": _budget(cfg.get("budget")),
         "benchmark": {
             "name": bench["name"],
             "task": bench["task"],
@@ -56,6 +57,12 @@ def cell_identity(cfg: dict) -> dict:
         "batch_size": run["batch_size"],
         "max_new_tokens": run.get("max_new_tokens"),
     }
+
+
+def _budget(budget: dict | None) -> dict | None:
+    if not budget or budget.get("kind") is None:
+        return None
+    return {"kind": budget["kind"], "value": budget["value"], "text_tokens": budget.get("text_tokens")}
 
 
 def record_key(cfg: dict) -> str:
@@ -191,7 +198,8 @@ def record_row(rec: dict) -> dict:
         "status": rec.get("status"),
         "model": cell.get("model", {}).get("name"),
         "method": cell.get("method", {}).get("name"),
-        "method_params": _canonical(cell.get("method", {}).get("params", {})),
+        "method_params": _canonical(rec.get("method_params") or cell.get("method", {}).get("params", {})),
+        "budget": _canonical(cell.get("budget")) if cell.get("budget") else None,
         "benchmark": cell.get("benchmark", {}).get("name"),
         "limit": cell.get("limit"),
         "seed": cell.get("seed"),

@@ -112,7 +112,7 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         existing["_reused"] = True
         return existing
     store.check_writable()
-    validate_against_model(cfg, method)
+    method, _, budget_info = validate_against_model(cfg, method)
     from harness.models.loading import check_available
 
     check_available(cfg.model)
@@ -191,6 +191,8 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         "config": conf,
         "method_description": method.describe(),
         "method_simulated": bool(getattr(method, "simulated", False)),
+        "method_params": method.params(),
+        "budget": budget_info or None,
         "primary_metric": primary,
         "accuracy": metrics.get(primary),
         "metrics": metrics,

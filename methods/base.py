@@ -22,6 +22,10 @@ class Method:
     families: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
     #: True if the method only simulates the saving (masks instead of skipping compute)
     simulated: ClassVar[bool] = False
+    #: budgets (harness.budget): the parameter that takes a number of visual tokens directly, if any,
+    #: and the parameter a FLOPs budget is solved over (its candidates from `budget_candidates`)
+    budget_tokens_param: ClassVar[str | None] = None
+    budget_param: ClassVar[str | None] = None
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,6 +57,10 @@ class Method:
         """Visual tokens entering the LLM for an input with `n_visual` of them (vision-side methods
         reduce it)."""
         return n_visual
+
+    def budget_candidates(self, adapter) -> list:
+        """Values of `budget_param` worth trying for this model (default: every visual-token count)."""
+        return list(range(0, adapter.visual_tokens_per_image + 1))
 
     def describe(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params().items())

@@ -79,6 +79,8 @@ def last_token_attention(attn, q: torch.Tensor, k: torch.Tensor, view) -> torch.
 @dataclasses.dataclass
 class FastV(Method):
     name = "fastv"
+    budget_tokens_param = "keep"
+    budget_param = "keep"
 
     #: first pruned decoder layer (0-based); scores come from layer K-1's attention
     K: int = 2

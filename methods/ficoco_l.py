@@ -213,6 +213,8 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
 @dataclasses.dataclass
 class FiCoCoL(Method):
     name = "ficoco_l"
+    budget_tokens_param = "final_tokens"
+    budget_param = "final_tokens"
 
     #: first merging decoder layer (0-based); paper: "starts at the 4-th layer"; code: 5
     start_layer: int = 4

@@ -149,6 +149,8 @@ class FiCoCoVReducer(VisionReducer):
 @dataclasses.dataclass
 class FiCoCoV(VisionReductionMethod):
     name = "ficoco_v"
+    budget_tokens_param = "tokens"
+    budget_param = "tokens"
 
     #: final visual tokens per image/crop reaching the LLM (e.g. 192 / 128 / 64 of 576); overrides r
     tokens: int | None = None

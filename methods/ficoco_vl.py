@@ -34,6 +34,8 @@ from methods.ficoco_v import FiCoCoV
 @dataclasses.dataclass
 class FiCoCoVL(Method):
     name = "ficoco_vl"
+    budget_tokens_param = "tokens"
+    budget_param = "tokens"
     #: LLaVA-NeXT is not supported yet: FiCoCo-V's budget is per crop, FiCoCo-L's per packed image
     families = ("llava",)
 

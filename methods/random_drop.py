@@ -60,6 +60,8 @@ class _RandomPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class RandomDrop(Method):
     name = "random"
+    budget_tokens_param = "keep"
+    budget_param = "keep"
 
     #: fraction of visual tokens kept, in (0, 1]; 1.0 is the no-op
     keep_ratio: float = 0.1

@@ -91,6 +91,8 @@ class ToMeReducer(VisionReducer):
 @dataclasses.dataclass
 class ToMe(VisionReductionMethod):
     name = "tome"
+    budget_tokens_param = "tokens"
+    budget_param = "tokens"
 
     #: tokens merged per useful CLIP layer (int), or per layer index (list); 0 = no merging
     r: int | list[int] = 0

@@ -51,7 +51,7 @@ def test_bad_values_fail_in_one_line(overrides, message):
 def test_full_size_configs_validate_on_meta_without_weights():
     for name in ["llava15_7b", "llava_next_13b"]:
         cfg = compose_config([f"model={name}"])
-        adapter = validate_against_model(cfg, validate(cfg))
+        _, adapter, _ = validate_against_model(cfg, validate(cfg))
         assert adapter.visual_tokens_per_image == 576
         assert next(adapter.model.parameters()).device.type == "meta"
 

@@ -1,0 +1,123 @@
+"""Equal-budget comparison: map one common budget to each method's own parameters.
+
+A budget (config key `budget`) is given as
+
+* `kind: tokens` — visual tokens reaching the LLM: a fraction of the image's visual tokens
+  (`value` in (0, 1]) or a count (`value` > 1). Token methods take it directly through their
+  `budget_tokens_param`; methods without a token parameter (layer-wise methods) get the FLOPs that a
+  token method keeping that many tokens in the LLM would cost, and are solved as a FLOPs budget;
+* `kind: flops` — prefill FLOPs as a ratio to `none` (`value` in (0, 1]), all components counted;
+* `kind: null` — the method's own parameters (`method.params`), untouched.
+
+A FLOPs budget is solved through the analytic formulas (`harness.efficiency.flops.analytic_prefill`,
+the same formulas the counted FLOPs are checked against): every candidate value of the method's
+`budget_param` that passes the method's own validation is priced, and the one whose FLOPs ratio is
+closest to the target wins (ties: the larger compute). The record keeps the budget and the resolved
+parameters, and the report shows the FLOPs actually counted.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from harness.efficiency import analytic as A
+
+KINDS = (None, "tokens", "flops")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be met or is malformed; one line."""
+
+
+def check(budget: dict | None) -> None:
+    if not budget or budget.get("kind") is None:
+        return
+    kind, value = budget.get("kind"), budget.get("value")
+    if kind not in KINDS:
+        raise BudgetError(f"budget.kind must be tokens, flops or null, got {kind!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise BudgetError(f"budget.value must be a positive number, got {value!r}")
+    if kind == "flops" and value > 1:
+        raise BudgetError(f"budget.value for a FLOPs budget is a ratio in (0, 1], got {value}")
+
+
+def layout_for(adapter, text_tokens: int) -> A.TokenLayout:
+    """The token layout budgets are priced on: one image, `text_tokens` text tokens around it."""
+    return A.TokenLayout(before=1, visual=adapter.visual_tokens_per_image, after=max(0, text_tokens - 1))
+
+
+def _total(config, layout, method) -> int:
+    from harness.efficiency.flops import analytic_prefill
+
+    return sum(analytic_prefill(config, layout, method=method).values())
+
+
+def tokens_to_count(value: float, n_visual: int) -> int:
+    k = int(round(value * n_visual)) if value <= 1 else int(value)
+    if k > n_visual:
+        raise BudgetError(f"budget of {k} visual tokens exceeds the {n_visual} visual tokens of the model")
+    return max(k, 0)
+
+
+def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
+    """Return `(method with budget applied, info)`; `info` records target and predicted FLOPs."""
+    import dataclasses
+
+    import methods as registry
+    from methods import MethodError
+
+    if not budget or budget.get("kind") is None:
+        return method, {}
+    check(budget)
+    kind, value = budget["kind"], float(budget["value"])
+    layout = layout_for(adapter, int(budget.get("text_tokens") or 64))
+    config = adapter.model.config
+    n = adapter.visual_tokens_per_image
+    base = method.params()
+    dense = _total(config, layout, None)
+    info: dict[str, Any] = {"kind": kind, "value": value, "layout": dataclasses.asdict(layout)}
+
+    if method.name == "none":
+        raise BudgetError("method none has no budget (it is the reference); drop budget.kind")
+
+    def build(v):
+        params = dict(base, **{method.budget_param: v})
+        m = registry.build(method.name, params)
+        m.validate(adapter)
+        return m
+
+    if kind == "tokens":
+        k = tokens_to_count(value, n)
+        info["visual_tokens"] = k
+        if method.budget_tokens_param:
+            try:
+                m = build_tokens(registry, method, base, k, adapter)
+            except MethodError as e:
+                raise BudgetError(f"{method.name} cannot keep {k} visual tokens: {e}") from None
+            info["predicted_flops_ratio"] = _total(config, layout, m) / dense
+            return m, info
+        target = _total(config, A.TokenLayout(layout.before, k, layout.after), None) / dense
+    else:
+        target = value
+    if not method.budget_param:
+        raise BudgetError(f"method {method.name!r} has no budget parameter")
+    best = None
+    for v in method.budget_candidates(adapter):
+        try:
+            m = build(v)
+        except MethodError:
+            continue
+        ratio = _total(config, layout, m) / dense
+        score = (abs(ratio - target), -ratio)
+        if best is None or score < best[0]:
+            best = (score, m, ratio, v)
+    if best is None:
+        raise BudgetError(f"no setting of {method.name}.{method.budget_param} is valid for this model")
+    info.update({"target_flops_ratio": target, "predicted_flops_ratio": best[2], method.budget_param: best[3]})
+    return best[1], info
+
+
+def build_tokens(registry, method, base: dict, k: int, adapter):
+    params = dict(base, **{method.budget_tokens_param: k})
+    m = registry.build(method.name, params)
+    m.validate(adapter)
+    return m
