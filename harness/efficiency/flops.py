@@ -1,0 +1,793 @@
+"""Counted FLOPs of the actual (possibly patched) model, per component, for prefill and decode.
+
+Counting rule: **FLOPs = 2 x MACs** of the matrix products (linear layers, attention QK^T and AV,
+convolutions); element-wise work (norms, RoPE, activations, softmax, residual adds) is not counted —
+the same convention as `harness.efficiency.analytic`, so counted and analytic numbers agree exactly.
+
+Two counters, one result type (`FlopsCount`):
+
+* **fvcore** (default on real weights): `FlopCountAnalysis` traces the model with `torch.jit` through a
+  wrapper that takes the processor's keyword inputs as positional tensors and returns tensors. fvcore
+  counts one MAC as one "flop"; we double it. Fixes on top of stock fvcore:
+  - `aten::scaled_dot_product_attention` has no handle: we add one (`B*H_q*L_q*L_k*(d_qk + d_v)` MACs
+    from the query/key/value shapes; the query's own head count, so GQA with `enable_gqa`, `repeat_kv`
+    or HF's single-query `pack_gqa` layout are all right);
+  - `aten::matmul`/`mm`/`bmm` are re-counted from the output shape (`prod(out) * K`), correct under
+    broadcasting; `baddbmm`, `addbmm`, `mv`, `addmv`, `dot` are added;
+  - `layer_norm`/`group_norm`/`batch_norm`/upsampling handles are switched off (element-wise);
+  - jit tracing removes work whose result is unused: with `vision_feature_layer=-2` the last CLIP layer
+    would vanish from the trace although Hugging Face really runs it. The wrapper therefore also returns
+    the vision tower's `last_hidden_state` (captured by a forward hook), so the count is what runs.
+  - LLaVA-NeXT's anyres packing (`unpad_image`) cannot be jit-traced: its vision tower and projector
+    are traced by replaying their real calls, and the rest of the model with the image features
+    precomputed (`mm_encoder_outputs`, the model's own input for that).
+  Ops fvcore cannot count are collected in `unsupported_ops` (element-wise ops that the convention
+  excludes are ignored explicitly, so anything listed there is worth a look); nothing is printed.
+* **torch.utils.flop_counter.FlopCounterMode** (used automatically for models on the *meta* device,
+  i.e. full-size architectures without weights — fvcore's jit tracing fails on meta convolutions). It
+  counts FLOPs (2 per MAC) at the dispatcher level; we add the CPU flash-SDPA formula it lacks. On meta,
+  Hugging Face's data-dependent checks must be off (`TRANSFORMERS_DISABLE_TORCH_CHECK=1`, set only for
+  the duration of the count) and an empty `DynamicCache` is passed.
+
+`count_prefill_and_decode` gives both with one forward less (FlopCounterMode path). If a patched model
+cannot run on meta (data-dependent method code), `analytic_count` gives the method's analytic numbers
+labelled `source="analytic"`.
+
+Conventions of the numbers:
+
+* prefill = one forward over the prompt with a KV cache, logits for the **last position only**
+  (`logits_to_keep=1`, what `generate` does), so `lm_head` = B x hidden x vocab MACs;
+* decode = one single-token forward after a prefill (the cache holds the prompt), `lm_head` for 1 token;
+* all numbers are for the whole batch given (padding tokens included: the model computes them).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import torch
+
+from harness.efficiency import analytic as A
+
+COMPONENTS = ("vision", "projector", "llm", "lm_head")
+
+# Element-wise / bookkeeping ops that the counting convention excludes (not "unsupported").
+_UNCOUNTED_OPS = (
+    "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
+    "aten::div_", "aten::pow", "aten::mean", "aten::sum", "aten::rsqrt", "aten::sqrt", "aten::neg",
+    "aten::silu", "aten::gelu", "aten::sigmoid", "aten::tanh", "aten::relu", "aten::softmax",
+    "aten::_softmax", "aten::log_softmax", "aten::exp", "aten::embedding", "aten::masked_scatter",
+    "aten::new_ones", "aten::new_zeros", "aten::ones", "aten::ones_like", "aten::zeros",
+    "aten::zeros_like", "aten::le", "aten::lt", "aten::ne", "aten::cos", "aten::sin", "aten::cumsum",
+    "aten::layer_norm", "aten::group_norm", "aten::batch_norm", "aten::instance_norm", "aten::norm",
+    "aten::linalg_vector_norm", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
+    "aten::adaptive_avg_pool2d", "aten::grid_sampler", "aten::any", "aten::all", "aten::abs",
+    "aten::where", "aten::logical_and", "aten::logical_or", "aten::logical_not", "aten::clone",
+    "aten::type_as", "aten::triu", "aten::tril", "aten::argmax", "aten::topk", "aten::sort",
+    "aten::argsort", "aten::index_select", "aten::scatter", "aten::scatter_add", "aten::scatter_",
+    "aten::scatter_add_", "aten::fill_", "aten::masked_fill_", "aten::stack", "aten::split",
+    "aten::split_with_sizes", "aten::unbind", "aten::repeat", "aten::repeat_interleave", "aten::minimum",
+    "aten::maximum", "aten::min", "aten::amax", "aten::to", "aten::float", "aten::nonzero",
+    "aten::bitwise_and", "aten::bitwise_or", "aten::reciprocal", "aten::erf", "aten::log",
+    "aten::dropout", "aten::feature_dropout", "aten::alias", "aten::lift_fresh", "aten::item",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::__or__", "aten::__iand__", "aten::__ior__",
+    "aten::max_pool2d", "aten::avg_pool2d", "aten::pad", "aten::unsqueeze_", "aten::squeeze_",
+    "aten::expand_as", "aten::view_as", "aten::reshape_as", "aten::masked_select", "aten::index_add",
+    "aten::index_add_", "aten::index_copy", "aten::index_copy_", "aten::take_along_dim", "aten::diff",
+    "aten::sign", "aten::square", "aten::exp_", "aten::div_", "aten::sub_", "aten::neg_", "aten::cumprod",
+    "aten::argmin", "aten::randperm", "aten::rand", "aten::randn", "aten::bernoulli", "aten::multinomial",
+    "aten::linspace", "aten::round", "aten::ceil", "aten::remainder", "aten::fmod", "aten::isin",
+    "aten::unique_dim", "aten::_unique2", "aten::bucketize", "aten::searchsorted", "aten::count_nonzero",
+    "aten::prod", "aten::std", "aten::var", "aten::softplus", "aten::hardtanh",
+    "aten::quick_gelu", "aten::log1p", "aten::expm1", "aten::atan2", "aten::min_", "aten::max_",
+    "aten::eq_", "aten::ge_", "aten::_unsafe_view", "aten::unfold", "aten::roll",
+    "aten::scatter_reduce", "aten::scatter_reduce_", "aten::quantile", "aten::nanquantile", "aten::median",
+    "aten::flip", "aten::clamp_min", "aten::clamp_max", "aten::clamp_min_", "aten::pin_memory",
+)
+
+
+# ---- result ------------------------------------------------------------------------------------------
+@dataclass
+class FlopsCount:
+    """FLOPs (= 2 x MACs) of one forward, per component, for the whole batch."""
+
+    phase: str  # "prefill" | "decode"
+    flops: dict[str, int]  # vision, projector, llm, lm_head (+ "other" if anything ran outside them)
+    source: str = "counted"  # "counted" | "analytic"
+    counter: str = "fvcore"  # "fvcore" | "flop_counter_mode" | "analytic"
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+    batch_size: int = 1
+    seq_len: int = 0  # tokens in input_ids of this forward
+    context: int = 0  # cached tokens before this forward (decode)
+    note: str = ""
+    #: decode only: cached tokens per LLM layer before the step (methods may shrink some layers' cache)
+    kv_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.flops.values()))
+
+    @property
+    def macs(self) -> dict[str, int]:
+        return {k: v // 2 for k, v in self.flops.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "flops": dict(self.flops),
+            "total": self.total,
+            "source": self.source,
+            "counter": self.counter,
+            "unsupported_ops": dict(self.unsupported_ops),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "context": self.context,
+            "note": self.note,
+            "kv_lengths": list(self.kv_lengths),
+        }
+
+
+# ---- fvcore handles ------------------------------------------------------------------------------------
+def _shape(val) -> list[int] | None:
+    from fvcore.nn.jit_handles import get_shape
+
+    return get_shape(val)
+
+
+def _matmul_macs(inputs, outputs) -> int:
+    """matmul / mm / bmm: prod(output shape) x K, correct with broadcasting and 1-D operands."""
+    a = _shape(inputs[0])
+    out = _shape(outputs[0])
+    return int(prod(out) * a[-1]) if out else int(a[-1])
+
+
+def _baddbmm_macs(inputs, outputs) -> int:
+    # baddbmm(self, batch1, batch2, ...), addbmm(self, batch1, batch2, ...)
+    b1, b2 = _shape(inputs[1]), _shape(inputs[2])
+    return int(prod(b1) * b2[-1])
+
+
+def _addmv_macs(inputs, outputs) -> int:
+    return int(prod(_shape(inputs[1])))
+
+
+def _mv_macs(inputs, outputs) -> int:
+    return int(prod(_shape(inputs[0])))
+
+
+def _dot_macs(inputs, outputs) -> int:
+    return int(prod(_shape(inputs[0])))
+
+
+def sdpa_macs(q: list[int], k: list[int], v: list[int], out: list[int] | None = None) -> int:
+    """MACs of scaled-dot-product attention: QK^T and AV over the full L_q x L_k score matrix.
+
+    Leading (batch x head) dims are taken from the output (= broadcast of the query's), so GQA
+    (`enable_gqa`, fewer key/value heads) is counted with the query heads: B*H_q*L_q*L_k*(d_qk + d_v).
+    """
+    lead = out[:-2] if out else q[:-2]
+    lq, dqk = q[-2], q[-1]
+    lk, dv = k[-2], v[-1]
+    return int(prod(lead) * lq * lk * (dqk + dv))
+
+
+def _sdpa_jit(inputs, outputs) -> int:
+    return sdpa_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]), _shape(outputs[0]))
+
+
+def _fvcore_handles() -> dict[str, Any]:
+    """The complete handle set (installed after `clear_op_handles()`): fvcore's own linear / addmm /
+    convolution / einsum handles, ours for the rest, and `None` (ignored) for uncounted ops."""
+    from fvcore.nn.jit_handles import addmm_flop_jit, conv_flop_jit, einsum_flop_jit, linear_flop_jit
+
+    handles: dict[str, Any] = {
+        "aten::linear": linear_flop_jit,
+        "aten::addmm": addmm_flop_jit,
+        "aten::_convolution": conv_flop_jit,
+        "aten::einsum": einsum_flop_jit,
+        "aten::scaled_dot_product_attention": _sdpa_jit,
+        "aten::matmul": _matmul_macs,
+        "aten::mm": _matmul_macs,
+        "aten::bmm": _matmul_macs,
+        "aten::baddbmm": _baddbmm_macs,
+        "aten::addbmm": _baddbmm_macs,
+        "aten::baddbmm_": _baddbmm_macs,
+        "aten::mv": _mv_macs,
+        "aten::addmv": _addmv_macs,
+        "aten::dot": _dot_macs,
+        "aten::vdot": _dot_macs,
+    }
+    for op in _UNCOUNTED_OPS:
+        handles.setdefault(op, None)
+    return handles
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def _adapter(model):
+    from harness.models import get_adapter
+
+    return get_adapter(model)
+
+
+def _component_modules(adapter) -> dict[str, torch.nn.Module]:
+    return {
+        "vision": adapter.vision_tower,
+        "projector": adapter.projector,
+        "llm": adapter.language_model,
+        "lm_head": adapter.lm_head,
+    }
+
+
+def is_meta(model) -> bool:
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "meta"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence fvcore / jit / transformers chatter for the duration of a count."""
+    names = ("fvcore", "fvcore.nn.jit_analysis", "transformers", "torch")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tensor_inputs(inputs: dict, model=None) -> dict[str, torch.Tensor]:
+    """The processor's tensor inputs (a BatchFeature or a dict), in a stable order; with `model` (not
+    on meta) moved to its device, floating-point ones cast to its dtype."""
+    out = {}
+    for k, v in dict(inputs).items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v
+    if "input_ids" not in out:
+        raise ValueError("inputs must contain input_ids")
+    if model is not None and not is_meta(model):
+        p = next(iter(model.parameters()))
+        out = {k: (v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)) for k, v in out.items()}
+    return out
+
+
+class _Wrapper(torch.nn.Module):
+    """Calls the model with keyword inputs rebuilt from positional tensors; returns only tensors."""
+
+    def __init__(self, model, keys, extra: dict, vision_tower, cache_factory=None):
+        super().__init__()
+        self.model = model
+        self._keys = tuple(keys)
+        self._extra = extra
+        self._cache_factory = cache_factory
+        self._vision = vision_tower
+        self._captured: list[torch.Tensor] = []
+
+    def forward(self, *args):
+        kwargs = dict(zip(self._keys, args))
+        kwargs.update(self._extra)
+        if self._cache_factory is not None:
+            kwargs["past_key_values"] = self._cache_factory()
+        self._captured = []
+
+        def grab(_m, _i, out):
+            hs = getattr(out, "last_hidden_state", None)
+            if hs is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                hs = out[0]
+            if isinstance(hs, torch.Tensor):
+                self._captured.append(hs)
+
+        h = self._vision.register_forward_hook(grab)
+        try:
+            out = self.model(**kwargs)
+        finally:
+            h.remove()
+        return (out.logits, *self._captured)
+
+
+def _fvcore_count(model, adapter, tensors: dict, extra: dict, cache_factory=None):
+    from fvcore.nn import FlopCountAnalysis
+
+    keys = list(tensors)
+    wrapper = _Wrapper(model, keys, extra, adapter.vision_tower, cache_factory)
+    fa = FlopCountAnalysis(wrapper, tuple(tensors[k] for k in keys))
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    fa.clear_op_handles().set_op_handle(**_fvcore_handles())
+    with _quiet(), torch.no_grad():
+        total = int(fa.total())
+        by_module = fa.by_module()
+        unsupported = {k: int(v) for k, v in fa.unsupported_ops().items()}
+    names = {id(m): n for n, m in wrapper.named_modules()}
+    macs = {c: int(by_module.get(names[id(m)], 0)) for c, m in _component_modules(adapter).items()}
+    other = total - sum(macs.values())
+    flops = {c: 2 * v for c, v in macs.items()}
+    if other:
+        flops["other"] = 2 * other
+    return flops, unsupported
+
+
+class _CallReplay(torch.nn.Module):
+    """Replays one captured call of `module` (its real args/kwargs); returns every tensor output so
+    jit tracing keeps all the work (nothing of it is dead code)."""
+
+    def __init__(self, module, args, kwargs):
+        super().__init__()
+        self.module = module
+        self._args, self._kwargs = args, kwargs
+
+    def forward(self, *tensors):
+        args = list(self._args)
+        args[: len(tensors)] = tensors
+        out = self.module(*args, **self._kwargs)
+        flat = []
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                flat.append(x)
+            elif isinstance(x, dict) or hasattr(x, "to_tuple"):
+                for v in (x.values() if isinstance(x, dict) else x.to_tuple()):
+                    walk(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v)
+
+        walk(out)
+        return tuple(flat)
+
+
+def _capture_calls(model, modules: dict, kwargs: dict) -> dict[str, list]:
+    """Run `model(**kwargs)` for real; record each call (args, kwargs) of the given modules."""
+    calls: dict[str, list] = {k: [] for k in modules}
+    handles = []
+    for name, mod in modules.items():
+        def pre(_m, args, kw, name=name):
+            calls[name].append((args, dict(kw)))
+
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad(), _quiet():
+            model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _fvcore_trace_macs(module: torch.nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:
+    from fvcore.nn import FlopCountAnalysis
+
+    fa = FlopCountAnalysis(module, inputs)
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    fa.clear_op_handles().set_op_handle(**_fvcore_handles())
+    with _quiet(), torch.no_grad():
+        return int(fa.total()), {k: int(v) for k, v in fa.unsupported_ops().items()}
+
+
+def _fvcore_split_count(model, adapter, tensors: dict, extra: dict):
+    """LLaVA-NeXT: its anyres packing (`unpad_image`) cannot be jit-traced, so the vision tower and
+    the projector are traced separately by replaying their real calls, and the rest of the model
+    (LLM, lm_head, method code) is traced with the image features precomputed
+    (`mm_encoder_outputs`, the model's own public input for that)."""
+    comps = {"vision": adapter.vision_tower, "projector": adapter.projector}
+    calls = _capture_calls(model, comps, dict(tensors, **extra))
+    flops: dict[str, int] = {}
+    unsupported: dict[str, int] = {}
+    for comp, mod in comps.items():
+        total = 0
+        for args, kw in calls[comp]:
+            n_t = 0
+            while n_t < len(args) and isinstance(args[n_t], torch.Tensor):
+                n_t += 1
+            macs, uns = _fvcore_trace_macs(_CallReplay(mod, args, kw), tuple(args[:n_t]))
+            total += macs
+            for k, v in uns.items():
+                unsupported[k] = unsupported.get(k, 0) + v
+        flops[comp] = 2 * total
+    rest = {k: v for k, v in tensors.items() if k not in ("pixel_values", "image_sizes")}
+    if "pixel_values" in tensors:
+        with torch.no_grad(), _quiet():
+            feats = adapter.base.get_image_features(
+                tensors["pixel_values"], tensors.get("image_sizes"), return_dict=True
+            )
+        extra = dict(extra, mm_encoder_outputs={"image": feats})
+    llm_flops, uns = _fvcore_count(model, adapter, rest, extra)
+    for k, v in uns.items():
+        unsupported[k] = unsupported.get(k, 0) + v
+    for comp in ("llm", "lm_head", "other"):
+        if llm_flops.get(comp):
+            flops[comp] = llm_flops[comp]
+    for comp in ("vision", "projector"):
+        if llm_flops.get(comp):  # the precomputed features should leave nothing here
+            flops["other"] = flops.get("other", 0) + llm_flops[comp]
+    return {c: flops.get(c, 0) for c in COMPONENTS} | ({"other": flops["other"]} if flops.get("other") else {}), unsupported
+
+
+def _fcm_sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_macs(list(q), list(k), list(v))
+
+
+def _flop_counter_count(model, adapter, kwargs: dict):
+    """FlopCounterMode over one forward; per component from forward hooks on the four modules."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu",):
+        op = getattr(aten, name, None)
+        if op is not None:
+            mapping[op] = _fcm_sdpa_cpu
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    acc = {c: 0 for c in COMPONENTS}
+    start: dict[str, int] = {}
+    handles = []
+    for comp, mod in _component_modules(adapter).items():
+        def pre(_m, _i, comp=comp):
+            start[comp] = counter.get_total_flops()
+
+        def post(_m, _i, _o, comp=comp):
+            acc[comp] += counter.get_total_flops() - start.pop(comp)
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    try:
+        with _quiet(), torch.no_grad(), counter:
+            out = model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    total = counter.get_total_flops()
+    flops = dict(acc)
+    other = total - sum(acc.values())
+    if other:
+        flops["other"] = other
+    return flops, out
+
+
+def _meta_env():
+    return _env(TRANSFORMERS_DISABLE_TORCH_CHECK="1")
+
+
+def _empty_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config.text_config)
+
+
+# ---- public API ---------------------------------------------------------------------------------------
+def count_prefill(model, inputs: dict, *, counter: str | None = None, logits_to_keep: int = 1) -> FlopsCount:
+    """FLOPs of one prefill forward of `model` (as patched) on the processor's `inputs`, per component.
+
+    counter: "fvcore" (default for real weights) or "flop_counter_mode" (default, and the only option,
+    on the meta device).
+    """
+    adapter = _adapter(model)
+    tensors = _tensor_inputs(inputs, model)
+    ids = tensors["input_ids"]
+    meta = is_meta(model)
+    counter = counter or ("flop_counter_mode" if meta else "fvcore")
+    if counter == "fvcore":
+        if meta:
+            raise ValueError("fvcore cannot trace a meta-device model; use counter='flop_counter_mode'")
+        extra = {"use_cache": True, "logits_to_keep": logits_to_keep}
+        if adapter.family == "llava_next":
+            flops, unsupported = _fvcore_split_count(model, adapter, tensors, extra)
+        else:
+            flops, unsupported = _fvcore_count(model, adapter, tensors, extra)
+    elif counter == "flop_counter_mode":
+        kwargs = dict(tensors, use_cache=True, logits_to_keep=logits_to_keep, past_key_values=_empty_cache(model))
+        with _meta_env() if meta else contextlib.nullcontext():
+            flops, _ = _flop_counter_count(model, adapter, kwargs)
+        unsupported = {}
+    else:
+        raise ValueError(f"unknown counter {counter!r} (fvcore, flop_counter_mode)")
+    return FlopsCount(
+        phase="prefill", flops=flops, counter=counter, unsupported_ops=unsupported,
+        batch_size=int(ids.shape[0]), seq_len=int(ids.shape[1]), context=0,
+    )
+
+
+def _prefill_for_decode(model, tensors: dict):
+    """Run a real prefill; return (cache, next-token ids [B,1], attention mask extended by one)."""
+    cache = _empty_cache(model)
+    with torch.no_grad():
+        out = model(**tensors, use_cache=True, past_key_values=cache, logits_to_keep=1)
+    cache = out.past_key_values
+    ids = tensors["input_ids"]
+    if is_meta(model):
+        nxt = torch.zeros(ids.shape[0], 1, dtype=ids.dtype, device=ids.device)
+    else:
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)
+    am = tensors.get("attention_mask")
+    if am is not None:
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+    return cache, nxt, am
+
+
+def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCount:
+    """FLOPs of one decode step (a single new token per sample) after a prefill of `inputs`.
+
+    The prefill runs for real first (not counted) to fill the KV cache; the counted forward is the
+    next-token step with that cache, no pixel values (as in `generate`).
+    """
+    adapter = _adapter(model)
+    tensors = _tensor_inputs(inputs, model)
+    meta = is_meta(model)
+    counter = counter or ("flop_counter_mode" if meta else "fvcore")
+    with _meta_env() if meta else contextlib.nullcontext(), _quiet():
+        cache, nxt, am = _prefill_for_decode(model, tensors)
+    context = int(cache.get_seq_length())
+    kv_lengths = cache_lengths(cache)
+    step = {"input_ids": nxt}
+    if am is not None:
+        step["attention_mask"] = am
+    if counter == "fvcore":
+        if meta:
+            raise ValueError("fvcore cannot trace a meta-device model; use counter='flop_counter_mode'")
+        flops, unsupported = _fvcore_count(
+            model, adapter, step, {"use_cache": True, "logits_to_keep": 1},
+            cache_factory=lambda: copy.deepcopy(cache),
+        )
+    elif counter == "flop_counter_mode":
+        kwargs = dict(step, use_cache=True, logits_to_keep=1, past_key_values=copy.deepcopy(cache))
+        with _meta_env() if meta else contextlib.nullcontext():
+            flops, _ = _flop_counter_count(model, adapter, kwargs)
+        unsupported = {}
+    else:
+        raise ValueError(f"unknown counter {counter!r} (fvcore, flop_counter_mode)")
+    return FlopsCount(
+        phase="decode", flops=flops, counter=counter, unsupported_ops=unsupported,
+        batch_size=int(nxt.shape[0]), seq_len=1, context=context, kv_lengths=kv_lengths,
+    )
+
+
+def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None) -> tuple[FlopsCount, FlopsCount]:
+    """`(count_prefill, count_decode)` of the same inputs; with FlopCounterMode (the meta-device path)
+    the counted prefill's own cache feeds the decode step, saving one forward."""
+    meta = is_meta(model)
+    counter = counter or ("flop_counter_mode" if meta else "fvcore")
+    if counter != "flop_counter_mode":
+        return count_prefill(model, inputs, counter=counter), count_decode(model, inputs, counter=counter)
+    adapter = _adapter(model)
+    tensors = _tensor_inputs(inputs, model)
+    ids = tensors["input_ids"]
+    kwargs = dict(tensors, use_cache=True, logits_to_keep=1, past_key_values=_empty_cache(model))
+    with _meta_env() if meta else contextlib.nullcontext():
+        flops, out = _flop_counter_count(model, adapter, kwargs)
+        cache = out.past_key_values
+        if meta:
+            nxt = torch.zeros(ids.shape[0], 1, dtype=ids.dtype, device=ids.device)
+        else:
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)
+        step = {"input_ids": nxt}
+        am = tensors.get("attention_mask")
+        if am is not None:
+            step["attention_mask"] = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+        context = int(cache.get_seq_length())
+        kv_lengths = cache_lengths(cache)
+        dflops, _ = _flop_counter_count(model, adapter, dict(step, use_cache=True, logits_to_keep=1, past_key_values=cache))
+    pre = FlopsCount(phase="prefill", flops=flops, counter=counter, batch_size=int(ids.shape[0]),
+                     seq_len=int(ids.shape[1]), context=0)
+    dec = FlopsCount(phase="decode", flops=dflops, counter=counter, batch_size=int(ids.shape[0]),
+                     seq_len=1, context=context, kv_lengths=kv_lengths)
+    return pre, dec
+
+
+# ---- analytic counterparts --------------------------------------------------------------------------
+def num_crops(config, image_size) -> int:
+    """Vision-encoder passes for one image: 1 (LLaVA-1.5) or LLaVA-NeXT's base + grid crops."""
+    if getattr(config, "model_type", None) != "llava_next":
+        return 1
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(
+        image_size_to_num_patches(
+            image_size=image_size,
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        )
+    )
+
+
+def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
+    """Per-sample `TokenLayout` (padding excluded) of processor inputs: text before the first image
+    token, image tokens in `input_ids`, text after; `images` = encoder passes (NeXT: crops)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    tensors = _tensor_inputs(inputs)
+    ids = tensors["input_ids"]
+    if ids.device.type == "meta":
+        raise ValueError("input_ids on the meta device have no values; use synthetic_layout()")
+    am = tensors.get("attention_mask")
+    img_id = int(config.image_token_id)
+    sizes = tensors.get("image_sizes")
+    out = []
+    for b in range(ids.shape[0]):
+        row = ids[b]
+        if am is not None:
+            row = row[am[b].bool()]
+        vis = (row == img_id).nonzero().flatten()
+        n_vis = int(vis.numel())
+        before = int(vis[0]) if n_vis else int(row.numel())
+        after = int(row.numel()) - before - n_vis
+        if n_vis == 0:
+            images = 0
+        elif sizes is not None:
+            images = num_crops(config, sizes[b].tolist())
+        else:
+            images = 1
+        out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=images))
+    return out
+
+
+def projected_tokens(config, layout: A.TokenLayout) -> int:
+    """Tokens through the projector: LLaVA-1.5 projects the visual tokens it inserts; LLaVA-NeXT
+    projects every crop's patch tokens (before unpadding and newline tokens)."""
+    if getattr(config, "model_type", None) == "llava_next":
+        vc = config.vision_config
+        per_crop = (vc.image_size // vc.patch_size) ** 2
+        if config.vision_feature_select_strategy != "default":
+            per_crop += 1
+        return layout.images * per_crop
+    return layout.visual
+
+
+def analytic_prefill(config, layout: A.TokenLayout, method=None, n_logits: int = 1) -> dict[str, int]:
+    """Analytic prefill FLOPs (= 2 x MACs) per component for one sample: the method's
+    `analytic_prefill_macs` (dense if none), with LLaVA-NeXT's projector count fixed up."""
+    shapes = A.ModelShapes.from_config(config)
+    if method is None:
+        macs = A.dense_prefill_macs(shapes, layout, n_logits=n_logits)
+    else:
+        macs = dict(method.analytic_prefill_macs(shapes, layout))
+    if getattr(config, "model_type", None) == "llava_next":
+        dense_proj = A.projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual)
+        if macs.get("projector") == dense_proj:
+            macs["projector"] = A.projector_macs(
+                shapes.vit.hidden, shapes.llm.hidden, projected_tokens(config, layout)
+            )
+    return {k: 2 * int(v) for k, v in macs.items()}
+
+
+def analytic_count(config, layout: A.TokenLayout, method=None, phase: str = "prefill",
+                   context: int | None = None) -> FlopsCount:
+    """A `FlopsCount` from the analytic formulas (`source="analytic"`), batch 1: the labelled fallback
+    when the patched model cannot be run for counting (e.g. data-dependent method code on meta)."""
+    if phase == "prefill":
+        flops = analytic_prefill(config, layout, method)
+        seq, ctx = layout.total, 0
+    elif phase == "decode":
+        ctx = layout.total if context is None else context
+        flops, seq = analytic_decode(config, ctx), 1
+    else:
+        raise ValueError(f"unknown phase {phase!r} (prefill, decode)")
+    return FlopsCount(phase=phase, flops=flops, source="analytic", counter="analytic", batch_size=1,
+                      seq_len=seq, context=ctx)
+
+
+def analytic_decode(config, context: int, n_logits: int = 1, kv_lengths: list[int] | None = None) -> dict[str, int]:
+    """Analytic FLOPs of one decode step attending to `context` cached tokens + itself in every layer,
+    or, with `kv_lengths`, to each layer's own cache length + itself (a method that pruned the cache)."""
+    s = A.LLMShape.from_config(config.text_config)
+    if kv_lengths:
+        if len(kv_lengths) != s.layers:
+            raise ValueError(f"kv_lengths has {len(kv_lengths)} entries for {s.layers} layers")
+        llm = sum(A.llm_layer_macs(s, n_q=1, n_kv=1, n_k=n + 1) for n in kv_lengths)
+    else:
+        llm = A.llm_decode_macs(s, context)
+    return {
+        "vision": 0,
+        "projector": 0,
+        "llm": 2 * llm,
+        "lm_head": 2 * A.lm_head_macs(s, n_logits),
+    }
+
+
+def cache_lengths(cache) -> list[int]:
+    """Cached tokens per layer of a `DynamicCache`."""
+    out = []
+    for layer in getattr(cache, "layers", None) or []:
+        k = getattr(layer, "keys", None)
+        out.append(int(k.shape[-2]) if isinstance(k, torch.Tensor) and k.dim() >= 2 else 0)
+    return out
+
+
+# ---- synthetic inputs (full-size architectures without a processor) ---------------------------------
+def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> int:
+    """Image tokens the processor inserts for one image of size (height, width).
+
+    LLaVA-1.5: patches per crop (CLS dropped with the "default" strategy). LLaVA-NeXT (anyres): the
+    base crop's patches plus the high-resolution grid's patches after removing the rows/columns that
+    correspond to letterbox padding, plus one newline token per remaining row.
+    """
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    cls = 0 if config.vision_feature_select_strategy == "default" else 1
+    base = side * side + cls
+    if getattr(config, "model_type", None) != "llava_next":
+        return base
+    from transformers.image_processing_utils import select_best_resolution
+
+    h, w = image_hw or (vc.image_size, vc.image_size)
+    best_h, best_w = select_best_resolution([h, w], config.image_grid_pinpoints)
+    cur_h = side * (best_h // vc.image_size)
+    cur_w = side * (best_w // vc.image_size)
+    if w / h > cur_w / cur_h:
+        new_h = int(round(h * (cur_w / w), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:
+        new_w = int(round(w * (cur_h / h), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    return base + cur_h * cur_w + cur_h
+
+
+def default_image_hw(config) -> tuple[int, int]:
+    """The probe image size of the `full` convention: one crop for LLaVA-1.5; for LLaVA-NeXT the
+    largest square pinpoint (672x672 for the llava-hf checkpoints: base + 2x2 crops)."""
+    vc = config.vision_config
+    if getattr(config, "model_type", None) != "llava_next":
+        return (vc.image_size, vc.image_size)
+    squares = [tuple(p) for p in config.image_grid_pinpoints if p[0] == p[1]]
+    return max(squares) if squares else tuple(config.image_grid_pinpoints[0])
+
+
+def synthetic_inputs(
+    config, *, text_before: int = 1, text_after: int = 63, image_hw: tuple[int, int] | None = None,
+    batch_size: int = 1, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Model inputs with the processor's layout (`text_before` ids, the image tokens, `text_after`
+    ids) for counting without a processor, e.g. on the meta device. Token ids are placeholders (the
+    count does not depend on them); `image_sizes` stays on the CPU (LLaVA-NeXT reads its values)."""
+    image_hw = tuple(image_hw or default_image_hw(config))
+    n_img = visual_tokens_for_image(config, image_hw)
+    img_id = int(config.image_token_id)
+    other = 1 if img_id != 1 else 2
+    ids = torch.full((batch_size, text_before + n_img + text_after), other, dtype=torch.long)
+    ids[:, text_before : text_before + n_img] = img_id
+    vc = config.vision_config
+    crops = num_crops(config, list(image_hw))
+    shape = (batch_size, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size)
+    out: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}
+    if torch.device(device).type != "meta":  # on meta a mask would trigger data-dependent checks
+        out["attention_mask"] = torch.ones_like(ids).to(device)
+    if getattr(config, "model_type", None) == "llava_next":
+        out["pixel_values"] = torch.zeros((batch_size, crops, *shape[1:]), dtype=dtype, device=device)
+        out["image_sizes"] = torch.tensor([list(image_hw)] * batch_size, dtype=torch.long)
+    else:
+        out["pixel_values"] = torch.zeros(shape, dtype=dtype, device=device)
+    return out
+
+
+def synthetic_layout(
+    config, *, text_before: int = 1, text_after: int = 63, image_hw: tuple[int, int] | None = None
+) -> A.TokenLayout:
+    """The `TokenLayout` of `synthetic_inputs(config, ...)` with the same arguments."""
+    image_hw = tuple(image_hw or default_image_hw(config))
+    return A.TokenLayout(
+        before=text_before,
+        visual=visual_tokens_for_image(config, image_hw),
+        after=text_after,
+        images=num_crops(config, list(image_hw)),
+    )

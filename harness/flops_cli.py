@@ -1,0 +1,243 @@
+"""`vtbench-flops`: FLOPs of a model x method, per component, without loading weights.
+
+    vtbench-flops model=llava15_7b method=none [method.params.X=...] [text_tokens=64]
+                  [image=672x672] [format=table|json] [convention=full|shortv|fastv|ficoco]
+
+The architecture is built on the meta device (no memory for weights), the method is applied to it and
+one prefill plus one decode step are *counted* with torch's FlopCounterMode (`source: counted`); next to
+it the analytic formula (the method's `analytic_prefill_macs`). If the patched model cannot run on the
+meta device (a method with data-dependent code), the analytic numbers are reported with
+`source: analytic`. The prompt is synthetic: 1 token (BOS) before the image, the image tokens the
+processor would insert for an `image` of that size, `text_tokens - 1` tokens after it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+OWN_KEYS = {"text_tokens": "64", "format": "table", "convention": "full", "image": None}
+FORMATS = ("table", "json")
+
+
+class CliError(ValueError):
+    """A one-line error for the user."""
+
+
+def _split_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    own = dict(OWN_KEYS)
+    rest = []
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key in OWN_KEYS:
+            own[key] = value
+        elif a in ("-h", "--help"):
+            raise SystemExit(__doc__)
+        else:
+            rest.append(a)
+    return own, rest
+
+
+def _parse_own(own: dict) -> dict:
+    from harness.efficiency.conventions import CONVENTIONS
+
+    try:
+        text = int(own["text_tokens"])
+    except ValueError:
+        raise CliError(f"text_tokens must be an integer, got {own['text_tokens']!r}") from None
+    if text < 1:
+        raise CliError(f"text_tokens must be >= 1, got {text}")
+    if own["format"] not in FORMATS:
+        raise CliError(f"format must be one of {', '.join(FORMATS)}, got {own['format']!r}")
+    if own["convention"] not in CONVENTIONS:
+        raise CliError(f"convention must be one of {', '.join(CONVENTIONS)}, got {own['convention']!r}")
+    image = None
+    if own["image"]:
+        try:
+            h, w = (int(x) for x in own["image"].lower().split("x"))
+            assert h > 0 and w > 0
+            image = (h, w)
+        except Exception:
+            raise CliError(f"image must be HEIGHTxWIDTH, e.g. 672x672, got {own['image']!r}") from None
+    return {"text_tokens": text, "format": own["format"], "convention": own["convention"], "image": image}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "full",
+            image: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Everything `vtbench-flops` prints, as a JSON-able dict."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    import methods
+    from harness.config import ConfigError, compose_config
+    from harness.efficiency import conventions as C
+    from harness.efficiency import flops as F
+    from harness.models import get_adapter
+    from harness.models.adapter import NotApplicable
+    from harness.models.loading import ModelLoadError, config_from_cfg, meta_model
+
+    t0 = time.perf_counter()
+    try:
+        cfg = compose_config(overrides)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    raw = cfg.method.get("params")
+    params = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
+    try:
+        method = methods.build(cfg.method.name, params)
+    except methods.MethodError as e:
+        raise CliError(str(e)) from None
+    try:
+        config = config_from_cfg(cfg.model)
+        model = meta_model(config)
+        adapter = get_adapter(model)
+    except (ModelLoadError, NotApplicable, ValueError) as e:
+        raise CliError(str(e)) from None
+    try:
+        method.validate(adapter)
+    except (methods.MethodError, NotApplicable) as e:
+        raise CliError(str(e)) from None
+
+    layout_kw = dict(text_before=1, text_after=text_tokens - 1, image_hw=image)
+    layout = F.synthetic_layout(config, **layout_kw)
+    inputs = F.synthetic_inputs(config, **layout_kw)
+    analytic = F.analytic_prefill(config, layout, None if method.name == "none" else method)
+    context = layout.total  # dense cache length after the prefill
+
+    notes: list[str] = []
+    prefill = decode = None
+    try:
+        model = method.apply(model, adapter) or model
+        prefill, decode = F.count_prefill_and_decode(model, inputs)
+    except Exception as e:  # methods with data-dependent code cannot run on meta tensors
+        notes.append(f"counting on the meta device failed ({_first_line(e)}); analytic numbers shown")
+    kv_lengths = None
+    if decode is not None:
+        context, kv_lengths = decode.context, decode.kv_lengths
+    analytic_dec = F.analytic_decode(config, context, kv_lengths=kv_lengths)
+    if method.name != "none" and decode is None:
+        notes.append("decode analytic assumes the dense cache length (the method may shrink it)")
+
+    def block(counted, analytic_flops, phase):
+        comps = list(F.COMPONENTS) + ([k for k in counted.flops if k not in F.COMPONENTS] if counted else [])
+        rows = {}
+        for c in comps:
+            a = analytic_flops.get(c)
+            n = counted.flops.get(c) if counted is not None else None
+            rows[c] = {"counted": n, "analytic": a, "match": (n == a) if (n is not None and a is not None) else None}
+        total_a = int(sum(analytic_flops.values()))
+        total_c = counted.total if counted is not None else None
+        return {
+            "phase": phase,
+            "source": "counted" if counted is not None else "analytic",
+            "counter": counted.counter if counted is not None else "analytic",
+            "components": rows,
+            "total": {"counted": total_c, "analytic": total_a,
+                      "match": (total_c == total_a) if total_c is not None else None},
+        }
+
+    conv = {}
+    for name in C.CONVENTIONS:
+        try:
+            conv[name] = C.evaluate(name, config, layout=layout, method=None if method.name == "none" else method)
+        except Exception as e:  # a method may not support a convention's synthetic layout
+            conv[name] = {"convention": name, "error": _first_line(e)}
+    return {
+        "model": str(cfg.model.name),
+        "method": method.describe(),
+        "layout": {"before": layout.before, "visual": layout.visual, "after": layout.after,
+                   "images": layout.images, "total": layout.total,
+                   "image_hw": list(image or F.default_image_hw(config))},
+        "unit": "FLOPs (= 2 x MACs)",
+        "prefill": block(prefill, analytic, "prefill"),
+        "decode": block(decode, analytic_dec, "decode"),
+        "convention": convention,
+        "conventions": conv,
+        "rules": (
+            "FLOPs = 2 x MACs of matrix products (linear layers, convolution, attention QK^T and AV over the "
+            "full n x n, no causal halving); element-wise ops (norms, activations, softmax, RoPE) not counted; "
+            "prefill = the prompt with logits for the last position only; decode = one token with the prompt "
+            "cached; batch 1; counted with torch FlopCounterMode on the meta device"
+        ),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4e}"
+
+
+def render_table(r: dict) -> str:
+    lay = r["layout"]
+    lines = [
+        f"vtbench-flops  model={r['model']}  method={r['method']}",
+        f"prompt: {lay['before']} text + {lay['visual']} image + {lay['after']} text = {lay['total']} tokens; "
+        f"{lay['images']} vision-encoder pass(es) of a {lay['image_hw'][0]}x{lay['image_hw'][1]} image",
+        "",
+        f"{'component':<11}{'prefill counted':>17}{'prefill analytic':>18}{'decode/token counted':>22}"
+        f"{'decode analytic':>17}",
+    ]
+    pre, dec = r["prefill"], r["decode"]
+    comps = list(dict.fromkeys(list(pre["components"]) + list(dec["components"])))
+    for c in comps + ["total"]:
+        p = pre["total"] if c == "total" else pre["components"].get(c, {})
+        d = dec["total"] if c == "total" else dec["components"].get(c, {})
+        lines.append(
+            f"{c:<11}{_fmt(p.get('counted')):>17}{_fmt(p.get('analytic')):>18}{_fmt(d.get('counted')):>22}"
+            f"{_fmt(d.get('analytic')):>17}"
+        )
+    ok = [b["total"]["match"] for b in (pre, dec)]
+    lines.append("")
+    lines.append(
+        f"source: prefill {pre['source']}, decode {dec['source']}; counted == analytic: "
+        + ", ".join(f"{n} {'yes' if m else ('-' if m is None else 'NO')}" for n, m in zip(("prefill", "decode"), ok))
+    )
+    name = r["convention"]
+    conv = r["conventions"].get(name, {})
+    if name != "full":
+        if "error" in conv:
+            lines.append(f"convention {name}: {conv['error']}")
+        else:
+            unit = 1e9 if name == "fastv" else 1e12
+            label = "B (MACs, as FastV prints them)" if name == "fastv" else "TFLOPs"
+            lines.append(f"convention {name}: {conv['total'] / unit:.2f} {label} — {conv['description']}")
+    lines.append(f"Counting rules: {r['rules']}.")
+    for n in r["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        own, rest = _split_args(argv)
+        opts = _parse_own(own)
+        result = compute(rest, text_tokens=opts["text_tokens"], convention=opts["convention"], image=opts["image"])
+    except CliError as e:
+        print(f"vtbench-flops: error: {e}", file=sys.stderr)
+        return 2
+    if opts["format"] == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_table(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`vtbench-flops`: JSON output parses, the table states its convention, errors are one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.flops_cli import main
+
+
+@pytest.mark.slow
+def test_json_output(capsys):
+    assert main(["model=llava15_7b", "method=none", "format=json", "convention=shortv"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["layout"] == {"before": 1, "visual": 576, "after": 63, "images": 1, "total": 640, "image_hw": [336, 336]}
+    assert r["prefill"]["source"] == "counted" and r["prefill"]["total"]["match"] is True
+    assert r["decode"]["total"]["match"] is True
+    assert r["prefill"]["components"]["llm"]["counted"] == 8_504_035_246_080
+    assert round(r["conventions"]["shortv"]["total"] / 1e12, 2) == 8.50
+    assert r["unit"].startswith("FLOPs")
+
+
+@pytest.mark.slow
+def test_table_output(capsys):
+    assert main(["model=llava15_7b", "text_tokens=16", "convention=ficoco"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill counted" in out and "FLOPs = 2 x MACs" in out
+    assert "convention ficoco:" in out and "8.45 TFLOPs" in out
+    assert "1 text + 576 image + 15 text = 592 tokens" in out
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["model=nope"], "unknown model"),
+        (["format=xml"], "format must be"),
+        (["text_tokens=zero"], "text_tokens"),
+        (["convention=foo"], "convention must be"),
+        (["model=llava15_7b", "image=12"], "image must be"),
+        (["model=llava15_7b", "method=none", "method.params.bogus=1"], "bogus"),
+    ],
+)
+def test_errors_are_one_line(capsys, args, msg):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and msg in err and err.startswith("vtbench-flops: error:")

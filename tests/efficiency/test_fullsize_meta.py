@@ -1,0 +1,65 @@
+"""Full-size LLaVA-1.5 / LLaVA-NeXT architectures counted on the meta device (no weights)."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from harness.efficiency import analytic as A
+from harness.efficiency import flops as F
+from harness.models.loading import config_from_cfg, meta_model
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _config(name):
+    return config_from_cfg(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b"])
+def test_meta_count_equals_analytic(name):
+    t0 = time.perf_counter()
+    config = _config(name)
+    model = meta_model(config)
+    inputs = F.synthetic_inputs(config)
+    layout = F.synthetic_layout(config)
+    pre, dec = F.count_prefill_and_decode(model, inputs)
+    assert pre.counter == "flop_counter_mode" and pre.source == "counted"
+    assert pre.flops == F.analytic_prefill(config, layout)
+    assert dec.context == layout.total
+    assert dec.flops == F.analytic_decode(config, layout.total)
+    assert time.perf_counter() - t0 < 60  # seconds, generous: a loaded 2-core machine
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 1024 * 1024  # KiB -> < 4 GiB
+
+
+def test_llava15_7b_env_spec_numbers():
+    """env spec §4: 1 + 576 + 63 = 640 tokens; LLM 8.5040e12, vision 3.8192e11, projector 2.4159e10."""
+    config = _config("llava15_7b")
+    model = meta_model(config)
+    pre = F.count_prefill(model, F.synthetic_inputs(config))
+    assert pre.flops["llm"] == 8_504_035_246_080
+    assert round(pre.flops["vision"] / 1e11, 4) == 3.8192
+    assert round(pre.flops["projector"] / 1e10, 4) == 2.4159
+    s = A.LLMShape.from_config(config.text_config)
+    assert pre.flops["lm_head"] == 2 * s.hidden * s.vocab  # last position only
+    dec = F.count_decode(model, F.synthetic_inputs(config))  # the separate decode path on meta
+    assert dec.context == 640 and dec.flops == F.analytic_decode(config, 640)
+
+
+def test_next_layout_672():
+    config = _config("llava_next_7b")
+    layout = F.synthetic_layout(config)
+    assert F.default_image_hw(config) == (672, 672)
+    # base 576 + 2x2 grid of 24x24 patches (48 x 48) + 48 newline tokens; 5 encoder passes
+    assert layout.visual == 576 + 48 * 48 + 48 and layout.images == 5
+    assert F.synthetic_layout(config, image_hw=(336, 672)).images == 3
+
+
+def test_meta_inputs_have_no_values():
+    config = _config("llava15_7b")
+    with pytest.raises(ValueError, match="synthetic_layout"):
+        F.layouts_from_inputs(config, F.synthetic_inputs(config))
