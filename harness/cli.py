@@ -77,7 +77,8 @@ def format_record(rec: dict) -> str:
                     f"non-finite {rec.get('n_nonfinite', 0)})"),
     ]
     if eff.get("visual_tokens_llm") is not None:
-        rows.append(("visual tokens to LLM", f"{eff['visual_tokens_llm']:.0f} (of {eff['visual_tokens_in']:.0f})"))
+        rows.append(("visual tokens", f"{eff['visual_tokens_in']:.0f} in prompt, {eff['visual_tokens_llm']:.0f} at LLM input, "
+                                      f"{eff.get('visual_tokens_mean_per_layer') or 0:.1f}/layer"))
     if flops is not None:
         rows.append(("prefill FLOPs", f"{flops:.4g} (fvcore, 2 x MACs)"))
     if lat is not None:

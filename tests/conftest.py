@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models run fastest on one thread (and the suite must not oversubscribe a 2-core CI machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
