@@ -80,7 +80,7 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
         raise BudgetError("method none has no budget (it is the reference); drop budget.kind")
 
     def build(v):
-        params = dict(base, **{method.budget_param: v})
+        params = dict(base, **method.budget_params(v))
         m = registry.build(method.name, params)
         m.validate(adapter)
         return m
@@ -112,7 +112,7 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
             best = (score, m, ratio, v)
     if best is None:
         raise BudgetError(f"no setting of {method.name}.{method.budget_param} is valid for this model")
-    info.update({"target_flops_ratio": target, "predicted_flops_ratio": best[2], method.budget_param: best[3]})
+    info.update({"target_flops_ratio": target, "predicted_flops_ratio": best[2], "knob": {method.budget_param: best[3]}})
     return best[1], info
 
 

@@ -6,6 +6,8 @@ Layout under the store directory:
                            os.replace), so a reader never sees half a record
     partial/<key>.jsonl    per-sample answers of a cell in progress (appended per batch); a killed
                            cell resumes from it; removed when the record is written
+    locks/<key>.lock       advisory lock (fcntl.flock) held by the one process evaluating the cell; the
+                           kernel releases it when that process dies, even by SIGKILL
 
 The key is a hash of the fully resolved settings that change results (model + revision + dtype +
 attention backend, method + params, benchmark + split + data seed, limit, seed, batch size, generation
@@ -13,11 +15,14 @@ length). JSON only: nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +51,8 @@ def cell_identity(cfg: dict) -> dict:
         },
         "method": {"name": method["name"], "params": method.get("params") or {}},
         "budget": _budget(cfg.get("budget")),
+        # 'auto' layer lists are chosen by a calibration run: its data settings change results
+        "calibration": _calibration(cfg) if "auto" in json.dumps(method.get("params") or {}) else None,
         "benchmark": {
             "name": bench["name"],
             "task": bench["task"],
@@ -63,6 +70,11 @@ def _budget(budget: dict | None) -> dict | None:
     if not budget or budget.get("kind") is None:
         return None
     return {"kind": budget["kind"], "value": budget["value"], "text_tokens": budget.get("text_tokens")}
+
+
+def _calibration(cfg: dict) -> dict | None:
+    cal = cfg.get("calibration") or {}
+    return {k: cal.get(k) for k in ("benchmark", "split", "n", "seed", "tail", "alpha")}
 
 
 def record_key(cfg: dict) -> str:
@@ -91,6 +103,7 @@ class ResultsStore:
         self.root = Path(os.path.expanduser(str(root)))
         self.records = self.root / "records"
         self.partial = self.root / "partial"
+        self.locks = self.root / "locks"
 
     # ---- checks ------------------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -146,34 +159,95 @@ class ResultsStore:
             except (OSError, ValueError) as e:
                 yield p, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
+    # ---- one evaluator per cell -------------------------------------------------------------------
+    @contextmanager
+    def cell_lock(self, key: str):
+        """Hold the cell's lock while evaluating it, so two processes sharing the store (two sweeps)
+        never evaluate the same cell at once nor interleave its partial answers; a second process
+        waits, then finds the complete record. flock is released by the kernel when the holder dies
+        (SIGKILL included): a lock is never stale. Under the lock, debris of a killed earlier attempt
+        (a torn last partial line, a temp file of an unfinished record write) is cleaned up."""
+        path = self.locks / f"{key}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create lock {path}: {e.strerror or e}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"[vtbench] cell {key} is being evaluated by another process: waiting for it",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._clean_debris(key)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _clean_debris(self, key: str) -> None:
+        for tmp in self.records.glob(f".{key}.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        p = self.partial_path(key)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):  # killed mid-append: drop the torn tail
+            with open(p, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
     # ---- per-sample progress ---------------------------------------------------------------------
     def partial_path(self, key: str) -> Path:
         return self.partial / f"{key}.jsonl"
 
-    def load_partial(self, key: str) -> dict[tuple[str, str, int], str]:
-        """Answers already produced for a cell in progress (a torn last line is ignored)."""
+    def _partial_rows(self, key: str) -> Iterator[dict]:
         p = self.partial_path(key)
-        out: dict[tuple[str, str, int], str] = {}
         if not p.is_file():
-            return out
+            return
         for line in p.read_text().splitlines():
             try:
                 row = json.loads(line)
+                if isinstance(row, dict):
+                    yield row
+            except ValueError:
+                continue
+
+    def load_partial(self, key: str) -> dict[tuple[str, str, int], str]:
+        """Answers already produced for a cell in progress (a torn last line is ignored)."""
+        out: dict[tuple[str, str, int], str] = {}
+        for row in self._partial_rows(key):
+            try:
                 out[(row["task"], row["split"], int(row["doc_id"]))] = row["answer"]
             except (ValueError, KeyError, TypeError):
                 continue
         return out
 
-    def append_partial(self, key: str, rows: list[tuple[str, str, int, str]]) -> None:
+    def partial_nonfinite(self, key: str) -> set[str]:
+        """`task/doc_id` of the partial answers produced with non-finite logits (kept across resumes)."""
+        return {f"{r.get('task')}/{r.get('doc_id')}" for r in self._partial_rows(key) if r.get("nonfinite")}
+
+    def append_partial(self, key: str, rows: list[tuple]) -> None:
+        """Append `(task, split, doc_id, answer[, nonfinite])` rows (one write, fsynced)."""
         p = self.partial_path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(
-            json.dumps({"task": t, "split": s, "doc_id": int(d), "answer": a}) + "\n" for t, s, d, a in rows
-        )
-        with open(p, "a") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        lines = []
+        for t, s, d, a, *flag in rows:
+            row = {"task": t, "split": s, "doc_id": int(d), "answer": a}
+            if flag and flag[0]:
+                row["nonfinite"] = True
+            lines.append(json.dumps(row) + "\n")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                buf = memoryview("".join(lines).encode())
+                while buf:
+                    buf = buf[os.write(fd, buf):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StoreError(f"cannot write progress {p}: {e.strerror or e}") from None
 
     def clear_partial(self, key: str) -> None:
         try:

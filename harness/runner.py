@@ -123,6 +123,18 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         task, include = prepare(cfg.benchmark, cfg.data_dir)
         tm, task_dict = load_tasks(task, include)
 
+    # one evaluator per cell: a concurrent sweep on the same store waits here, then reuses the record
+    with store.cell_lock(key):
+        existing = store.get(key)
+        if existing and existing.get("status") == "complete" and not cfg.run.force:
+            _log(f"cell {key} was completed by another process: reusing it")
+            existing["_reused"] = True
+            return existing
+        return _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict,
+                         efficiency_fn, t_start)
+
+
+def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict, efficiency_fn, t_start):
     import torch
 
     from harness.lmms_model import VTBenchLMM
@@ -132,9 +144,13 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     torch.manual_seed(cfg.run.seed)
     model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
     method.validate(adapter)
+    from harness.calibrate import resolve_auto
+
+    method, calibration_info = resolve_auto(cfg, method, model, processor, adapter)
     method.apply(model, adapter)
 
     done = store.load_partial(key)
+    done_nonfinite = store.partial_nonfinite(key)
     if done:
         _log(f"resuming cell {key}: {len(done)} answers already produced")
     lm = VTBenchLMM(
@@ -174,6 +190,9 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     metrics = _metrics_of(results, task)
     primary = cfg.benchmark.metric
     samples = _samples_of(results, task, list(cfg.benchmark.metrics))
+    # non-finite flags of answers reused from an interrupted attempt are kept (same record either way)
+    evaluated = {f"{task}/{s['doc_id']}" for s in samples}
+    nonfinite = sorted(set(lm.nonfinite) | (done_nonfinite & evaluated), key=_doc_order)
 
     efficiency = None
     if cfg.run.efficiency.enabled and efficiency_fn is not None:
@@ -193,6 +212,7 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         "method_simulated": bool(getattr(method, "simulated", False)),
         "method_params": method.params(),
         "budget": budget_info or None,
+        "calibration": calibration_info,
         "primary_metric": primary,
         "accuracy": metrics.get(primary),
         "metrics": metrics,
@@ -200,8 +220,8 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         "n_failed": len(lm.failures),
         "n_empty": lm.n_empty,
         "failures": lm.failures,
-        "n_nonfinite": len(lm.nonfinite),
-        "nonfinite": lm.nonfinite,
+        "n_nonfinite": len(nonfinite),
+        "nonfinite": nonfinite,
         "n_resumed": len(done),
         "samples": samples,
         "efficiency": efficiency,
@@ -215,6 +235,11 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
     store.write(record)
     return record
+
+
+def _doc_order(tag: str):
+    task, _, doc = tag.rpartition("/")
+    return (task, int(doc) if doc.isdigit() else -1, doc)
 
 
 def _dataset_info(cfg) -> dict:
@@ -253,4 +278,7 @@ def write_failed(cfg: DictConfig, reason: str) -> None:
 
     from harness.results import atomic_write_text
 
-    atomic_write_text(store.record_path(key), json.dumps(record, indent=1, default=str))
+    try:
+        atomic_write_text(store.record_path(key), json.dumps(record, indent=1, default=str))
+    except OSError as e:  # a full/unwritable store must not turn one failed cell into a crashed sweep
+        _log(f"warning: cannot record the failure of cell {key}: {e.strerror or e}")

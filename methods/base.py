@@ -62,6 +62,10 @@ class Method:
         """Values of `budget_param` worth trying for this model (default: every visual-token count)."""
         return list(range(0, adapter.visual_tokens_per_image + 1))
 
+    def budget_params(self, value) -> dict:
+        """Parameters that set the budget knob to `value` (default: `{budget_param: value}`)."""
+        return {self.budget_param: value}
+
     def describe(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({p})"

@@ -46,6 +46,8 @@ PROBE_SAMPLING = ("random", "strided")
 @dataclasses.dataclass
 class RedundancyLens(Method):
     name = "redundancylens"
+    #: a budget sets the proportion of reduced layers (both reductions, on the 'auto' rankings)
+    budget_param = "ratio"
 
     #: layers with Hollow Attention: list of 0-based indices, or "auto" (prefix of a stored ranking)
     hollow_layers: Any = dataclasses.field(default_factory=list)
@@ -79,10 +81,7 @@ class RedundancyLens(Method):
             if isinstance(layers, str):
                 if layers != "auto":
                     raise MethodError(f"redundancylens: {field_name} must be a list of layer indices or 'auto', got {layers!r}")
-                cal = self.calibration_hollow if field_name == "hollow_layers" else self.calibration_ffn
-                if not cal:
-                    which = "calibration_hollow" if field_name == "hollow_layers" else "calibration_ffn"
-                    raise MethodError(f"redundancylens: {field_name}='auto' needs {which}=<path of a layer-ranking artefact>")
+                # without a ranking artefact, `vtbench` computes (or reuses) it before applying
                 continue
             try:
                 layers = list(layers)
@@ -122,16 +121,27 @@ class RedundancyLens(Method):
                     raise MethodError(
                         f"redundancylens: {field_name} index(es) {bad} out of range for a model with {L} LLM layers"
                     )
-        hollow, ffn = self.resolved_layers(L)
+        if (self.hollow_layers == "auto" and not self.calibration_hollow) or (
+            self.ffn_layers == "auto" and not self.calibration_ffn
+        ):
+            layers_to_check = range(L)  # the ranking is not known yet: every layer may be chosen
+        else:
+            hollow, ffn = self.resolved_layers(L)
+            layers_to_check = sorted(set(hollow) | set(ffn))
         from methods._shared.reduced_layer import check_layer_structure
 
-        for i in sorted(set(hollow) | set(ffn)):
+        for i in layers_to_check:
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"redundancylens: {reason}")
 
     # ---- layers -------------------------------------------------------------------------------------------
-    def _ranking(self, path: str, num_layers: int) -> list[int]:
+    def _ranking(self, path: str | None, num_layers: int) -> list[int]:
+        if not path:
+            raise MethodError(
+                "redundancylens: an 'auto' layer list needs a layer-ranking artefact: run through vtbench "
+                "(which calibrates) or pass calibration_hollow/calibration_ffn=<path from vtbench-calibrate>"
+            )
         p = Path(path)
         if not p.is_file():
             raise MethodError(f"redundancylens: ranking artefact {p} not found (run vtbench-calibrate first)")
@@ -143,6 +153,14 @@ class RedundancyLens(Method):
             raise MethodError(f"redundancylens: ranking artefact {p} ranks {len(ranking)} layers, the model has {num_layers}")
         return ranking
 
+    def budget_candidates(self, adapter) -> list:
+        L = adapter.num_llm_layers
+        return [i / L for i in range(L + 1)]
+
+    def budget_params(self, value) -> dict:
+        """Reduce the top `value` proportion of both rankings (`hollow_layers`/`ffn_layers` = 'auto')."""
+        return {"hollow_layers": "auto", "ffn_layers": "auto", "hollow_ratio": value, "ffn_ratio": value}
+
     def resolved_layers(self, num_layers: int) -> tuple[list[int], list[int]]:
         """(hollow layers, FFN layers) for a model with `num_layers` LLM layers."""
         out = []
@@ -152,6 +170,18 @@ class RedundancyLens(Method):
                 out.append(self._ranking(cal, num_layers)[: int(round(ratio * num_layers))])
             else:
                 out.append(list(layers))
+        return out[0], out[1]
+
+    def layer_counts_or_lists(self, num_layers: int) -> tuple[list[int], list[int]]:
+        """Resolved layer lists; for an 'auto' list whose ranking is not computed yet, the first layers
+        stand in (all LLM layers cost the same, so the FLOPs depend only on how many are reduced)."""
+        out = []
+        for layers, ratio, cal in ((self.hollow_layers, self.hollow_ratio, self.calibration_hollow),
+                                   (self.ffn_layers, self.ffn_ratio, self.calibration_ffn)):
+            if layers == "auto" and not cal:
+                out.append(list(range(int(round(ratio * num_layers)))))
+            else:
+                out.append(self.resolved_layers(num_layers)[len(out)])
         return out[0], out[1]
 
     def ffn_channels(self, intermediate: int) -> int:
@@ -191,7 +221,7 @@ class RedundancyLens(Method):
 
         out = dense_prefill_macs(shapes, layout)
         s = shapes.llm
-        hollow, ffn = self.resolved_layers(s.layers)
+        hollow, ffn = self.layer_counts_or_lists(s.layers)
         out["llm"] = sum(
             self.layer_macs(s, layout, i in hollow, i in ffn) for i in range(s.layers)
         )

@@ -37,8 +37,16 @@ class ShortV(Method):
     layers: Any = dataclasses.field(default_factory=list)
     #: number of layers to freeze: a prefix of `layers` (None = all of them); required with "auto"
     N: int | None = None
-    #: path of a Layer Contribution artefact (JSON with "ranking") for layers="auto"
+    #: path of a Layer Contribution artefact (JSON with "ranking") for layers="auto"; left null, `vtbench`
+    #: computes (or reuses) the artefact for the model and the `calibration` config before applying
     calibration: str | None = None
+
+    budget_param = "N"
+
+    def budget_candidates(self, adapter) -> list:
+        """N = 0..L (needs layers='auto' or a list at least that long)."""
+        n = adapter.num_llm_layers if self.layers == "auto" else len(list(self.layers))
+        return list(range(0, n + 1))
 
     # ---- checks ----------------------------------------------------------------------------------
     def check_params(self) -> None:
@@ -47,8 +55,6 @@ class ShortV(Method):
                 raise MethodError(f"shortv: layers must be a list of layer indices or 'auto', got {self.layers!r}")
             if self.N is None:
                 raise MethodError("shortv: layers='auto' needs N (number of layers to freeze)")
-            if not self.calibration:
-                raise MethodError("shortv: layers='auto' needs calibration=<path of a layer-contribution artefact>")
         else:
             try:
                 layers = list(self.layers)
@@ -74,19 +80,27 @@ class ShortV(Method):
         if self.layers == "auto":
             if self.N > L:
                 raise MethodError(f"shortv: N={self.N} exceeds the model's {L} LLM layers")
-            self._ranking(L)
+            if self.calibration:
+                self._ranking(L)
         else:
             bad = [i for i in self.layers if i >= L]
             if bad:
                 raise MethodError(f"shortv: layer index(es) {bad} out of range for a model with {L} LLM layers")
         from methods._shared.reduced_layer import check_layer_structure
 
-        for i in self.frozen_layers(L):
+        # with 'auto' and no artefact yet, any layer may be chosen: check them all
+        candidates = range(L) if (self.layers == "auto" and not self.calibration) else self.frozen_layers(L)
+        for i in candidates:
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"shortv: {reason}")
 
     def _ranking(self, num_layers: int) -> list[int]:
+        if not self.calibration:
+            raise MethodError(
+                "shortv: layers='auto' needs a Layer Contribution artefact: run through vtbench (which "
+                "calibrates) or pass calibration=<path from vtbench-calibrate>"
+            )
         path = Path(self.calibration)
         if not path.is_file():
             raise MethodError(f"shortv: calibration artefact {path} not found (run vtbench-calibrate first)")
