@@ -14,6 +14,11 @@ export TRANSFORMERS_VERBOSITY ?= error
 
 # Extra overrides for `make eval`, e.g. `make eval ARGS="run.limit=50"`
 ARGS ?=
+VTB := $(VENV)/bin/vtbench
+# The default sweep (`make eval`): every method at three visual-token budgets, plus none.
+EVAL_SETTINGS ?= model=tiny benchmark=shapes
+EVAL_BUDGETS ?= 0.33,0.22,0.11
+EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
@@ -33,8 +38,28 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with --no-deps)
 
 .PHONY: eval
-eval: $(STAMP) ## Run the default evaluation (tiny model, shapes, CPU, offline) and print the table
-	$(VENV)/bin/vtbench $(ARGS)
+eval: $(STAMP) ## The default sweep: every method x 3 budgets + none on tiny/shapes (CPU, offline, resumable), then the report
+	@echo "== [1/4] reference: method none"
+	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [2/4] token methods x budgets $(EVAL_BUDGETS) (share of visual tokens)"
+	$(VTB) -m method=$(EVAL_TOKEN_METHODS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [3/4] ShortV (layers from its Layer Contribution calibration) at the matching FLOPs"
+	$(VTB) -m method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [4/4] RedundancyLens (layers from its greedy ranking) at the matching FLOPs"
+	$(VTB) -m method=redundancylens budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	$(VENV)/bin/vtbench-report
+
+.PHONY: eval-one
+eval-one: $(STAMP) ## Evaluate one cell (default: tiny model, method none, shapes), e.g. `make eval-one ARGS="method=fastv"`
+	$(VTB) $(ARGS)
+
+.PHONY: report
+report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the records in runs/store
+	$(VENV)/bin/vtbench-report
+
+.PHONY: calibrate
+calibrate: $(STAMP) ## Calibration artefacts, e.g. `make calibrate ARGS="method=shortv"`
+	$(VENV)/bin/vtbench-calibrate $(ARGS)
 
 .PHONY: test
 test: $(STAMP) ## Run the test suite (offline, CPU)

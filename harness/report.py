@@ -34,13 +34,15 @@ CONVENTIONS = (
 
 COLUMNS = [
     ("method", "method"),
+    ("budget", "budget"),
     ("params", "params"),
     ("visual_tokens_llm", "visual tokens→LLM"),
+    ("visual_tokens_layer", "visual tokens/layer"),
     ("accuracy", "accuracy"),
     ("retention", "retention"),
     ("agreement", "agree w/ none"),
     ("diff_ci", "Δacc 95% CI"),
-    ("tflops", "prefill TFLOPs"),
+    ("gflops", "prefill GFLOPs"),
     ("flops_ratio", "FLOPs ratio"),
     ("prefill_ms", "prefill ms"),
     ("decode_ms", "decode ms/tok"),
@@ -56,6 +58,7 @@ F_DECODE_MS = "efficiency.latency.decode_ms_per_token.median"
 F_PEAK = "efficiency.memory.peak_delta_bytes"
 F_KV = "efficiency.kv_cache_bytes"
 F_VIS = "efficiency.visual_tokens_llm"
+F_VIS_LAYER = "efficiency.visual_tokens_mean_per_layer"
 
 
 def paired_stats(a: list[dict], b: list[dict], metric: str, *, iters: int = 2000, seed: int = 0) -> dict:
@@ -115,8 +118,10 @@ def build_tables(store_dir: str):
                 "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-",
                 "accuracy": r["accuracy"],
                 "n": r["n_samples"],
+                "budget": _budget_label(r.get("budget")),
                 "visual_tokens_llm": r.get(F_VIS),
-                "tflops": (r.get(F_TOTAL) or np.nan) / 1e12 if r.get(F_TOTAL) == r.get(F_TOTAL) else np.nan,
+                "visual_tokens_layer": r.get(F_VIS_LAYER),
+                "gflops": (r.get(F_TOTAL) or np.nan) / 1e9 if r.get(F_TOTAL) == r.get(F_TOTAL) else np.nan,  # noqa: PLR0124
                 "prefill_ms": r.get(F_PREFILL_MS),
                 "decode_ms": r.get(F_DECODE_MS),
                 "peak_mem_mb": (r.get(F_PEAK) or np.nan) / 2**20 if r.get(F_PEAK) is not None else np.nan,
@@ -134,9 +139,29 @@ def build_tables(store_dir: str):
                 )
             rows.append(row)
         t = pd.DataFrame(rows)
-        t = t.sort_values(["method", "params"], key=lambda s: s.map(lambda v: (v != "none", str(v))))
+        t["_order"] = [(m != "none", m, -_budget_value(b), p) for m, b, p in zip(t["method"], t["budget"], t["params"])]
+        t = t.sort_values("_order").drop(columns="_order")
         tables[tuple(str(x) for x in gkey)] = t.reset_index(drop=True)
     return tables, corrupt
+
+
+def _budget_label(raw) -> str:
+    if not raw or raw != raw:
+        return "-"
+    b = json.loads(raw) if isinstance(raw, str) else raw
+    if not b:
+        return "-"
+    unit = "tokens" if b["kind"] == "tokens" else "FLOPs"
+    v = b["value"]
+    return f"{v:g} {unit}" if v > 1 else f"{100 * v:g}% {unit}"
+
+
+def _budget_value(label: str) -> float:
+    try:
+        num = label.split()[0]
+        return float(num[:-1]) / 100 if num.endswith("%") else float(num)
+    except (ValueError, IndexError, AttributeError):
+        return 2.0  # no budget: the method's own parameters first
 
 
 def _fmt(v, col):
@@ -144,9 +169,11 @@ def _fmt(v, col):
         return "-"
     if col in ("accuracy", "retention", "agreement", "flops_ratio"):
         return f"{v:.3f}"
-    if col in ("tflops",):
+    if col in ("gflops",):
         return f"{v:.4g}"
     if col in ("prefill_ms", "decode_ms", "peak_mem_mb", "kv_mb"):
+        return f"{v:.1f}"
+    if col == "visual_tokens_layer":
         return f"{v:.1f}"
     if col in ("visual_tokens_llm", "n"):
         return f"{v:.0f}" if isinstance(v, (int, float)) else str(v)
@@ -201,7 +228,7 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    has_flops = t["tflops"].notna().any()
+    has_flops = t["gflops"].notna().any()
 
     def save(fig, name):
         for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
@@ -213,9 +240,9 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
     if has_flops:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for m, g in t.groupby("method", sort=True):
-            g = g.sort_values("tflops")
-            ax.plot(g["tflops"], g["accuracy"], marker="o", label=m)
-        ax.set_xlabel("prefill TFLOPs (counted)")
+            g = g.sort_values("gflops")
+            ax.plot(g["gflops"], g["accuracy"], marker="o", label=m)
+        ax.set_xlabel("prefill GFLOPs (counted)")
         ax.set_ylabel("accuracy")
         ax.set_title(f"Accuracy vs FLOPs — {title}", fontsize=9)
         ax.grid(alpha=0.3)
