@@ -240,7 +240,6 @@ def test_paper_tflops_tables():
     ({"layers": [1, 2], "N": 3}, "exceeds"),
     ({"layers": "some"}, "'auto'"),
     ({"layers": "auto"}, "needs N"),
-    ({"layers": "auto", "N": 2}, "calibration"),
     ({"layers": [0], "N": -1}, "non-negative"),
     ({"layers": [0.5]}, "integer"),
     ({"K": 2}, "no parameter"),
@@ -262,6 +261,11 @@ def test_validate_against_model(tiny_cache, tmp_path):
     art.write_text(json.dumps({"ranking": [3, 0, 2, 1], "scores": [0.1, 0.3, 0.2, 0.0]}))
     with pytest.raises(MethodError, match="exceeds"):
         methods.build("shortv", {"layers": "auto", "N": 5, "calibration": str(art)}).validate(ad)
+    # 'auto' without an artefact validates (vtbench calibrates first) but cannot be applied as it is
+    pending = methods.build("shortv", {"layers": "auto", "N": 2})
+    pending.validate(ad)
+    with pytest.raises(MethodError, match="Layer Contribution artefact"):
+        pending.apply(model, ad)
     m = methods.build("shortv", {"layers": "auto", "N": 2, "calibration": str(art)})
     m.validate(ad)
     assert m.frozen_layers(4) == [3, 0]
