@@ -1,0 +1,120 @@
+"""`python -m harness.wandb_report`: one W&B report run per sweep (comparison tables and figures).
+
+    python -m harness.wandb_report [--store runs/store] [--group NAME] [--figures DIR ...]
+                                   [--project vtbench] [--mode offline] [--dir runs]
+
+Reads the results store, builds the comparison tables of `vtbench-report` (`harness.report.build_tables`)
+and their figures (`harness.report.write_outputs`, written to a temporary folder), and logs them as one
+W&B run with `job_type="report"` in group `--group` (the sweep's name: the `logger.group` its cells were
+logged with, e.g. `experiment=repro_shortv_llava15_7b` sets `logger.group: repro_shortv_llava15_7b`).
+With `--group`, only the records whose cells were logged in that group are reported; without it, the
+whole store (group `report`). `--figures DIR` adds every PNG of DIR (e.g. `results/paper/figures`).
+Offline by default (`WANDB_MODE` or `--mode online` with credentials to upload; `wandb sync` later).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def records_in_group(store_dir: str, group: str | None) -> set[str] | None:
+    """Keys of the complete records whose cell was logged in W&B group `group` (None: no filter)."""
+    if group is None:
+        return None
+    from harness.results import ResultsStore
+
+    keys = set()
+    for _, rec, _ in ResultsStore(store_dir).iter_records():
+        if rec and rec.get("status") == "complete":
+            logger = (rec.get("config") or {}).get("logger") or {}
+            if logger.get("group") == group:
+                keys.add(rec["key"])
+    return keys
+
+
+def collect(store_dir: str, group: str | None):
+    """{(model, benchmark, limit, seed): DataFrame} restricted to `group`'s records."""
+    from harness.report import build_tables
+
+    tables, corrupt = build_tables(store_dir)
+    for path, err in corrupt:
+        print(f"vtbench-wandb-report: warning: skipped corrupt record {path} ({err})", file=sys.stderr)
+    keys = records_in_group(store_dir, group)
+    if keys is not None:
+        tables = {k: t[t["key"].isin(keys)].reset_index(drop=True) for k, t in tables.items()}
+        tables = {k: t for k, t in tables.items() if len(t)}
+    return tables
+
+
+def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] | None = None, *,
+               project: str = "vtbench", entity: str | None = None, mode: str = "offline",
+               wandb_dir: str = "runs") -> dict | None:
+    """Log the report run; returns {"run_id", "dir", "mode", "tables", "figures"} or None without records."""
+    from harness.report import COLUMNS, _fmt, write_outputs
+    from harness.wandb_log import effective_mode
+
+    tables = collect(store_dir, group)
+    if not tables:
+        return None
+    mode = effective_mode(mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    wdir = os.path.expanduser(wandb_dir)
+    os.makedirs(wdir, exist_ok=True)
+    name = group or "report"
+    run = wandb.init(project=project, entity=entity, name=f"report-{name}", group=name, job_type="report",
+                     dir=wdir, mode=mode, reinit="finish_previous",
+                     config={"store": str(store_dir), "group": group, "n_tables": len(tables),
+                             "n_cells": int(sum(len(t) for t in tables.values()))})
+    logged_tables, logged_figs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_outputs(tables, tmp, formats=("md",), figures=True)
+        for (model, bench, limit, seed), t in sorted(tables.items()):
+            cols = [(c, h) for c, h in COLUMNS if c in t.columns]
+            data = [[_fmt(r[c], c) for c, _ in cols] + [r["key"]] for _, r in t.iterrows()]
+            key = f"table/{model}/{bench}" + (f"/limit{limit}" if limit not in ("None", "nan") else "") + \
+                  (f"/seed{seed}" if seed != "0" else "")
+            run.log({key: wandb.Table(columns=[h for _, h in cols] + ["key"], data=data)})
+            logged_tables.append(key)
+        pngs = [p for p in paths if p.suffix == ".png"]
+        for d in figure_dirs or []:
+            pngs += sorted(Path(d).glob("*.png"))
+        for p in pngs:
+            key = f"figures/{p.stem}"
+            run.log({key: wandb.Image(str(p), caption=p.stem)})
+            logged_figs.append(key)
+        md = "\n".join(p.read_text() for p in paths if p.suffix == ".md")
+        run.summary.update({"n_cells": int(sum(len(t) for t in tables.values())), "tables": logged_tables,
+                            "figures": logged_figs, "comparison_markdown": md})
+    info = {"run_id": run.id, "dir": run.dir, "mode": mode, "tables": logged_tables, "figures": logged_figs}
+    run.finish()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.wandb_report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
+    ap.add_argument("--group", default=None, help="the sweep's W&B group (its cells' logger.group); default: all")
+    ap.add_argument("--figures", action="append", default=[], metavar="DIR", help="also log the PNGs of DIR")
+    ap.add_argument("--project", default="vtbench")
+    ap.add_argument("--entity", default=None)
+    ap.add_argument("--mode", default="offline", choices=("offline", "online", "disabled"))
+    ap.add_argument("--dir", default=os.environ.get("VTBENCH_WANDB_DIR", "runs"))
+    args = ap.parse_args(argv)
+    info = log_report(args.store, args.group, args.figures, project=args.project, entity=args.entity,
+                      mode=args.mode, wandb_dir=args.dir)
+    if info is None:
+        what = f" in group {args.group!r}" if args.group else ""
+        print(f"vtbench-wandb-report: no complete records{what} in {args.store}", file=sys.stderr)
+        return 1
+    print(f"[vtbench-wandb-report] {info['mode']} run {info['run_id']}: {len(info['tables'])} tables, "
+          f"{len(info['figures'])} figures ({info['dir']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
