@@ -57,6 +57,10 @@ eval-one: $(STAMP) ## Evaluate one cell (default: tiny model, method none, shape
 report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the records in runs/store
 	$(VENV)/bin/vtbench-report
 
+.PHONY: paper
+paper: $(STAMP) ## Paper FLOPs tables + motivating figures under results/paper/ (figures for the tiny model)
+	$(VENV)/bin/vtbench-paper --out results/paper --model tiny --store runs/store
+
 .PHONY: calibrate
 calibrate: $(STAMP) ## Calibration artefacts, e.g. `make calibrate ARGS="method=shortv"`
 	$(VENV)/bin/vtbench-calibrate $(ARGS)
