@@ -6,8 +6,9 @@
     vtbench --help
 
 Errors in the configuration, the method parameters, the model or the data end in one line on
-stderr and exit code 2 before anything is written; Ctrl-C exits with 130 and the cell resumes on
-the next run.
+stderr and exit code 2 before anything is written; a run-time failure of the cell (e.g. out of
+memory) is recorded as a failed record and exits 1 in one line; Ctrl-C exits with 130 and the cell
+resumes on the next run from its per-sample answers.
 """
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ Common keys:            run.limit=N run.batch_size=N run.seed=N run.device=cpu|c
 #: exit codes
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line naming a run-time failure (`OutOfMemoryError: CUDA out of memory ...`)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _usage() -> str:
@@ -49,8 +57,20 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from harness.models.loading import ModelLoadError
     from harness.results import StoreError
     from methods import MethodError
+    from omegaconf.errors import OmegaConfBaseException  # e.g. an unknown ${resolver:...} in a value
 
-    return (ConfigError, MethodError, NotApplicable, ModelLoadError, BenchmarkDataError, StoreError)
+    return (ConfigError, MethodError, NotApplicable, ModelLoadError, BenchmarkDataError, StoreError,
+            OmegaConfBaseException)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for a bad-input error (OmegaConf's own messages span several lines)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    key = getattr(e, "full_key", None)
+    if key and key not in line:
+        line += f" (in {key})"
+    return line
 
 
 def efficiency_fn():
@@ -95,15 +115,24 @@ def run_one(overrides: list[str]) -> int:
     from harness.runner import run_cell
 
     errors = bad_input_errors()
+    cfg = None
     try:
         cfg = compose_config(overrides)
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
     except errors as e:
-        print(f"vtbench: error: {e}", file=sys.stderr)
+        print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("vtbench: interrupted; completed work is kept and the cell resumes on the next run", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a run-time failure (out of memory, kernel error): record it, one line
+        from harness.runner import write_failed
+
+        reason = failure_reason(e)
+        if cfg is not None:
+            write_failed(cfg, reason)
+        print(f"vtbench: cell failed: {reason} (recorded as failed; rerun to retry)", file=sys.stderr)
+        return EXIT_FAILED
     print(format_record(rec))
     return 0
 

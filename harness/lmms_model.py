@@ -35,6 +35,14 @@ def manifest():
     return ModelManifest(model_id="vtbench", simple_class_path="harness.lmms_model.VTBenchLMM")
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Out of (device) memory: the cell fails (and is retried by a rerun) instead of scoring samples."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
 class VTBenchLMM(_LmmsBase):
     is_simple = True
 
@@ -69,7 +77,8 @@ class VTBenchLMM(_LmmsBase):
         self.max_new_tokens = max_new_tokens
         self.chat_template = chat_template
         self.progress = progress
-        #: called as on_batch(task, split, doc_ids, answers) after each batch (per-sample resume store)
+        #: called as on_batch(rows) after each batch with rows (task, split, doc_id, answer, nonfinite)
+        #: of the samples answered without error (per-sample resume store)
         self.on_batch = on_batch
         #: callable (task, split, doc_id) -> cached answer or None (per-sample resume)
         self.lookup = None
@@ -175,37 +184,44 @@ class VTBenchLMM(_LmmsBase):
                 todo.append(i)
         bs = self.batch_size_per_gpu
         pbar = tqdm(total=len(todo), desc="vtbench generate", disable=not self.progress, leave=False)
-        for start in range(0, len(todo), bs):
-            idx = todo[start : start + bs]
-            args = [requests[i].args for i in idx]
-            gen_kwargs = dict(args[0][1] or {})
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(self.max_new_tokens or gen_kwargs.get("max_new_tokens") or 32)
-            contexts = [a[0] for a in args]
-            docs = [self.task_dict[a[4]][a[5]][a[3]] for a in args]
-            try:
-                visuals = [list(a[2](d)) for a, d in zip(args, docs)]
-                texts = self.generate_batch(contexts, visuals, max_new)
-                self.nonfinite += [f"{args[j][4]}/{args[j][3]}" for j in self._last_nonfinite]
-            except Exception as e:  # recorded, reported, never silently scored
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                for a in args:
-                    self.failures[f"{a[4]}/{a[3]}"] = msg
-                texts = [""] * len(idx)
-            texts = [self._truncate(t, until) for t in texts]
-            for i, t in zip(idx, texts):
-                answers[i] = t
-                self.n_generated += 1
-                if not t:
-                    self.n_empty += 1
-            if self.on_batch is not None:
-                failed = {f"{a[4]}/{a[3]}" for a in args} & set(self.failures)
-                ok = [(a[4], a[5], a[3], t) for a, t in zip(args, texts) if f"{a[4]}/{a[3]}" not in failed]
-                if ok:
-                    self.on_batch(ok)
-            pbar.update(len(idx))
-        pbar.close()
+        try:  # the bar is cleared on any exit, so an error/interrupt message starts a clean line
+            for start in range(0, len(todo), bs):
+                idx = todo[start : start + bs]
+                args = [requests[i].args for i in idx]
+                gen_kwargs = dict(args[0][1] or {})
+                until = gen_kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(self.max_new_tokens or gen_kwargs.get("max_new_tokens") or 32)
+                contexts = [a[0] for a in args]
+                bad: set[int] = set()
+                try:  # reading a doc decodes its image: a corrupt one fails this sample, not the cell
+                    docs = [self.task_dict[a[4]][a[5]][a[3]] for a in args]
+                    visuals = [list(a[2](d)) for a, d in zip(args, docs)]
+                    texts = self.generate_batch(contexts, visuals, max_new)
+                    bad = set(self._last_nonfinite)
+                    self.nonfinite += [f"{args[j][4]}/{args[j][3]}" for j in sorted(bad)]
+                except Exception as e:  # recorded, reported, never silently scored
+                    if is_out_of_memory(e):  # a resource failure of the cell, not of the sample: retry later
+                        raise
+                    msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    for a in args:
+                        self.failures[f"{a[4]}/{a[3]}"] = msg
+                    texts = [""] * len(idx)
+                texts = [self._truncate(t, until) for t in texts]
+                for i, t in zip(idx, texts):
+                    answers[i] = t
+                    self.n_generated += 1
+                    if not t:
+                        self.n_empty += 1
+                if self.on_batch is not None:
+                    failed = {f"{a[4]}/{a[3]}" for a in args} & set(self.failures)
+                    ok = [(a[4], a[5], a[3], t, j in bad) for j, (a, t) in enumerate(zip(args, texts))
+                          if f"{a[4]}/{a[3]}" not in failed]
+                    if ok:
+                        self.on_batch(ok)
+                pbar.update(len(idx))
+        finally:
+            pbar.close()
         return [a if a is not None else "" for a in answers]
 
     @torch.inference_mode()

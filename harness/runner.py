@@ -65,6 +65,55 @@ def load_tasks(task: str, include_path: str | None):
     return tm, task_dict
 
 
+def _read_strict(docs, i: int):
+    """Document `i` with its images fully decoded, truncated image data refused."""
+    from PIL import ImageFile
+
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        doc = docs[i]
+        for v in doc.values() if isinstance(doc, dict) else ():
+            for im in v if isinstance(v, (list, tuple)) else (v,):
+                if hasattr(im, "load") and hasattr(im, "size"):  # a PIL image: decode the pixels
+                    im.load()
+        return doc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def check_docs(task_dict, limit: int | None) -> list[str]:
+    """Read (and so decode, images included) every document the evaluation will use, before any model
+    loads: an undecodable image or row fails the cell in one line naming the document, instead of a
+    traceback from the middle of lmms-eval after the generation work. Truncated images, which lmms-eval
+    deliberately accepts (PIL's LOAD_TRUNCATED_IMAGES), are evaluated but returned as `task/doc_id` so
+    the record flags them."""
+    from harness.benchmarks.prepare import BenchmarkDataError
+
+    truncated = []
+    for name, task in task_dict.items():
+        docs = getattr(task, "eval_docs", None)
+        if docs is None:
+            continue
+        total = len(docs)
+        for i in range(total if limit is None else min(limit, total)):
+            try:
+                try:
+                    _read_strict(docs, i)
+                except OSError as e:
+                    if "truncated" not in str(e).lower():
+                        raise
+                    truncated.append(f"{name}/{i}")
+                    docs[i]  # readable when truncation is tolerated (lmms-eval's own setting)?
+            except Exception as e:  # PIL / arrow / decoding errors of many types
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise BenchmarkDataError(
+                    f"benchmark data of task {name!r} is corrupt: document {i} cannot be read "
+                    f"({type(e).__name__}: {first})"
+                ) from None
+    return truncated
+
+
 def _task_objects(task_dict) -> list:
     from lmms_eval.api.task import Task
 
@@ -122,6 +171,10 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     with _quiet_libraries():
         task, include = prepare(cfg.benchmark, cfg.data_dir)
         tm, task_dict = load_tasks(task, include)
+        truncated = check_docs(task_dict, cfg.run.limit)
+    if truncated:
+        _log(f"warning: {len(truncated)} truncated image(s) in the benchmark data, flagged in the record: "
+             f"{', '.join(truncated[:5])}{' ...' if len(truncated) > 5 else ''}")
 
     # one evaluator per cell: a concurrent sweep on the same store waits here, then reuses the record
     with store.cell_lock(key):
@@ -130,11 +183,13 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
             _log(f"cell {key} was completed by another process: reusing it")
             existing["_reused"] = True
             return existing
-        return _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict,
-                         efficiency_fn, t_start)
+        record = _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict,
+                           efficiency_fn, t_start, truncated)
+    return record
 
 
-def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict, efficiency_fn, t_start):
+def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict, efficiency_fn, t_start,
+              truncated=()):
     import torch
 
     from harness.lmms_model import VTBenchLMM
@@ -223,6 +278,8 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         "n_nonfinite": len(nonfinite),
         "nonfinite": nonfinite,
         "n_resumed": len(done),
+        "n_truncated_images": len(truncated),
+        "truncated_images": list(truncated),
         "samples": samples,
         "efficiency": efficiency,
         "environment": environment(cfg.run.device),

@@ -45,7 +45,7 @@ def validate_sweep(overrides: list[str]) -> int:
 def _job(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.cli import bad_input_errors, efficiency_fn, format_record
+    from harness.cli import bad_input_errors, efficiency_fn, error_line, failure_reason, format_record
     from harness.runner import run_cell, write_failed
 
     try:
@@ -57,12 +57,12 @@ def _job(cfg) -> dict | None:
     try:
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
     except bad_input_errors() as e:
-        print(f"vtbench: error in cell {num}: {e}", file=sys.stderr)
+        print(f"vtbench: error in cell {num}: {error_line(e)}", file=sys.stderr)
         return None
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a run-time failure (OOM, kernel error): record it, go on
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = failure_reason(e)
         print(f"vtbench: cell {num} failed: {reason}", file=sys.stderr)
         traceback.print_exc(limit=3, file=sys.stderr)
         write_failed(cfg, reason)
@@ -74,13 +74,13 @@ def _job(cfg) -> dict | None:
 def run_multirun(overrides: list[str]) -> int:
     import hydra
 
-    from harness.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, bad_input_errors
+    from harness.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, bad_input_errors, error_line
     from harness.config import CONF_DIR
 
     try:
         _STATE["total"] = validate_sweep(overrides)
     except bad_input_errors() as e:
-        print(f"vtbench: error: {e}", file=sys.stderr)
+        print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"[vtbench] sweep of {_STATE['total']} cells", file=sys.stderr, flush=True)
 

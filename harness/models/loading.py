@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from harness.models.adapter import ModelAdapter, family_of, get_adapter
 
@@ -89,10 +90,43 @@ def _check_reachable(path: str, is_local: bool, revision: str | None = None) -> 
         )
 
 
+def check_safetensors(path: str | os.PathLike) -> None:
+    """A local checkpoint must hold complete safetensors weights (only those are ever loaded: no
+    pickle): fail in one line on none (e.g. only pytorch_model.bin) or a truncated/garbled file,
+    reading only the headers."""
+    import json
+    import struct
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(others)}: pickle weights are never loaded; convert them to safetensors)" if others else ""
+        raise ModelLoadError(f"checkpoint {folder} has no safetensors weights{hint}")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+            raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from None
+        if 8 + n + end != size:
+            raise ModelLoadError(
+                f"truncated or corrupt safetensors file {f}: {size} bytes, header says {8 + n + end}"
+            )
+
+
 def check_available(model_cfg) -> None:
-    """Fail in one line, without loading anything, if the checkpoint cannot be found."""
+    """Fail in one line, without loading anything, if the checkpoint cannot be found or a local one
+    has no complete safetensors weights."""
     path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
     _check_reachable(path, is_local, _get(model_cfg, "revision"))
+    if is_local:
+        check_safetensors(path)
 
 
 def config_from_cfg(model_cfg) -> Any:
@@ -156,7 +190,7 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
             device_map=device,
         )
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load {path!r}: {msg}") from None
     model.eval()
