@@ -68,6 +68,10 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as e:  # hydra raises several exception types, all multi-line
         raise ConfigError(_one_line(e)) from None
+    try:  # interpolations are resolved now, so a bad `${...}` is a config error, not a crash later
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:
+        raise ConfigError(_one_line(e)) from None
     return cfg
 
 

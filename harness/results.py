@@ -40,7 +40,7 @@ def _canonical(obj: Any) -> str:
 def cell_identity(cfg: dict) -> dict:
     """The settings that define a cell (and nothing else: paths, loggers and devices excluded)."""
     model, method, bench, run = cfg["model"], cfg["method"], cfg["benchmark"], cfg["run"]
-    return {
+    ident = {
         "schema": SCHEMA,
         "model": {
             "name": model["name"],
@@ -64,6 +64,10 @@ def cell_identity(cfg: dict) -> dict:
         "batch_size": run["batch_size"],
         "max_new_tokens": run.get("max_new_tokens"),
     }
+    # a custom prompt template changes every answer: part of the cell (only when set, so existing keys stay)
+    if model.get("chat_template"):
+        ident["model"]["chat_template_sha256"] = hashlib.sha256(model["chat_template"].encode()).hexdigest()[:16]
+    return ident
 
 
 def _budget(budget: dict | None) -> dict | None:

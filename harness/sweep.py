@@ -11,8 +11,10 @@ failed with its reason and the sweep goes on; a bad configuration stops the swee
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import traceback
+from pathlib import Path
 
 _STATE = {"total": None}
 
@@ -32,14 +34,58 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
+def _config_sweep_params(overrides: list[str]) -> list[str]:
+    """`hydra.sweeper.params` of the composed config (e.g. set by an experiment) as `key=v1,v2` overrides,
+    minus the keys given on the command line (which take precedence, as in Hydra's basic sweeper)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from harness.config import CONF_DIR
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+    except Exception:  # a bad override: compose_config reports it in one line below
+        return []
+    finally:
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+    params = cfg.hydra.sweeper.get("params") or {}
+    given = {o.get_key_element() for o in parsed}
+    return [f"{k}={v}" for k, v in params.items() if k not in given]
+
+
 def validate_sweep(overrides: list[str]) -> int:
-    """Compose and validate every cell of the sweep; raises the first bad-input error."""
+    """Compose and validate every cell of the sweep (command-line sweeps and the config's
+    `hydra.sweeper.params`, e.g. an experiment's table); raises the first bad-input error."""
     from harness.config import compose_config, validate
 
-    combos = _expand([o for o in overrides if not o.startswith(("hydra/", "hydra."))])
+    cells = [o for o in overrides if not o.startswith(("hydra/", "hydra."))]
+    combos = _expand(_config_sweep_params(cells) + cells)
     for combo in combos:
         validate(compose_config(combo))
     return len(combos)
+
+
+def _default_group(cfg) -> None:
+    """Cells of one sweep share a W&B group: the sweep's own folder name unless `logger.group` is set."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    logger = cfg.get("logger")
+    if not logger or logger.get("name") != "wandb" or logger.get("group"):
+        return
+    try:
+        sweep_dir = HydraConfig.get().sweep.dir
+    except Exception:
+        return
+    with open_dict(cfg):
+        cfg.logger.group = "sweep-" + "_".join(Path(sweep_dir).parts[-2:])
 
 
 def _job(cfg) -> dict | None:
@@ -52,7 +98,8 @@ def _job(cfg) -> dict | None:
         num = HydraConfig.get().job.num + 1
     except Exception:
         num = "?"
-    total = _STATE["total"] or "?"
+    total = _STATE["total"] or os.environ.get("VTBENCH_SWEEP_TOTAL") or "?"
+    _default_group(cfg)
     print(f"[vtbench] ===== cell {num}/{total} =====", file=sys.stderr, flush=True)
     try:
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
@@ -83,6 +130,7 @@ def run_multirun(overrides: list[str]) -> int:
         print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"[vtbench] sweep of {_STATE['total']} cells", file=sys.stderr, flush=True)
+    os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
