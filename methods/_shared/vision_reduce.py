@@ -549,6 +549,10 @@ class VisionReductionMethod(Method):
         from harness.efficiency.analytic import lm_head_macs, llm_prefill_macs, projector_macs
 
         geom = self._geom or VisionGeometry.from_shapes(shapes)
+        if not self.schedule(geom):  # nothing removed: apply() leaves the model untouched
+            from harness.efficiency.analytic import dense_prefill_macs
+
+            return dense_prefill_macs(shapes, layout)
         passes, projected, visual = self.reduced_layout_counts(layout, geom)
         return {
             "vision": passes * self.vision_pass_macs(shapes.vit, geom),
