@@ -77,6 +77,10 @@ test-bad-input: $(STAMP) ## Run only the bad-input catalogue
 flops: $(STAMP) ## FLOPs breakdown of a config, e.g. `make flops ARGS="model=llava15_7b method=fastv"`
 	$(VENV)/bin/vtbench-flops $(ARGS)
 
+.PHONY: bench
+bench: $(STAMP) ## Performance benchmark -> results/bench/<machine>.{md,csv,json} (run on an idle machine)
+	$(VENV)/bin/vtbench-bench --out results/bench $(ARGS)
+
 .PHONY: tiny-model
 tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, deterministic; see its model card)
 	$(PY) -m harness.tiny_model.train $(ARGS)

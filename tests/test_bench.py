@@ -1,0 +1,95 @@
+"""Smoke test of `python -m harness.bench --quick`: every part runs on a tiny model and the report, CSV
+and JSON have the promised structure. No timing assertions (the numbers of a quick run mean nothing)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from harness import bench
+
+
+def test_helpers():
+    # ShortV's paper list mapped to 16 layers: i -> i // 2, duplicates dropped, first round(19/32*16) = 10
+    assert bench.shortv_layers(16) == [15, 14, 0, 13, 12, 11, 10, 1, 9, 8]
+    assert bench.shortv_layers(32)[:4] == [31, 29, 30, 28] and len(bench.shortv_layers(32)) == 19
+    # interleaving rotates the order every round and times every contender once per round
+    calls = []
+    times = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert bench.machine_name("cpu") and "/" not in bench.machine_name("cpu")
+    assert bench.flops_cli_params("fastv") == ["method.params.keep=192"]
+
+
+def test_shared_weight_copies_are_independent():
+    import torch
+
+    from harness.models import get_adapter
+
+    spec = bench.Spec.make(True, None, 1, "cpu")
+    model, _ = bench.build_model(spec)
+    copy = bench.share_weights_copy(model)
+    assert copy is not model and copy.lm_head is not model.lm_head
+    assert copy.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    (_, fastv, info), = bench.method_settings(get_adapter(copy), ["fastv"])
+    assert info["visual_tokens"] == round(64 / 3) and fastv.keep == 21
+    fastv.apply(copy, get_adapter(copy))
+    # patching the copy leaves the original untouched
+    assert "forward" not in vars(get_adapter(model).llm_layers[2])
+    with torch.no_grad():
+        x = torch.randint(5, 100, (1, 8))
+        torch.testing.assert_close(copy(input_ids=x).logits, model(input_ids=x).logits)
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_report(tmp_path):
+    res = bench.run(["--quick", "--out", str(tmp_path), "--threads", "1", "--flops-methods", "none,fastv",
+                     "--batch-methods", "fastv", "--machine", "test-machine"])
+    md = (tmp_path / "test-machine.md").read_text()
+    for heading in ("# vtbench performance benchmark", "## Harness overhead", "## Methods at a common budget",
+                    "## Attention scores", "## Batched evaluation", "## Counting speed"):
+        assert heading in md, heading
+    assert "QUICK MODE" in md and "python -m harness.bench --quick" in md and "loadavg_start" in md
+
+    rows = list(csv.DictReader((tmp_path / "test-machine.csv").open()))
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    data = json.loads((tmp_path / "test-machine.json").read_text())
+    by = {r["method"]: r for r in data["methods"]["rows"]}
+    for name, r in by.items():
+        assert r["counted_equals_analytic"], name
+        assert r["prefill_s"] > 0 and r["generate_s"] > 0
+        assert abs(r["prefill_ratio"] - r["prefill_measured"] / r["prefill_predicted"]) < 1e-9
+        if name != "none":  # every method really reduces at the common budget
+            assert r["prefill_flops"] < by["none"]["prefill_flops"], name
+            assert r["prefill_predicted"] > 1.0
+            assert f"`{r['description']}`" in md
+        assert (r["target"] is None) == (name not in bench.TARGETS)
+    # a missed target comes with a profile and a gap analysis
+    missed = [n for n, r in by.items() if r["target_met"] is False]
+    assert set(missed) <= set(data["methods"]["profiles"])
+    if missed:
+        assert "Gap analysis" in md and "none" in data["methods"]["profiles"]
+
+    ov = data["overhead"]
+    assert ov["same_first_token"] and {"direct_s", "harness_s", "overhead"} <= set(ov["prefill"])
+
+    for name in ("fastv", "ficoco_l"):
+        sc = data["scores"]["methods"][name]
+        assert set(sc["variants"]) >= {"none (sdpa)", "ours (sdpa + rows)", "eager on scoring layers"}
+        # the reference-style variant really materialised attention weights on the scoring layers
+        assert sc["weights_kept_scoring_layers"] == len(sc["scoring_layers"]) > 0
+        # ... and computes the same model as ours (eager vs SDPA: float rounding only)
+        for label in ("eager on scoring layers", "eager everywhere + output_attentions"):
+            assert sc["variants"][label]["max_abs_logit_diff_vs_ours"] < 1e-4, (name, label)
+    assert data["scores"]["methods"]["fastv"]["scoring_layers"] == [1]
+
+    for name in ("none", "fastv"):
+        b = data["batch"]["methods"][name]
+        assert b["same_predictions"], name
+        assert len(set(b["prompt_lengths"])) > 1  # prompts of different lengths: left padding exercised
+    fl = data["flops"]["rows"]
+    assert [r["method"] for r in fl] == ["none", "fastv"] and all(r["rc"] == 0 for r in fl)
+    assert fl[1]["predicted_speedup"] > 1.0
+    assert res["paths"]["md"].endswith("test-machine.md")
