@@ -16,7 +16,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 ARGS ?=
 VTB := $(VENV)/bin/vtbench
 # The default sweep (`make eval`): every method at three visual-token budgets, plus none.
-EVAL_SETTINGS ?= model=tiny benchmark=shapes
+EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200
 EVAL_BUDGETS ?= 0.33,0.22,0.11
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
