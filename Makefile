@@ -19,6 +19,10 @@ VTB := $(VENV)/bin/vtbench
 EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200
 EVAL_BUDGETS ?= 0.33,0.22,0.11
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
+# The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
+TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 1200 \
+	--images2 4 --questions2 12 --lr2 0.002 --route-weight2 1.0 --route-layer2 3 --route-heads2 2 --curriculum2 0 \
+	--threads 1 --gather-layer2 1 --readout-layer2 3 --decay-from2 400 --route-skip-count2
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
@@ -83,7 +87,8 @@ bench: $(STAMP) ## Performance benchmark -> results/bench/<machine>.{md,csv,json
 
 .PHONY: tiny-model
 tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, deterministic; see its model card)
-	$(PY) -m harness.tiny_model.train $(ARGS)
+	$(PY) -m harness.tiny_model.train $(TINY_ARGS) $(ARGS)
+	$(PY) -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 --modes none,blank,black,random10 --batch-size 25
 
 .PHONY: clean
 clean: ## Remove local run outputs (records in runs/, Hydra outputs); keeps .venv and results/

@@ -140,6 +140,11 @@ def run_one(overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ctrl-C / SIGINT always interrupts cleanly (exit 130, cell resumable), even when started from a
+    # non-interactive shell that runs background jobs with SIGINT ignored
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if any(a in ("-h", "--help") for a in argv):
         print(_usage() + "\n" + (__doc__ or ""))
         return 0
