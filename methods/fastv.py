@@ -134,25 +134,23 @@ class FastV(Method):
 
 
 # ---- the paper's FLOPs table ----------------------------------------------------------------------------
-#: LLaVA-1.5 language models as FastV counts them (hidden d, FFN m, layers T, heads)
-PAPER_MODELS = {"7B": (4096, 11008, 32, 32), "13B": (5120, 13824, 40, 40)}
-#: tokens "related to the image" in FastV's accounting: system prompt + 576 image tokens (7B: 35-token
-#: system prompt; 13B: 36, FastV's --fast-v-sys-length) — the values that reproduce Table 1
-PAPER_N = {"7B": 611, "13B": 612}
+#: FastV Table 1's LLaVA-1.5 language models, as vtbench model configs
+PAPER_MODELS = {"7B": "llava15_7b", "13B": "llava15_13b"}
 
 
 def fastv_paper_flops(model: str, K: int | None = None, R: float = 0.0, n: float | None = None,
                       image_tokens: int = 576) -> float:
-    """FastV Table 1 "FLOPs(B)": eq. 5's numerator averaged per layer, in units of 1e9.
+    """FastV Table 1 "FLOPs(B)": eq. 5's numerator averaged per layer, in units of 1e9, under FastV's
+    convention (`harness.efficiency.conventions.fastv_flops`, the one place the formula lives);
+    n_hat = n - image_tokens * R unrounded; K=None: the unpruned baseline."""
+    from omegaconf import OmegaConf
 
-    Per layer F(n) = 4nd^2 + 2n^2d + 2ndm, built from `llm_layer_macs` with an MHA shape and a 2-matrix
-    FFN (FastV's formula); n_hat = n - image_tokens * R. K=None: the unpruned baseline.
-    """
-    d, m, T, H = PAPER_MODELS[model]
-    s = A.LLMShape(hidden=d, intermediate=m, layers=T, heads=H, kv_heads=H, head_dim=d // H, vocab=0,
-                   mlp_matrices=2)
-    n = PAPER_N[model] if n is None else n
-    if K is None:
-        return A.llm_layer_macs(s, n) / 1e9
-    n_hat = n - image_tokens * R
-    return (K * A.llm_layer_macs(s, n) + (T - K) * A.llm_layer_macs(s, n_hat)) / T / 1e9
+    from harness.config import CONF_DIR
+    from harness.efficiency import conventions as C
+    from harness.models.loading import config_from_cfg
+
+    config = config_from_cfg(OmegaConf.load(CONF_DIR / "model" / f"{PAPER_MODELS[model]}.yaml"))
+    n = C.fastv_n(config, image_tokens) if n is None else n
+    L = config.text_config.num_hidden_layers
+    tokens = [n] * L if K is None else [n] * K + [n - image_tokens * R] * (L - K)
+    return C.fastv_flops(config, tokens) / 1e9

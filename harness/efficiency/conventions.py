@@ -105,8 +105,11 @@ def fastv_n(config, image: int = 576) -> int:
 def fastv_layer_macs(config, n: float) -> float:
     """FastV's per-layer formula 4nd^2 + 2n^2d + 2ndm (MACs; FastV prints them as FLOPs)."""
     tc = config.text_config
-    d, m = tc.hidden_size, tc.intermediate_size
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    d = tc.hidden_size
+    # MHA (the head split does not change the count) with a 2-matrix FFN: exactly 4nd^2 + 2n^2d + 2ndm
+    s = A.LLMShape(hidden=d, intermediate=tc.intermediate_size, layers=1, heads=1, kv_heads=1,
+                   head_dim=d, vocab=0, mlp_matrices=2)
+    return A.llm_layer_macs(s, n)
 
 
 def fastv_flops(config, tokens_per_layer: list[float] | None = None, n: float | None = None) -> float:
