@@ -210,6 +210,9 @@ def render_table(r: dict) -> str:
             unit = 1e9 if name == "fastv" else 1e12
             label = "B (MACs, as FastV prints them)" if name == "fastv" else "TFLOPs"
             lines.append(f"convention {name}: {conv['total'] / unit:.2f} {label} — {conv['description']}")
+            if "label_total" in conv:
+                lines.append(f"convention {name}, budget label: {conv['label_total'] / unit:.2f} {label} "
+                             f"({conv['label_visual']} visual tokens) — {conv['label_note']}")
     lines.append(f"Counting rules: {r['rules']}.")
     for n in r["notes"]:
         lines.append(f"note: {n}")

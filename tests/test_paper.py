@@ -91,6 +91,9 @@ def test_ficoco_labels(flops_dir):
         assert row["match"] == "✓"
     inferred = [r for r in rows if "inferred" in r["setting"]]
     assert inferred and all(r["match"] == "≈" and "round to it" in r["note"] for r in inferred)
+    progressive = [r for r in rows if "progressive schedule" in r["setting"]]
+    assert [r["printed"] for r in progressive] == ["3.3", "2.4", "1.5"]
+    assert all(float(r["ours (exact)"]) > float(r["printed"]) and "structural" in r["note"] for r in progressive)
 
 
 def test_committed_flops_tables_are_regenerated(flops_dir):

@@ -29,6 +29,18 @@ def test_table_output(capsys):
     assert "1 text + 576 image + 15 text = 592 tokens" in out
 
 
+@pytest.mark.parametrize("final, label", [(192, "3.30"), (128, "2.45"), (64, "1.61")])
+def test_ficoco_l_budget_label(capsys, final, label):
+    """FiCoCo's TFLOPs labels (3.3 / 2.4 / 1.5 T) are the dense LLM with the final visual count; the
+    progressive schedule's own FLOPs under the same convention are printed beside them, higher."""
+    assert main(["model=llava15_7b", "method=ficoco_l", f"method.params.final_tokens={final}",
+                 "convention=ficoco"]) == 0
+    out = capsys.readouterr().out
+    own = float(out.split("convention ficoco: ")[1].split(" TFLOPs")[0])
+    assert f"convention ficoco, budget label: {label} TFLOPs ({final} visual tokens)" in out
+    assert own > float(label) + 2.0  # layers 0-3 see all 576 visual tokens
+
+
 @pytest.mark.parametrize(
     "args,msg",
     [
