@@ -30,9 +30,18 @@ Variants (`variant`):
   span starting at position 0 (we read the visual span from the ids) and the decode position offset.
 
 Schedule: `r` tokens per layer (the code's rule: a layer removes r while more than r visual tokens
-remain), an explicit per-layer `schedule`, or `final_tokens` (visual tokens left after the last merge
-layer; 576 - final spread evenly over the merge layers, earlier layers taking the remainder). The
-paper's budgets 3.3/2.4/1.5 TFLOPs are reported as ~192/128/64 final tokens for LLaVA-1.5-7B (spec §3.5).
+remain), an explicit per-layer `schedule`, `final_tokens` (visual tokens left after the last merge
+layer; 576 - final spread evenly over the merge layers, earlier layers taking the remainder), or
+`final_ratio` (the fraction of the visual tokens entering the LLM that is left after the last merge
+layer: final = max(1, round(final_ratio * n_visual)), n_visual = the per-sample visual-token count of
+the prefill, then spread as for `final_tokens`). The paper's budgets 3.3/2.4/1.5 TFLOPs are reported as
+~192/128/64 final tokens for LLaVA-1.5-7B (spec §3.5).
+
+LLaVA-NeXT: the "visual tokens" are every `<image>` placeholder the LLM receives, i.e. the packed
+anyres crops *and* the `image_newline` tokens (their count depends on the image size; all samples of a
+batch need the same count). `final_tokens` is an absolute count over that packed sequence, so it has no
+fixed meaning across image sizes; `final_ratio` keeps the same share whatever the packing.
+
 Positions: kept tokens keep their RoPE positions (`"keep"`) or are renumbered contiguously
 (`"renumber"`, as the code does in prefill). KV cache: layer l caches the tokens present at its
 attention (before its merge); decode is not reduced.
@@ -50,6 +59,18 @@ from methods.base import Method, MethodError
 
 
 # ---- schedule ---------------------------------------------------------------------------------------
+def ratio_final_tokens(n_visual: int, final_ratio: float) -> int:
+    """Visual tokens left by `final_ratio` for an input with `n_visual` of them (at least 1)."""
+    return max(1, round(float(final_ratio) * n_visual))
+
+
+def final_count(n_visual: int, final_tokens, final_ratio) -> int | None:
+    """The final visual-token target of a `final_tokens` / `final_ratio` budget (None: neither set)."""
+    if final_ratio is not None:
+        return ratio_final_tokens(n_visual, final_ratio)
+    return final_tokens
+
+
 def merge_schedule(n_visual: int, layers: list[int], r: int, schedule, final_tokens) -> dict[int, int]:
     """Tokens removed at each merge layer for an input with `n_visual` visual tokens."""
     if final_tokens is not None:
@@ -87,7 +108,8 @@ class _FiCoCoLPlan(LR.ReductionPlan):
         if view.layer == self.first_layer:
             nv = LR.equal_visual_count(view.visual, "ficoco_l")
             m = self.m
-            self.sched = merge_schedule(nv, self.layers, m.r, m.schedule, m.final_tokens) if nv else {}
+            final = final_count(nv, m.final_tokens, m.final_ratio)
+            self.sched = merge_schedule(nv, self.layers, m.r, m.schedule, final) if nv else {}
         return None
 
     def merges_at(self, layer):
@@ -226,6 +248,9 @@ class FiCoCoL(Method):
     schedule: list | None = None
     #: visual tokens left after the last merge layer (overrides r and schedule), e.g. 192/128/64
     final_tokens: int | None = None
+    #: fraction in (0, 1] of the visual tokens entering the LLM left after the last merge layer
+    #: (max(1, round(final_ratio * n_visual))); overrides r; not with final_tokens / schedule
+    final_ratio: float | None = None
     #: filter weight of the vision-aware term (eq. 3)
     beta: float = 0.6
     #: correlate weight of the direct term (eq. 4)
@@ -253,6 +278,13 @@ class FiCoCoL(Method):
             bad(f"schedule must be a list of non-negative integers, got {self.schedule!r}")
         if self.final_tokens is not None and (not isinstance(self.final_tokens, int) or self.final_tokens < 1):
             bad(f"final_tokens must be an integer >= 1, got {self.final_tokens!r}")
+        if self.final_ratio is not None:
+            fr = self.final_ratio
+            if isinstance(fr, bool) or not isinstance(fr, (int, float)) or not 0.0 < float(fr) <= 1.0:
+                bad(f"final_ratio must be a number in (0, 1], got {fr!r}")
+            if self.final_tokens is not None or self.schedule is not None:
+                other = "final_tokens" if self.final_tokens is not None else "schedule"
+                bad(f"give either final_ratio or {other}, not both")
         for nm in ("beta", "gamma"):
             if not (0.0 <= float(getattr(self, nm)) <= 1.0):
                 bad(f"{nm} must be in [0, 1], got {getattr(self, nm)!r}")
@@ -289,6 +321,8 @@ class FiCoCoL(Method):
         LR.check_layer_layout(adapter, layers)
 
     def _noop(self) -> bool:
+        if self.final_ratio is not None:
+            return float(self.final_ratio) >= 1.0  # round(1 * n) = n: nothing to remove
         if self.final_tokens is not None:
             return False
         return (sum(self.schedule) == 0) if self.schedule is not None else self.r == 0
@@ -309,7 +343,8 @@ class FiCoCoL(Method):
         macs = A.dense_prefill_macs(shapes, layout)
         s = shapes.llm
         layers = self.merge_layers(s.layers)
-        sched = merge_schedule(layout.visual, layers, self.r, self.schedule, self.final_tokens) if layout.visual else {}
+        final = final_count(layout.visual, self.final_tokens, self.final_ratio)
+        sched = merge_schedule(layout.visual, layers, self.r, self.schedule, final) if layout.visual else {}
         if self._noop() or not any(sched.values()):
             return macs
         n, v, M, hw = layout.total, layout.visual, layout.after, s.heads * s.head_dim

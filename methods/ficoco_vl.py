@@ -11,11 +11,22 @@ tokens))` tokens for the LLM's input, and FiCoCo-L spreads the rest over its mer
 pass through `vision_params` and `llm_params` (e.g. `vision_params: {start_layer: 12}`,
 `llm_params: {start_layer: 4, variant: code}`).
 
-LLaVA-1.5 only for now (`families`): on LLaVA-NeXT FiCoCo-V counts per crop and FiCoCo-L per packed image,
-so one `tokens` budget has no single meaning there; validate() raises for llava_next.
+LLaVA-NeXT (anyres): `tokens` and `vision_tokens` are read per 576-token crop and the budget is a
+*fraction* of the visual tokens, the same at both stages:
+* vision encoder: FiCoCo-V reduces every crop (base + high-res crops) of an image independently to
+  `vision_tokens` (`split(576)`, as on LLaVA-1.5); the image is packed as
+  `[crop tokens..., image_newline]` (crops · vision_tokens + 1 visual tokens; see
+  methods/_shared/vision_reduce.py). With no vision-side reduction (`vision_share: 0`) the LLM gets the
+  model's own packing (unpadded crops with one `image_newline` per row);
+* LLM: FiCoCo-L merges the packed crop *and* `image_newline` tokens that enter it down to the fraction
+  `tokens / vision_tokens` of them (its `final_ratio`: max(1, round(tokens / vision_tokens · n_visual))).
+On LLaVA-1.5 (one crop, no newline) that fraction is exactly `tokens` of `vision_tokens`, so there the
+stage keeps `final_tokens = tokens` (unchanged behaviour and FLOPs). Batches on NeXT need images with the
+same packed visual-token count (FiCoCo-L's equal per-sample budgets), e.g. the same crop count when
+FiCoCo-V reduces.
 
 FLOPs (analytic): FiCoCo-V's vision encoder and projector terms, FiCoCo-L's LLM term for an input with
-FiCoCo-V's reduced visual count.
+FiCoCo-V's reduced visual count (NeXT: crops · vision_tokens + 1).
 """
 from __future__ import annotations
 
@@ -36,10 +47,8 @@ class FiCoCoVL(Method):
     name = "ficoco_vl"
     budget_tokens_param = "tokens"
     budget_param = "tokens"
-    #: LLaVA-NeXT is not supported yet: FiCoCo-V's budget is per crop, FiCoCo-L's per packed image
-    families = ("llava",)
-
-    #: visual tokens per image left after the LLM stage (e.g. 192 / 128 / 64 of 576); None = no reduction
+    #: visual tokens per image left after the LLM stage (e.g. 192 / 128 / 64 of 576); None = no reduction.
+    #: LLaVA-NeXT: per crop, i.e. the LLM keeps the fraction tokens / vision_tokens of its visual tokens
     tokens: int | None = None
     #: share of the removals done in the vision encoder (0 = FiCoCo-L only, 1 = FiCoCo-V only)
     vision_share: float = 0.5
@@ -47,7 +56,7 @@ class FiCoCoVL(Method):
     vision_tokens: int | None = None
     #: extra FiCoCo-V parameters (not tokens / r)
     vision_params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: extra FiCoCo-L parameters (not final_tokens / r / schedule)
+    #: extra FiCoCo-L parameters (not final_tokens / final_ratio / r / schedule)
     llm_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def check_params(self) -> None:
@@ -64,7 +73,7 @@ class FiCoCoVL(Method):
                 )
         stages = (
             ("vision_params", self.vision_params, ("tokens", "r")),
-            ("llm_params", self.llm_params, ("final_tokens", "r", "schedule")),
+            ("llm_params", self.llm_params, ("final_tokens", "final_ratio", "r", "schedule")),
         )
         for stage, params, owned in stages:
             if not isinstance(params, dict):
@@ -72,7 +81,8 @@ class FiCoCoVL(Method):
             clash = sorted(set(params) & set(owned))
             if clash:
                 raise MethodError(f"ficoco_vl: set the budget with tokens / vision_tokens, not {stage}.{clash[0]}")
-        self._stages(576)  # parameter checks of both stages (budget-independent)
+        for family in ("llava", "llava_next"):
+            self._stages(576, family)  # parameter checks of both stages (budget-independent)
 
     # ---- the two stages ------------------------------------------------------------------------------
     def split(self, n_visual: int) -> int:
@@ -83,25 +93,30 @@ class FiCoCoVL(Method):
             return self.vision_tokens
         return n_visual - round(float(self.vision_share) * (n_visual - self.tokens))
 
-    def _stages(self, n_visual: int) -> tuple[FiCoCoV, FiCoCoL]:
+    def _stages(self, n_visual: int, family: str = "llava") -> tuple[FiCoCoV, FiCoCoL]:
+        """The two stages for `n_visual` visual tokens per image (LLaVA-1.5) / per crop (LLaVA-NeXT)."""
         import methods
 
         vt = self.split(n_visual)
         v = methods.build("ficoco_v", {**self.vision_params, "tokens": vt if vt < n_visual else None})
         final = self.tokens if self.tokens is not None and self.tokens < vt else None
-        l_params = {**self.llm_params, "final_tokens": final}
         if final is None:
-            l_params["r"] = 0
+            l_params = {**self.llm_params, "r": 0}
+        elif family == "llava_next":  # packed crops + newlines: keep the same fraction of them
+            l_params = {**self.llm_params, "final_ratio": final / vt}
+        else:
+            l_params = {**self.llm_params, "final_tokens": final}
         return v, methods.build("ficoco_l", l_params)
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
         n = adapter.visual_tokens_per_image
+        per = "crop" if adapter.family == "llava_next" else "image"
         if self.tokens is not None and self.tokens > n:
-            raise MethodError(f"ficoco_vl: tokens={self.tokens} exceeds the {n} visual tokens per image")
+            raise MethodError(f"ficoco_vl: tokens={self.tokens} exceeds the {n} visual tokens per {per}")
         if self.vision_tokens is not None and self.vision_tokens > n:
-            raise MethodError(f"ficoco_vl: vision_tokens={self.vision_tokens} exceeds the {n} visual tokens per image")
-        v, lm = self._stages(n)
+            raise MethodError(f"ficoco_vl: vision_tokens={self.vision_tokens} exceeds the {n} visual tokens per {per}")
+        v, lm = self._stages(n, adapter.family)
         v.validate(adapter)
         lm.validate(adapter)
         self._v, self._l = v, lm
@@ -113,7 +128,8 @@ class FiCoCoVL(Method):
         return model
 
     def visual_tokens_to_llm(self, n_visual: int) -> int:
-        """Visual tokens entering the LLM (its first layer); FiCoCo-L then shrinks them to `tokens`."""
+        """Visual tokens entering the LLM (its first layer) for LLaVA-1.5 images; FiCoCo-L then shrinks
+        them to `tokens`. (LLaVA-NeXT: crops · vision_tokens + 1 per image, see the module docstring.)"""
         return self._v.visual_tokens_to_llm(n_visual)
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:

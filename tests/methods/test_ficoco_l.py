@@ -1,7 +1,8 @@
 """FiCoCo-L: no-op identity, the merge step == a direct per-sample transcription of eqs. 2-4 on the eager
 attention (left-padded batch), token counts / cache lengths per layer, cached == uncached greedy decoding
 (batch 1 and left-padded batch 4; Llama/Mistral/Qwen2 incl. GQA; both variants), counted FLOPs ==
-analytic, schedules, errors, the shipped config."""
+analytic, schedules (incl. the `final_ratio` budget on LLaVA-1.5 and LLaVA-NeXT), errors, the shipped
+config."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,7 @@ from harness.efficiency.flops import analytic_prefill, count_prefill, layouts_fr
 from harness.models.adapter import get_adapter
 from methods._shared.context import get_context
 from methods.base import MethodError
-from methods.ficoco_l import merge_schedule
+from methods.ficoco_l import final_count, merge_schedule, ratio_final_tokens
 from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,8 @@ def apply(model, **params):
     return m.apply(model, get_adapter(model)), m
 
 
-@pytest.mark.parametrize("params", [{"r": 0, "start_layer": 2}, {"final_tokens": 64, "start_layer": 1}, {"schedule": [0, 0, 0], "start_layer": 1}])
+@pytest.mark.parametrize("params", [{"r": 0, "start_layer": 2}, {"final_tokens": 64, "start_layer": 1},
+                                    {"schedule": [0, 0, 0], "start_layer": 1}, {"final_ratio": 1.0, "start_layer": 1}])
 def test_noop_identical_logits(params):
     base, proc = tiny("llava", "mistral", gqa=True)
     inp = make_inputs(proc, (0, 1, 2, 3))
@@ -43,6 +45,55 @@ def test_schedules():
         assert 576 - sum(sch.values()) == final and max(sch.values()) - min(sch.values()) <= 1
     assert merge_schedule(10, [1, 2, 3], 4, None, None) == {1: 4, 2: 4, 3: 0}  # keeps > 0 left
     assert merge_schedule(10, [1, 2], 0, [3, 9], None) == {1: 3, 2: 6}
+
+
+def test_final_ratio_schedule():
+    """final = max(1, round(final_ratio * n_visual)), then spread like final_tokens."""
+    layers = list(range(5, 32))
+    for final in (192, 128, 64):  # LLaVA-1.5: ratio k/576 of 576 is k
+        assert ratio_final_tokens(576, final / 576) == final
+        assert merge_schedule(576, layers, 14, None, final_count(576, None, final / 576)) == merge_schedule(
+            576, layers, 14, None, final)
+    assert ratio_final_tokens(127, 20 / 42) == 60  # NeXT tiny: 3 crops x 42 + newline, 20 of 42 kept
+    assert ratio_final_tokens(5 * 576 + 1, 192 / 576) == 960  # 5 packed 576-token crops + newline
+    assert ratio_final_tokens(10, 0.01) == 1 and ratio_final_tokens(10, 1.0) == 10
+    assert final_count(100, None, None) is None and final_count(100, 7, None) == 7
+    sch = merge_schedule(127, [1, 2, 3], 14, None, final_count(127, None, 20 / 42))
+    assert sch == {1: 23, 2: 22, 3: 22} and 127 - sum(sch.values()) == 60
+
+
+def test_final_ratio_equals_final_tokens_on_llava():
+    base, proc = tiny("llava", "llama")
+    inp = make_inputs(proc, (0, 1, 2, 3))
+    a, ma = apply(copy.deepcopy(base), start_layer=1, final_tokens=16)
+    b, mb = apply(copy.deepcopy(base), start_layer=1, final_ratio=0.25)
+    assert torch.equal(forward(a, inp).logits, forward(b, inp).logits)
+    layout = layouts_from_inputs(base, make_inputs(proc, (1,)))[0]
+    assert analytic_prefill(base.config, layout, ma) == analytic_prefill(base.config, layout, mb)
+
+
+def test_final_ratio_llava_next_counts():
+    """NeXT: the ratio applies to every visual placeholder the LLM gets (crops + image_newline tokens)."""
+    model, proc = tiny("llava_next", "llama")
+    apply(model, start_layer=1, final_ratio=0.3)
+    inp = make_inputs(proc, (1,), size=(64, 128))
+    n = int((inp["input_ids"] == model.config.image_token_id).sum())
+    P = inp["input_ids"].shape[1]
+    out = forward(model, inp, use_cache=True)
+    sched = merge_schedule(n, [1, 2, 3], 0, None, ratio_final_tokens(n, 0.3))
+    assert get_context(model).visual_tokens_per_layer == [n, n, n - sched[1], n - sched[1] - sched[2]]
+    assert out.past_key_values.get_seq_length(3) == P - sched[1] - sched[2]
+    assert n - sum(sched.values()) == round(0.3 * n)
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_final_ratio_counted_flops_equal_analytic(variant):
+    model, proc = tiny("llava_next", "qwen2", gqa=True)
+    _, method = apply(model, start_layer=1, final_ratio=0.3, variant=variant)
+    inp = make_inputs(proc, (3,), size=(128, 64))
+    layout = layouts_from_inputs(model, inp)[0]
+    assert count_prefill(model, inp).flops == analytic_prefill(model.config, layout, method)
+    assert analytic_prefill(model.config, layout, method)["llm"] < analytic_prefill(model.config, layout, None)["llm"]
 
 
 def test_token_counts_and_cache_lengths():
@@ -142,11 +193,16 @@ def test_counted_flops_equal_analytic(variant):
     [({"start_layer": -1}, "start_layer must be"), ({"start_layer": 3, "end_layer": 2}, "end_layer must be"),
      ({"r": -1}, "r must be"), ({"schedule": [1, -2]}, "schedule must be"), ({"final_tokens": 0}, "final_tokens must be"),
      ({"beta": 1.5}, "beta must be"), ({"epsilon": 0.0}, "epsilon must be"), ({"variant": "v2"}, "variant must be"),
-     ({"positions": "x"}, "positions must be")],
+     ({"positions": "x"}, "positions must be"), ({"final_ratio": 0}, "final_ratio must be"),
+     ({"final_ratio": 1.5}, "final_ratio must be"), ({"final_ratio": True}, "final_ratio must be"),
+     ({"final_ratio": "half"}, "final_ratio must be"),
+     ({"final_ratio": 0.5, "final_tokens": 8}, "either final_ratio or final_tokens"),
+     ({"final_ratio": 0.5, "schedule": [1, 1]}, "either final_ratio or schedule")],
 )
 def test_bad_params(params, match):
-    with pytest.raises(MethodError, match=match):
+    with pytest.raises(MethodError, match=match) as e:
         methods.build("ficoco_l", params)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -167,3 +223,4 @@ def test_config_file_builds():
     cfg = yaml.safe_load((ROOT / "conf/method/ficoco_l.yaml").read_text())
     m = methods.build(cfg["name"], cfg["params"])
     assert (m.name, m.variant, m.beta, m.gamma, m.epsilon) == ("ficoco_l", "paper", 0.6, 0.6, 0.998)
+    assert m.final_ratio is None

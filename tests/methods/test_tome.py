@@ -139,6 +139,7 @@ def test_flops_counted_equal_analytic(family):
         ("llava", "mistral", True),
         ("llava", "qwen2", True),
         ("llava_next", "llama", False),
+        ("llava_next", "mistral", True),
         ("llava_next", "qwen2", True),
     ],
 )
