@@ -12,10 +12,10 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export TRANSFORMERS_VERBOSITY ?= error
 
-# Extra overrides for `make eval`, e.g. `make eval ARGS="run.limit=50"`
+# Extra overrides for `make eval` / `make cell`, e.g. `make cell ARGS="method=fastv run.limit=50"`
 ARGS ?=
 VTB := $(VENV)/bin/vtbench
-# The default sweep (`make sweep`): every method at three visual-token budgets, plus none.
+# The default sweep (`make eval`): every method at three visual-token budgets, plus none.
 EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200
 EVAL_BUDGETS ?= 0.33,0.22,0.11
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
@@ -42,11 +42,7 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with --no-deps)
 
 .PHONY: eval
-eval: $(STAMP) ## The default job: tiny model, method none, shapes test split (CPU, offline); prints the table
-	$(VTB) $(ARGS)
-
-.PHONY: sweep
-sweep: $(STAMP) ## The default sweep: none + every method x 3 token budgets on tiny/shapes (resumable), then the report
+eval: $(STAMP) ## The default sweep: none + every method x 3 budgets on tiny/shapes (resumable), then the report
 	@echo "== [1/4] reference: method none"
 	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
 	@echo "== [2/4] token methods x budgets $(EVAL_BUDGETS) (share of visual tokens)"
@@ -56,6 +52,13 @@ sweep: $(STAMP) ## The default sweep: none + every method x 3 token budgets on t
 	@echo "== [4/4] RedundancyLens (layers from its greedy ranking) at the matching FLOPs"
 	$(VTB) -m method=redundancylens budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 	$(VENV)/bin/vtbench-report
+
+.PHONY: sweep
+sweep: eval ## Alias of `make eval`
+
+.PHONY: cell
+cell: $(STAMP) ## One cell (default: tiny model, method none, full shapes test split); prints its table
+	$(VTB) $(ARGS)
 
 .PHONY: report
 report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the records in runs/store

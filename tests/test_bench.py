@@ -43,6 +43,31 @@ def test_shared_weight_copies_are_independent():
         torch.testing.assert_close(copy(input_ids=x).logits, model(input_ids=x).logits)
 
 
+def test_method_work_times_measures_the_plan_and_restores_it():
+    import torch
+
+    from harness.models import get_adapter
+    from methods._shared.llm_reduce import get_reducer
+
+    spec = bench.Spec.make(True, None, 1, "cpu")
+    model, proc = bench.build_model(spec)
+    copy = bench.share_weights_copy(model)
+    assert bench.method_work_times(copy, lambda: None) is None  # no LLM reducer: nothing to time
+    (_, m, _), = bench.method_settings(get_adapter(copy), ["ficoco_l"])
+    m.apply(copy, get_adapter(copy))
+    plan = get_reducer(copy).plan
+    calls = []
+    orig = plan.after_attention
+
+    def fn():
+        calls.append(1)
+        with torch.no_grad():
+            copy(input_ids=torch.randint(5, 100, (1, 8)))  # text only: the plan runs, finds nothing to merge
+    out = bench.method_work_times(copy, fn, repeats=2)
+    assert len(calls) == 2 and out["total_s"] >= out["own_s"] > 0.0
+    assert "after_attention" not in vars(plan) and plan.after_attention == orig
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_report(tmp_path):
     res = bench.run(["--quick", "--out", str(tmp_path), "--threads", "1", "--flops-methods", "none,fastv",
