@@ -23,6 +23,8 @@ EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
 TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 1200 \
 	--images2 4 --questions2 12 --lr2 0.002 --route-weight2 1.0 --route-layer2 3 --route-heads2 2 --curriculum2 0 \
 	--threads 1 --gather-layer2 1 --readout-layer2 3 --decay-from2 400 --route-skip-count2
+# `make bench`: one torch thread timed by process CPU time, so a busy machine widens spreads but does not bias ratios
+BENCH_ARGS ?= --threads 1 --clock cpu --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
@@ -86,7 +88,7 @@ flops: $(STAMP) ## FLOPs breakdown of a config, e.g. `make flops ARGS="model=lla
 
 .PHONY: bench
 bench: $(STAMP) ## Performance benchmark -> results/bench/<machine>.{md,csv,json} (run on an idle machine)
-	$(VENV)/bin/vtbench-bench --out results/bench $(ARGS)
+	$(VENV)/bin/vtbench-bench --out results/bench $(BENCH_ARGS) $(ARGS)
 
 .PHONY: tiny-model
 tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, deterministic; see its model card)

@@ -41,7 +41,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIGS = {
     # the committed model
     "default": dict(image_size=192, patch_size=16, vision_hidden=128, vision_layers=4, vision_heads=4,
-                    hidden=128, intermediate=384, layers=8, heads=4, vocab=384),
+                    hidden=128, intermediate=384, layers=8, heads=4, vocab=448),
     # for the smoke test
     "smoke": dict(image_size=192, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2,
                   hidden=32, intermediate=64, layers=2, heads=2, vocab=300),
@@ -61,6 +61,10 @@ def tokenizer_corpus(seed: int, n: int = 3000) -> list[str]:
             lines.append(f"USER: \n{q} ASSISTANT: {a}")
     lines += [" ".join(S.COLOUR_NAMES), " ".join(S.SHAPES), " ".join(c.lower() for c in S.LETTERS),
               " ".join(S.LETTERS), "0 1 2 3 4 5 6 7 8 9"]
+    # every answer word as one token (with its leading space): a single-token answer is one
+    # classification at the answer position instead of two dependent predictions
+    answers = [*S.COLOUR_NAMES, *S.SHAPES, *(c.lower() for c in S.LETTERS), *map(str, range(10))]
+    lines += [f"ASSISTANT: {a}" for a in answers] * 40
     return lines
 
 
@@ -106,6 +110,33 @@ def build(cfg: dict, seed: int):
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
     return model, processor
+
+
+@torch.no_grad()
+def init_projector(model, feats: torch.Tensor, seed: int) -> None:
+    """Data-dependent projector initialisation (stage 2 start).
+
+    The stage-1 tower's feature-layer activations have a large common component (norm ~40) and
+    the default projector maps them to ~100x the norm of the text embeddings, so the LM's residual
+    stream is dominated by a patch-independent direction and the per-patch content a read-out head
+    copies is drowned by the final norm (a probe finds the asked cell's colour at ~99 % in the
+    visual token and at ~20 % at the answer position after the head that attends to it). Fold a
+    per-dimension standardisation of the features into ``linear_1`` (unit-variance pre-activations)
+    and scale ``linear_2`` so visual tokens enter the LM at the scale of the text embeddings.
+    """
+    proj = model.model.multi_modal_projector
+    f = feats.reshape(-1, feats.shape[-1]).float()
+    mu, sd = f.mean(0), f.std(0) + 1e-5
+    g = torch.Generator().manual_seed(seed)
+    l1, l2 = proj.linear_1, proj.linear_2
+    w1 = torch.randn(l1.out_features, l1.in_features, generator=g) / math.sqrt(l1.in_features) / sd
+    l1.weight.copy_(w1)
+    l1.bias.copy_(-w1 @ mu)
+    emb_std = float(model.model.language_model.get_input_embeddings().weight.std())
+    gelu_rms = math.sqrt(0.425)  # E[gelu(z)^2] for z ~ N(0, 1)
+    l2.weight.copy_(torch.randn(l2.out_features, l2.in_features, generator=g)
+                    * emb_std / (gelu_rms * math.sqrt(l2.in_features)))
+    l2.bias.zero_()
 
 
 def pixels(images) -> torch.Tensor:
@@ -238,7 +269,7 @@ def gather_targets(tokens: list[str], qtype: str) -> dict[int, int]:
 
 
 def routing_loss(model, out_hidden, cache, layer: int, query_pos, targets, P: int, n_heads_sup: int = 1,
-                 head: int | None = None):
+                 head: int | None = None, uniform: bool = False):
     """Attention supervision (stage-2 auxiliary loss): at the answer-predicting position, the first
     `n_heads_sup` heads of decoder layer `layer` should attend to the centre patches of the cells the
     question is about. `query_pos[i]` is the suffix index of that position in sample i, `targets[i]`
@@ -270,8 +301,54 @@ def routing_loss(model, out_hidden, cache, layer: int, query_pos, targets, P: in
     tmask = torch.zeros(len(keep), T, dtype=torch.bool)
     for j, i in enumerate(keep):
         tmask[j, targets[i]] = True
+    if uniform:  # cross-entropy with the uniform distribution over the targets
+        n_t = tmask.sum(-1, keepdim=True).clamp(min=1)  # n, 1
+        return -(logp.masked_fill(~tmask[:, None], 0.0).sum(-1) / n_t).mean()
     lp = torch.logsumexp(logp.masked_fill(~tmask[:, None], float("-inf")), dim=-1)  # n, H'
     return -lp.mean()
+
+
+def cell_words(cell: dict, row: int, col: int, what: str) -> list[str]:
+    """The answer words describing a grid cell for the dense objective `what`:
+    'words' -> a shape's colour and shape, a letter's letter; 'row' / 'col' -> a letter's row / column
+    number (1-based; the answer of the position questions); [] = no target."""
+    if what == "words":
+        if cell["kind"] == "shape":
+            return [cell["colour"], cell["shape"]]
+        return [cell["letter"].lower()] if cell["kind"] == "letter" else []
+    if cell["kind"] != "letter":
+        return []
+    return [str((row if what == "row" else col) + 1)]
+
+
+def dense_word_loss(model, hidden, scenes, codec, gp: int, img_start: int, what: str = "words"):
+    """LM-side dense objective (the decoder's counterpart of stage 1): at the centre patch of every
+    grid cell with a target (`cell_words`), the decoder's residual stream `hidden` (B, T, D) read
+    through the final norm and the LM head predicts the cell's answer words (several words share the
+    probability equally). The answers are then present at the visual positions in the unembedding's
+    own coordinates, so a head that attends to the asked cell only has to copy them. Different layers
+    get different targets ('words' early, then the letters' row, then their column), so a head that
+    reads a cell at the layer of the question's kind finds only that kind of answer there."""
+    lm = model.model.language_model
+    per = gp // S.GRID
+    rows, targets = [], []
+    for b, cells in enumerate(scenes):
+        for idx, c in enumerate(cells):
+            r, col = divmod(idx, S.GRID)
+            words = cell_words(c, r, col, what)
+            if not words:
+                continue
+            rows.append((b, img_start + (r * per + per // 2) * gp + (col * per + per // 2)))
+            targets.append([codec.answer(w)[0] for w in words])
+    if not rows:
+        return None
+    bi = torch.tensor([r[0] for r in rows])
+    ti = torch.tensor([r[1] for r in rows])
+    logp = torch.log_softmax(model.lm_head(lm.norm(hidden[bi, ti])), dim=-1)
+    loss = 0.0
+    for j, t in enumerate(targets):
+        loss = loss - logp[j, t].mean()
+    return loss / len(targets)
 
 
 def curriculum_p_empty(step: int, steps: int) -> float:
@@ -404,6 +481,11 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
     for p in base.vision_tower.parameters():
         p.requires_grad_(False)
     base.vision_tower.eval()
+    if args.proj_init2 == "standardize":
+        rng0 = [train_scene(args.seed, 20_000_000 + i)[0] for i in range(32)]
+        with torch.no_grad():
+            f0 = base.vision_tower(pixels([S.render(c) for c in rng0]), output_hidden_states=True)
+        init_projector(model, f0.hidden_states[model.config.vision_feature_layer][:, 1:], args.seed)
     params = list(base.multi_modal_projector.parameters()) + list(lm.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr2, weight_decay=0.01, betas=(0.9, 0.98))
     prefix = torch.tensor(codec.prefix)
@@ -435,10 +517,19 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
         pre = emb(prefix)[None].expand(B, -1, -1).clone()
         pre[:, img_pos] = img_emb
         cache = DynamicCache(config=model.config.text_config)
-        lm(inputs_embeds=pre, past_key_values=cache, use_cache=True,
-           position_ids=torch.arange(P)[None].expand(B, -1))
+        pout = lm(inputs_embeds=pre, past_key_values=cache, use_cache=True,
+                  position_ids=torch.arange(P)[None].expand(B, -1), output_hidden_states=args.dense_weight2 > 0)
+        dloss = None
+        if args.dense_weight2 > 0 and step < args.route_steps2:
+            for what, layer in (("words", args.dense_layer2), ("row", args.row_layer2), ("col", args.col_layer2)):
+                if layer < 0:
+                    continue
+                dl = dense_word_loss(model, pout.hidden_states[layer], scenes, codec, gp,
+                                     int(img_pos.nonzero()[0]), what)
+                if dl is not None:
+                    dloss = dl if dloss is None else dloss + dl
         cache.batch_repeat_interleave(K)
-        seqs, tgts, qpos, rtargets, gtargets = [], [], [], [], []
+        seqs, tgts, qpos, rtargets, gtargets, rlayers, ctargets = [], [], [], [], [], [], []
         per = gp // S.GRID
         img_start = int(img_pos.nonzero()[0])
         for cells_i, qs in zip(scenes, qas):
@@ -450,6 +541,13 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
                 qpos.append(len(s) - 1)
                 if args.gather_layer2 >= 0:
                     gtargets.append(gather_targets(codec.tok.convert_ids_to_tokens(s), qt))
+                # count questions: one head spreads its attention evenly over the BOS token (a sink) and
+                # the counted cells, so its output moves away from the sink's value in proportion n/(n+1)
+                ctargets.append([0] + [img_start + (r * per + per // 2) * gp + (c * per + per // 2)
+                                       for r, c in (divmod(i, S.GRID) for i in question_cells(cells_i, qt, q))]
+                                if qt == "count" and args.count_head2 >= 0 else [])
+                rlayers.append(args.route_layer2 if qt != "position" or args.row_layer2 < 0 else
+                               (args.row_layer2 if q.startswith("Which row") else args.col_layer2))
                 rtargets.append([] if (qt == "count" and args.route_skip_count2) else
                                 [img_start + (r * per + per // 2) * gp + (c * per + per // 2)
                                  for r, c in (divmod(i, S.GRID) for i in question_cells(cells_i, qt, q))])
@@ -466,8 +564,17 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=-100)
         rloss = None
         if args.route_weight2 > 0 and step < args.route_steps2:
-            rloss = routing_loss(model, out.hidden_states, cache, args.route_layer2, qpos, rtargets, P,
-                                 args.route_heads2)
+            rloss = None
+            for layer in sorted(set(rlayers)):
+                tl = [t if lyr == layer else [] for t, lyr in zip(rtargets, rlayers)]
+                rl = routing_loss(model, out.hidden_states, cache, layer, qpos, tl, P, args.route_heads2)
+                if rl is not None:
+                    rloss = rl if rloss is None else rloss + rl
+            if args.count_head2 >= 0:
+                cl = routing_loss(model, out.hidden_states, cache, args.route_layer2, qpos, ctargets, P,
+                                  head=args.count_head2, uniform=True)
+                if cl is not None:
+                    rloss = cl if rloss is None else rloss + cl
             if rloss is not None:
                 loss = loss + args.route_weight2 * rloss
             if args.readout_layer2 >= 0:
@@ -485,6 +592,8 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
                                       head=hd_i)
                     if gl is not None:
                         loss = loss + args.route_weight2 * gl / 3
+        if dloss is not None:
+            loss = loss + args.dense_weight2 * dloss
         for g in opt.param_groups:
             g["lr"] = lr_rsqrt(step, args.lr2, args.warmup2, args.decay_from2)
         opt.zero_grad(set_to_none=True)
@@ -551,6 +660,20 @@ def parse_args(argv=None):
     ap.add_argument("--route-steps2", type=int, default=10**9, help="apply the routing loss for this many steps")
     ap.add_argument("--curriculum2", type=int, default=0,
                     help="stage-2 curriculum length in steps (sparse scenes first); 0 = off")
+    ap.add_argument("--dense-weight2", type=float, default=0.0,
+                    help="weight of the LM-side dense word objective at visual positions (see dense_word_loss)")
+    ap.add_argument("--dense-layer2", type=int, default=3,
+                    help="hidden_states index for the dense objective (the input of that decoder layer)")
+    ap.add_argument("--row-layer2", type=int, default=-1,
+                    help="dense objective 'row' (letters' row numbers) at this hidden_states index, and the "
+                         "routing of 'Which row' questions at this decoder layer; -1 = off")
+    ap.add_argument("--col-layer2", type=int, default=-1,
+                    help="the same for the column numbers and 'Which column' questions")
+    ap.add_argument("--count-head2", type=int, default=-1,
+                    help="count questions: this head of --route-layer2 attends evenly to BOS and the counted "
+                         "cells (a sink makes the count readable); -1 = off")
+    ap.add_argument("--proj-init2", default="default", choices=["default", "standardize"],
+                    help="stage-2 projector initialisation (see init_projector)")
     ap.add_argument("--decay-from2", type=int, default=400, help="stage-2 LR: inverse-sqrt decay after this step")
     args = ap.parse_args(argv)
     if args.smoke:

@@ -123,3 +123,35 @@ def test_training_smoke_deterministic(tmp_path):
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_smoke_with_the_recipe_objectives(tmp_path):
+    """The committed recipe's stage-2 objectives (standardised projector init, dense word / row / column
+    objectives at visual positions, routing, gather and read-out supervision) run end to end."""
+    from harness.tiny_model import train
+
+    train.main(["--smoke", "--out", str(tmp_path), "--no-bar", "--proj-init2", "standardize",
+                "--dense-weight2", "1.0", "--dense-layer2", "1", "--row-layer2", "1", "--col-layer2", "1",
+                "--route-weight2", "1.0", "--route-layer2", "1", "--gather-layer2", "0", "--readout-layer2", "1",
+                "--count-head2", "1"])
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_cell_words_and_projector_init():
+    from harness.tiny_model import train
+
+    shape = {"kind": "shape", "shape": "star", "colour": "red"}
+    letter = {"kind": "letter", "letter": "K"}
+    assert train.cell_words(shape, 1, 2, "words") == ["red", "star"]
+    assert train.cell_words(letter, 1, 2, "words") == ["k"]
+    assert train.cell_words(letter, 1, 2, "row") == ["2"] and train.cell_words(letter, 1, 2, "col") == ["3"]
+    assert train.cell_words(shape, 1, 2, "row") == [] and train.cell_words({"kind": "empty"}, 0, 0, "words") == []
+
+    model, _ = train.build(train.CONFIGS["smoke"], seed=0)
+    feats = 40.0 + 3.0 * torch.randn(2, 144, model.config.vision_config.hidden_size)  # a large common component
+    train.init_projector(model, feats, seed=0)
+    with torch.no_grad():
+        out = model.model.multi_modal_projector(feats)
+    emb_std = float(model.model.language_model.get_input_embeddings().weight.std())
+    rms = float(out.pow(2).mean().sqrt())
+    assert 0.5 * emb_std < rms < 2.0 * emb_std, (rms, emb_std)
