@@ -54,6 +54,8 @@ eval: $(STAMP) ## The default sweep: none + every method x 3 budgets on tiny/sha
 	@echo "== [4/4] RedundancyLens (layers from its greedy ranking) at the matching FLOPs"
 	$(VTB) -m method=redundancylens budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 	$(VENV)/bin/vtbench-report
+	@# the records behind results/tables (`vtbench-report --store results/store` regenerates them exactly)
+	@rm -rf results/store && mkdir -p results/store/records && cp $${VTBENCH_STORE:-runs/store}/records/*.json results/store/records/
 
 .PHONY: sweep
 sweep: eval ## Alias of `make eval`

@@ -48,3 +48,21 @@ def test_tables_and_outputs(tmp_path):
     before = {p: p.read_bytes() for p in files if p.suffix in (".md", ".csv", ".tex")}
     write_outputs(tables, str(tmp_path / "out"))
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
+    """results/tables/* are exactly what `vtbench-report` makes from the records in results/store."""
+    from pathlib import Path
+
+    import pytest
+
+    from harness.report import main
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    committed = sorted((root / "tables").glob("*.*")) if (root / "tables").exists() else []
+    if not committed or not (root / "store" / "records").exists():
+        pytest.skip("no committed results/tables + results/store yet (run `make eval`)")
+    assert main(["--store", str(root / "store"), "--out", str(tmp_path), "--no-figures"]) == 0
+    for f in committed:
+        assert (tmp_path / "tables" / f.name).read_text() == f.read_text(), f.name
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [f.name for f in committed]

@@ -131,6 +131,29 @@ def evaluate(model, processor, docs, mode: str = "none", seed: int = 0, progress
     }
 
 
+#: train.py arguments that do not change the trained weights
+_NOT_RECIPE = {"out", "seed", "smoke", "no_bar", "save_stage1", "load_stage1", "checkpoint_every_eval", "val_n",
+               "eval_every", "log_every", "config", "steps2"}
+
+
+def recipe_flags(args: dict, steps2) -> list[str]:
+    """The train.py flags of a run (from train_info.json's string-valued args) that differ from the
+    defaults, with `--steps2` set to the steps actually done."""
+    from harness.tiny_model import train
+
+    defaults = vars(train.parse_args([]))
+    out = [f"--steps2 {steps2}"]
+    for k, v in args.items():
+        if k in _NOT_RECIPE or k not in defaults or str(defaults[k]) == v:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(defaults[k], bool):
+            out += [flag] if v == "True" else []
+        else:
+            out.append(f"{flag} {v}")
+    return out
+
+
 def write_card(model_dir: Path, res: dict) -> Path:
     """Write the model card `README.md` of `model_dir` from its train log/info and `res`."""
     import csv
@@ -152,13 +175,8 @@ def write_card(model_dir: Path, res: dict) -> Path:
         return f"{100 * modes[m]['accuracy']:.1f}" if m in modes else "n/a"
 
     args = info.get("args", {})
-    train_cmd = "python -m harness.tiny_model.train --out harness/assets/tiny-llava"
     steps2 = info.get("steps2_done", args.get("steps2"))
-    keys = ("steps1", "batch1", "lr1", "images2", "questions2", "lr2", "route_weight2", "route_layer2",
-            "route_heads2", "curriculum2", "threads")
-    keys += ("gather_layer2", "readout_layer2", "decay_from2")
-    extra = [f"--steps2 {steps2}"] + [f"--{k.replace('_', '-')} {args[k]}" for k in keys if k in args]
-    extra += [f"--{k.replace('_', '-')}" for k in ("route_skip_count2",) if args.get(k) == "True"]
+    extra = recipe_flags(args, steps2)
     lines = [
         "# tiny-llava: a small LLaVA trained from scratch on `shapes`",
         "",
@@ -195,22 +213,39 @@ def write_card(model_dir: Path, res: dict) -> Path:
         f"1. **Vision tower** ({args.get('steps1')} steps, batch {args.get('batch1')}, AdamW lr {args.get('lr1')}, "
         "cosine): a dense objective on the feature layer (-2): each patch token classifies the "
         "object under it (kind / colour / shape / letter of the grid cell whose centre patch it is; "
-        "'empty' elsewhere) with linear heads that are discarded afterwards.",
+        "'empty' elsewhere) and the row and column of its grid cell, with linear heads that are "
+        "discarded afterwards.",
         f"2. **Projector + language model** ({steps2} steps, {args.get('images2')} images x "
-        f"{args.get('questions2')} questions per step, AdamW lr {args.get('lr2')}, cosine), tower frozen: "
-        "next-token loss on the answer tokens of the exact evaluation prompt, plus (weight "
-        f"{args.get('route_weight2')}) an attention-routing auxiliary loss: at the answer-predicting "
-        f"position, head 0 of decoder layer {args.get('route_layer2')} is trained to attend to the centre "
-        "patch(es) of the grid cell(s) the question is about (the LLM-side counterpart of the dense "
-        "stage-1 objective; without it the model sat at the answer prior for 300+ steps). The image "
-        "prefix of the prompt is question-independent, so its KV cache is computed once per image and "
-        "shared by its questions. LR: warm-up, constant, then inverse-square-root decay after step "
+        f"{args.get('questions2')} questions per step, AdamW lr {args.get('lr2')}), tower frozen: "
+        "next-token loss on the answer tokens of the exact evaluation prompt, plus auxiliary losses "
+        f"(weight {args.get('route_weight2')}) that teach the decoder the circuit the questions need:",
+        f"   * *projector init* ({args.get('proj_init2')}): the tower features' per-dimension mean and "
+        "spread are folded into the first projector layer and the second is scaled so visual tokens enter "
+        "the decoder at the scale of the text embeddings (with the default init, visual tokens were ~500x "
+        "larger and the content a head copied from them was lost in the final norm);",
+        f"   * *dense answer words* at the visual positions: the residual stream entering decoder layer "
+        f"{args.get('dense_layer2')}, read through the final norm and the LM head, names each cell's "
+        f"contents at its centre patch (colour + shape, or letter); entering layer {args.get('row_layer2')} "
+        f"a letter's row number and entering layer {args.get('col_layer2')} its column number -- the "
+        "answers sit at the visual positions in the unembedding's own coordinates;",
+        f"   * *routing*: at the answer-predicting position, {args.get('route_heads2')} heads of layer "
+        f"{args.get('route_layer2')} attend to the centre patch of the asked cell (colour / shape / letter), "
+        f"of layer {args.get('row_layer2')} / {args.get('col_layer2')} to the asked letter (which row / "
+        f"column); head {args.get('count_head2')} of layer {args.get('route_layer2')} spreads its attention "
+        "evenly over BOS (a sink) and the counted cells; heads of layer "
+        f"{args.get('gather_layer2')} read the question's row / column number (or letter, or counted word) "
+        "into the answer position first;",
+        f"   * *read-out*: the residual after layer {args.get('readout_layer2')} predicts the first answer token.",
+        "",
+        "   The image prefix of the prompt is question-independent, so its KV cache is computed once per image "
+        "and shared by its questions. LR: warm-up, constant, then inverse-square-root decay after step "
         f"{args.get('decay_from2')} -- it does not depend on the total, so the checkpoint after N steps "
-        "equals a run with `--steps2 N`.",
+        "equals a run with `--steps2 N`. Every answer word is one token (BPE vocabulary trained on the "
+        "question/answer text).",
         "",
         f"Data: `shapes` train split, generated on the fly, data seed {info.get('seed', 0)} "
         f"(model seed = data seed). Deterministic: fixed step counts, seeded data order, "
-        "`torch.use_deterministic_algorithms(True)`, 2 threads.",
+        f"`torch.use_deterministic_algorithms(True)`, {args.get('threads')} torch thread(s).",
         f"Training wall time: {info.get('train_wall_s', 0) / 60:.1f} min on the shared 2-core CPU "
         f"(stage 1: {info.get('stage1_s', 0) / 60:.1f} min).",
         "",
@@ -248,7 +283,7 @@ def write_card(model_dir: Path, res: dict) -> Path:
         "",
         "```bash",
         f"python -m harness.tiny_model.train --out harness/assets/tiny-llava --seed {info.get('seed', 0)} "
-        + " ".join(extra),
+        + " ".join(extra) + "   # = make tiny-model",
         "python -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 "
         "--modes none,blank,black,random10 --batch-size 25 --json /tmp/tiny_eval.json --card",
         "```",

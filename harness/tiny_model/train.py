@@ -308,20 +308,22 @@ def routing_loss(model, out_hidden, cache, layer: int, query_pos, targets, P: in
     return -lp.mean()
 
 
-def cell_words(cell: dict, row: int, col: int, what: str) -> list[str]:
+def cell_words(cell: dict, row: int, col: int, what: str, with_letter: bool = False) -> list[str]:
     """The answer words describing a grid cell for the dense objective `what`:
     'words' -> a shape's colour and shape, a letter's letter; 'row' / 'col' -> a letter's row / column
-    number (1-based; the answer of the position questions); [] = no target."""
+    number (1-based; the answer of the position questions), preceded by the letter itself when
+    `with_letter` (so the keys of that layer still tell letters apart); [] = no target."""
     if what == "words":
         if cell["kind"] == "shape":
             return [cell["colour"], cell["shape"]]
         return [cell["letter"].lower()] if cell["kind"] == "letter" else []
     if cell["kind"] != "letter":
         return []
-    return [str((row if what == "row" else col) + 1)]
+    return ([cell["letter"].lower()] if with_letter else []) + [str((row if what == "row" else col) + 1)]
 
 
-def dense_word_loss(model, hidden, scenes, codec, gp: int, img_start: int, what: str = "words"):
+def dense_word_loss(model, hidden, scenes, codec, gp: int, img_start: int, what: str = "words",
+                    with_letter: bool = False):
     """LM-side dense objective (the decoder's counterpart of stage 1): at the centre patch of every
     grid cell with a target (`cell_words`), the decoder's residual stream `hidden` (B, T, D) read
     through the final norm and the LM head predicts the cell's answer words (several words share the
@@ -335,7 +337,7 @@ def dense_word_loss(model, hidden, scenes, codec, gp: int, img_start: int, what:
     for b, cells in enumerate(scenes):
         for idx, c in enumerate(cells):
             r, col = divmod(idx, S.GRID)
-            words = cell_words(c, r, col, what)
+            words = cell_words(c, r, col, what, with_letter)
             if not words:
                 continue
             rows.append((b, img_start + (r * per + per // 2) * gp + (col * per + per // 2)))
@@ -525,7 +527,7 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
                 if layer < 0:
                     continue
                 dl = dense_word_loss(model, pout.hidden_states[layer], scenes, codec, gp,
-                                     int(img_pos.nonzero()[0]), what)
+                                     int(img_pos.nonzero()[0]), what, args.dense_pos_letter2)
                 if dl is not None:
                     dloss = dl if dloss is None else dloss + dl
         cache.batch_repeat_interleave(K)
@@ -669,6 +671,8 @@ def parse_args(argv=None):
                          "routing of 'Which row' questions at this decoder layer; -1 = off")
     ap.add_argument("--col-layer2", type=int, default=-1,
                     help="the same for the column numbers and 'Which column' questions")
+    ap.add_argument("--dense-pos-letter2", action="store_true",
+                    help="the row / column dense targets of a letter also name the letter (half each)")
     ap.add_argument("--count-head2", type=int, default=-1,
                     help="count questions: this head of --route-layer2 attends evenly to BOS and the counted "
                          "cells (a sink makes the count readable); -1 = off")

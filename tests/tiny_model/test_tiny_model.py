@@ -133,7 +133,7 @@ def test_training_smoke_with_the_recipe_objectives(tmp_path):
     train.main(["--smoke", "--out", str(tmp_path), "--no-bar", "--proj-init2", "standardize",
                 "--dense-weight2", "1.0", "--dense-layer2", "1", "--row-layer2", "1", "--col-layer2", "1",
                 "--route-weight2", "1.0", "--route-layer2", "1", "--gather-layer2", "0", "--readout-layer2", "1",
-                "--count-head2", "1"])
+                "--count-head2", "1", "--dense-pos-letter2"])
     assert (tmp_path / "model.safetensors").exists()
 
 
@@ -145,6 +145,7 @@ def test_cell_words_and_projector_init():
     assert train.cell_words(shape, 1, 2, "words") == ["red", "star"]
     assert train.cell_words(letter, 1, 2, "words") == ["k"]
     assert train.cell_words(letter, 1, 2, "row") == ["2"] and train.cell_words(letter, 1, 2, "col") == ["3"]
+    assert train.cell_words(letter, 1, 2, "col", with_letter=True) == ["k", "3"]
     assert train.cell_words(shape, 1, 2, "row") == [] and train.cell_words({"kind": "empty"}, 0, 0, "words") == []
 
     model, _ = train.build(train.CONFIGS["smoke"], seed=0)
