@@ -16,13 +16,14 @@ export TRANSFORMERS_VERBOSITY ?= error
 ARGS ?=
 VTB := $(VENV)/bin/vtbench
 # The default sweep (`make eval`): every method at three visual-token budgets, plus none.
-EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200
+EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200 run.batch_size=8
 EVAL_BUDGETS ?= 0.33,0.22,0.11
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
-TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 1200 \
-	--images2 4 --questions2 12 --lr2 0.002 --route-weight2 1.0 --route-layer2 3 --route-heads2 2 --curriculum2 0 \
-	--threads 1 --gather-layer2 1 --readout-layer2 3 --decay-from2 400 --route-skip-count2
+TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 3700 \
+	--images2 4 --questions2 12 --lr2 0.002 --warmup2 50 --decay-from2 400 --threads 1 --proj-init2 standardize \
+	--dense-weight2 1.0 --dense-layer2 3 --row-layer2 5 --col-layer2 6 --route-weight2 1.0 --route-layer2 3 \
+	--route-heads2 2 --route-skip-count2 --gather-layer2 1 --readout-layer2 3 --curriculum2 0
 # `make bench`: one torch thread timed by process CPU time, so a busy machine widens spreads but does not bias ratios
 BENCH_ARGS ?= --threads 1 --clock cpu --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`

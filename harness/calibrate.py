@@ -64,7 +64,10 @@ def calibration_batches(cfg: DictConfig, model, processor) -> tuple[list[dict], 
 
 
 def _model_id(cfg: DictConfig) -> str:
-    return f"{cfg.model.name}:{cfg.model.pretrained}@{cfg.model.get('revision') or 'main'}"
+    from harness.models.loading import weights_fingerprint
+
+    fp = weights_fingerprint(str(cfg.model.pretrained))
+    return f"{cfg.model.name}:{cfg.model.pretrained}@{cfg.model.get('revision') or 'main'}" + (f"#{fp}" if fp else "")
 
 
 def shortv_artefacts(cfg, model, processor, adapter, kinds=("visual", "text")) -> dict[str, dict]:

@@ -64,6 +64,12 @@ def cell_identity(cfg: dict) -> dict:
         "batch_size": run["batch_size"],
         "max_new_tokens": run.get("max_new_tokens"),
     }
+    # a local checkpoint's weights (retraining it must not reuse old records)
+    from harness.models.loading import weights_fingerprint
+
+    fp = weights_fingerprint(str(model["pretrained"]))
+    if fp:
+        ident["model"]["weights_sha256"] = fp
     # a custom prompt template changes every answer: part of the cell (only when set, so existing keys stay)
     if model.get("chat_template"):
         ident["model"]["chat_template_sha256"] = hashlib.sha256(model["chat_template"].encode()).hexdigest()[:16]

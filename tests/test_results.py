@@ -1,6 +1,7 @@
 """Results store: record keys, atomic writes, partial (per-sample) progress, pandas loading."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,24 @@ def test_records_are_plain_json(tmp_path):
     store = ResultsStore(tmp_path)
     store.write(_record("aaaa"))
     assert json.loads((store.records / "aaaa.json").read_text())["key"] == "aaaa"
+
+
+def test_record_key_changes_with_local_weights(tmp_path):
+    """Retraining a local checkpoint (same path) gives new record keys: old records are not reused."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+    from harness.results import record_key
+
+    src = Path(__file__).resolve().parents[1] / "harness" / "assets" / "tiny-llava"
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    cfg = OmegaConf.to_container(compose_config([f"model.pretrained={ckpt}"]), resolve=True)
+    k1 = record_key(cfg)
+    assert record_key(cfg) == k1
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one weight bit
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert record_key(cfg) != k1

@@ -74,6 +74,45 @@ def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
     return pretrained, False
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def weights_fingerprint(pretrained: str) -> str | None:
+    """A short fingerprint of a local checkpoint's weights (None for a hub id).
+
+    Part of every record key and calibration key, so retraining a local model (e.g. `make
+    tiny-model`) never reuses results of the old weights. Per weight file: its name, size and the
+    sha256 of its bytes (files over 64 MiB: of the safetensors header, the first and last 4 MiB, so
+    a 7B folder costs milliseconds). Cached per process by (path, mtime, size).
+    """
+    import hashlib
+
+    try:
+        path, is_local = resolve_pretrained(pretrained)
+    except ModelLoadError:
+        return None
+    if not is_local:
+        return None
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                if size <= 64 << 20:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(4 << 20))
+                    fh.seek(size - (4 << 20))
+                    h.update(fh.read())
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
 def _check_reachable(path: str, is_local: bool, revision: str | None = None) -> None:
     """Fail in one line when a hub id cannot be resolved (offline and not in the local HF cache)."""
     if is_local:

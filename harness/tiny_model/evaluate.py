@@ -231,10 +231,12 @@ def write_card(model_dir: Path, res: dict) -> Path:
         f"   * *routing*: at the answer-predicting position, {args.get('route_heads2')} heads of layer "
         f"{args.get('route_layer2')} attend to the centre patch of the asked cell (colour / shape / letter), "
         f"of layer {args.get('row_layer2')} / {args.get('col_layer2')} to the asked letter (which row / "
-        f"column); head {args.get('count_head2')} of layer {args.get('route_layer2')} spreads its attention "
-        "evenly over BOS (a sink) and the counted cells; heads of layer "
-        f"{args.get('gather_layer2')} read the question's row / column number (or letter, or counted word) "
-        "into the answer position first;",
+        "column); "
+        + (f"head {args.get('count_head2')} of layer {args.get('route_layer2')} spreads its attention evenly "
+           "over BOS (a sink) and the counted cells; " if args.get("count_head2", "-1") != "-1" else
+           "count questions get no routing (the model learns to count from the answer loss alone); ")
+        + f"heads of layer {args.get('gather_layer2')} read the question's row / column number (or letter, or "
+        "counted word) into the answer position first;",
         f"   * *read-out*: the residual after layer {args.get('readout_layer2')} predicts the first answer token.",
         "",
         "   The image prefix of the prompt is question-independent, so its KV cache is computed once per image "
@@ -248,6 +250,7 @@ def write_card(model_dir: Path, res: dict) -> Path:
         f"`torch.use_deterministic_algorithms(True)`, {args.get('threads')} torch thread(s).",
         f"Training wall time: {info.get('train_wall_s', 0) / 60:.1f} min on the shared 2-core CPU "
         f"(stage 1: {info.get('stage1_s', 0) / 60:.1f} min).",
+        *([f"Selection: {info['note']}."] if info.get("note") else []),
         "",
         "## Scores (`shapes` " + f"{res.get('split')} split, n={res.get('n')}, exact match)",
         "",
@@ -264,6 +267,13 @@ def write_card(model_dir: Path, res: dict) -> Path:
     if "none" in modes:
         lines += ["Per question type (no reduction): " + ", ".join(
             f"{k} {100 * v:.1f}" for k, v in modes["none"]["per_qtype"].items()), ""]
+    if "none" in modes:
+        weak = {k: v for k, v in modes["none"]["per_qtype"].items() if v < 0.7}
+        if weak:
+            lines += ["Limitations: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in weak.items())
+                      + " -- the recipe teaches these circuits least directly (position questions need a "
+                      "content-based look-up of the letter, counting an aggregate over cells); they are below "
+                      "the other types and cap the overall score.", ""]
     if "random10" in modes:
         lines += ["Per question type (random 10 %): " + ", ".join(
             f"{k} {100 * v:.1f}" for k, v in modes["random10"]["per_qtype"].items()), ""]
