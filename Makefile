@@ -17,7 +17,7 @@ ARGS ?=
 VTB := $(VENV)/bin/vtbench
 # The default sweep (`make eval`): every method at three visual-token budgets, plus none.
 EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200 run.batch_size=8
-EVAL_BUDGETS ?= 0.33,0.22,0.11
+EVAL_BUDGETS ?= 0.33,0.22,0.125
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
 TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 3700 \

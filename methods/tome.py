@@ -87,6 +87,33 @@ class ToMeReducer(VisionReducer):
         return x_new
 
 
+def front_load(sched: dict[int, int], layers: list[int], n0: int) -> dict[int, int]:
+    """An even `tokens` schedule made feasible for bipartite matching (at most ⌈n/2⌉ − 1 merges in a
+    layer that receives n tokens, CLS protected): a layer over its cap keeps the cap and hands the
+    excess to the layer before it, repeated until nothing moves. Shallow towers (few layers before
+    the feature layer) thus reach small budgets by merging more early; if even the first layer
+    cannot take the excess, the schedule is returned as is and the caller's check reports it."""
+    sched = {layer: sched.get(layer, 0) for layer in layers}
+    for _ in range(64 * len(layers) * n0):  # each pass moves >= 1 token earlier: terminates
+        moved = False
+        n = n0
+        caps = {}
+        for layer in layers:
+            caps[layer] = ceil_div(n, 2) - 1
+            n -= min(sched[layer], caps[layer])
+        for j in range(len(layers) - 1, 0, -1):
+            layer, prev = layers[j], layers[j - 1]
+            excess = sched[layer] - caps[layer]
+            if excess > 0:
+                sched[layer] -= excess
+                sched[prev] += excess
+                moved = True
+                break
+        if not moved:
+            break
+    return sched
+
+
 @register
 @dataclasses.dataclass
 class ToMe(VisionReductionMethod):
@@ -122,7 +149,7 @@ class ToMe(VisionReductionMethod):
                 raise MethodError(
                     f"tome: tokens={self.tokens} exceeds the {geom.visual_per_crop} visual tokens per image"
                 )
-            sched = split_evenly(geom.visual_per_crop - self.tokens, useful)
+            sched = front_load(split_evenly(geom.visual_per_crop - self.tokens, useful), useful, geom.tokens)
         elif isinstance(self.r, (list, tuple)):
             if len(self.r) > geom.num_layers:
                 raise MethodError(
