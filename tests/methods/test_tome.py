@@ -153,3 +153,23 @@ def test_decode_consistency_and_batch(family, lm, gqa):
 @pytest.mark.slow
 def test_full_size_meta_count_equals_analytic():
     check_meta_flops("tome", {"tokens": 192})
+
+
+def test_front_loaded_schedule_for_shallow_towers():
+    """A token budget too deep for an even split on a shallow tower moves merges to earlier layers,
+    within the bipartite cap (at most ceil(n/2) - 1 merges of n tokens, CLS protected); a budget no
+    schedule can reach still fails in one line."""
+    from methods._shared.vision_reduce import split_evenly
+    from methods.tome import front_load
+
+    layers = [0, 1, 2]
+    even = split_evenly(144 - 18, layers)
+    sched = front_load(even, layers, 145)
+    assert sum(sched.values()) == 126 and sched != even
+    n = 145
+    for layer in layers:
+        assert sched[layer] <= (n + 1) // 2 - 1
+        n -= sched[layer]
+    assert n == 19  # 18 visual tokens + CLS
+    # already feasible: unchanged (the CLIP-L/24-layer LLaVA-1.5 budgets)
+    assert front_load(split_evenly(384, list(range(23))), list(range(23)), 577) == split_evenly(384, list(range(23)))
