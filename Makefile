@@ -26,6 +26,8 @@ TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 -
 	--route-heads2 2 --route-skip-count2 --gather-layer2 1 --readout-layer2 3 --curriculum2 0
 # `make bench`: one torch thread timed by process CPU time, so a busy machine widens spreads but does not bias ratios
 BENCH_ARGS ?= --threads 1 --clock cpu --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
+# `make paper`: seeded shapes val samples behind the motivating figures of the tiny model
+PAPER_SAMPLES ?= 48
 # pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
 PYTEST_ARGS ?=
 
@@ -71,7 +73,7 @@ report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the reco
 
 .PHONY: paper
 paper: $(STAMP) ## Paper FLOPs tables + motivating figures under results/paper/ (figures for the tiny model)
-	$(VENV)/bin/vtbench-paper --out results/paper --model tiny --store runs/store
+	$(VENV)/bin/vtbench-paper --out results/paper --model tiny --store runs/store --samples $(PAPER_SAMPLES)
 
 .PHONY: calibrate
 calibrate: $(STAMP) ## Calibration artefacts, e.g. `make calibrate ARGS="method=shortv"`
