@@ -18,7 +18,7 @@ CASES = {
     "tome": ["budget.kind=tokens", "budget.value=0.5"],
     "ficoco_v": ["method.params.start_layer=1"] + BUDGET,
     "ficoco_l": ["method.params.start_layer=2"] + BUDGET,
-    "ficoco_vl": ["+method.params.vision_params.start_layer=1", "+method.params.llm_params.start_layer=2"] + BUDGET,
+    "ficoco_vl": ["++method.params.vision_params.start_layer=1", "++method.params.llm_params.start_layer=2"] + BUDGET,
     "shortv": ["method.params.layers=[3,1]"],
     "redundancylens": ["method.params.hollow_layers=[2,3]", "method.params.ffn_layers=[1,3]", "method.params.window=16"],
 }
