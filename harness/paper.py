@@ -445,15 +445,9 @@ def _plt():
 
 
 def _save(fig, fig_dir: Path, name: str) -> list[Path]:
-    plt = _plt()
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        p = fig_dir / f"{name}.{ext}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata=meta)
-        paths.append(p)
-    plt.close(fig)
-    return paths
+    from harness.report import save_figure
+
+    return save_figure(fig, fig_dir, name)
 
 
 def load_cfg(model: str, overrides: list[str]):
@@ -597,7 +591,7 @@ def fig_attention_share(cfg, docs, fig_dir: Path) -> list[Path]:
 def fig_accuracy_vs_tflops(store: str, fig_dir: Path) -> list[Path]:
     import warnings
 
-    from harness.report import F_TOTAL
+    from harness.report import F_TOTAL, accuracy_vs_flops_figure
     from harness.results import load
 
     with warnings.catch_warnings():
@@ -608,18 +602,10 @@ def fig_accuracy_vs_tflops(store: str, fig_dir: Path) -> list[Path]:
               f"accuracy-vs-TFLOPs figure", file=sys.stderr)
         return []
     df = df[df[F_TOTAL].notna()]
-    plt = _plt()
     written = []
     for (model, bench), g in df.groupby(["model", "benchmark"], sort=True):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for m, gm in g.groupby("method", sort=True):
-            gm = gm.assign(tf=gm[F_TOTAL] / 1e12).sort_values("tf")
-            ax.plot(gm["tf"], gm["accuracy"], marker="o", label=m)
-        ax.set_xlabel("prefill TFLOPs (counted, all components)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"FiCoCo-style accuracy vs TFLOPs — {bench} on {model}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        fig = accuracy_vs_flops_figure(g.assign(tf=g[F_TOTAL] / 1e12), "tf", "prefill TFLOPs (counted, all components)",
+                                       f"FiCoCo-style accuracy vs TFLOPs — {bench} on {model}")
         written += _save(fig, fig_dir, f"ficoco_accuracy_vs_tflops_{model}_{bench}")
     return written
 

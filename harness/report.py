@@ -220,6 +220,39 @@ def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figu
     return written
 
 
+def save_figure(fig, fig_dir: Path, name: str) -> list[Path]:
+    """`<fig_dir>/<name>.png` and `.pdf`, deterministic (no software / creation-date metadata); closes `fig`."""
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        p = fig_dir / f"{name}.{ext}"
+        fig.savefig(p, dpi=120, bbox_inches="tight", metadata=meta)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def accuracy_vs_flops_figure(frame, x: str, xlabel: str, title: str):
+    """Accuracy against a FLOPs column, one line per method (sorted by the FLOPs); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, g in frame.groupby("method", sort=True):
+        g = g.sort_values(x)
+        ax.plot(g[x], g["accuracy"], marker="o", label=m)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
     import matplotlib
 
@@ -231,23 +264,11 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
     has_flops = t["gflops"].notna().any()
 
     def save(fig, name):
-        for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-            p = fig_dir / f"{stem}_{name}.{ext}"
-            fig.savefig(p, dpi=120, bbox_inches="tight", metadata=meta)
-            written.append(p)
-        plt.close(fig)
+        written.extend(save_figure(fig, fig_dir, f"{stem}_{name}"))
 
     if has_flops:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for m, g in t.groupby("method", sort=True):
-            g = g.sort_values("gflops")
-            ax.plot(g["gflops"], g["accuracy"], marker="o", label=m)
-        ax.set_xlabel("prefill GFLOPs (counted)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"Accuracy vs FLOPs — {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "pareto")
+        save(accuracy_vs_flops_figure(t, "gflops", "prefill GFLOPs (counted)", f"Accuracy vs FLOPs — {title}"),
+             "pareto")
         if "flops_ratio" in t and t["flops_ratio"].notna().any():
             fig, ax = plt.subplots(figsize=(5.5, 4))
             for m, g in t[t["method"] != "none"].groupby("method", sort=True):

@@ -94,7 +94,7 @@ def front_load(sched: dict[int, int], layers: list[int], n0: int) -> dict[int, i
     the feature layer) thus reach small budgets by merging more early; if even the first layer
     cannot take the excess, the schedule is returned as is and the caller's check reports it."""
     sched = {layer: sched.get(layer, 0) for layer in layers}
-    for _ in range(64 * len(layers) * n0):  # each pass moves >= 1 token earlier: terminates
+    for _ in range(sum(sched.values()) * len(layers) + 1):  # each pass moves >= 1 merge one layer earlier
         moved = False
         n = n0
         caps = {}

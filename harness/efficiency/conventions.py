@@ -134,17 +134,18 @@ def fastv_tokens_per_layer(config, K: int, R: float, image: int = 576) -> list[f
     return [n] * K + [n - image * R] * (L - K)
 
 
-def ficoco_budget_tokens(method, visual: int) -> int | None:
-    """The final visual-token count a FiCoCo budget label refers to (FiCoCo-L `final_tokens`, or
-    `final_ratio` of the `visual` tokens entering the LLM; FiCoCo-VL `tokens`), or None for other
-    methods / budgets given otherwise."""
+def ficoco_budget_tokens(method, visual: int, per_crop: int) -> int | None:
+    """The final visual-token count a FiCoCo budget label refers to, for `visual` tokens entering the
+    LLM: FiCoCo-L `final_tokens` or `final_ratio` x visual; FiCoCo-VL `tokens` per crop of `per_crop`
+    tokens, i.e. the same share of `visual` (LLaVA-NeXT: several crops); None for other methods."""
     name = getattr(method, "name", None)
     if name == "ficoco_l":
         if getattr(method, "final_ratio", None) is not None:
             return max(1, round(float(method.final_ratio) * visual))
         return getattr(method, "final_tokens", None)
     if name == "ficoco_vl":
-        return getattr(method, "tokens", None)
+        tokens = getattr(method, "tokens", None)
+        return None if tokens is None else max(1, round(tokens * visual / per_crop))
     return None
 
 
@@ -174,7 +175,7 @@ def evaluate(name: str, config, *, visual: int | None = None, text: int | None =
         v = paper_visual_tokens(config) if visual is None else visual
         t = ficoco_text_tokens(config) if text is None else text
         out.update(total=ficoco_flops(config, v, t, method), visual=v, text=t)
-        final = ficoco_budget_tokens(method, v)
+        final = ficoco_budget_tokens(method, v, _shapes(config).vit.patches)
         if final is not None and final < v:
             out.update(label_total=ficoco_flops(config, final, t), label_visual=final, label_note=(
                 f"FiCoCo's budget label: the dense LLM with the {final} final visual tokens entering it (the "

@@ -400,6 +400,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def optimizer_step(opt, loss, params, run: float | None) -> tuple[float, float]:
+    """One AdamW step with gradient clipping at 1.0; returns (this loss, its running mean)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    lv = float(loss.detach())
+    return lv, (lv if run is None else 0.95 * run + 0.05 * lv)
+
+
 class Logger:
     def __init__(self, path: Path | None, t0: float):
         self.path, self.t0 = path, t0
@@ -452,12 +462,7 @@ def stage1(model, args, log: Logger, bar_disable: bool):
             if m.any():
                 loss = loss + nn.functional.cross_entropy(logits[m], y[m])
                 accs.append(float((logits[m].argmax(-1) == y[m]).float().mean()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lv = float(loss.detach())
-        run = lv if run is None else 0.95 * run + 0.05 * lv
+        lv, run = optimizer_step(opt, loss, params, run)
         bar.set_postfix(loss=f"{run:.3f}")
         if step % args.log_every == 0 or step == args.steps1 - 1:
             log.log("vision", step, lv)
@@ -598,12 +603,7 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
             loss = loss + args.dense_weight2 * dloss
         for g in opt.param_groups:
             g["lr"] = lr_rsqrt(step, args.lr2, args.warmup2, args.decay_from2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lv = float(loss.detach())
-        run = lv if run is None else 0.95 * run + 0.05 * lv
+        lv, run = optimizer_step(opt, loss, params, run)
         bar.set_postfix(loss=f"{run:.3f}")
         if rloss is not None and step % args.log_every == 0 and bar_disable:
             print(f"[stage2] step {step} routing loss {float(rloss.detach()):.4f}", flush=True)

@@ -56,3 +56,9 @@ def test_errors_are_one_line(capsys, args, msg):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and msg in err and err.startswith("vtbench-flops: error:")
+
+
+def test_ficoco_vl_budget_label_counts_every_crop(capsys):
+    """On LLaVA-NeXT FiCoCo-VL's `tokens` is per crop: the label keeps that share of all 2880 tokens."""
+    assert main(["model=llava_next_7b", "method=ficoco_vl", "method.params.tokens=192", "convention=ficoco"]) == 0
+    assert "(960 visual tokens)" in capsys.readouterr().out
