@@ -22,6 +22,11 @@ class Method:
     families: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
     #: True if the method only simulates the saving (masks instead of skipping compute)
     simulated: ClassVar[bool] = False
+    #: False if the patched model reads tensor *values* while it runs (the visual-token positions from
+    #: `input_ids`, scores, ``.item()``): it cannot run on the meta device, so `vtbench-flops` gives the
+    #: method's analytic numbers on full-size configs without a doomed meta forward first (a test checks
+    #: the flag against a real meta forward for every method)
+    meta_countable: ClassVar[bool] = True
     #: budgets (harness.budget): the parameter that takes a number of visual tokens directly, if any,
     #: and the parameter a FLOPs budget is solved over (its candidates from `budget_candidates`)
     budget_tokens_param: ClassVar[str | None] = None

@@ -79,6 +79,7 @@ def last_token_attention(attn, q: torch.Tensor, k: torch.Tensor, view) -> torch.
 @dataclasses.dataclass
 class FastV(Method):
     name = "fastv"
+    meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"
 

@@ -235,6 +235,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
 @dataclasses.dataclass
 class FiCoCoL(Method):
     name = "ficoco_l"
+    meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "final_tokens"
     budget_param = "final_tokens"
 

@@ -45,6 +45,7 @@ from methods.ficoco_v import FiCoCoV
 @dataclasses.dataclass
 class FiCoCoVL(Method):
     name = "ficoco_vl"
+    meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "tokens"
     budget_param = "tokens"
     #: visual tokens per image left after the LLM stage (e.g. 192 / 128 / 64 of 576); None = no reduction.

@@ -60,6 +60,7 @@ class _RandomPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class RandomDrop(Method):
     name = "random"
+    meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"
 

@@ -46,6 +46,7 @@ PROBE_SAMPLING = ("random", "strided")
 @dataclasses.dataclass
 class RedundancyLens(Method):
     name = "redundancylens"
+    meta_countable = False  # finds the visual tokens from input_ids values
     #: a budget sets the proportion of reduced layers (both reductions, on the 'auto' rankings)
     budget_param = "ratio"
 

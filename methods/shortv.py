@@ -31,6 +31,7 @@ from methods.base import Method, MethodError
 @dataclasses.dataclass
 class ShortV(Method):
     name = "shortv"
+    meta_countable = False  # finds the visual tokens from input_ids values
 
     #: layer indices (0-based) to freeze, in priority (ascending visual LC) order; or "auto" = the first
     #: `N` layers of the ranking in the calibration artefact `calibration`

@@ -23,13 +23,15 @@ Two counters, one result type (`FlopsCount`):
     precomputed (`mm_encoder_outputs`, the model's own input for that).
   Ops fvcore cannot count are collected in `unsupported_ops` (element-wise ops that the convention
   excludes are ignored explicitly, so anything listed there is worth a look); nothing is printed.
-* **torch.utils.flop_counter.FlopCounterMode** (used automatically for models on the *meta* device,
-  i.e. full-size architectures without weights — fvcore's jit tracing fails on meta convolutions). It
-  counts FLOPs (2 per MAC) at the dispatcher level; we add the CPU flash-SDPA formula it lacks. On meta,
+* **torch.utils.flop_counter**'s formulas (counter name `flop_counter_mode`; used automatically for models
+  on the *meta* device, i.e. full-size architectures without weights — fvcore's jit tracing fails on
+  meta convolutions). FLOPs (2 per MAC) are counted at the dispatcher level by FlopCounterMode's formula
+  table, without its per-module bookkeeping (`_FlopFormulaMode`); we add the CPU flash-SDPA formula it
+  lacks. On meta,
   Hugging Face's data-dependent checks must be off (`TRANSFORMERS_DISABLE_TORCH_CHECK=1`, set only for
   the duration of the count) and an empty `DynamicCache` is passed.
 
-`count_prefill_and_decode` gives both with one forward less (FlopCounterMode path). If a patched model
+`count_prefill_and_decode` gives both with one forward less (`flop_counter_mode` path). If a patched model
 cannot run on meta (data-dependent method code), `analytic_count` gives the method's analytic numbers
 labelled `source="analytic"`.
 
@@ -430,17 +432,66 @@ def _fcm_sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return 2 * sdpa_macs(list(q), list(k), list(v))
 
 
-def _flop_counter_count(model, adapter, kwargs: dict):
-    """FlopCounterMode over one forward; per component from forward hooks on the four modules."""
-    from torch.utils.flop_counter import FlopCounterMode
+class _FlopFormulaMode:
+    """torch's own FLOP formulas (`torch.utils.flop_counter.flop_registry`, the table FlopCounterMode
+    reads) applied to every aten op a forward dispatches, summed into one running total.
 
+    FlopCounterMode itself also keeps a per-module breakdown: it hooks every module call and adds each
+    op's count to all enclosing modules, about a quarter of the time of a meta-device forward. The four
+    components are taken from forward hooks on their modules instead (`_flop_counter_count`), so the
+    running total is all we need. Same formulas, same ops (a test checks the totals against
+    FlopCounterMode's and against fvcore's).
+    """
+
+    def __init__(self, custom_mapping: dict):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+        registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in custom_mapping.items()}}
+        skip = {torch.ops.aten.size.default, torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+                torch.ops.aten.numel.default, torch.ops.aten.dim.default}
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in skip:
+                    return NotImplemented
+                packet = func._overloadpacket
+                formula = registry.get(packet)
+                if formula is None and func is not torch.ops.prim.device.default:
+                    # as FlopCounterMode: an op without a formula may decompose into ops with one
+                    r = func.decompose(*args, **kwargs)
+                    if r is not NotImplemented:
+                        return r
+                out = func(*args, **kwargs)
+                if formula is not None:
+                    counter.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.total = 0
+        self._mode = Mode()
+
+    def get_total_flops(self) -> int:
+        return self.total
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _flop_counter_count(model, adapter, kwargs: dict):
+    """One forward under torch's FLOP formulas; per component from forward hooks on the four modules."""
     aten = torch.ops.aten
     mapping = {}
     for name in ("_scaled_dot_product_flash_attention_for_cpu",):
         op = getattr(aten, name, None)
         if op is not None:
             mapping[op] = _fcm_sdpa_cpu
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = _FlopFormulaMode(mapping)
     acc = {c: 0 for c in COMPONENTS}
     start: dict[str, int] = {}
     handles = []
@@ -565,7 +616,7 @@ def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCou
 
 
 def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None) -> tuple[FlopsCount, FlopsCount]:
-    """`(count_prefill, count_decode)` of the same inputs; with FlopCounterMode (the meta-device path)
+    """`(count_prefill, count_decode)` of the same inputs; with `flop_counter_mode` (the meta-device path)
     the counted prefill's own cache feeds the decode step, saving one forward."""
     meta = is_meta(model)
     counter = counter or ("flop_counter_mode" if meta else "fvcore")

@@ -62,3 +62,53 @@ def test_ficoco_vl_budget_label_counts_every_crop(capsys):
     """On LLaVA-NeXT FiCoCo-VL's `tokens` is per crop: the label keeps that share of all 2880 tokens."""
     assert main(["model=llava_next_7b", "method=ficoco_vl", "method.params.tokens=192", "convention=ficoco"]) == 0
     assert "(960 visual tokens)" in capsys.readouterr().out
+
+
+def _meta_forward_ok(name: str) -> bool:
+    """Does one counted prefill of LLaVA-1.5-7B on the meta device run with `name` at the bench budget
+    (192 of 576 visual tokens; ShortV with the paper's layer list)?"""
+    from omegaconf import OmegaConf
+
+    import methods
+    from harness.bench import flops_cli_params
+    from harness.config import compose_config
+    from harness.efficiency import flops as F
+    from harness.models import get_adapter
+    from harness.models.loading import config_from_cfg, meta_model
+
+    cfg = compose_config(["model=llava15_7b", f"method={name}", *flops_cli_params(name, 576, 32)])
+    config = config_from_cfg(cfg.model)
+    model = meta_model(config)
+    params = OmegaConf.to_container(cfg.method.params, resolve=True) if cfg.method.get("params") else {}
+    methods.build(name, params).apply(model, get_adapter(model))
+    try:
+        F.count_prefill(model, F.synthetic_inputs(config))
+    except RuntimeError as e:
+        assert "meta" in str(e)  # the value read (.item(), bool of a meta tensor), nothing else
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["none", "random", "fastv", "tome", "ficoco_v", "ficoco_l", "ficoco_vl",
+                                  "shortv", "redundancylens"])
+def test_meta_countable_flag_is_true(name):
+    """`vtbench-flops` skips the meta forward of methods flagged meta_countable=False: the flag must say
+    what a real meta forward does, in both directions."""
+    import methods
+
+    assert methods.get(name).meta_countable == _meta_forward_ok(name)
+
+
+def test_value_reading_method_is_not_tried(capsys, monkeypatch):
+    from harness.efficiency import flops as F
+
+    def boom(*a, **k):
+        raise AssertionError("the meta forward must not run")
+
+    monkeypatch.setattr(F, "count_prefill_and_decode", boom)
+    assert main(["model=llava15_7b", "method=fastv", "method.params.keep=192", "format=json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["prefill"]["source"] == "analytic" and r["decode"]["source"] == "analytic"
+    assert "cannot run on the meta device" in r["notes"][0]
+    assert set(r["timing"]) == {"setup", "count", "analytic"}

@@ -172,3 +172,20 @@ def test_decode_with_pruned_cache_matches_per_layer_analytic():
     assert len(set(dec.kv_lengths)) == 2  # full cache before layer K, pruned after
     assert dec.flops == F.analytic_decode(model.config, dec.context, kv_lengths=dec.kv_lengths)
     assert dec.flops != F.analytic_decode(model.config, dec.context)
+
+
+@pytest.mark.parametrize("family,lm", [("llava", "qwen2"), ("llava_next", "llama")])
+def test_formula_mode_total_equals_flop_counter_mode(family, lm):
+    """The meta-path counter applies torch's FLOP formulas without FlopCounterMode's per-module
+    bookkeeping; its total must equal FlopCounterMode's own on the same forward (given the same CPU
+    flash-SDPA formula, which torch's table lacks)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, proc = tiny(family, lm, True, "sdpa")
+    inputs = inputs_for(proc)
+    ours = F.count_prefill(model, inputs, counter="flop_counter_mode", logits_to_keep=0)
+    sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: F._fcm_sdpa_cpu}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=sdpa) as fcm:
+        model(**inputs, logits_to_keep=0)
+    assert ours.total == fcm.get_total_flops() > 0
