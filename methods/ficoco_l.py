@@ -12,7 +12,8 @@ visual tokens are removed and their information merged into the kept visual toke
    `alpha_ij = C_ij / sum_{J_i} C_ij'`, `X_j <- (X_j + sum_i alpha_ij X_i) / (1 + sum_i alpha_ij)`.
 
 `A` is the layer's head-mean attention, computed here from the layer's own post-RoPE q/k for the rows
-needed only (visual and text rows; the attention output itself still comes from SDPA). Text = the
+needed only (visual and text rows, in row blocks that skip the keys no row of the block can see; the
+attention output itself still comes from SDPA). Text = the
 non-visual prompt tokens after the first visual token (the instruction), M of them.
 
 Variants (`variant`):
@@ -141,6 +142,42 @@ def _index_of(mask: torch.Tensor):
     return order, ok
 
 
+#: query rows per block of the score computation (below)
+SCORE_BLOCK = 128
+
+
+def score_blocks(n_rows: int, n_visual: int) -> list[tuple[int, int]]:
+    """Row blocks [a, b) of the query rows (visual rows in blocks of SCORE_BLOCK, then the text rows)."""
+    out = [(a, min(a + SCORE_BLOCK, n_visual)) for a in range(0, n_visual, SCORE_BLOCK)]
+    return out + ([(n_visual, n_rows)] if n_rows > n_visual else [])
+
+
+def score_key_macs(before: int, n_visual: int, n_text: int, hw: int) -> int:
+    """MACs of the score logits of one batch-1 prefill merge layer: each row block against the keys
+    up to its last row (visual block [a, b): before + b keys; the text rows: all before + v + M)."""
+    n = before + n_visual + n_text
+    return hw * sum((b - a) * (before + b if a < n_visual else n) for a, b in score_blocks(n_visual + n_text, n_visual))
+
+
+def head_mean_attention(qh, kh, rows, valid, vis_idx, scaling):
+    """`A[b, i, j]`: head-mean causal softmax attention of query rows `rows` [B, R] (sequence positions,
+    ascending within each block) to the visual keys `vis_idx` [B, v], padding keys masked: [B, R, v].
+
+    Row blocks (`score_blocks`) skip the keys that no row of the block can see: with the visual rows
+    first, the visual-visual triangle costs about half the full square. Exact up to float rounding: a
+    skipped key has probability 0 (a test compares with the unblocked computation)."""
+    nv = vis_idx.shape[1]
+    out = []
+    for a, b in score_blocks(rows.shape[1], nv):
+        r = rows[:, a:b]
+        kmax = int(r.max()) + 1  # keys past every row of the block are masked for all of them
+        allowed = valid[:, None, :kmax] & (torch.arange(kmax, device=r.device)[None, None] <= r[..., None])
+        att = LR.query_row_probs(qh[:, :, a:b], kh[:, :, :kmax], allowed, scaling).mean(1)  # [B, b-a, kmax]
+        att = torch.nn.functional.pad(att, (0, max(int(vis_idx.max()) + 1 - kmax, 0)))
+        out.append(LR.take(att, vis_idx, 2))
+    return torch.cat(out, dim=1)
+
+
 def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
     """One FiCoCo-L filter-correlate-compress step on the post-attention hidden states."""
     q, k = qk
@@ -153,31 +190,34 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
     txt_idx, txt_ok = _index_of(text)  # [B, M]
     M = txt_ok.sum(1).clamp(min=1).to(torch.float32)  # [B]
 
-    qh = LR.post_rope(attn, LR.heads(q[:, c0:c1], hd), cos[:, c0:c1], sin[:, c0:c1])
-    rows = torch.arange(c0, c1, device=q.device)
+    tmask = txt_ok[..., None].float()
     if m.variant == "paper":
+        # query rows: the visual tokens, then the text tokens (a padded text slot borrows the first visual
+        # row, so no row is fully masked; tmask zeroes it below)
+        txt_idx = torch.where(txt_ok, txt_idx, vis_idx[:, :1])
+        rows = torch.cat([vis_idx, txt_idx], dim=1)  # [B, v+M] sequence positions
+        q_rows = LR.take(q, rows)
+        cs = [LR.take(t, rows) for t in (cos, sin)]
+        qh = LR.post_rope(attn, LR.heads(q_rows, hd), *cs)
         kh = LR.post_rope(attn, LR.heads(k, hd), cos, sin)
-        allowed = view.valid[:, None, :] & (torch.arange(n, device=q.device)[None, None] <= rows[None, :, None])
-        att = LR.query_row_probs(qh, kh, allowed, attn.scaling).mean(1)  # [B, c1-c0, n]
-        att = att.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # padding rows see no key (NaN)
+        att = head_mean_attention(qh, kh, rows, view.valid, vis_idx, attn.scaling)  # [B, v+M, v]
+        A_vv = att[:, :nv]  # [B, v, v]
+        A_tv = att[:, nv:] * tmask  # [B, M, v]: text rows -> visual keys
+        redundancy = m.beta * A_vv.mean(-1) - (1 - m.beta) * A_tv.sum(1) / M[:, None]
     else:
+        qh = LR.post_rope(attn, LR.heads(q[:, c0:c1], hd), cos[:, c0:c1], sin[:, c0:c1])
         kh = LR.post_rope(attn, LR.heads(k[:, c0:c1], hd), cos[:, c0:c1], sin[:, c0:c1])
         kh = LR.repeat_kv(kh, qh.shape[1] // kh.shape[1])
         att = (torch.matmul(qh, kh.transpose(-1, -2)) * attn.scaling).float().mean(1)  # [B, R, R]
         att = torch.nn.functional.pad(att, (c0, n - c1))  # columns back to sequence positions
 
-    def rows_of(idx):  # rows (sequence positions idx) of att
-        return att.gather(1, (idx - c0).clamp(min=0)[..., None].expand(-1, -1, att.shape[2]))
+        def rows_of(idx):  # rows (sequence positions idx) of att
+            return att.gather(1, (idx - c0).clamp(min=0)[..., None].expand(-1, -1, att.shape[2]))
 
-    def cols_of(x, idx):
-        return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
+        def cols_of(x, idx):
+            return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
 
-    A_vv = cols_of(rows_of(vis_idx), vis_idx)  # [B, v, v]
-    tmask = txt_ok[..., None].float()
-    if m.variant == "paper":
-        A_tv = cols_of(rows_of(txt_idx), vis_idx) * tmask  # [B, M, v]: text rows -> visual keys
-        redundancy = m.beta * A_vv.mean(-1) - (1 - m.beta) * A_tv.sum(1) / M[:, None]
-    else:
+        A_vv = cols_of(rows_of(vis_idx), vis_idx)  # [B, v, v]
         A_vt = cols_of(rows_of(vis_idx), txt_idx) * txt_ok[:, None, :].float()  # [B, v, M]
         A_tv = cols_of(rows_of(txt_idx), vis_idx) * tmask
         redundancy = m.beta * A_vv.sum(-1) - (1 - m.beta) * A_vt.sum(-1) / M[:, None]
@@ -192,11 +232,11 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         return x.gather(2, cols_[:, None, :].expand(-1, x.shape[1], -1))
 
     X = view.hidden
-    X_v = X.gather(1, vis_idx[..., None].expand(-1, -1, d))  # [B, v, d]
-    X_s = X_v.gather(1, disc[..., None].expand(-1, -1, d))
+    X_v = LR.take(X, vis_idx)  # [B, v, d]
+    X_s = LR.take(X_v, disc)
     if m.variant == "paper":
-        W = A_tv.gather(2, disc[:, None, :].expand(-1, A_tv.shape[1], -1))  # [B, M, r]
-        Tt = A_tv.gather(2, tgt[:, None, :].expand(-1, A_tv.shape[1], -1))  # [B, M, v-r]
+        W = LR.take(A_tv, disc, 2)  # [B, M, r]
+        Tt = LR.take(A_tv, tgt, 2)  # [B, M, v-r]
         indirect = torch.matmul(W.transpose(1, 2), Tt) / M[:, None, None]  # [B, r, v-r]
         C = m.gamma * sub(A_vv, disc, tgt) + (1 - m.gamma) * indirect
         tau = torch.quantile(C, m.epsilon, dim=2, keepdim=True)
@@ -204,7 +244,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         den = Cj.sum(2, keepdim=True)
         alpha = torch.where(den > 0, Cj / den.clamp(min=1e-30), torch.zeros_like(Cj))  # [B, r, v-r]
         moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)  # [B, v-r, d]
-        X_t = X_v.gather(1, tgt[..., None].expand(-1, -1, d))
+        X_t = LR.take(X_v, tgt)
         X_t = (X_t + moved) / (1 + alpha.sum(1))[..., None].to(X.dtype)
     else:
         A_sT = A_vt.gather(1, disc[..., None].expand(-1, -1, A_vt.shape[2]))  # [B, r, M]
@@ -219,7 +259,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         full = torch.zeros_like(p).scatter(2, top.indices, w)  # [B, r, v]
         alpha = full.gather(2, tgt[:, None, :].expand(-1, r, -1))  # shares to kept targets
         moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)
-        X_t = X_v.gather(1, tgt[..., None].expand(-1, -1, d)) + moved
+        X_t = LR.take(X_v, tgt) + moved
 
     # write the targets back and keep every non-visual token + the targets
     tgt_pos = vis_idx.gather(1, tgt)  # sequence positions of targets
@@ -339,7 +379,8 @@ class FiCoCoL(Method):
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         """Batch-1 prefill: dense layers before start_layer; at a merge layer with n tokens, v visual,
         M = layout.after text tokens and r removed: attention over n, MLP over n - r, plus the scores
-        (paper: (v+M) query rows x n keys; code: (v+M) x (v+M)), the indirect term (paper r x M x (v-r);
+        (paper: (v+M) query rows, each row block against the keys up to its last row, `score_key_macs`;
+        code: (v+M) x (v+M)), the indirect term (paper r x M x (v-r);
         code r x M x v) and the compress matmul ((v-r) x r x d)."""
         macs = A.dense_prefill_macs(shapes, layout)
         s = shapes.llm
@@ -357,7 +398,7 @@ class FiCoCoL(Method):
                 continue
             llm += A.llm_layer_macs(s, n_q=n, n_ffn=n - r)
             if self.variant == "paper":
-                llm += (v + M) * n * hw + r * M * (v - r)
+                llm += score_key_macs(n - v - M, v, M, hw) + r * M * (v - r)
             else:
                 llm += (v + M) * (v + M) * hw + r * M * v
             llm += (v - r) * r * s.hidden

@@ -13,8 +13,10 @@ import torch
 import yaml
 
 import methods
+import methods.ficoco_l as FL
 from harness.efficiency.flops import analytic_prefill, count_prefill, layouts_from_inputs
 from harness.models.adapter import get_adapter
+from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context
 from methods.base import MethodError
 from methods.ficoco_l import final_count, merge_schedule, ratio_final_tokens
@@ -134,8 +136,11 @@ def _reference_merge(A, X, visual, valid, r, beta=0.6, gamma=0.6, eps=0.998):
     return X[[p for p in range(X.shape[0]) if p not in dropped]]
 
 
-@pytest.mark.parametrize("lm,gqa", [("llama", False), ("qwen2", True)])
-def test_merge_equals_direct_transcription(lm, gqa):
+@pytest.mark.parametrize("lm,gqa,block", [("llama", False, 128), ("qwen2", True, 128), ("llama", False, 7)])
+def test_merge_equals_direct_transcription(lm, gqa, block, monkeypatch):
+    """Against eager attention weights; block 7 splits the 64 visual rows into 10 score blocks (left-padded
+    batch: each block's key range is the max over the samples)."""
+    monkeypatch.setattr(FL, "SCORE_BLOCK", block)
     layer, r = 2, 12
     base, proc = tiny("llava", lm, gqa=gqa, attn="eager")
     inp = make_inputs(proc, (0, 1, 2))
@@ -176,8 +181,9 @@ def test_cached_equals_uncached_llava_next():
     check_decode_consistency(model, proc, steps=2, size=(64, 128))
 
 
-@pytest.mark.parametrize("variant", ["paper", "code"])
-def test_counted_flops_equal_analytic(variant):
+@pytest.mark.parametrize("variant,block", [("paper", 128), ("code", 128), ("paper", 10)])
+def test_counted_flops_equal_analytic(variant, block, monkeypatch):
+    monkeypatch.setattr(FL, "SCORE_BLOCK", block)
     model, proc = tiny("llava", "qwen2", gqa=True)
     _, method = apply(model, start_layer=1, schedule=[10, 0, 20], variant=variant)
     inp = make_inputs(proc, (3,))
@@ -224,3 +230,29 @@ def test_config_file_builds():
     m = methods.build(cfg["name"], cfg["params"])
     assert (m.name, m.variant, m.beta, m.gamma, m.epsilon) == ("ficoco_l", "paper", 0.6, 0.6, 0.998)
     assert m.final_ratio is None
+
+
+def test_score_blocks_skip_only_invisible_keys():
+    """Blocked head-mean attention == one softmax over every key, masked causally (float rounding: the
+    softmax sums run over fewer, exactly-zero terms)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, n, d, c0, v = 2, 4, 40, 8, 3, 30
+    qh, kh = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    valid[1, :2] = False  # left padding in sample 1
+    vis = torch.arange(c0, c0 + v)[None].expand(B, -1)
+    rows = torch.arange(c0, n)[None].expand(B, -1)  # visual rows, then text rows
+    allowed = valid[:, None, :] & (torch.arange(n)[None, None] <= rows[..., None])
+    full = LR.query_row_probs(qh[:, :, c0:], kh, allowed, 0.3).mean(1).gather(2, vis[:, None].expand(-1, n - c0, -1))
+    old = FL.SCORE_BLOCK
+    try:
+        for block in (4, 7, 64):
+            FL.SCORE_BLOCK = block
+            got = FL.head_mean_attention(qh[:, :, c0:], kh, rows, valid, vis, 0.3)
+            torch.testing.assert_close(got, full, rtol=1e-6, atol=1e-7, msg=f"block {block}")
+            assert torch.equal(got == 0, full == 0)  # the same entries are exactly masked
+    finally:
+        FL.SCORE_BLOCK = old
+    assert FL.score_blocks(37, 30) == [(0, 30), (30, 37)]  # default block: all visual rows, the text rows
+    # analytic: blocks of 128 visual rows against before + (block end) keys; the text rows against all keys
+    assert FL.score_key_macs(1, 256, 10, 2) == 2 * (128 * 129 + 128 * 257 + 10 * 267)
