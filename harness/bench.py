@@ -438,9 +438,12 @@ class Bench:
 
         def row(times):
             d, h = med(times["direct"]), med(times["harness"])
-            return {"direct_s": d, "harness_s": h, "ratio": h / d, "overhead": h / d - 1.0,
-                    "spread_direct": spread(times["direct"]), "spread_harness": spread(times["harness"]),
-                    "times": times}
+            # paired: harness / direct within each round (the two run back to back), then the median over
+            # rounds; a slow stretch of a shared machine hits both sides of a pair, not one median
+            paired = med([b / a for a, b in zip(times["direct"], times["harness"])])
+            return {"direct_s": d, "harness_s": h, "ratio_of_medians": h / d, "ratio": paired,
+                    "overhead": paired - 1.0, "spread_direct": spread(times["direct"]),
+                    "spread_harness": spread(times["harness"]), "times": times}
 
         out = {"prompt_tokens": n_tokens, "prefill": row(pre), "generate": row(gen), "same_first_token": same_first,
                "harness_generated_tokens": h_new, "gen_tokens": spec.gen_tokens,
@@ -929,12 +932,19 @@ def render(res: dict) -> str:
                  "`load_model` + `methods.build('none').apply` + `VTBenchLMM.generate_batch` (chat prompt, processor, "
                  "generate with logits, finiteness check, decoding), 1 new token for prefill.")
         L.append("")
-        L.append("| phase | direct (s) | harness (s) | harness / direct | overhead | spread direct / harness |")
+        L.append("| phase | direct (s) | harness (s) | median ratio / ratio of medians | overhead | "
+                 "spread direct / harness |")
         L.append("|---|---|---|---|---|---|")
         for ph in ("prefill", "generate"):
             r = o[ph]
-            L.append(f"| {ph} | {r['direct_s']:.3f} | {r['harness_s']:.3f} | {r['ratio']:.4f} | "
+            L.append(f"| {ph} | {r['direct_s']:.3f} | {r['harness_s']:.3f} | {r['ratio']:.4f} / "
+                     f"{r.get('ratio_of_medians', r['ratio']):.4f} | "
                      f"{_f(r['overhead'], 2, pct=True)} | {_f(r['spread_direct'])} / {_f(r['spread_harness'])} |")
+        L.append("")
+        L.append("Overhead = the median over rounds of harness / direct in the same round (the two run back to back, "
+                 "so a slow stretch of the machine hits both); the ratio of the two medians is beside it. The target "
+                 "(3 %) is well inside the run-to-run spread of single timings on a shared CPU, which only the paired "
+                 "ratio resolves.")
         L.append("")
         L.append(f"Target: prefill overhead < {100 * o['target']:.0f} % — **{'met' if o['prefill_overhead_ok'] else 'MISSED'}**. "
                  f"Same first token through both paths: {_f(o['same_first_token'])}. The harness generated "

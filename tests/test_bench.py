@@ -99,6 +99,11 @@ def test_quick_bench_writes_report(tmp_path):
 
     ov = data["overhead"]
     assert ov["same_first_token"] and {"direct_s", "harness_s", "overhead"} <= set(ov["prefill"])
+    for ph in ("prefill", "generate"):  # overhead = median over rounds of the paired ratio harness / direct
+        t = ov[ph]["times"]
+        pairs = sorted(h / d for d, h in zip(t["direct"], t["harness"]))
+        assert pairs[0] <= ov[ph]["ratio"] <= pairs[-1]
+        assert abs(ov[ph]["overhead"] - (ov[ph]["ratio"] - 1)) < 1e-12
 
     for name in ("fastv", "ficoco_l"):
         sc = data["scores"]["methods"][name]
