@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from methods._shared.llm_reduce import take
+
 _ORIGINAL = "_vtbench_original_forward"
 
 
@@ -87,9 +89,8 @@ def ragged_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] -> x[b, index[b]] [B, n, ...]."""
-    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, idx)
+    """x [B, T, ...] -> x[b, index[b]] [B, n, ...] (`take`: index_select at batch 1)."""
+    return take(x, index, 1)
 
 
 def _scatter_rows(buf: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> None:
@@ -180,9 +181,7 @@ def reduced_layer_forward(
         rows = _gather_rows(allow, g.index)  # [B, n, T]
         if g.key_index is not None:
             kidx = g.key_index
-            kk = k.gather(2, kidx[:, None, :, None].expand(B, k.shape[1], kidx.shape[1], hd))
-            vv = v.gather(2, kidx[:, None, :, None].expand(B, v.shape[1], kidx.shape[1], hd))
-            m = rows.gather(2, kidx[:, None, :].expand(B, n, kidx.shape[1]))
+            kk, vv, m = take(k, kidx, 2), take(v, kidx, 2), take(rows, kidx, 2)
             if g.key_valid is not None:
                 m = m & g.key_valid[:, None, :]
         else:
