@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import pytest
 
@@ -21,6 +22,11 @@ def test_helpers():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert bench.machine_name("cpu") and "/" not in bench.machine_name("cpu")
     assert bench.flops_cli_params("fastv") == ["method.params.keep=192"]
+    # the paired estimator: a drift that slows both sides of every round leaves the per-round ratio alone
+    assert bench.paired_ratios([2.0, 4.0, 8.0], [1.0, 2.0, 4.0]) == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError):
+        bench.paired_ratios([1.0, 2.0], [1.0])
+    assert bench.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 4.0] and bench.quartiles([3.0]) == [3.0, 3.0]
 
 
 def test_shared_weight_copies_are_independent():
@@ -86,6 +92,13 @@ def test_quick_bench_writes_report(tmp_path):
         assert r["counted_equals_analytic"], name
         assert r["prefill_s"] > 0 and r["generate_s"] > 0
         assert abs(r["prefill_ratio"] - r["prefill_measured"] / r["prefill_predicted"]) < 1e-9
+        # measured = median over rounds of the paired t(none) / t(method); the ratio of medians is kept beside
+        pairs = [a / b for a, b in zip(by["none"]["prefill_times"], r["prefill_times"])]
+        assert abs(r["prefill_measured"] - statistics.median(pairs)) < 1e-12
+        assert abs(r["prefill_ratio_rom"] * r["prefill_predicted"]
+                   - statistics.median(by["none"]["prefill_times"]) / statistics.median(r["prefill_times"])) < 1e-9
+        lo, hi = r["prefill_ratio_q"]
+        assert lo <= r["prefill_ratio"] + 1e-12 and r["prefill_ratio"] <= hi + 1e-12
         if name != "none":  # every method really reduces at the common budget
             assert r["prefill_flops"] < by["none"]["prefill_flops"], name
             assert r["prefill_predicted"] > 1.0
