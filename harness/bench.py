@@ -704,19 +704,29 @@ class Bench:
     def flops(self, names=METHODS, model: str = "llava15_13b", repeats: int = 3) -> dict:
         """Wall time of `vtbench-flops` per method (median of `repeats` runs), beside the import floor:
         the time of importing torch, transformers and the LLaVA / CLIP / Llama modeling code, which every
-        count pays before any code of ours runs."""
+        count pays before any code of ours runs. The runs go round-robin (every method, then the floor,
+        once per round, the order rotating), so that a slow stretch of the machine spreads over all of
+        them instead of falling on one method's runs."""
         exe = Path(sys.executable).with_name("vtbench-flops")
         cmd0 = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness.flops_cli"]
-        floor_cmd = [sys.executable, "-c", IMPORT_FLOOR]
-        floor = sorted(self._timed(floor_cmd)[0] for _ in range(repeats))
-        self.log(f"flops: import floor {floor[len(floor) // 2]:.1f}s")
+        cmds = {name: cmd0 + [f"model={model}", f"method={name}"] + flops_cli_params(name) + ["format=json"]
+                for name in names}
+        cmds[FLOOR] = [sys.executable, "-c", IMPORT_FLOOR]
+        order = list(cmds)
+        runs: dict[str, list] = {n: [] for n in order}
+        for r in range(repeats):
+            k = r % len(order)
+            for n in order[k:] + order[:k]:
+                runs[n].append(self._timed(cmds[n]))
+            self.log(f"flops round {r + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1][0]:.1f}s" for n in order))
+        floor = sorted(x[0] for x in runs.pop(FLOOR))
         rows = []
         for name in names:
-            args = [f"model={model}", f"method={name}"] + flops_cli_params(name)
-            runs = sorted((self._timed(cmd0 + args + ["format=json"]) for _ in range(repeats)), key=lambda x: x[0])
-            wall, cpu_s, p = runs[len(runs) // 2]
+            args = cmds[name][len(cmd0):-1]
+            rs = sorted(runs[name], key=lambda x: x[0])
+            wall, cpu_s, p = rs[len(rs) // 2]
             row = {"method": name, "args": " ".join(args), "seconds": round(wall, 2), "cpu_seconds": round(cpu_s, 2),
-                   "seconds_all": [round(r[0], 2) for r in runs], "rc": max(r[2].returncode for r in runs)}
+                   "seconds_all": [round(x[0], 2) for x in runs[name]], "rc": max(x[2].returncode for x in rs)}
             if p.returncode == 0:
                 r = json.loads(p.stdout)
                 row.update({"prefill_flops": r["prefill"]["total"]["counted"] or r["prefill"]["total"]["analytic"],
@@ -739,6 +749,7 @@ class Bench:
                 "all_cpu_under_limit": all(r.get("cpu_seconds", 1e9) < 10.0 and r["rc"] == 0 for r in rows)}
 
 
+FLOOR = "(import floor)"
 #: what every `vtbench-flops` run imports before any vtbench code runs (the floor of its wall time)
 IMPORT_FLOOR = ("import torch, transformers; from transformers.models.llava import modeling_llava; "
                 "from transformers.models.clip import modeling_clip; from transformers.models.llama import modeling_llama; "
@@ -1095,8 +1106,10 @@ def render(res: dict) -> str:
         fl = res["flops"]
         L.append(f"## Counting speed: `vtbench-flops model={fl['model']}` (subprocess wall time)")
         L.append("")
-        L.append(f"Median of {fl.get('repeats', 1)} runs per method; this part runs first, before the timing parts "
-                 "load the machine.")
+        L.append(f"Median of {fl.get('repeats', 1)} runs per method, round-robin (each round runs every method "
+                 "and the import floor once, the order rotating, so a slow stretch of the machine does not fall "
+                 "on one method's runs); this part runs first, before the timing parts load the machine. "
+                 "All runs are listed in round order.")
         L.append("")
         L.append("| method | arguments | wall s | all runs (s) | CPU s | setup s | count s | source | counted == analytic "
                  "| predicted prefill speed-up |")
@@ -1111,7 +1124,9 @@ def render(res: dict) -> str:
         L.append("wall = the whole command (interpreter start, imports, config, counting, exit); CPU = its user + "
                  "system CPU time; setup = the tool's own timer from parsing the overrides to the meta-device model "
                  "(Hydra, the transformers config and modeling imports, the model); count = the counted prefill "
-                 "and decode forwards (0 where the method reads values and its analytic numbers are shown).")
+                 "and decode forwards (0 where the method reads values and its analytic numbers are shown; on the "
+                 "meta device an op costs Python time, not arithmetic, and the counter reuses the output shapes "
+                 "of ops it has already seen on the same operand shapes, see harness/efficiency/flops.py).")
         if "import_floor_s" in fl:
             L.append(f"Import floor: `python -c \"{fl['import_floor_cmd']}\"` takes **{fl['import_floor_s']:.1f} s** "
                      f"(runs: {', '.join(f'{x:.1f}' for x in fl['import_floor_all'])}): the part of every count that "

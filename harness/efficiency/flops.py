@@ -27,7 +27,8 @@ Two counters, one result type (`FlopsCount`):
   on the *meta* device, i.e. full-size architectures without weights — fvcore's jit tracing fails on
   meta convolutions). FLOPs (2 per MAC) are counted at the dispatcher level by FlopCounterMode's formula
   table, without its per-module bookkeeping (`_FlopFormulaMode`); we add the CPU flash-SDPA formula it
-  lacks. On meta,
+  lacks. On meta, an op's output shapes are reused for later calls on the same operand shapes (the
+  meta-op cache below: a 13B count in well under a second instead of about two). On meta,
   Hugging Face's data-dependent checks must be off (`TRANSFORMERS_DISABLE_TORCH_CHECK=1`, set only for
   the duration of the count) and an empty `DynamicCache` is passed.
 
@@ -432,6 +433,79 @@ def _fcm_sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return 2 * sdpa_macs(list(q), list(k), list(v))
 
 
+# ---- meta-device op cache ------------------------------------------------------------------------------
+# On the meta device an op costs Python time, not arithmetic: many meta kernels are torch's reference
+# implementations (broadcasting, type promotion, the output's memory format, about 0.2 ms per element-wise
+# op), most of a meta-device forward's time, while a decoder repeats the same operand shapes in every
+# layer. For a functional op (no mutated or aliased operand or output) the output's shape, strides and
+# dtype depend only on the operands' metadata and the other arguments, never on values (meta tensors have
+# none), so `_FlopFormulaMode` runs the kernel the first time it sees an op on given metadata
+# (`_meta_key`) and afterwards makes the outputs directly. FLOP formulas still run on every call; ops that
+# decompose are never cached (their parts are what gets counted). Tests run whole forwards with
+# `check_meta_cache` on, which compares every cached answer against the kernel's.
+
+_FUNCTIONAL: dict[Any, bool] = {}
+#: outputs' (shape, strides, dtype) per `_meta_key`; shared by every count in the process
+_META_OUT: dict[tuple, tuple] = {}
+#: how often the cache answered (hits) or learned (misses), over the process
+META_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+def _functional(func) -> bool:
+    """No mutable or aliased argument and only fresh Tensor outputs (views and in-place ops excluded)."""
+    ok = _FUNCTIONAL.get(func)
+    if ok is None:
+        sch = func._schema
+        ok = (not sch.is_mutable and bool(sch.returns)
+              and all(r.alias_info is None and isinstance(r.type, torch.TensorType) for r in sch.returns)
+              and all(a.alias_info is None for a in sch.arguments))
+        _FUNCTIONAL[func] = ok
+    return ok
+
+
+_PLAIN = (bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _meta_key(func, args: tuple, kwargs: dict):
+    """What a functional op's output metadata depend on: the op, each meta tensor's shape, strides and
+    dtype, every other argument's type and value. None if anything else is among the arguments."""
+    key = [func]
+
+    def add(a) -> bool:
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "meta":
+                return False
+            key.append((tuple(a.shape), a.stride(), a.dtype))
+        elif isinstance(a, (list, tuple)):
+            key.append(len(a))
+            return all(add(x) for x in a)
+        elif a is None or isinstance(a, _PLAIN):
+            key.append((type(a), a))
+        else:
+            return False
+        return True
+
+    if not all(add(a) for a in args):
+        return None
+    for k in sorted(kwargs):
+        key.append(k)
+        if not add(kwargs[k]):
+            return None
+    return tuple(key)
+
+
+def _meta_outputs(out) -> tuple | None:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if not all(isinstance(o, torch.Tensor) and o.device.type == "meta" and o.storage_offset() == 0 for o in outs):
+        return None
+    return (isinstance(out, (tuple, list)),) + tuple((tuple(o.shape), o.stride(), o.dtype) for o in outs)
+
+
+def _make_outputs(meta: tuple):
+    outs = [torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in meta[1:]]
+    return tuple(outs) if meta[0] else outs[0]
+
+
 class _FlopFormulaMode:
     """torch's own FLOP formulas (`torch.utils.flop_counter.flop_registry`, the table FlopCounterMode
     reads) applied to every aten op a forward dispatches, summed into one running total.
@@ -443,6 +517,9 @@ class _FlopFormulaMode:
     FlopCounterMode's and against fvcore's).
     """
 
+    #: tests set this: cache hits run the op's kernel too and compare (see `_META_OUT`)
+    check_meta_cache = False
+
     def __init__(self, custom_mapping: dict):
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry, shape_wrapper
@@ -451,20 +528,36 @@ class _FlopFormulaMode:
         skip = {torch.ops.aten.size.default, torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
                 torch.ops.aten.numel.default, torch.ops.aten.dim.default}
         counter = self
+        stats = META_CACHE_STATS
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 if func in skip:
                     return NotImplemented
-                packet = func._overloadpacket
-                formula = registry.get(packet)
-                if formula is None and func is not torch.ops.prim.device.default:
-                    # as FlopCounterMode: an op without a formula may decompose into ops with one
-                    r = func.decompose(*args, **kwargs)
-                    if r is not NotImplemented:
-                        return r
-                out = func(*args, **kwargs)
+                formula = registry.get(func._overloadpacket)
+                key = _meta_key(func, args, kwargs) if _functional(func) else None
+                meta = _META_OUT.get(key) if key is not None else None
+                if meta is not None:
+                    stats["hits"] += 1
+                if meta is not None and not counter.check_meta_cache:
+                    out = _make_outputs(meta)
+                else:
+                    if formula is None and func is not torch.ops.prim.device.default:
+                        # as FlopCounterMode: an op without a formula may decompose into ops with one
+                        r = func.decompose(*args, **kwargs)
+                        if r is not NotImplemented:
+                            return r
+                    out = func(*args, **kwargs)
+                    if key is not None:
+                        got = _meta_outputs(out)
+                        if meta is not None and got != meta:
+                            raise AssertionError(f"{func}: cached outputs {meta} != the kernel's {got}")
+                        if got is not None and meta is None:
+                            stats["misses"] += 1
+                            if len(_META_OUT) > 100_000:
+                                _META_OUT.clear()
+                            _META_OUT[key] = got
                 if formula is not None:
                     counter.total += formula(*args, **kwargs, out_val=out)
                 return out

@@ -36,6 +36,53 @@ def test_meta_count_equals_analytic(name):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 1024 * 1024  # KiB -> < 4 GiB
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("llava15_13b", "none"), ("llava15_7b", "tome"),
+                                         ("llava15_7b", "ficoco_v"), ("llava_next_7b", "none")])
+def test_meta_op_cache_answers_as_the_kernels_do(name, method, monkeypatch):
+    """The meta-device op cache (shape, strides and dtype of functional ops' outputs, learnt from the
+    first call) gives every later call what the op's own meta kernel gives, through whole forwards
+    (prefill with the vision tower and merging, decode): with `check_meta_cache` every hit also runs the
+    kernel and compares; the counts are the same with the cache in use."""
+    import methods
+    from harness.models import get_adapter
+
+    config = _config(name)
+    counts = []
+    for check in (True, False):
+        monkeypatch.setattr(F, "_META_OUT", {})
+        monkeypatch.setattr(F._FlopFormulaMode, "check_meta_cache", check)
+        model = meta_model(config)
+        m = methods.build(method, {"tokens": 192} if method != "none" else {})
+        model = m.apply(model, get_adapter(model)) or model
+        hits = F.META_CACHE_STATS["hits"]
+        pre, dec = F.count_prefill_and_decode(model, F.synthetic_inputs(config))
+        assert F.META_CACHE_STATS["hits"] - hits > 1000  # the decoder layers repeat their ops' metadata
+        counts.append((pre.flops, dec.flops, dec.kv_lengths))
+    assert counts[0] == counts[1]
+    layout = F.synthetic_layout(config)
+    assert sum(counts[0][0].values()) == sum(F.analytic_prefill(config, layout, None if method == "none" else m).values())
+
+
+def test_meta_cache_keys_and_functional_ops():
+    import torch
+
+    aten = torch.ops.aten
+    assert F._functional(aten.mul.Tensor) and F._functional(aten.native_layer_norm.default)
+    assert not F._functional(aten.mul_.Tensor)  # in-place
+    assert not F._functional(aten.view.default) and not F._functional(aten.transpose.int)  # views alias
+    assert not F._functional(aten.add.out)  # writes into out=
+    a = torch.empty(2, 3, device="meta")
+    k = F._meta_key(aten.mul.Tensor, (a, 2.0), {})
+    assert k == F._meta_key(aten.mul.Tensor, (torch.empty(2, 3, device="meta"), 2.0), {})
+    assert k != F._meta_key(aten.mul.Tensor, (a, 2), {})  # a Python int and a float may promote differently
+    assert k != F._meta_key(aten.mul.Tensor, (a.t(), 2.0), {})  # strides are part of the key
+    assert k != F._meta_key(aten.mul.Tensor, (a.double(), 2.0), {})
+    assert F._meta_key(aten.mul.Tensor, (torch.ones(2, 3), 2.0), {}) is None  # real values: never cached
+    out = F._make_outputs(F._meta_outputs(torch.empty(4, 5, device="meta").t()))
+    assert out.shape == (5, 4) and out.stride() == (1, 5) and out.device.type == "meta"
+
+
 def test_llava15_7b_env_spec_numbers():
     """env spec §4: 1 + 576 + 63 = 640 tokens; LLM 8.5040e12, vision 3.8192e11, projector 2.4159e10."""
     config = _config("llava15_7b")
