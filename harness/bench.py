@@ -944,6 +944,11 @@ def render(res: dict) -> str:
     L.append(f"Regenerate: `{m['command']}` (`make bench`). Ratios from one run; medians of interleaved "
              f"repetitions (the order of the contenders rotates every round). {m['note']}")
     L.append("")
+    if m["device"] == "cpu":
+        L.append("This is the CPU part of the benchmark. The GPU part (the full LLaVA-1.5-7B architecture with random "
+                 "fp16 weights) is `python -m harness.bench --device cuda --arch llava15_7b --out results/bench` on a "
+                 "machine with a GPU (it writes its own report, named after the GPU); no GPU was available to this run.")
+        L.append("")
     L.append("| | |\n|---|---|")
     for k in ("date", "cpu", "device", "logical_cpus", "torch_threads", "clock", "dtype", "torch", "transformers",
               "git", "loadavg_start", "loadavg_end", "wall_seconds", "model", "repeats"):
