@@ -25,7 +25,7 @@ TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 -
 	--dense-weight2 1.0 --dense-layer2 3 --row-layer2 5 --col-layer2 6 --route-weight2 1.0 --route-layer2 3 \
 	--route-heads2 2 --route-skip-count2 --gather-layer2 1 --readout-layer2 3 --curriculum2 0
 # `make bench`: one torch thread timed by process CPU time, so a busy machine widens spreads but does not bias ratios;
-# 9 interleaved prefill rounds (the medians of 5 moved by +-0.05 between runs on a shared CPU)
+# 11 interleaved prefill rounds (the medians of 5 moved by +-0.05 between runs on a shared CPU)
 BENCH_ARGS ?= --threads 1 --clock cpu --repeats 11 --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
 # `make paper`: seeded shapes val samples behind the motivating figures of the tiny model
 PAPER_SAMPLES ?= 48

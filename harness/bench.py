@@ -453,7 +453,7 @@ class Bench:
             d, h = med(times["direct"]), med(times["harness"])
             # paired: harness / direct within each round (the two run back to back), then the median over
             # rounds; a slow stretch of a shared machine hits both sides of a pair, not one median
-            paired = med([b / a for a, b in zip(times["direct"], times["harness"])])
+            paired = med(paired_ratios(times["harness"], times["direct"]))
             return {"direct_s": d, "harness_s": h, "ratio_of_medians": h / d, "ratio": paired,
                     "overhead": paired - 1.0, "spread_direct": spread(times["direct"]),
                     "spread_harness": spread(times["harness"]), "times": times}

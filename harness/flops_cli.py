@@ -8,8 +8,9 @@ one prefill plus one decode step are *counted* with torch's FLOP formulas (`sour
 it the analytic formula (the method's `analytic_prefill_macs`). A method whose code reads tensor values
 (`Method.meta_countable` is False: the LLM-side methods find the visual tokens in `input_ids`) cannot run
 on the meta device; it is not tried, and the analytic numbers are reported with `source: analytic`.
-(On real tiny models every method is counted; tests check counted == analytic there.) The prompt is synthetic: 1 token (BOS) before the image, the image tokens the
-processor would insert for an `image` of that size, `text_tokens - 1` tokens after it.
+(On real tiny models every method is counted; tests check counted == analytic there.) The prompt is
+synthetic: 1 token (BOS) before the image, the image tokens the processor would insert for an `image`
+of that size, `text_tokens - 1` tokens after it.
 """
 from __future__ import annotations
 

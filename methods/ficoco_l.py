@@ -211,25 +211,18 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         att = (torch.matmul(qh, kh.transpose(-1, -2)) * attn.scaling).float().mean(1)  # [B, R, R]
         att = torch.nn.functional.pad(att, (c0, n - c1))  # columns back to sequence positions
 
-        def rows_of(idx):  # rows (sequence positions idx) of att
-            return att.gather(1, (idx - c0).clamp(min=0)[..., None].expand(-1, -1, att.shape[2]))
+        def rows_of(idx):  # rows of att for sequence positions idx (row i of att is position c0 + i)
+            return LR.take(att, (idx - c0).clamp(min=0))
 
-        def cols_of(x, idx):
-            return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
-
-        A_vv = cols_of(rows_of(vis_idx), vis_idx)  # [B, v, v]
-        A_vt = cols_of(rows_of(vis_idx), txt_idx) * txt_ok[:, None, :].float()  # [B, v, M]
-        A_tv = cols_of(rows_of(txt_idx), vis_idx) * tmask
+        A_vv = LR.take(rows_of(vis_idx), vis_idx, 2)  # [B, v, v]
+        A_vt = LR.take(rows_of(vis_idx), txt_idx, 2) * txt_ok[:, None, :].float()  # [B, v, M]
+        A_tv = LR.take(rows_of(txt_idx), vis_idx, 2) * tmask
         redundancy = m.beta * A_vv.sum(-1) - (1 - m.beta) * A_vt.sum(-1) / M[:, None]
 
     disc = torch.topk(redundancy, r, dim=1).indices  # [B, r] visual ordinals (discarded)
     is_disc = torch.zeros(B, nv, dtype=torch.bool, device=q.device).scatter(1, disc, torch.ones_like(disc, dtype=torch.bool))
     tgt = torch.sort(torch.where(is_disc, nv, torch.arange(nv, device=q.device)[None]), dim=1).values[:, : nv - r]
     disc = torch.sort(disc, dim=1).values
-
-    def sub(x, rows_, cols_):
-        x = x.gather(1, rows_[..., None].expand(-1, -1, x.shape[2]))
-        return x.gather(2, cols_[:, None, :].expand(-1, x.shape[1], -1))
 
     X = view.hidden
     X_v = LR.take(X, vis_idx)  # [B, v, d]
@@ -238,7 +231,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         W = LR.take(A_tv, disc, 2)  # [B, M, r]
         Tt = LR.take(A_tv, tgt, 2)  # [B, M, v-r]
         indirect = torch.matmul(W.transpose(1, 2), Tt) / M[:, None, None]  # [B, r, v-r]
-        C = m.gamma * sub(A_vv, disc, tgt) + (1 - m.gamma) * indirect
+        C = m.gamma * LR.take(LR.take(A_vv, disc), tgt, 2) + (1 - m.gamma) * indirect
         tau = torch.quantile(C, m.epsilon, dim=2, keepdim=True)
         Cj = torch.where(C >= tau, C, torch.zeros_like(C))
         den = Cj.sum(2, keepdim=True)
@@ -247,9 +240,9 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         X_t = LR.take(X_v, tgt)
         X_t = (X_t + moved) / (1 + alpha.sum(1))[..., None].to(X.dtype)
     else:
-        A_sT = A_vt.gather(1, disc[..., None].expand(-1, -1, A_vt.shape[2]))  # [B, r, M]
+        A_sT = LR.take(A_vt, disc)  # [B, r, M]
         indirect = torch.matmul(A_sT, A_tv)  # [B, r, v]
-        C = m.gamma * A_vv.gather(1, disc[..., None].expand(-1, -1, nv)) + (1 - m.gamma) * indirect
+        C = m.gamma * LR.take(A_vv, disc) + (1 - m.gamma) * indirect
         C = C.scatter(2, disc[..., None], float("-inf"))  # diagonal
         tau = torch.quantile(C, m.epsilon, dim=2, keepdim=True)
         kk = max(int((C > tau).sum(2).max()), 1)
@@ -257,7 +250,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         top = torch.topk(p, kk, dim=2)
         w = top.values / top.values.sum(2, keepdim=True)
         full = torch.zeros_like(p).scatter(2, top.indices, w)  # [B, r, v]
-        alpha = full.gather(2, tgt[:, None, :].expand(-1, r, -1))  # shares to kept targets
+        alpha = LR.take(full, tgt, 2)  # shares to kept targets
         moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)
         X_t = LR.take(X_v, tgt) + moved
 

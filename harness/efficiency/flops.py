@@ -27,10 +27,10 @@ Two counters, one result type (`FlopsCount`):
   on the *meta* device, i.e. full-size architectures without weights — fvcore's jit tracing fails on
   meta convolutions). FLOPs (2 per MAC) are counted at the dispatcher level by FlopCounterMode's formula
   table, without its per-module bookkeeping (`_FlopFormulaMode`); we add the CPU flash-SDPA formula it
-  lacks. On meta, an op's output shapes are reused for later calls on the same operand shapes (the
-  meta-op cache below: a 13B count in well under a second instead of about two). On meta,
-  Hugging Face's data-dependent checks must be off (`TRANSFORMERS_DISABLE_TORCH_CHECK=1`, set only for
-  the duration of the count) and an empty `DynamicCache` is passed.
+  lacks. An op's output shapes are reused for later calls on the same operand shapes (the meta-op
+  cache below: a 13B count in well under a second instead of about two). On meta, Hugging Face's
+  data-dependent checks must be off (`TRANSFORMERS_DISABLE_TORCH_CHECK=1`, set only for the duration
+  of the count) and an empty `DynamicCache` is passed.
 
 `count_prefill_and_decode` gives both with one forward less (`flop_counter_mode` path). If a patched model
 cannot run on meta (data-dependent method code), `analytic_count` gives the method's analytic numbers

@@ -279,11 +279,6 @@ def take(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return x.gather(dim, idx.reshape(view).expand(shape))
 
 
-def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B|1, P, ...] gathered along dim 1 with idx [B, n]."""
-    return take(x, idx, 1)
-
-
 # ---- the reducer ----------------------------------------------------------------------------------
 class LLMReducer:
     """Installs a `ReductionPlan` on one model instance."""
@@ -316,7 +311,7 @@ class LLMReducer:
             return self.rotary(hidden, pos), pos
         cos, sin = cos_sin
         pos = st.pos.gather(1, idx)
-        return (_gather_seq(cos, idx), _gather_seq(sin, idx)), pos
+        return (take(cos, idx), take(sin, idx)), pos
 
     def _prefill(self, i, layer, orig, hidden, kwargs):
         ctx, st, plan = self.ctx, self.state, self.plan
@@ -335,7 +330,7 @@ class LLMReducer:
             LayerView(i, ctx, st, hidden, self._cur_pe(hidden, full_pe, kwargs), st.current())
         )
         if keep is not None:
-            hidden = _gather_seq(hidden, keep)
+            hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
         if st.cur is not None:
@@ -389,7 +384,7 @@ class LLMReducer:
         )
         if out is not None:
             hidden, keep = out
-            hidden = _gather_seq(hidden, keep)
+            hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
         residual = hidden

@@ -88,11 +88,6 @@ def ragged_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] -> x[b, index[b]] [B, n, ...] (`take`: index_select at batch 1)."""
-    return take(x, index, 1)
-
-
 def _scatter_rows(buf: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> None:
     """buf [B, T+1, D] (last row = sink for invalid slots): buf[b, index[b, i]] = rows[b, i] where valid."""
     sink = buf.shape[1] - 1
@@ -175,10 +170,10 @@ def reduced_layer_forward(
         n = g.index.shape[1]
         if n == 0:
             continue
-        xq = _gather_rows(x, g.index)
+        xq = take(x, g.index)
         q = attn.q_proj(xq).view(B, n, -1, hd).transpose(1, 2)
-        q = _rope(q, _gather_rows(cos, g.index), _gather_rows(sin, g.index))
-        rows = _gather_rows(allow, g.index)  # [B, n, T]
+        q = _rope(q, take(cos, g.index), take(sin, g.index))
+        rows = take(allow, g.index)  # [B, n, T]
         if g.key_index is not None:
             kidx = g.key_index
             kk, vv, m = take(k, kidx, 2), take(v, kidx, 2), take(rows, kidx, 2)
@@ -204,7 +199,7 @@ def reduced_layer_forward(
         n = f.index.shape[1]
         if n == 0:
             continue
-        hr = _gather_rows(h1, f.index)
+        hr = take(h1, f.index)
         z = layer.post_attention_layernorm(hr)
         if f.select_channels is None:
             out = mlp(z)
