@@ -64,9 +64,10 @@ def calibration_batches(cfg: DictConfig, model, processor) -> tuple[list[dict], 
 
 
 def _model_id(cfg: DictConfig) -> str:
-    from harness.models.loading import weights_fingerprint
+    from harness.results import model_source
 
-    fp = weights_fingerprint(str(cfg.model.pretrained))
+    src = model_source(OmegaConf.to_container(cfg.model, resolve=True))
+    fp = src.get("checkpoint_sha256") or src.get("commit")
     return f"{cfg.model.name}:{cfg.model.pretrained}@{cfg.model.get('revision') or 'main'}" + (f"#{fp}" if fp else "")
 
 

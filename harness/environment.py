@@ -11,11 +11,16 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("vtbench", "torch", "transformers", "lmms_eval", "hydra-core", "fvcore", "wandb", "datasets")
 
 
+@functools.lru_cache(maxsize=None)
 def _version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
+
+
+def versions(packages=PACKAGES) -> dict:
+    return {p: _version(p) for p in packages}
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,11 +50,25 @@ def environment(device: str = "cpu") -> dict:
     import torch
 
     return {
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": versions(),
         "python": platform.python_version(),
         "git": git_state(),
+        "code_sha256": code_fingerprint(),
         "device": str(device),
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 (16 hex) of vtbench's own Python sources (harness/, methods/): answers of an interrupted
+    cell are resumed only by the code that produced them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for pkg in ("harness", "methods"):
+        for p in sorted((REPO / pkg).rglob("*.py")):
+            h.update(p.relative_to(REPO).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]

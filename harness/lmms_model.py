@@ -178,8 +178,9 @@ class VTBenchLMM(_LmmsBase):
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             cached = self.lookup(task, split, doc_id) if self.lookup else None
-            if cached is not None:
+            if cached is not None:  # answered before an interruption: counted as if answered now
                 answers[i] = cached
+                self.n_empty += not cached
             else:
                 todo.append(i)
         bs = self.batch_size_per_gpu

@@ -591,7 +591,7 @@ def fig_attention_share(cfg, docs, fig_dir: Path) -> list[Path]:
 def fig_accuracy_vs_tflops(store: str, fig_dir: Path) -> list[Path]:
     import warnings
 
-    from harness.report import F_TOTAL, accuracy_vs_flops_figure
+    from harness.report import F_TOTAL, accuracy_vs_flops_figure, safe_name
     from harness.results import load
 
     with warnings.catch_warnings():
@@ -603,11 +603,30 @@ def fig_accuracy_vs_tflops(store: str, fig_dir: Path) -> list[Path]:
         return []
     df = df[df[F_TOTAL].notna()]
     written = []
-    for (model, bench), g in df.groupby(["model", "benchmark"], sort=True):
+    # one figure per like-for-like group (the report's grouping), never mixing splits, dtypes, ...
+    names = {gid: (g["model"].iloc[0], g["benchmark"].iloc[0]) for gid, g in df.groupby("group")}
+    variants = _group_variants(store, set(names))
+    for gid, g in sorted(df.groupby("group"), key=lambda x: (names[x[0]], variants[x[0]])):
+        model, bench = names[gid]
+        label = f" [{variants[gid]}]" if variants[gid] else ""
         fig = accuracy_vs_flops_figure(g.assign(tf=g[F_TOTAL] / 1e12), "tf", "prefill TFLOPs (counted, all components)",
-                                       f"FiCoCo-style accuracy vs TFLOPs — {bench} on {model}")
-        written += _save(fig, fig_dir, f"ficoco_accuracy_vs_tflops_{model}_{bench}")
+                                       f"FiCoCo-style accuracy vs TFLOPs — {bench} on {model}{label}")
+        suffix = "_" + variants[gid].replace("=", "-").replace(", ", "_") if variants[gid] else ""
+        written += _save(fig, fig_dir, safe_name(f"ficoco_accuracy_vs_tflops_{model}_{bench}{suffix}"))
     return written
+
+
+def _group_variants(store: str, gids: set[str]) -> dict[str, str]:
+    from harness.report import _variants
+    from harness.results import ResultsStore, comparison_group, identity_hash
+
+    idents = {}
+    for _, rec, _ in ResultsStore(store).iter_records():
+        if rec and rec["status"] == "complete":
+            ident = comparison_group(rec["cell"])
+            if identity_hash(ident) in gids:
+                idents[identity_hash(ident)] = ident
+    return _variants(idents)
 
 
 def redundancy_curve(cfg, docs) -> dict[str, list[tuple[float, float, float]]]:

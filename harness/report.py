@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,6 +77,66 @@ def paired_stats(a: list[dict], b: list[dict], metric: str, *, iters: int = 2000
     return {"n_paired": len(ids), "agreement": float(agree), "diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi)}
 
 
+class Group(NamedTuple):
+    """One like-for-like comparison: cells equal in everything but the method, its parameters and the
+    budget (`harness.results.comparison_group`). `variant` names what sets it apart from other groups of
+    the same model, benchmark, limit and seed (e.g. `split=val`), empty when nothing does."""
+    model: str
+    benchmark: str
+    limit: str
+    seed: str
+    variant: str = ""
+
+    @property
+    def stem(self) -> str:
+        """File-name stem, safe whatever the names hold (`org/model`, `../x`)."""
+        stem = f"{self.model}_{self.benchmark}" + (f"_limit{self.limit}" if self.limit not in ("None", "nan") else "") \
+            + (f"_seed{self.seed}" if self.seed != "0" else "")
+        if self.variant:
+            stem += "_" + self.variant.replace("=", "-").replace(", ", "_")
+        return safe_name(stem)
+
+    @property
+    def title(self) -> str:
+        title = f"{self.benchmark} on {self.model}" + (f" (first {self.limit} samples)" if self.limit not in ("None", "nan") else "")
+        return title + (f" [{self.variant}]" if self.variant else "")
+
+
+def safe_name(name: str, limit: int = 120) -> str:
+    """A file name made of letters, digits, '.', '_' and '-' only, never hidden, never a path."""
+    import hashlib
+    import re
+
+    out = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).lstrip(".-") or "x"
+    if len(out) > limit:
+        out = out[: limit - 9] + "-" + hashlib.sha256(str(name).encode()).hexdigest()[:8]
+    return out
+
+
+def _variants(groups: dict[str, dict]) -> dict[str, str]:
+    """A short label per comparison group telling it apart from the groups it shares a base name with."""
+    from harness.results import _flatten
+
+    flat = {}
+    for gid, ident in groups.items():
+        f: dict = {}
+        _flatten("", ident, f)
+        flat[gid] = {k: json.dumps(v, sort_keys=True, default=str) for k, v in f.items()}
+    base = {gid: (f.get("model.name"), f.get("benchmark.name"), f.get("limit"), f.get("seed")) for gid, f in flat.items()}
+    out = {}
+    for gid in groups:
+        peers = [g for g in groups if base[g] == base[gid]]
+        if len(peers) == 1:
+            out[gid] = ""
+            continue
+        keys = sorted({k for g in peers for k in flat[g]})
+        differ = [k for k in keys if len({flat[g].get(k) for g in peers}) > 1]
+        label = ", ".join(f"{k.split('.')[-1] if k.count('.') else k}={json.loads(flat[gid][k]) if k in flat[gid] else '-'}"
+                          for k in differ)
+        out[gid] = label if len(label) <= 60 else f"group {gid[:8]}"
+    return out
+
+
 def _records(store_dir: str):
     from harness.results import ResultsStore
 
@@ -93,9 +154,9 @@ def build_tables(store_dir: str):
     """{(model, benchmark): DataFrame} plus the list of corrupt records skipped."""
     import pandas as pd
 
-    from harness.results import load
-
     import warnings
+
+    from harness.results import comparison_group, load
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,8 +165,11 @@ def build_tables(store_dir: str):
     tables = {}
     if df.empty:
         return tables, corrupt
-    group_cols = ["model", "benchmark", "limit", "seed"]
-    for gkey, g in df.groupby(group_cols, dropna=False, sort=True):
+    variants = _variants({gid: comparison_group(recs[g["key"].iloc[0]]["cell"]) for gid, g in df.groupby("group")})
+    for gid, g in df.groupby("group", sort=False):
+        g = _one_per_setting(g)
+        first = g.iloc[0]
+        gkey = Group(*(str(first[c]) for c in ("model", "benchmark", "limit", "seed")), variants[gid])
         base = g[g["method"] == "none"]
         base_row = base.iloc[0] if len(base) else None
         base_rec = recs.get(base_row["key"]) if base_row is not None else None
@@ -141,8 +205,17 @@ def build_tables(store_dir: str):
         t = pd.DataFrame(rows)
         t["_order"] = [(m != "none", m, -_budget_value(b), p) for m, b, p in zip(t["method"], t["budget"], t["params"])]
         t = t.sort_values("_order").drop(columns="_order")
-        tables[tuple(str(x) for x in gkey)] = t.reset_index(drop=True)
-    return tables, corrupt
+        tables[gkey] = t.reset_index(drop=True)
+    return dict(sorted(tables.items())), corrupt
+
+
+def _one_per_setting(g):
+    """One row per (method, params, budget) of a group: a record with efficiency figures wins over one
+    without (they share everything but that), then the newest."""
+    g = g.assign(_eff=g[F_TOTAL].notna() if F_TOTAL in g else False)
+    g = g.sort_values(["_eff", "created"], ascending=False, kind="stable")
+    g = g.drop_duplicates(subset=["method", "method_params", "budget"], keep="first")
+    return g.drop(columns="_eff").sort_values("key", kind="stable")
 
 
 def _budget_label(raw) -> str:
@@ -187,6 +260,9 @@ def render(t, fmt: str, title: str) -> str:
     if fmt == "md":
         out = [f"### {title}", "", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
         out += ["| " + " | ".join(row) + " |" for row in cells]
+        if "retention" not in t.columns:
+            out += ["", "*This group has no `none` cell: retention, FLOPs ratio and the comparison with `none` "
+                        "are not computed (never taken from another group).*"]
         out += ["", f"*Counting conventions:* {CONVENTIONS}", ""]
         return "\n".join(out)
     if fmt == "tex":
@@ -203,9 +279,8 @@ def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figu
     out = Path(out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     written = []
-    for (model, bench, limit, seed), t in tables.items():
-        stem = f"{model}_{bench}" + (f"_limit{limit}" if limit not in ("None", "nan") else "") + (f"_seed{seed}" if seed != "0" else "")
-        title = f"{bench} on {model}" + (f" (first {limit} samples)" if limit not in ("None", "nan") else "")
+    for group, t in tables.items():
+        stem, title = group.stem, group.title
         for fmt in formats:
             p = out / "tables" / f"{stem}.{fmt}"
             if fmt == "csv":
@@ -309,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vtbench-report: no complete records in {args.store}", file=sys.stderr)
         return 1
     written = write_outputs(tables, args.out, tuple(args.formats.split(",")), figures=not args.no_figures)
-    for (model, bench, limit, seed), t in tables.items():
-        print(render(t, "md", f"{bench} on {model}"))
+    for group, t in tables.items():
+        print(render(t, "md", group.title))
     print(f"[vtbench-report] wrote {len(written)} files under {args.out}/", file=sys.stderr)
     return 0
 

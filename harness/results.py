@@ -9,9 +9,13 @@ Layout under the store directory:
     locks/<key>.lock       advisory lock (fcntl.flock) held by the one process evaluating the cell; the
                            kernel releases it when that process dies, even by SIGKILL
 
-The key is a hash of the fully resolved settings that change results (model + revision + dtype +
-attention backend, method + params, benchmark + split + data seed, limit, seed, batch size, generation
-length). JSON only: nothing is ever unpickled.
+The key is the hash of the cell identity (`cell_identity`): everything that changes a cell's answers
+or what it measures -- the resolved settings, the content of a local checkpoint's files or a hub
+revision's commit, the calibration behind 'auto' layers, the answer-relevant package versions. Every
+file is validated when read (`harness.schema`): a record that is malformed or does not belong to its
+key is named and ignored (the cell is evaluated again), a bad partial line is dropped (that sample is
+answered again), and a partial file written for other code or another identity is discarded. JSON
+only, written strictly (no NaN/Infinity); nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -26,7 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA = 1
+from harness.schema import (PartialHeader, PartialRow, SchemaError, dumps_strict, identity_hash, loads_strict,
+                            parse_partial_line, validate_record)
+
+SCHEMA = 2
+
+#: packages whose version changes answers (kernels, model code, task definitions)
+ANSWER_PACKAGES = ("vtbench", "torch", "transformers", "lmms_eval")
 
 
 class StoreError(RuntimeError):
@@ -37,9 +47,37 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _device_type(device: str | None) -> str:
+    d = str(device or "cpu")
+    if d == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return d.split(":", 1)[0]
+
+
+def model_source(model: dict) -> dict:
+    """What a model's files are: a local folder's content digest, or a hub revision's commit."""
+    from harness.fingerprint import folder_digest, hub_commit
+    from harness.models.loading import ModelLoadError, resolve_pretrained
+
+    try:
+        path, is_local = resolve_pretrained(str(model["pretrained"]))
+    except ModelLoadError:
+        return {"checkpoint_sha256": None}  # missing: the loader refuses it in one line
+    if is_local:
+        return {"checkpoint_sha256": folder_digest(path)["sha256"]}
+    return {"commit": hub_commit(path, model.get("revision"))}
+
+
 def cell_identity(cfg: dict) -> dict:
-    """The settings that define a cell (and nothing else: paths, loggers and devices excluded)."""
+    """Everything that changes a cell's answers or what it measures, and nothing else (store paths,
+    loggers, device indices excluded). See README "Failure behaviour" for the list."""
+    import methods as registry
+    from harness.environment import versions
+
     model, method, bench, run = cfg["model"], cfg["method"], cfg["benchmark"], cfg["run"]
+    params = method.get("params") or {}
     ident = {
         "schema": SCHEMA,
         "model": {
@@ -48,32 +86,45 @@ def cell_identity(cfg: dict) -> dict:
             "revision": model.get("revision"),
             "dtype": run.get("dtype") or model["dtype"],
             "attn_implementation": model["attn_implementation"],
+            "trust_remote_code": bool(model.get("trust_remote_code", False)),
+            **model_source(model),
         },
-        "method": {"name": method["name"], "params": method.get("params") or {}},
+        "method": {"name": method["name"], "params": params},
         "budget": _budget(cfg.get("budget")),
-        # 'auto' layer lists are chosen by a calibration run: its data settings change results
-        "calibration": _calibration(cfg) if "auto" in json.dumps(method.get("params") or {}) else None,
+        "calibration": _calibration(cfg, registry, method["name"], params),
         "benchmark": {
             "name": bench["name"],
             "task": bench["task"],
             "split": bench.get("split"),
             "seed": bench.get("seed"),
+            **_bench_source(bench),
         },
         "limit": run.get("limit"),
         "seed": run["seed"],
         "batch_size": run["batch_size"],
         "max_new_tokens": run.get("max_new_tokens"),
+        "device": _device_type(run.get("device")),
+        # a record with efficiency figures and one without are different measurements: forcing one
+        # never replaces the other
+        "efficiency": bool((run.get("efficiency") or {}).get("enabled", True)),
+        "software": versions(ANSWER_PACKAGES),
     }
-    # a local checkpoint's weights (retraining it must not reuse old records)
-    from harness.models.loading import weights_fingerprint
-
-    fp = weights_fingerprint(str(model["pretrained"]))
-    if fp:
-        ident["model"]["weights_sha256"] = fp
-    # a custom prompt template changes every answer: part of the cell (only when set, so existing keys stay)
+    # a custom prompt template changes every answer
     if model.get("chat_template"):
         ident["model"]["chat_template_sha256"] = hashlib.sha256(model["chat_template"].encode()).hexdigest()[:16]
     return ident
+
+
+def _bench_source(bench: dict) -> dict:
+    if bench.get("builtin"):
+        from harness.benchmarks.shapes import GENERATOR_VERSION
+
+        return {"generator_version": GENERATOR_VERSION}  # the data are checked against the generator
+    if bench.get("include_path"):
+        from harness.fingerprint import folder_digest, TASK_FILES
+
+        return {"task_files_sha256": folder_digest(bench["include_path"], TASK_FILES, "task files")["sha256"]}
+    return {}
 
 
 def _budget(budget: dict | None) -> dict | None:
@@ -82,13 +133,34 @@ def _budget(budget: dict | None) -> dict | None:
     return {"kind": budget["kind"], "value": budget["value"], "text_tokens": budget.get("text_tokens")}
 
 
-def _calibration(cfg: dict) -> dict | None:
+def _calibration(cfg: dict, registry, name: str, params: dict) -> dict | None:
+    """The calibration behind a cell: its data settings whenever the method may take layers from a
+    calibration artefact ('auto' given, or set by a budget), and the content of artefacts given by path."""
+    try:
+        cls = registry.get(name)
+    except Exception:
+        return None
+    fields = tuple(getattr(cls, "calibration_fields", ()))
+    if not fields:
+        return None
+    given = {f: params.get(f) for f in fields if params.get(f)}
+    uses_auto = "auto" in json.dumps(params) or bool(_budget(cfg.get("budget")))
+    if not given and not uses_auto:
+        return None
+    from harness.fingerprint import file_digest
+
     cal = cfg.get("calibration") or {}
-    return {k: cal.get(k) for k in ("benchmark", "split", "n", "seed", "tail", "alpha")}
+    out = {k: cal.get(k) for k in ("benchmark", "split", "n", "seed", "batch_size", "tail", "alpha")} if uses_auto else {}
+    for f, path in sorted(given.items()):
+        try:
+            out[f"{f}_sha256"] = file_digest(path)
+        except OSError:
+            out[f"{f}_sha256"] = None  # missing: the method refuses it in one line
+    return out
 
 
 def record_key(cfg: dict) -> str:
-    return hashlib.sha256(_canonical(cell_identity(cfg)).encode()).hexdigest()[:16]
+    return identity_hash(cell_identity(cfg))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -131,16 +203,28 @@ class ResultsStore:
     def record_path(self, key: str) -> Path:
         return self.records / f"{key}.json"
 
+    def read(self, path: Path) -> dict:
+        """A validated record file; raises SchemaError (one line) for anything else."""
+        try:
+            rec = loads_strict(path.read_bytes())
+        except OSError as e:
+            raise SchemaError(f"unreadable: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SchemaError(f"not valid JSON: {str(e).splitlines()[0]}") from None
+        return validate_record(rec, path.stem)
+
     def get(self, key: str) -> dict | None:
-        """The record of `key`, or None if absent or unreadable."""
+        """The record of `key`, or None if absent. A file that is not a valid record of `key` is named
+        on stderr and treated as absent, so the cell is evaluated again (and the file replaced)."""
         p = self.record_path(key)
         if not p.is_file():
             return None
         try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            return self.read(p)
+        except SchemaError as e:
+            print(f"[vtbench] warning: ignoring invalid record {p} ({e}); the cell is evaluated again",
+                  file=sys.stderr, flush=True)
             return None
-        return rec if isinstance(rec, dict) and rec.get("key") == key else None
 
     def is_complete(self, key: str) -> bool:
         rec = self.get(key)
@@ -149,25 +233,24 @@ class ResultsStore:
     def write(self, record: dict) -> Path:
         key = record["key"]
         path = self.record_path(key)
+        text = dumps_strict(record, indent=1, sort_keys=False)
+        validate_record(loads_strict(text), key)  # never write what no reader would accept
         try:
-            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=False, default=str))
+            atomic_write_text(path, text)
         except OSError as e:
             raise StoreError(f"cannot write record {path}: {e.strerror or e}") from None
         self.clear_partial(key)
         return path
 
     def iter_records(self) -> Iterator[tuple[Path, dict | None, str | None]]:
-        """Yield `(path, record, error)`; corrupt files come with record None and an error."""
+        """Yield `(path, record, error)`; invalid files come with record None and a one-line error."""
         if not self.records.is_dir():
             return
         for p in sorted(self.records.glob("*.json")):
             try:
-                rec = json.loads(p.read_text())
-                if not isinstance(rec, dict) or "key" not in rec or rec.get("key") != p.stem:
-                    raise ValueError("not a vtbench record (missing or mismatched key)")
-                yield p, rec, None
-            except (OSError, ValueError) as e:
-                yield p, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                yield p, self.read(p), None
+            except SchemaError as e:
+                yield p, None, str(e)
 
     # ---- one evaluator per cell -------------------------------------------------------------------
     @contextmanager
@@ -208,48 +291,60 @@ class ResultsStore:
                 f.truncate(data.rfind(b"\n") + 1)
 
     # ---- per-sample progress ---------------------------------------------------------------------
+    # partial/<key>.jsonl: a header line {"vtbench_partial": 1, "key", "code"} naming the cell and the
+    # code that produced the answers, then one PartialRow per answered sample
     def partial_path(self, key: str) -> Path:
         return self.partial / f"{key}.jsonl"
 
-    def _partial_rows(self, key: str) -> Iterator[dict]:
+    def _partial_rows(self, key: str, code: str | None = None) -> list[PartialRow]:
         p = self.partial_path(key)
-        if not p.is_file():
-            return
-        for line in p.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict):
-                    yield row
-            except ValueError:
+        try:
+            lines = p.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"cannot read progress {p}: {e.strerror or e}") from None
+        header = parse_partial_line(lines[0], PartialHeader) if lines else None
+        if header is None or header.key != key or (code is not None and header.code != code):
+            why = ("was written by other vtbench code" if header is not None and header.key == key
+                   else "has no valid header")
+            print(f"[vtbench] warning: discarding {p}: it {why}; its samples are evaluated again",
+                  file=sys.stderr, flush=True)
+            p.unlink(missing_ok=True)
+            return []
+        rows, bad = [], 0
+        for line in lines[1:]:
+            if not line.strip():
                 continue
+            row = parse_partial_line(line)
+            if row is None:
+                bad += 1
+            else:
+                rows.append(row)
+        if bad:
+            print(f"[vtbench] warning: dropped {bad} invalid line(s) of {p}; those samples are evaluated again",
+                  file=sys.stderr, flush=True)
+        return rows
 
-    def load_partial(self, key: str) -> dict[tuple[str, str, int], str]:
-        """Answers already produced for a cell in progress (a torn last line is ignored)."""
-        out: dict[tuple[str, str, int], str] = {}
-        for row in self._partial_rows(key):
-            try:
-                out[(row["task"], row["split"], int(row["doc_id"]))] = row["answer"]
-            except (ValueError, KeyError, TypeError):
-                continue
-        return out
+    def load_partial(self, key: str, code: str | None = None) -> dict[tuple[str, str, int], PartialRow]:
+        """Answers already produced for a cell in progress, by (task, split, doc_id); a torn, undecodable
+        or wrongly typed line is dropped, and a file of other code (`code`) is discarded."""
+        return {(r.task, r.split, r.doc_id): r for r in self._partial_rows(key, code)}
 
-    def partial_nonfinite(self, key: str) -> set[str]:
-        """`task/doc_id` of the partial answers produced with non-finite logits (kept across resumes)."""
-        return {f"{r.get('task')}/{r.get('doc_id')}" for r in self._partial_rows(key) if r.get("nonfinite")}
-
-    def append_partial(self, key: str, rows: list[tuple]) -> None:
-        """Append `(task, split, doc_id, answer[, nonfinite])` rows (one write, fsynced)."""
+    def append_partial(self, key: str, rows: list[tuple], code: str = "") -> None:
+        """Append `(task, split, doc_id, answer[, nonfinite])` rows (one write, fsynced); a new file
+        starts with its header."""
         p = self.partial_path(key)
         lines = []
         for t, s, d, a, *flag in rows:
-            row = {"task": t, "split": s, "doc_id": int(d), "answer": a}
-            if flag and flag[0]:
-                row["nonfinite"] = True
-            lines.append(json.dumps(row) + "\n")
+            row = PartialRow(task=str(t), split=str(s), doc_id=int(d), answer=str(a), nonfinite=bool(flag and flag[0]))
+            lines.append(dumps_strict(row.model_dump(exclude_defaults=True)) + "\n")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                if os.fstat(fd).st_size == 0:
+                    lines.insert(0, dumps_strict({"vtbench_partial": 1, "key": key, "code": code}) + "\n")
                 buf = memoryview("".join(lines).encode())
                 while buf:
                     buf = buf[os.write(fd, buf):]
@@ -274,11 +369,23 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
         out[prefix] = obj
 
 
+#: what may differ between the cells of one comparison (everything else of the identity must be equal)
+COMPARED = ("method", "budget", "calibration", "efficiency")
+
+
+def comparison_group(cell: dict) -> dict:
+    """The part of a cell identity that must be equal for two cells to be compared (split, batch size,
+    generation length, dtype, attention backend, data seed, weights, template, software, ...)."""
+    return {k: v for k, v in cell.items() if k not in COMPARED}
+
+
 def record_row(rec: dict) -> dict:
     """One flat row of a record (per-sample predictions left out)."""
     cell = rec.get("cell", {})
     row = {
         "key": rec["key"],
+        "group": identity_hash(comparison_group(cell)),
+        "split": cell.get("benchmark", {}).get("split"),
         "status": rec.get("status"),
         "model": cell.get("model", {}).get("name"),
         "method": cell.get("method", {}).get("name"),

@@ -158,6 +158,7 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     existing = store.get(key)
     if existing and existing.get("status") == "complete" and not cfg.run.force:
         _log(f"cell {key} already complete in {store.root}: reusing it (run.force=true re-evaluates)")
+        _note_code_change(existing)
         existing["_reused"] = True
         return existing
     store.check_writable()
@@ -204,8 +205,11 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     method, calibration_info = resolve_auto(cfg, method, model, processor, adapter)
     method.apply(model, adapter)
 
-    done = store.load_partial(key)
-    done_nonfinite = store.partial_nonfinite(key)
+    from harness.environment import code_fingerprint
+
+    code = code_fingerprint()
+    done = store.load_partial(key, code)
+    done_nonfinite = {f"{t}/{d}" for (t, _, d), row in done.items() if row.nonfinite}
     if done:
         _log(f"resuming cell {key}: {len(done)} answers already produced")
     lm = VTBenchLMM(
@@ -215,9 +219,9 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         batch_size=cfg.run.batch_size,
         max_new_tokens=cfg.run.max_new_tokens,
         chat_template=cfg.model.get("chat_template"),
-        on_batch=lambda rows: store.append_partial(key, rows),
+        on_batch=lambda rows: store.append_partial(key, rows, code),
     )
-    lm.lookup = lambda t, s, d: done.get((t, s, int(d)))
+    lm.lookup = lambda t, s, d: getattr(done.get((t, s, int(d))), "answer", None)
 
     from lmms_eval.evaluator import simple_evaluate
 
@@ -292,6 +296,17 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
     store.write(record)
     return record
+
+
+def _note_code_change(rec: dict) -> None:
+    """A reused record made by other vtbench code is served (the identity covers settings, files and
+    package versions, not every source edit) but never silently: say so."""
+    from harness.environment import code_fingerprint
+
+    made_by = ((rec.get("environment") or {}).get("code_sha256"))
+    if made_by and made_by != code_fingerprint():
+        _log(f"note: record {rec['key']} was made by other vtbench code ({made_by}, now {code_fingerprint()}); "
+             "run.force=true re-evaluates it with this code")
 
 
 def _doc_order(tag: str):

@@ -36,7 +36,7 @@ def records_in_group(store_dir: str, group: str | None) -> set[str] | None:
 
 
 def collect(store_dir: str, group: str | None):
-    """{(model, benchmark, limit, seed): DataFrame} restricted to `group`'s records."""
+    """{report Group: DataFrame} (like-for-like comparisons) restricted to `group`'s records."""
     from harness.report import build_tables
 
     tables, corrupt = build_tables(store_dir)
@@ -73,11 +73,10 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
     logged_tables, logged_figs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_outputs(tables, tmp, formats=("md",), figures=True)
-        for (model, bench, limit, seed), t in sorted(tables.items()):
+        for group, t in sorted(tables.items()):
             cols = [(c, h) for c, h in COLUMNS if c in t.columns]
             data = [[_fmt(r[c], c) for c, _ in cols] + [r["key"]] for _, r in t.iterrows()]
-            key = f"table/{model}/{bench}" + (f"/limit{limit}" if limit not in ("None", "nan") else "") + \
-                  (f"/seed{seed}" if seed != "0" else "")
+            key = f"table/{group.stem}"
             run.log({key: wandb.Table(columns=[h for _, h in cols] + ["key"], data=data)})
             logged_tables.append(key)
         pngs = [p for p in paths if p.suffix == ".png"]

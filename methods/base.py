@@ -31,6 +31,9 @@ class Method:
     #: and the parameter a FLOPs budget is solved over (its candidates from `budget_candidates`)
     budget_tokens_param: ClassVar[str | None] = None
     budget_param: ClassVar[str | None] = None
+    #: parameters naming a calibration artefact (layer rankings) for "auto" layer lists; a cell of such a
+    #: method carries its calibration settings and the artefacts' content in its identity
+    calibration_fields: ClassVar[tuple[str, ...]] = ()
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

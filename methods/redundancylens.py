@@ -49,6 +49,7 @@ class RedundancyLens(Method):
     meta_countable = False  # finds the visual tokens from input_ids values
     #: a budget sets the proportion of reduced layers (both reductions, on the 'auto' rankings)
     budget_param = "ratio"
+    calibration_fields = ("calibration_hollow", "calibration_ffn")
 
     #: layers with Hollow Attention: list of 0-based indices, or "auto" (prefix of a stored ranking)
     hollow_layers: Any = dataclasses.field(default_factory=list)

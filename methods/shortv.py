@@ -43,6 +43,7 @@ class ShortV(Method):
     calibration: str | None = None
 
     budget_param = "N"
+    calibration_fields = ("calibration",)
 
     def budget_candidates(self, adapter) -> list:
         """N = 0..L (needs layers='auto' or a list at least that long)."""

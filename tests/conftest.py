@@ -9,6 +9,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# file digests and data verifications are cached here, not in the user's ~/.cache
+os.environ.setdefault("VTBENCH_CACHE", __import__("tempfile").mkdtemp(prefix="vtbench-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -262,7 +262,7 @@ def test_wandb_report_run(cell_overrides, tmp_path):
     assert rc == 0
     runs = glob.glob(str(wdir / "wandb" / "offline-run-*"))
     assert len(runs) == 1
-    needles = ("report-sweepA", "sweepA", "report", "table/tiny/shapes/limit2", "figures/extra_figure")
+    needles = ("report-sweepA", "sweepA", "report", "table/tiny_shapes_limit2", "figures/extra_figure")
     for _ in range(60):  # the W&B service may still be flushing the offline file after finish()
         blob = open(glob.glob(os.path.join(runs[0], "run-*.wandb"))[0], "rb").read()
         if all(n.encode() in blob for n in needles):

@@ -3,18 +3,11 @@ import numpy as np
 
 from harness.report import build_tables, paired_stats, write_outputs
 from harness.results import ResultsStore
+from tests.records import make_record
 
 
-def _rec(key, method, scores, preds, flops, params=None):
-    samples = [{"doc_id": i, "target": "t", "prediction": p, "exact_match": s} for i, (s, p) in enumerate(zip(scores, preds))]
-    return {
-        "key": key, "status": "complete", "primary_metric": "exact_match", "accuracy": float(np.mean(scores)),
-        "metrics": {"exact_match": float(np.mean(scores))}, "n_samples": len(scores),
-        "cell": {"model": {"name": "tiny"}, "method": {"name": method, "params": params or {}},
-                 "benchmark": {"name": "shapes"}, "limit": None, "seed": 0},
-        "efficiency": {"flops": {"prefill": {"total": flops}}, "latency": {"prefill_ms": {"median": flops / 1e9}}},
-        "samples": samples,
-    }
+def _rec(key, method, scores, preds, flops, params=None, **kw):
+    return make_record(method, scores, preds, params=params, flops=flops, **kw)
 
 
 def test_paired_stats_agreement_and_ci():

@@ -7,6 +7,7 @@ import pytest
 
 from harness.config import compose_config, resolved
 from harness.results import ResultsStore, StoreError, load, record_key
+from tests.records import make_record
 
 
 def _conf(*overrides):
@@ -22,45 +23,45 @@ def test_key_depends_on_what_changes_results_only():
         assert record_key(_conf(ov)) != base, ov
 
 
-def _record(key, acc=0.5, status="complete"):
-    return {"key": key, "status": status, "accuracy": acc, "primary_metric": "exact_match",
-            "metrics": {"exact_match": acc}, "cell": {"model": {"name": "tiny"}, "method": {"name": "none", "params": {}},
-                                                      "benchmark": {"name": "shapes"}},
-            "efficiency": {"flops": {"prefill_total": 10}}, "samples": [{"doc_id": 0, "prediction": "x"}]}
+def _record(acc=0.5, status="complete", **kw):
+    return make_record(scores=(acc,) if acc is not None else (0.0,), flops=10, status=status, **kw)
 
 
 def test_atomic_write_and_load(tmp_path):
     store = ResultsStore(tmp_path)
-    store.write(_record("aaaa", 0.25))
-    store.write(_record("bbbb", 0.75))
-    store.write(_record("cccc", None, status="failed"))
+    a, b, c = _record(0.25, seed=1), _record(0.75, seed=2), _record(None, status="failed", seed=3)
+    for r in (a, b, c):
+        store.write(r)
     assert not list(store.records.glob(".*"))  # no temp files left behind
     df = load(tmp_path)
-    assert sorted(df["key"]) == ["aaaa", "bbbb"]
-    assert df.set_index("key").loc["bbbb", "accuracy"] == 0.75
-    assert "efficiency.flops.prefill_total" in df.columns
+    assert sorted(df["key"]) == sorted([a["key"], b["key"]])
+    assert df.set_index("key").loc[b["key"], "accuracy"] == 0.75
+    assert "efficiency.flops.prefill.total" in df.columns
     assert len(load(tmp_path, include_failed=True)) == 3
 
 
 @pytest.mark.bad_input
 def test_corrupt_record_is_reported_and_excluded(tmp_path):
     store = ResultsStore(tmp_path)
-    store.write(_record("aaaa"))
+    rec = _record()
+    store.write(rec)
     (store.records / "dead.json").write_text('{"key": "dead", "status": "compl')  # torn write by another tool
     with pytest.warns(UserWarning, match="corrupt record"):
         df = load(tmp_path)
-    assert list(df["key"]) == ["aaaa"]
+    assert list(df["key"]) == [rec["key"]]
     assert df.attrs["corrupt"] == [str(store.records / "dead.json")]
 
 
 def test_partial_progress_survives_a_torn_line(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append_partial("k", [("t", "test", 0, "red"), ("t", "test", 1, "blue")])
-    with open(store.partial_path("k"), "a") as f:
+    rec = _record()
+    k = rec["key"]
+    store.append_partial(k, [("t", "test", 0, "red"), ("t", "test", 1, "blue")], code="c1")
+    with open(store.partial_path(k), "a") as f:
         f.write('{"task": "t", "split": "te')  # killed mid-append
-    assert store.load_partial("k") == {("t", "test", 0): "red", ("t", "test", 1): "blue"}
-    store.write(_record("k"))
-    assert not store.partial_path("k").exists()
+    assert {i: r.answer for i, r in store.load_partial(k, "c1").items()} == {("t", "test", 0): "red", ("t", "test", 1): "blue"}
+    store.write(rec)
+    assert not store.partial_path(k).exists()
 
 
 @pytest.mark.bad_input
@@ -84,8 +85,9 @@ def test_store_path_that_is_a_file_fails_in_one_line(tmp_path):
 
 def test_records_are_plain_json(tmp_path):
     store = ResultsStore(tmp_path)
-    store.write(_record("aaaa"))
-    assert json.loads((store.records / "aaaa.json").read_text())["key"] == "aaaa"
+    rec = _record()
+    store.write(rec)
+    assert json.loads((store.records / f"{rec['key']}.json").read_text())["key"] == rec["key"]
 
 
 def test_record_key_changes_with_local_weights(tmp_path):

@@ -55,12 +55,30 @@ def test_cell_resumes_from_partial_answers(cell_overrides):
     key = record_key(resolved(cfg))
     store = ResultsStore(cfg.store.dir)
     # answers of a killed earlier attempt: docs 0 and 1 were done (deliberately fake text, to see reuse)
-    store.append_partial(key, [("vtbench_shapes", "test", 0, "resumed-0"), ("vtbench_shapes", "test", 1, "resumed-1")])
+    from harness.environment import code_fingerprint
+
+    store.append_partial(key, [("vtbench_shapes", "test", 0, "resumed-0"), ("vtbench_shapes", "test", 1, "resumed-1")],
+                         code_fingerprint())
     rec = run_cell(cfg)
     assert rec["n_resumed"] == 2
     preds = {s["doc_id"]: s["prediction"] for s in rec["samples"]}
     assert preds[0] == "resumed-0" and preds[1] == "resumed-1"
     assert not store.partial_path(key).exists()
+
+
+def test_answers_of_other_code_are_never_resumed(cell_overrides, capsys):
+    """A partial file written by other vtbench code (an edit between the kill and the resume) is discarded:
+    one record never mixes answers of two code versions."""
+    cfg = compose_config(cell_overrides + ["run.seed=3"])
+    from harness.config import resolved
+    from harness.results import record_key
+
+    key = record_key(resolved(cfg))
+    store = ResultsStore(cfg.store.dir)
+    store.append_partial(key, [("vtbench_shapes", "test", 0, "stale-0")], code="0123456789abcdef")
+    rec = run_cell(cfg)
+    assert rec["n_resumed"] == 0 and rec["samples"][0]["prediction"] != "stale-0"
+    assert "was written by other vtbench code" in capsys.readouterr().err
 
 
 @pytest.mark.slow

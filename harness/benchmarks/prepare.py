@@ -71,20 +71,17 @@ def prepare_shapes(data_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, di
         paths = shapes.ensure_data(task_dir, seed=seed)
     except OSError as e:
         raise BenchmarkDataError(f"cannot write the shapes data under {task_dir}: {e.strerror or e}") from None
-    try:
-        sums = json.loads((task_dir / "meta.json").read_text()).get("sha256") or {}
-    except (OSError, ValueError, AttributeError):
-        sums = {}
     for split in ("val", "test"):
         if split not in paths or not Path(paths[split]).is_file():
             raise BenchmarkDataError(f"shapes data for split {split!r} missing under {task_dir}")
-        # the data are generated once and then trusted: a changed file (truncated, garbled) is an error,
-        # never silently evaluated; deleting the folder regenerates it
-        if sums.get(split) != shapes._sha256(Path(paths[split])):
+        # a changed file (truncated, garbled, one image altered) is an error, never silently evaluated:
+        # checked against the generator itself, not against checksums that live (and die) with the data
+        try:
+            shapes.verify(Path(paths[split]), split, seed)
+        except (ValueError, OSError) as e:
             raise BenchmarkDataError(
-                f"shapes data {paths[split]} is corrupt (sha256 differs from {task_dir / 'meta.json'}); "
-                f"delete {task_dir} to regenerate it"
-            )
+                f"shapes data {paths[split]} is corrupt: {e}; delete {task_dir} to regenerate it"
+            ) from None
         name = "vtbench_shapes" if split == "test" else "vtbench_shapes_val"
         text = TASK_YAML.format(task=name, split=split, data_file=json.dumps(str(paths[split])), seed=seed)
         target = task_dir / f"{name}.yaml"

@@ -349,6 +349,76 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _content_digest(rows) -> str:
+    """sha256 over (id, question, answer, qtype, sha256 of the PNG bytes) of every row, in order."""
+    h = hashlib.sha256()
+    for rid, question, answer, qtype, png in rows:
+        h.update(json.dumps([rid, question, answer, qtype, hashlib.sha256(png).hexdigest()]).encode() + b"\n")
+    return h.hexdigest()
+
+
+_GENERATOR_DIGESTS: dict[tuple, str] = {}
+
+
+def generator_digest(split: str, n: int, seed: int = 0) -> str:
+    """What the generator produces for (split, n, seed): the trust anchor of the files on disk."""
+    key = (split, n, seed, GENERATOR_VERSION)
+    if key not in _GENERATOR_DIGESTS:
+        _GENERATOR_DIGESTS[key] = _content_digest(
+            (d["id"], d["question"], d["answer"], d["qtype"], _png(d["image"])) for d in generate(split, n, seed=seed))
+    return _GENERATOR_DIGESTS[key]
+
+
+def file_digest(path: Path) -> str:
+    """The same digest of a parquet file written by `ensure_data` (ValueError if unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path, columns=["id", "question", "answer", "qtype", "image"]).to_pydict()
+        return _content_digest(zip(t["id"], t["question"], t["answer"], t["qtype"],
+                                   (im["bytes"] for im in t["image"])))
+    except Exception as e:  # pyarrow raises many types for a damaged file
+        raise ValueError(f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def verify(path: Path, split: str, seed: int = 0, n: int | None = None) -> None:
+    """Raise ValueError unless the file holds exactly what the generator makes for (split, n, seed).
+
+    Checked against the generator itself, never against a checksum stored beside the data (which could
+    be deleted or rewritten with it). A file verified once is remembered by its sha256 (itself cached by
+    the file's size, mtime, ctime and inode), so an unchanged file costs a stat on the next run."""
+    from harness.fingerprint import cache_dir, file_digests
+
+    n = SPLIT_SIZES[split] if n is None else n
+    sha = file_digests([path], "benchmark data")[path]
+    memo = cache_dir() / "shapes-verified.json"
+    tag = f"{seed}/{split}/{n}/{GENERATOR_VERSION}"
+    try:
+        known = json.loads(memo.read_text())
+        if isinstance(known, dict) and known.get(tag) == sha:
+            return
+    except (OSError, ValueError):
+        known = {}
+    if file_digest(path) != generator_digest(split, n, seed):
+        raise ValueError("its content differs from what the generator makes (altered data)")
+    try:
+        known = known if isinstance(known, dict) else {}
+        known[tag] = sha
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=".shapes.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, sort_keys=True)
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+
+
 def _write_parquet(docs: list[dict], path: Path) -> None:
     from datasets import Dataset, Features, Value
     from datasets import Image as HFImage
@@ -360,11 +430,7 @@ def _write_parquet(docs: list[dict], path: Path) -> None:
         "answer": Value("string"),
         "qtype": Value("string"),
     })
-    rows = []
-    for d in docs:
-        buf = io.BytesIO()
-        d["image"].save(buf, format="PNG")
-        rows.append({**d, "image": {"bytes": buf.getvalue(), "path": None}})
+    rows = [{**d, "image": {"bytes": _png(d["image"]), "path": None}} for d in docs]
     ds = Dataset.from_list(rows, features=features)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
     os.close(fd)

@@ -74,45 +74,6 @@ def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
     return pretrained, False
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
-def weights_fingerprint(pretrained: str) -> str | None:
-    """A short fingerprint of a local checkpoint's weights (None for a hub id).
-
-    Part of every record key and calibration key, so retraining a local model (e.g. `make
-    tiny-model`) never reuses results of the old weights. Per weight file: its name, size and the
-    sha256 of its bytes (files over 64 MiB: of the safetensors header, the first and last 4 MiB, so
-    a 7B folder costs milliseconds). Cached per process by (path, mtime, size).
-    """
-    import hashlib
-
-    try:
-        path, is_local = resolve_pretrained(pretrained)
-    except ModelLoadError:
-        return None
-    if not is_local:
-        return None
-    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
-    if not files:
-        return None
-    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    if key not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                if size <= 64 << 20:
-                    h.update(fh.read())
-                else:
-                    h.update(fh.read(4 << 20))
-                    fh.seek(size - (4 << 20))
-                    h.update(fh.read())
-        _FINGERPRINTS[key] = h.hexdigest()[:16]
-    return _FINGERPRINTS[key]
-
-
 def _check_reachable(path: str, is_local: bool, revision: str | None = None) -> None:
     """Fail in one line when a hub id cannot be resolved (offline and not in the local HF cache)."""
     if is_local:
@@ -219,7 +180,7 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
     trust = bool(_get(model_cfg, "trust_remote_code", False))
     revision = _get(model_cfg, "revision")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model, info = AutoModelForImageTextToText.from_pretrained(
             path,
             revision=revision,
             dtype=torch_dtype,
@@ -227,7 +188,9 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
             trust_remote_code=trust,
             use_safetensors=True,
             device_map=device,
+            output_loading_info=True,
         )
+        _check_loading_info(path, info)
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -236,6 +199,21 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
     adapter = get_adapter(model)
     _check_arch(model_cfg, model.config)
     return model, processor, adapter
+
+
+def _check_loading_info(path: str, info: dict) -> None:
+    """transformers initialises missing weights randomly and drops unexpected ones, with a report hidden
+    by the default verbosity: here any of them means the checkpoint does not match its config (a missing
+    tensor, a wrong layer count, a wrong shape), and the model is refused."""
+    for field, what in (("missing_keys", "weights missing from the checkpoint (they would be random)"),
+                        ("unexpected_keys", "checkpoint weights the config has no place for"),
+                        ("mismatched_keys", "weights whose shape disagrees with the config"),
+                        ("error_msgs", "loading errors")):
+        items = sorted(str(x if not isinstance(x, tuple) else x[0]) for x in (info.get(field) or ()))
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            raise ModelLoadError(f"checkpoint {path} does not match its config.json: {len(items)} {what}: "
+                                 f"{', '.join(items[:3])}{more}")
 
 
 def _check_arch(model_cfg, config) -> None:

@@ -49,7 +49,7 @@ def progress(store) -> tuple[int, int]:
     n_part = 0
     for p in (store / "partial").glob("*.jsonl"):
         try:
-            n_part += p.read_bytes().count(b"\n")
+            n_part += max(0, p.read_bytes().count(b"\n") - 1)  # the first line is the file's header
         except OSError:
             pass
     return n_rec, n_part

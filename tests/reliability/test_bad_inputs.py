@@ -146,6 +146,7 @@ def own_data(data_dir, tmp_path):
     prepare_shapes(data_dir)
     dst = tmp_path / "data"
     shutil.copytree(data_dir, dst)
+    prepare_shapes(dst)  # its task files now point at this copy
     return dst
 
 
@@ -185,8 +186,10 @@ def test_missing_lmms_eval_benchmark_data_offline(args, tmp_path, capsys, monkey
     nothing_written(tmp_path / "store")
 
 
-def _break_image(own_data, damage: str) -> None:
-    """Replace the image of test doc 1 inside an otherwise intact data file (as a hub dataset may have)."""
+def _break_image(own_data, damage: str) -> list[str]:
+    """Replace the image of test doc 1 inside an otherwise intact data file, as a hub dataset may have it.
+    Returns the overrides that serve the folder as such a dataset (a local lmms-eval task): as the
+    built-in benchmark, the data would be refused earlier, for differing from the generator."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -203,13 +206,14 @@ def _break_image(own_data, damage: str) -> None:
     meta = json.loads((task_dir / "meta.json").read_text())
     meta["sha256"]["test"] = _sha256(path)  # the file itself is consistent: only one image is broken
     (task_dir / "meta.json").write_text(json.dumps(meta))
+    return ["benchmark.builtin=false", f"benchmark.include_path={task_dir}"]
 
 
 def test_undecodable_image_is_refused_before_loading(own_data, args, tmp_path, capsys, no_model_load):
     """One line naming the document, before the model loads (lmms-eval would otherwise crash while
     post-processing, after all the generation work)."""
-    _break_image(own_data, "not-an-image")
-    rc = run_one(args + [f"data_dir={own_data}"])
+    local_task = _break_image(own_data, "not-an-image")
+    rc = run_one(args + [f"data_dir={own_data}"] + local_task)
     line = one_line_error(capsys, rc)
     assert "is corrupt: document 1 cannot be read" in line, line
     nothing_written(tmp_path / "store")
@@ -217,8 +221,8 @@ def test_undecodable_image_is_refused_before_loading(own_data, args, tmp_path, c
 
 def test_truncated_image_is_flagged_in_the_record(own_data, args, tmp_path, capsys):
     """lmms-eval deliberately decodes truncated images (grey-filled): the cell runs, the record says so."""
-    _break_image(own_data, "truncated-png")
-    assert run_one(args + [f"data_dir={own_data}"]) == 0
+    local_task = _break_image(own_data, "truncated-png")
+    assert run_one(args + [f"data_dir={own_data}"] + local_task) == 0
     assert "1 truncated image(s)" in capsys.readouterr().err
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
     assert rec["status"] == "complete" and rec["truncated_images"] == ["vtbench_shapes/1"]

@@ -83,13 +83,19 @@ def test_config_values_are_never_evaluated(value, tmp_path, monkeypatch, capsys)
 def test_store_and_progress_are_plain_json(tmp_path):
     from harness.results import ResultsStore
 
+    from tests.records import make_record
+
     store = ResultsStore(tmp_path)
-    store.append_partial("k", [("t", "test", 0, "red", True), ("t", "test", 1, "blue")])
-    for line in store.partial_path("k").read_text().splitlines():
+    rec = make_record("none", (1.0,), metrics={"exact_match": 1.0, "other": float("nan")})
+    k = rec["key"]
+    store.append_partial(k, [("t", "test", 0, "red", True), ("t", "test", 1, "blue")])
+    for line in store.partial_path(k).read_text().splitlines():
         json.loads(line)
-    assert store.partial_nonfinite("k") == {"t/0"}  # non-finite flags survive a resume
-    store.write({"key": "k", "status": "complete"})
-    assert json.loads(store.record_path("k").read_text())["key"] == "k"
+    assert {d for (_, _, d), r in store.load_partial(k).items() if r.nonfinite} == {0}  # flags survive a resume
+    store.write(rec)
+    text = store.record_path(k).read_text()
+    assert json.loads(text)["key"] == k
+    assert "NaN" not in text and json.loads(text)["metrics"]["other"] is None  # strict JSON, never NaN
 
 
 UNSAFE = [
