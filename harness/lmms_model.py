@@ -57,14 +57,20 @@ class VTBenchLMM(_LmmsBase):
         chat_template: str | None = None,
         progress: bool = True,
         on_batch: Any = None,
+        max_batch_size: int | None = None,
         **overrides,
     ) -> None:
         super().__init__()
+        if isinstance(model, str):  # `--model_args model=<group>`: a vtbench model config, not an instance
+            overrides = {"model": model, **overrides}
+            model = None
         #: a model passed in belongs to the caller (the runner measures it after the evaluation), so
         #: lmms-eval's end-of-evaluation `clean()` must not delete it
         self.owns_model = model is None
         if model is None:
-            model, processor, adapter = self._build_from_overrides(overrides, device)
+            overrides.pop("max_batch_size", None)  # lmms-eval's `--max_batch_size`: caps `auto` below
+            model, processor, adapter, batch_size = self._build_from_overrides(
+                overrides, device, batch_size, max_batch_size)
         elif overrides:
             raise TypeError(f"unexpected arguments with a model instance: {sorted(overrides)}")
         self._model = model
@@ -91,19 +97,49 @@ class VTBenchLMM(_LmmsBase):
 
     # ---- construction from the lmms-eval CLI ------------------------------------------------------
     @staticmethod
-    def _build_from_overrides(overrides: dict, device: str | None):
+    def _build_from_overrides(overrides: dict, device: str | None, batch_size, max_batch_size):
+        """Model, processor, adapter and batch size from the lmms-eval CLI's `--model_args` (vtbench config
+        overrides, e.g. `model=tiny,method=fastv,budget.kind=tokens,budget.value=0.33`).
+
+        `--batch_size auto` (or `auto:N`) takes the composed config's `run.batch_size` (a vtbench cell's
+        batch size is a setting of the cell, not searched for), capped by `--max_batch_size`. Bad input
+        ends lmms-eval in one line with exit 2 and a failed load with exit 1: lmms-eval itself would log
+        the error and exit 0."""
+        import sys
+
+        from harness.cli import bad_input_errors, error_line, failure_reason
         from harness.config import compose_config, validate, validate_against_model
         from harness.models.loading import load_model
 
         args = [f"{k}={v}" for k, v in overrides.items()]
         if device:
             args.append(f"run.device={device}")
-        cfg = compose_config(args)
-        method = validate(cfg)
-        method, _, _ = validate_against_model(cfg, method)
-        model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
-        method.apply(model, adapter)
-        return model, processor, adapter
+        try:
+            cfg = compose_config(args)
+            method = validate(cfg)
+            method, _, budget = validate_against_model(cfg, method)
+            bs = str(batch_size).strip()
+            if bs.startswith("auto"):
+                bs = cfg.run.batch_size if max_batch_size is None else min(cfg.run.batch_size, int(max_batch_size))
+            elif not bs.isdigit() or int(bs) < 1:
+                from harness.config import ConfigError
+
+                raise ConfigError(f"--batch_size={batch_size!r}: a positive integer, auto or auto:N")
+            model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
+            method.validate(adapter)
+            method.apply(model, adapter)
+        except bad_input_errors() as e:
+            print(f"vtbench: error: {error_line(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except Exception as e:  # noqa: BLE001 - a failed load must fail lmms-eval, not be logged and exit 0
+            print(f"vtbench: model load failed: {failure_reason(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        vis = (budget or {}).get("visual_tokens_to_llm", (budget or {}).get("visual_tokens"))
+        print(f"[vtbench] model={cfg.model.name} method={method.describe()}"
+              + (f" budget={budget.get('kind')}:{budget.get('value')}" if budget else "")
+              + (f" visual_tokens_to_llm={vis}" if vis is not None else "")
+              + f" batch_size={int(bs)}", file=sys.stderr, flush=True)
+        return model, processor, adapter, int(bs)
 
     def clean(self):
         if self.owns_model and hasattr(super(), "clean"):
