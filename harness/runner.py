@@ -292,7 +292,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     }
     from harness.wandb_log import log_cell
 
-    record["wandb"] = log_cell(record, conf.get("logger"), conf)
+    record["wandb"] = log_cell(record, conf.get("logger"), conf, _doc_inputs(task_dict, task))
     record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
     store.write(record)
     return record
@@ -307,6 +307,23 @@ def _note_code_change(rec: dict) -> None:
     if made_by and made_by != code_fingerprint():
         _log(f"note: record {rec['key']} was made by other vtbench code ({made_by}, now {code_fingerprint()}); "
              "run.force=true re-evaluates it with this code")
+
+
+def _doc_inputs(task_dict, task: str):
+    """`doc_id -> (question text, first image or None)` of the evaluated task (for the W&B sample table)."""
+    obj = task_dict.get(task)
+    docs = getattr(obj, "eval_docs", None)
+
+    def inputs(doc_id: int):
+        try:
+            doc = docs[int(doc_id)]
+            visuals = obj.doc_to_visual(doc) if callable(getattr(obj, "doc_to_visual", None)) else []
+            image = next((v for v in visuals or [] if hasattr(v, "convert")), None)
+            return str(obj.doc_to_text(doc)), image
+        except Exception:  # a logging nicety: never fail a cell for it
+            return None, None
+
+    return inputs if docs is not None else None
 
 
 def _doc_order(tag: str):

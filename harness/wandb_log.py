@@ -29,16 +29,67 @@ def effective_mode(mode: str) -> str:
     return mode
 
 
-def _flat(prefix, obj, out):
+def _flat(prefix, obj, out, numeric_only=False):
     if isinstance(obj, dict):
         for k, v in obj.items():
-            _flat(f"{prefix}/{k}" if prefix else str(k), v, out)
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+            _flat(f"{prefix}/{k}" if prefix else str(k), v, out, numeric_only)
+    elif isinstance(obj, bool) or not isinstance(obj, (int, float)):
+        if not numeric_only and (isinstance(obj, (str, bool)) or obj is None):
+            out[prefix] = obj
+    else:
         out[prefix] = obj
 
 
-def log_cell(record: dict, logger_cfg: dict, config: dict) -> dict | None:
-    """Log one cell; returns {"run_id", "dir", "mode"} or None if disabled/failed."""
+def budget_label(budget: dict | None) -> str:
+    """`tok33%`, `tok48`, `flops50%` or `` (no budget): short enough for run names and table cells."""
+    if not budget or budget.get("kind") is None:
+        return ""
+    v = float(budget["value"])
+    kind = "tok" if budget["kind"] == "tokens" else "flops"
+    return f"{kind}{100 * v:g}%" if v <= 1 else f"{kind}{v:g}"
+
+
+def run_name(record: dict) -> str:
+    cell = record["cell"]
+    parts = [cell["model"]["name"], cell["method"]["name"], budget_label(cell.get("budget")),
+             cell["benchmark"]["name"], record["key"][:8]]
+    return "-".join(p.replace("/", "-") for p in parts if p)
+
+
+def _samples_table(wandb, record: dict, doc_inputs, max_images: int):
+    """Per-sample table with typed columns: doc_id (int), question, image (a small wandb.Image, first
+    `max_images` samples), target, prediction, each metric (float), non-finite/failed flags (bool)."""
+    samples = record.get("samples") or []
+    metrics = sorted({k for s in samples for k, v in s.items() if k not in ("doc_id", "target", "prediction")
+                      and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    task = (record.get("data") or {}).get("task") or ""
+    nonfinite = set(record.get("nonfinite") or [])
+    failed = set(record.get("failures") or {})
+    cols = ["doc_id", "question", "image", "target", "prediction", *metrics, "nonfinite", "failed"]
+    table = wandb.Table(columns=cols, allow_mixed_types=True)
+    for i, s in enumerate(samples):
+        question, image = doc_inputs(s["doc_id"]) if doc_inputs else (None, None)
+        if image is not None and i < max_images:
+            thumb = image.convert("RGB").copy()
+            thumb.thumbnail((96, 96))
+            image = wandb.Image(thumb)
+        else:
+            image = None
+        tag = f"{task}/{s['doc_id']}"
+        table.add_data(int(s["doc_id"]), question, image, str(s.get("target")), str(s.get("prediction")),
+                       *[float(s[m]) if s.get(m) is not None else None for m in metrics], tag in nonfinite, tag in failed)
+    return table
+
+
+def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> dict | None:
+    """Log one cell; returns {"run_id", "dir", "mode"} or None if disabled/failed.
+
+    One W&B run per cell identity: its id is the record key, so forcing or resuming a cell continues that
+    run (`resume="allow"`) instead of creating a duplicate; its name carries model, method, budget,
+    benchmark and the key. The config is the resolved config plus `resolved` (the method's parameters
+    after budget and calibration, the budget's solution, the key); the summary holds numbers only (and the
+    key); the per-sample table is typed. `doc_inputs(doc_id) -> (question, PIL image | None)` fills the
+    question and image columns."""
     if not logger_cfg or logger_cfg.get("name") != "wandb":
         return None
     mode = effective_mode(logger_cfg.get("mode", "offline"))
@@ -49,38 +100,36 @@ def log_cell(record: dict, logger_cfg: dict, config: dict) -> dict | None:
         import wandb
 
         cell = record["cell"]
-        name = f"{cell['model']['name']}-{cell['method']['name']}-{cell['benchmark']['name']}-{record['key'][:8]}"
         wdir = os.path.expanduser(str(logger_cfg.get("dir") or "runs"))
         os.makedirs(wdir, exist_ok=True)
         group = logger_cfg.get("group") or f"{cell['model']['name']}-{cell['benchmark']['name']}"
+        resolved = {"key": record["key"], "method": record.get("method_description"),
+                    "method_params": record.get("method_params"), "budget": record.get("budget"),
+                    "budget_label": budget_label(cell.get("budget")) or None,
+                    "calibration": {k: (v or {}).get("key") for k, v in (record.get("calibration") or {}).items()}}
         run = wandb.init(
             project=logger_cfg.get("project", "vtbench"),
             entity=logger_cfg.get("entity"),
-            name=name,
+            id=record["key"],
+            resume="allow",
+            name=run_name(record),
             group=group,
             job_type="cell",
-            config=config,
+            config={**config, "resolved": resolved},
             dir=wdir,
             mode=mode,
             reinit="finish_previous",
         )
         summary = {}
-        _flat("", {"metrics": record.get("metrics", {}), "efficiency": record.get("efficiency", {})}, summary)
-        summary.update(
-            {
-                "accuracy": record.get("accuracy"),
-                "n_samples": record.get("n_samples"),
-                "n_failed": record.get("n_failed"),
-                "n_empty": record.get("n_empty"),
-                "key": record["key"],
-            }
-        )
+        _flat("", {"metrics": record.get("metrics", {}), "efficiency": record.get("efficiency", {})}, summary,
+              numeric_only=True)
+        for k in ("accuracy", "n_samples", "n_failed", "n_empty", "n_nonfinite", "n_resumed"):
+            if isinstance(record.get(k), (int, float)):
+                summary[k] = record[k]
+        summary["key"] = record["key"]
         run.summary.update(summary)
-        samples = record.get("samples") or []
-        if logger_cfg.get("log_samples", True) and samples:
-            cols = list(samples[0].keys())
-            table = wandb.Table(columns=cols, data=[[str(s.get(c)) for c in cols] for s in samples])
-            run.log({"samples": table})
+        if logger_cfg.get("log_samples", True) and record.get("samples"):
+            run.log({"samples": _samples_table(wandb, record, doc_inputs, int(logger_cfg.get("max_images", 64)))})
         info = {"run_id": run.id, "dir": run.dir, "mode": mode}
         run.finish()
         return info

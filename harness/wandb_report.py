@@ -49,11 +49,58 @@ def collect(store_dir: str, group: str | None):
     return tables
 
 
+#: report columns logged as numbers (W&B sorts, filters and charts them); the rest as strings
+NUMERIC = ("visual_tokens_llm", "visual_tokens_layer", "accuracy", "retention", "agreement", "gflops", "flops_ratio",
+           "prefill_ms", "decode_ms", "peak_mem_mb", "kv_mb", "n")
+
+
+def typed_table(wandb, t):
+    """The comparison table with typed columns: numbers as numbers (None where missing), the method, its
+    budget and parameters as strings, and the record key."""
+    import math
+
+    from harness.report import COLUMNS
+
+    cols = [c for c, _ in COLUMNS if c in t.columns] + ["key"]
+
+    def cell(v, c):
+        if c in NUMERIC:
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+    return wandb.Table(columns=cols, data=[[cell(r[c], c) for c in cols] for _, r in t.iterrows()],
+                       allow_mixed_types=True)
+
+
+def charts(wandb, table, group) -> dict:
+    """Native W&B charts of one comparison: accuracy vs counted prefill GFLOPs and vs prefill latency,
+    one line per method through its budgets (`wandb.plot.line_series`), plus a scatter of every cell."""
+    import collections
+
+    rows = [dict(zip(table.columns, r)) for r in table.data]
+    out = {}
+    for x, label in (("gflops", "prefill GFLOPs (counted)"), ("prefill_ms", "prefill latency (ms)")):
+        by = collections.defaultdict(list)
+        for r in rows:
+            if r.get(x) is not None and r.get("accuracy") is not None:
+                by[r["method"]].append((r[x], r["accuracy"]))
+        if not by:
+            continue
+        methods = sorted(by)
+        pts = [sorted(by[m]) for m in methods]
+        out[f"chart/{group.stem}/accuracy_vs_{x}"] = wandb.plot.line_series(
+            xs=[[p[0] for p in ps] for ps in pts], ys=[[p[1] for p in ps] for ps in pts], keys=methods,
+            title=f"Accuracy vs {label} — {group.title}", xname=label)
+        out[f"chart/{group.stem}/accuracy_vs_{x}_cells"] = wandb.plot.scatter(
+            table, x, "accuracy", title=f"Accuracy vs {label}, every cell — {group.title}")
+    return out
+
+
 def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] | None = None, *,
                project: str = "vtbench", entity: str | None = None, mode: str = "offline",
                wandb_dir: str = "runs") -> dict | None:
     """Log the report run; returns {"run_id", "dir", "mode", "tables", "figures"} or None without records."""
-    from harness.report import COLUMNS, _fmt, write_outputs
+    from harness.report import write_outputs
     from harness.wandb_log import effective_mode
 
     tables = collect(store_dir, group)
@@ -74,10 +121,9 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_outputs(tables, tmp, formats=("md",), figures=True)
         for group, t in sorted(tables.items()):
-            cols = [(c, h) for c, h in COLUMNS if c in t.columns]
-            data = [[_fmt(r[c], c) for c, _ in cols] + [r["key"]] for _, r in t.iterrows()]
             key = f"table/{group.stem}"
-            run.log({key: wandb.Table(columns=[h for _, h in cols] + ["key"], data=data)})
+            table = typed_table(wandb, t)
+            run.log({key: table, **charts(wandb, table, group)})
             logged_tables.append(key)
         pngs = [p for p in paths if p.suffix == ".png"]
         for d in figure_dirs or []:

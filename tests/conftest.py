@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # file digests and data verifications are cached here, not in the user's ~/.cache
 os.environ.setdefault("VTBENCH_CACHE", __import__("tempfile").mkdtemp(prefix="vtbench-cache-"))
+os.environ.setdefault("WANDB_DATA_DIR", __import__("tempfile").mkdtemp(prefix="vtbench-wandb-data-"))  # W&B staging
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
