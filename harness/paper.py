@@ -584,7 +584,8 @@ def fig_attention_share(cfg, docs, fig_dir: Path) -> list[Path]:
     ax.set_ylim(0, 1.0)
     ax.set_title(f"FastV motivation: attention of the last prompt token per layer — {cfg.model.name} "
                  f"({len(docs)} shapes val samples, head mean)", fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the bars, never over them
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, fig_dir, "fastv_attention_share")
 
 
@@ -609,8 +610,8 @@ def fig_accuracy_vs_tflops(store: str, fig_dir: Path) -> list[Path]:
     for gid, g in sorted(df.groupby("group"), key=lambda x: (names[x[0]], variants[x[0]])):
         model, bench = names[gid]
         label = f" [{variants[gid]}]" if variants[gid] else ""
-        fig = accuracy_vs_flops_figure(g.assign(tf=g[F_TOTAL] / 1e12), "tf", "prefill TFLOPs (counted, all components)",
-                                       f"FiCoCo-style accuracy vs TFLOPs — {bench} on {model}{label}")
+        fig = accuracy_vs_flops_figure(g, F_TOTAL, f"FiCoCo-style accuracy vs FLOPs — {bench} on {model}{label}",
+                                       what="prefill (all components)", ci=False)
         suffix = "_" + variants[gid].replace("=", "-").replace(", ", "_") if variants[gid] else ""
         written += _save(fig, fig_dir, safe_name(f"ficoco_accuracy_vs_tflops_{model}_{bench}{suffix}"))
     return written
@@ -660,16 +661,18 @@ def redundancy_curve(cfg, docs) -> dict[str, list[tuple[float, float, float]]]:
 def fig_redundancylens(cfg, docs, fig_dir: Path) -> list[Path]:
     curves = redundancy_curve(cfg, docs)
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
     for name, pts in curves.items():
         for ax, j in zip(axes, (1, 2)):
-            ax.plot([p[0] for p in pts], [p[j] for p in pts], marker="o", label=name)
-    for ax, lab in zip(axes, ("exact-match accuracy", "agreement with the unreduced model")):
-        ax.set_xlabel("proportion of reduced LLM layers (last layers first)")
+            ax.plot([p[0] for p in pts], [p[j] for p in pts], marker="o", ms=4, label=name)
+    for ax, lab, j in zip(axes, ("exact-match accuracy", "agreement with unreduced"), (1, 2)):
         ax.set_ylabel(lab)
-        ax.set_ylim(-0.02, 1.02)
+        vals = [p[j] for pts in curves.values() for p in pts]
+        pad = max(0.02, 0.1 * (max(vals) - min(vals)))  # the range the curves span, not 0-1
+        ax.set_ylim(max(0.0, min(vals) - pad), min(1.0, max(vals) + pad) + 0.005)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.supxlabel("proportion of reduced LLM layers (last layers first)", fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"RedundancyLens motivation — {cfg.model.name} ({len(docs)} shapes val samples; Hollow Attention "
                  f"window and FFN keep ratio scaled from the paper's)", fontsize=8)
     return _save(fig, fig_dir, "redundancylens_reduced_layers")

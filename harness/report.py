@@ -26,13 +26,15 @@ CONVENTIONS = (
     "FLOPs = 2 x multiply-accumulates of matrix products (linear layers, attention QK^T and AV, "
     "convolutions), counted with fvcore on the patched model (attention added back; element-wise ops not "
     "counted); prefill = vision encoder + projector + LLM over the prompt + LM head on the last position, "
-    "mean over the probe samples. Latency: median over repeats on the probe set "
-    "(time to first token; decode per token). Memory: peak increase during the timed runs "
-    "(GPU allocator on GPU, process RSS on CPU). Retention = accuracy / accuracy of `none`. "
+    "mean over the probe samples. Latency: median [interquartile range] over every repeat of every probe "
+    "sample (time to first token; decode per token). Memory: peak increase during the timed runs "
+    "(GPU allocator on GPU, process RSS on CPU), shown only where it resolves the runs. Retention = "
+    "accuracy / accuracy of `none` in the same comparison group. "
     "Agreement = share of samples whose prediction equals `none`'s; CI = paired bootstrap 95 % interval "
     "of the accuracy difference (2000 resamples, seed 0)."
 )
 
+#: (column, header); `{flops}` is the table's FLOPs unit, chosen by the model's size
 COLUMNS = [
     ("method", "method"),
     ("budget", "budget"),
@@ -43,23 +45,31 @@ COLUMNS = [
     ("retention", "retention"),
     ("agreement", "agree w/ none"),
     ("diff_ci", "Δacc 95% CI"),
-    ("gflops", "prefill GFLOPs"),
+    ("flops", "prefill {flops}"),
     ("flops_ratio", "FLOPs ratio"),
-    ("prefill_ms", "prefill ms"),
-    ("decode_ms", "decode ms/tok"),
+    ("prefill_ms", "prefill ms [IQR]"),
+    ("decode_ms", "decode ms/tok [IQR]"),
     ("peak_mem_mb", "peak mem MB"),
     ("kv_mb", "KV cache MB"),
     ("n", "n"),
 ]
+#: numeric columns of the CSV (and of the W&B report table) beside the displayed ones
+CSV_EXTRA = ["gflops", "prefill_q1", "prefill_q3", "prefill_min", "prefill_max", "decode_q1", "decode_q3",
+             "acc_ci_low", "acc_ci_high", "budget_note", "key"]
 
 # record fields (flattened by harness.results.record_row)
 F_TOTAL = "efficiency.flops.prefill.total"
-F_PREFILL_MS = "efficiency.latency.prefill_ms.median"
-F_DECODE_MS = "efficiency.latency.decode_ms_per_token.median"
+F_PREFILL = "efficiency.latency.prefill_ms."
+F_DECODE = "efficiency.latency.decode_ms_per_token."
 F_PEAK = "efficiency.memory.peak_delta_bytes"
+F_MEM_KIND = "efficiency.memory.kind"
 F_KV = "efficiency.kv_cache_bytes"
 F_VIS = "efficiency.visual_tokens_llm"
 F_VIS_LAYER = "efficiency.visual_tokens_mean_per_layer"
+#: a FLOPs-matched budget whose closest setting misses its target by more than this is flagged
+BUDGET_TOLERANCE = 0.02
+#: peak-memory deltas below this (on every row) are below what the CPU RSS sampler resolves
+MEMORY_RESOLUTION_BYTES = 1 << 20
 
 
 def paired_stats(a: list[dict], b: list[dict], metric: str, *, iters: int = 2000, seed: int = 0) -> dict:
@@ -75,6 +85,71 @@ def paired_stats(a: list[dict], b: list[dict], metric: str, *, iters: int = 2000
     boots = d[rng.integers(0, len(d), size=(iters, len(d)))].mean(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return {"n_paired": len(ids), "agreement": float(agree), "diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def accuracy_ci(samples: list[dict], metric: str, *, iters: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % interval of one cell's accuracy (the error bars of the figures)."""
+    x = np.array([float(s.get(metric, 0.0)) for s in samples])
+    if not len(x):
+        return (np.nan, np.nan)
+    boots = x[np.random.default_rng(seed).integers(0, len(x), size=(iters, len(x)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def flops_unit(values) -> tuple[float, str]:
+    """(scale, name) that fits the magnitude of a table's FLOPs (a tiny model in MFLOPs/GFLOPs, 13B in
+    TFLOPs)."""
+    v = [float(x) for x in values if x is not None and x == x]
+    top = max(v) if v else 0.0
+    for scale, name in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if top >= scale:
+            return scale, name
+    return 1.0, "FLOPs"
+
+
+def method_colour(method: str):
+    """One colour per method in every figure (by its place in the method registry)."""
+    import matplotlib
+
+    import methods
+
+    names = sorted(set(methods.available()) | {"none"})
+    order = ["none"] + [n for n in names if n != "none"]
+    cmap = matplotlib.colormaps["tab10" if len(order) <= 10 else "tab20"]
+    i = order.index(method) if method in order else len(order) + sum(map(ord, method))
+    return cmap(i % cmap.N)
+
+
+def short_params(method: str, params: dict) -> str:
+    """The parameters that differ from the method's defaults, calibration artefacts as a short id (their
+    path stays in the record), nested parameters flattened: short enough for a table cell and a label."""
+    import methods
+
+    try:
+        defaults = methods.get(method)().params()
+        cal_fields = set(getattr(methods.get(method), "calibration_fields", ()))
+    except Exception:
+        defaults, cal_fields = {}, set()
+    out = []
+
+    def add(prefix, k, v, d):
+        if isinstance(v, dict):
+            for kk, vv in sorted(v.items()):
+                add(f"{prefix}{k}.", kk, vv, (d or {}).get(kk) if isinstance(d, dict) else None)
+            return
+        if v == d:
+            return
+        out.append(f"{prefix}{k}={v}")
+
+    cals = [f"{Path(params[k]).stem.rsplit('-', 1)[-1][:8]}" for k in sorted(cal_fields)
+            if isinstance(params.get(k), str)]
+    for k, v in sorted(params.items()):
+        if k not in cal_fields:
+            add("", k, v, defaults.get(k, object()))
+    if cals:  # one short id per calibration artefact (the paths are in the record)
+        out.append("cal=" + "/".join(cals))
+    return ", ".join(out) or "-"
 
 
 class Group(NamedTuple):
@@ -151,10 +226,10 @@ def _records(store_dir: str):
 
 
 def build_tables(store_dir: str):
-    """{(model, benchmark): DataFrame} plus the list of corrupt records skipped."""
-    import pandas as pd
-
+    """{Group: DataFrame} (one like-for-like comparison each) plus the list of invalid records skipped."""
     import warnings
+
+    import pandas as pd
 
     from harness.results import comparison_group, load
 
@@ -173,40 +248,83 @@ def build_tables(store_dir: str):
         base = g[g["method"] == "none"]
         base_row = base.iloc[0] if len(base) else None
         base_rec = recs.get(base_row["key"]) if base_row is not None else None
-        rows = []
-        for _, r in g.iterrows():
-            rec = recs[r["key"]]
-            params = json.loads(r["method_params"]) if r["method_params"] else {}
-            row = {
-                "method": r["method"],
-                "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-",
-                "accuracy": r["accuracy"],
-                "n": r["n_samples"],
-                "budget": _budget_label(r.get("budget")),
-                "visual_tokens_llm": r.get(F_VIS),
-                "visual_tokens_layer": r.get(F_VIS_LAYER),
-                "gflops": (r.get(F_TOTAL) or np.nan) / 1e9 if r.get(F_TOTAL) == r.get(F_TOTAL) else np.nan,  # noqa: PLR0124
-                "prefill_ms": r.get(F_PREFILL_MS),
-                "decode_ms": r.get(F_DECODE_MS),
-                "peak_mem_mb": (r.get(F_PEAK) or np.nan) / 2**20 if r.get(F_PEAK) is not None else np.nan,
-                "kv_mb": (r.get(F_KV) or np.nan) / 2**20 if r.get(F_KV) is not None else np.nan,
-                "key": r["key"],
-            }
-            if base_row is not None:
-                row["retention"] = r["accuracy"] / base_row["accuracy"] if base_row["accuracy"] else np.nan
-                bt = base_row.get(F_TOTAL)
-                row["flops_ratio"] = (r.get(F_TOTAL) / bt) if bt and r.get(F_TOTAL) is not None else np.nan
-                ps = paired_stats(rec.get("samples", []), base_rec.get("samples", []), rec.get("primary_metric") or "exact_match")
-                row["agreement"] = ps["agreement"]
-                row["diff_ci"] = (
-                    f"{ps['diff']:+.3f} [{ps['ci_low']:+.3f}, {ps['ci_high']:+.3f}]" if ps["diff"] is not None else "-"
-                )
-            rows.append(row)
+        rows = [_row(r, recs[r["key"]], base_row, base_rec) for _, r in g.iterrows()]
         t = pd.DataFrame(rows)
+        _flag_same_settings(t)
         t["_order"] = [(m != "none", m, -_budget_value(b), p) for m, b, p in zip(t["method"], t["budget"], t["params"])]
-        t = t.sort_values("_order").drop(columns="_order")
-        tables[gkey] = t.reset_index(drop=True)
+        t = t.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+        t.attrs["flops_unit"] = flops_unit(t["gflops"] * 1e9)
+        t.attrs["show_memory"] = bool((t["_mem_cuda"].any()) or (t["peak_mem_mb"].fillna(0) * 2**20 >= MEMORY_RESOLUTION_BYTES).any())
+        tables[gkey] = t.drop(columns="_mem_cuda")
     return dict(sorted(tables.items())), corrupt
+
+
+def _num(v):
+    return float(v) if v is not None and v == v else np.nan  # noqa: PLR0124 (NaN check)
+
+
+def _row(r, rec: dict, base_row, base_rec) -> dict:
+    params = json.loads(r["method_params"]) if r["method_params"] else {}
+    metric = rec.get("primary_metric") or "exact_match"
+    lo, hi = accuracy_ci(rec.get("samples", []), metric)
+    budget, note = _budget_label(r.get("budget")), budget_note(rec.get("budget"))
+    row = {
+        "method": r["method"],
+        "budget": budget + ("†" if note else ""),
+        "budget_note": note or "",
+        "params": short_params(r["method"], params),
+        "accuracy": r["accuracy"],
+        "acc_ci_low": lo,
+        "acc_ci_high": hi,
+        "n": r["n_samples"],
+        "visual_tokens_llm": r.get(F_VIS),
+        "visual_tokens_layer": r.get(F_VIS_LAYER),
+        "gflops": _num(r.get(F_TOTAL)) / 1e9,
+        "prefill_ms": _num(r.get(F_PREFILL + "median")),
+        "prefill_q1": _num(r.get(F_PREFILL + "q1")),
+        "prefill_q3": _num(r.get(F_PREFILL + "q3")),
+        "prefill_min": _num(r.get(F_PREFILL + "min")),
+        "prefill_max": _num(r.get(F_PREFILL + "max")),
+        "decode_ms": _num(r.get(F_DECODE + "median")),
+        "decode_q1": _num(r.get(F_DECODE + "q1")),
+        "decode_q3": _num(r.get(F_DECODE + "q3")),
+        "peak_mem_mb": _num(r.get(F_PEAK)) / 2**20,
+        "_mem_cuda": r.get(F_MEM_KIND) == "cuda_allocated",
+        "kv_mb": _num(r.get(F_KV)) / 2**20,
+        "key": r["key"],
+    }
+    if base_row is not None:
+        row["retention"] = r["accuracy"] / base_row["accuracy"] if base_row["accuracy"] else np.nan
+        bt = base_row.get(F_TOTAL)
+        row["flops_ratio"] = (r.get(F_TOTAL) / bt) if bt and r.get(F_TOTAL) is not None else np.nan
+        ps = paired_stats(rec.get("samples", []), base_rec.get("samples", []), metric)
+        row["agreement"] = ps["agreement"]
+        row["diff_ci"] = f"{ps['diff']:+.3f} [{ps['ci_low']:+.3f}, {ps['ci_high']:+.3f}]" if ps["diff"] is not None else "-"
+    return row
+
+
+def budget_note(info: dict | None) -> str | None:
+    """Why a budget was not met: a FLOPs-matched budget whose closest setting misses its target."""
+    if not info or info.get("target_flops_ratio") is None or info.get("predicted_flops_ratio") is None:
+        return None
+    target, got = float(info["target_flops_ratio"]), float(info["predicted_flops_ratio"])
+    if abs(got - target) <= BUDGET_TOLERANCE:
+        return None
+    knob = ", ".join(f"{k}={v}" for k, v in (info.get("knob") or {}).items())
+    return f"target FLOPs ratio {target:.2f} not reachable, closest setting {knob} costs {got:.2f}"
+
+
+def _flag_same_settings(t) -> None:
+    """Budgets of one method that resolved to the same parameters are one setting: say so."""
+    for (_m, _p), g in t[t["budget"] != "-"].groupby(["method", "params"]):
+        if len(g) > 1:
+            for i in g.index:
+                note = t.at[i, "budget_note"]
+                others = ", ".join(b.rstrip("†") for j, b in g["budget"].items() if j != i)
+                extra = f"same setting as {others}"
+                t.at[i, "budget_note"] = f"{note}; {extra}" if note else extra
+                if not t.at[i, "budget"].endswith("†"):
+                    t.at[i, "budget"] += "†"
 
 
 def _one_per_setting(g):
@@ -237,42 +355,94 @@ def _budget_value(label: str) -> float:
         return 2.0  # no budget: the method's own parameters first
 
 
-def _fmt(v, col):
+def _fmt(v, col, t=None):
+    if col == "flops":
+        scale, _ = (t.attrs.get("flops_unit") if t is not None else None) or (1e9, "GFLOPs")
+        v = v * 1e9 / scale if v is not None and v == v else v
+        return "-" if v is None or v != v else f"{v:.4g}"
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
     if col in ("accuracy", "retention", "agreement", "flops_ratio"):
         return f"{v:.3f}"
-    if col in ("gflops",):
-        return f"{v:.4g}"
-    if col in ("prefill_ms", "decode_ms", "peak_mem_mb", "kv_mb"):
-        return f"{v:.1f}"
-    if col == "visual_tokens_layer":
+    if col in ("peak_mem_mb", "kv_mb", "visual_tokens_layer"):
         return f"{v:.1f}"
     if col in ("visual_tokens_llm", "n"):
         return f"{v:.0f}" if isinstance(v, (int, float)) else str(v)
     return str(v)
 
 
+def _latency_cell(r, stem: str) -> str:
+    med, q1, q3 = r[f"{stem}_ms"], r.get(f"{stem}_q1"), r.get(f"{stem}_q3")
+    if med is None or med != med:
+        return "-"
+    return f"{med:.1f} [{q1:.1f}–{q3:.1f}]" if q1 == q1 and q3 == q3 and q1 is not None else f"{med:.1f}"
+
+
+def display_frame(t):
+    """The table as shown: formatted strings, headers with units, columns that resolve nothing dropped."""
+    import pandas as pd
+
+    shown = [(c, h) for c, h in COLUMNS if (c in t.columns or c == "flops")
+             and (c != "peak_mem_mb" or t.attrs.get("show_memory", True))]
+    unit = (t.attrs.get("flops_unit") or (1e9, "GFLOPs"))[1]
+    data = {}
+    for c, h in shown:
+        if c == "flops":
+            data[h.format(flops=unit)] = [_fmt(v, "flops", t) for v in t["gflops"]]
+        elif c in ("prefill_ms", "decode_ms"):
+            data[h] = [_latency_cell(r, c[:-3]) for _, r in t.iterrows()]
+        else:
+            data[h] = [_fmt(v, c) for v in t[c]]
+    return pd.DataFrame(data)
+
+
+def _notes(t) -> list[str]:
+    notes = []
+    if "retention" not in t.columns:
+        notes.append("This group has no `none` cell: retention, FLOPs ratio and the comparison with `none` are not "
+                     "computed (never taken from another group).")
+    flagged = t[t["budget_note"] != ""]
+    for m, g in flagged.groupby("method", sort=True):  # one line per method
+        notes.append(f"† {m}: " + "; ".join(f"{r['budget'].rstrip('†')}: {r['budget_note']}" for _, r in g.iterrows()) + ".")
+    if not t.attrs.get("show_memory", True):
+        notes.append("Peak memory is not shown: the process RSS sampled on CPU does not resolve these runs' "
+                     "allocations (every row measured under 1 MiB).")
+    return notes
+
+
 def render(t, fmt: str, title: str) -> str:
-    cols = [(c, h) for c, h in COLUMNS if c in t.columns]
-    cells = [[_fmt(r[c], c) for c, _ in cols] for _, r in t.iterrows()]
-    heads = [h for _, h in cols]
+    d = display_frame(t)
+    notes = _notes(t)
     if fmt == "md":
-        out = [f"### {title}", "", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-        out += ["| " + " | ".join(row) + " |" for row in cells]
-        if "retention" not in t.columns:
-            out += ["", "*This group has no `none` cell: retention, FLOPs ratio and the comparison with `none` "
-                        "are not computed (never taken from another group).*"]
+        out = [f"### {title}", "", d.to_markdown(index=False, disable_numparse=True)]
+        out += [""] + [f"*{n}*" for n in notes]
         out += ["", f"*Counting conventions:* {CONVENTIONS}", ""]
         return "\n".join(out)
     if fmt == "tex":
-        esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("→", r"$\to$").replace("Δ", r"$\Delta$")  # noqa: E731
-        out = [r"\begin{table}[t]", r"\centering\small", r"\begin{tabular}{" + "l" * 2 + "r" * (len(heads) - 2) + "}",
-               r"\toprule", " & ".join(esc(h) for h in heads) + r" \\", r"\midrule"]
-        out += [" & ".join(esc(c) for c in row) + r" \\" for row in cells]
-        out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(title)}. {esc(CONVENTIONS)}}}", r"\end{table}", ""]
-        return "\n".join(out)
+        return _latex(d, title, notes)
     raise ValueError(fmt)
+
+
+def _latex(d, title: str, notes: list[str]) -> str:
+    """LaTeX through pandas' Styler (booktabs rules, escaped cells and headers)."""
+    from pandas.io.formats.style_render import _escape_latex
+
+    tex = {"→": r"$\to$", "Δ": r"$\Delta$", "–": "--", "†": r"$^\dagger$"}
+
+    def esc(s: str) -> str:
+        s = _escape_latex(str(s))
+        for a, b in tex.items():
+            s = s.replace(a, b)
+        return s
+
+    d = d.copy()
+    d.columns = [esc(c) for c in d.columns]
+    d = d.map(esc)
+    caption = esc(f"{title}. " + " ".join(notes + [CONVENTIONS]))
+    body = d.style.hide(axis="index").to_latex(
+        column_format="l" * 3 + "r" * (len(d.columns) - 3), hrules=True, position="t", position_float="centering",
+        caption=caption, environment="table")
+    return body.replace("\\begin{tabular}", "\\small\n\\begin{tabular}", 1)
 
 
 def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figures: bool = True) -> list[Path]:
@@ -284,7 +454,7 @@ def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figu
         for fmt in formats:
             p = out / "tables" / f"{stem}.{fmt}"
             if fmt == "csv":
-                cols = [c for c, _ in COLUMNS if c in t.columns] + ["key"]
+                cols = [c for c, _ in COLUMNS if c in t.columns] + [c for c in CSV_EXTRA if c in t.columns]
                 text = t[cols].to_csv(index=False, float_format="%.6g") + f"# {CONVENTIONS}\n"
             else:
                 text = render(t, fmt, title)
@@ -309,22 +479,31 @@ def save_figure(fig, fig_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def accuracy_vs_flops_figure(frame, x: str, xlabel: str, title: str):
-    """Accuracy against a FLOPs column, one line per method (sorted by the FLOPs); returns the figure."""
+def accuracy_vs_flops_figure(frame, x: str, title: str, *, what: str = "prefill", ci: bool = True):
+    """Accuracy against raw FLOPs (column `x`, in FLOPs; the axis unit fits their size), one line per
+    method through its budgets in the method's own colour, with the accuracy's 95 % CI as error bars
+    where the frame has them (`acc_ci_low`/`acc_ci_high`); returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    scale, unit = flops_unit(frame[x])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     for m, g in frame.groupby("method", sort=True):
         g = g.sort_values(x)
-        ax.plot(g[x], g["accuracy"], marker="o", label=m)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
+        xs, ys = g[x] / scale, g["accuracy"]
+        kw = dict(color=method_colour(m), label=m, marker="*" if m == "none" else "o", ms=11 if m == "none" else 5)
+        if ci and {"acc_ci_low", "acc_ci_high"} <= set(g.columns) and g["acc_ci_low"].notna().any():
+            err = np.vstack([ys - g["acc_ci_low"], g["acc_ci_high"] - ys]).clip(min=0)
+            ax.errorbar(xs, ys, yerr=err, capsize=2, lw=1.2, elinewidth=0.8, **kw)
+        else:
+            ax.plot(xs, ys, lw=1.2, **kw)
+    ax.set_xlabel(f"{what} {unit} (counted)")
+    ax.set_ylabel("accuracy" + (" (95 % CI)" if ci else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 
 
@@ -336,38 +515,54 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    has_flops = t["gflops"].notna().any()
 
     def save(fig, name):
         written.extend(save_figure(fig, fig_dir, f"{stem}_{name}"))
 
-    if has_flops:
-        save(accuracy_vs_flops_figure(t, "gflops", "prefill GFLOPs (counted)", f"Accuracy vs FLOPs — {title}"),
+    if t["gflops"].notna().any():
+        save(accuracy_vs_flops_figure(t.assign(flops_raw=t["gflops"] * 1e9), "flops_raw", f"Accuracy vs FLOPs — {title}"),
              "pareto")
         if "flops_ratio" in t and t["flops_ratio"].notna().any():
-            fig, ax = plt.subplots(figsize=(5.5, 4))
+            fig, ax = plt.subplots(figsize=(6, 4.2))
             for m, g in t[t["method"] != "none"].groupby("method", sort=True):
                 g = g.sort_values("flops_ratio")
-                ax.plot(g["flops_ratio"], g["retention"], marker="o", label=m)
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-            ax.set_xlabel("FLOPs ratio to none (budget)")
+                ax.plot(g["flops_ratio"], g["retention"], marker="o", ms=5, lw=1.2, label=m, color=method_colour(m))
+            ax.axhline(1.0, color=method_colour("none"), lw=0.8, ls="--", label="none")
+            ax.set_xlabel("prefill FLOPs ratio to none (counted)")
             ax.set_ylabel("retention (accuracy / none)")
-            ax.set_title(f"Retention vs budget — {title}", fontsize=9)
+            ax.set_title(f"Retention vs FLOPs — {title}", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
             save(fig, "retention")
     if t["prefill_ms"].notna().any():
-        fig, ax = plt.subplots(figsize=(6, 0.35 * len(t) + 1.5))
-        labels = [f"{m} ({p})" if p != "-" else m for m, p in zip(t["method"], t["params"])]
-        y = np.arange(len(t))
-        ax.barh(y, t["prefill_ms"].fillna(0), label="prefill (TTFT)")
-        ax.barh(y, (t["decode_ms"].fillna(0) * 8), left=t["prefill_ms"].fillna(0), label="8 decode steps")
-        ax.set_yticks(y, labels, fontsize=7)
-        ax.set_xlabel("ms (median on the probe set)")
-        ax.set_title(f"Latency breakdown — {title}", fontsize=9)
-        ax.legend(fontsize=7)
-        save(fig, "latency")
+        save(_latency_figure(t, title), "latency")
     return written
+
+
+def _latency_figure(t, title: str):
+    """Prefill (time to first token) and 8 decode steps per cell, labelled by method and budget, with the
+    prefill's interquartile range; one colour per method."""
+    import matplotlib.pyplot as plt
+
+    t = t.iloc[::-1].reset_index(drop=True)  # the table's first row on top
+    labels = [m if b == "-" else f"{m} · {b}" for m, b in zip(t["method"], t["budget"])]
+    y = np.arange(len(t))
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(t) + 1.4))
+    colours = [method_colour(m) for m in t["method"]]
+    pre = t["prefill_ms"].fillna(0)
+    dec = t["decode_ms"].fillna(0) * 8
+    ax.barh(y, pre, color=colours, edgecolor="black", lw=0.4, label="prefill (TTFT)")
+    ax.barh(y, dec, left=pre, color=colours, alpha=0.35, edgecolor="black", lw=0.4, label="8 decode steps")
+    if t["prefill_q1"].notna().any():
+        err = np.vstack([pre - t["prefill_q1"].fillna(pre), t["prefill_q3"].fillna(pre) - pre]).clip(min=0)
+        ax.errorbar(pre, y, xerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=2, label="prefill IQR")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(-0.6, len(t) - 0.4)
+    ax.set_xlabel("ms (median over the probe set's repeats)")
+    ax.set_title(f"Latency — {title}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Layout under the store directory:
                            os.replace), so a reader never sees half a record
     partial/<key>.jsonl    per-sample answers of a cell in progress (appended per batch); a killed
                            cell resumes from it; removed when the record is written
-    locks/<key>.lock       advisory lock (fcntl.flock) held by the one process evaluating the cell; the
+    locks/<key>.lock       advisory lock (filelock: flock on Unix) held by the one process evaluating the cell; the
                            kernel releases it when that process dies, even by SIGKILL
 
 The key is the hash of the cell identity (`cell_identity`): everything that changes a cell's answers
@@ -19,7 +19,6 @@ only, written strictly (no NaN/Infinity); nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -257,26 +256,31 @@ class ResultsStore:
     def cell_lock(self, key: str):
         """Hold the cell's lock while evaluating it, so two processes sharing the store (two sweeps)
         never evaluate the same cell at once nor interleave its partial answers; a second process
-        waits, then finds the complete record. flock is released by the kernel when the holder dies
-        (SIGKILL included): a lock is never stale. Under the lock, debris of a killed earlier attempt
-        (a torn last partial line, a temp file of an unfinished record write) is cleaned up."""
+        waits, then finds the complete record. The lock is an OS file lock (`filelock`, flock on Unix)
+        that the kernel releases when the holder dies (SIGKILL included): it is never stale. Under the
+        lock, debris of a killed earlier attempt (a torn last partial line, a temp file of an unfinished
+        record write) is cleaned up."""
+        from filelock import FileLock, Timeout
+
         path = self.locks / f"{key}.lock"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # the kernel lock only (no soft-lock fallback, which a killed holder would leave stale); the lock
+            # file is kept, so two waiters never lock two different inodes of one path
+            lock = FileLock(path, is_singleton=False, fallback_to_soft=False, preserve_lock_file=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                print(f"[vtbench] cell {key} is being evaluated by another process: waiting for it",
+                      file=sys.stderr, flush=True)
+                lock.acquire()
         except OSError as e:
             raise StoreError(f"cannot create lock {path}: {e.strerror or e}") from None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"[vtbench] cell {key} is being evaluated by another process: waiting for it",
-                      file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
             self._clean_debris(key)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            lock.release()
 
     def _clean_debris(self, key: str) -> None:
         for tmp in self.records.glob(f".{key}.json.*.tmp"):

@@ -49,24 +49,23 @@ def collect(store_dir: str, group: str | None):
     return tables
 
 
-#: report columns logged as numbers (W&B sorts, filters and charts them); the rest as strings
-NUMERIC = ("visual_tokens_llm", "visual_tokens_layer", "accuracy", "retention", "agreement", "gflops", "flops_ratio",
-           "prefill_ms", "decode_ms", "peak_mem_mb", "kv_mb", "n")
-
-
 def typed_table(wandb, t):
-    """The comparison table with typed columns: numbers as numbers (None where missing), the method, its
-    budget and parameters as strings, and the record key."""
+    """The comparison table with typed columns: numbers as numbers (None where missing; counted prefill
+    FLOPs as `gflops`, latency quartiles beside the medians), the method, its budget and parameters as
+    strings, and the record key."""
     import math
 
-    from harness.report import COLUMNS
+    from pandas.api.types import is_numeric_dtype
 
-    cols = [c for c, _ in COLUMNS if c in t.columns] + ["key"]
+    from harness.report import COLUMNS, CSV_EXTRA
+
+    cols = [c for c, _ in COLUMNS if c in t.columns] + [c for c in CSV_EXTRA if c in t.columns]
+    numeric = {c for c in cols if is_numeric_dtype(t[c]) and t[c].dtype != bool}
 
     def cell(v, c):
-        if c in NUMERIC:
-            return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return float(v) if c in numeric else str(v)
 
     return wandb.Table(columns=cols, data=[[cell(r[c], c) for c in cols] for _, r in t.iterrows()],
                        allow_mixed_types=True)

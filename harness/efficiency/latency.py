@@ -36,15 +36,14 @@ import torch
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
+    """median, min, q1, q3, max, IQR and count of timings (the spread is reported, never only a median)."""
     if not xs:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "iqr": float("nan"), "n": 0}
+        nan = float("nan")
+        return {"median": nan, "min": nan, "q1": nan, "q3": nan, "max": nan, "iqr": nan, "n": 0}
     xs = sorted(xs)
-    if len(xs) >= 2:
-        q = statistics.quantiles(xs, n=4, method="inclusive")
-        iqr = q[2] - q[0]
-    else:
-        iqr = 0.0
-    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "iqr": iqr, "n": len(xs)}
+    q1, q3 = statistics.quantiles(xs, n=4, method="inclusive")[::2] if len(xs) >= 2 else (xs[0], xs[0])
+    return {"median": statistics.median(xs), "min": xs[0], "q1": q1, "q3": q3, "max": xs[-1], "iqr": q3 - q1,
+            "n": len(xs)}
 
 
 def _device_of(model) -> torch.device:
@@ -236,6 +235,8 @@ def measure(model, inputs: dict, *, warmup: int = 1, repeats: int = 3, decode_to
         "decode_tokens": decode_tokens,
         "prefill_ms": _stats(prefill_ms),
         "decode_ms_per_token": _stats(decode_ms),
+        "prefill_times_ms": prefill_ms,
+        "decode_times_ms": decode_ms,
         "memory": memory,
         "kv_cache_bytes": int(kv_bytes),
         "kv_cache_lengths": kv_lengths,

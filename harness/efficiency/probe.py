@@ -28,6 +28,12 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else None
 
 
+def _spread(xs: list[float]) -> dict:
+    from harness.efficiency.latency import _stats
+
+    return {k: (float(v) if k != "n" else int(v)) for k, v in _stats(xs).items()} if xs else {"median": None, "n": 0}
+
+
 def probe_inputs(lm, task_dict, n: int) -> list[dict]:
     """Processor inputs of the first `n` documents of the (single) task, encoded like the evaluation."""
     (task,) = [t for t in task_dict.values() if hasattr(t, "test_docs")][:1] or [None]
@@ -100,8 +106,9 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
             "convention": "FLOPs = 2 x MACs of matrix products; prefill logits for the last position only",
         },
         "latency": {
-            "prefill_ms": {"median": _median([m["prefill_ms"]["median"] for m in lat])},
-            "decode_ms_per_token": {"median": _median([m["decode_ms_per_token"]["median"] for m in lat])},
+            # over every timed repeat of every probe sample: median and spread (min, quartiles, max)
+            "prefill_ms": _spread([t for m in lat for t in m["prefill_times_ms"]]),
+            "decode_ms_per_token": _spread([t for m in lat for t in m["decode_times_ms"]]),
             "clock": lat[0].get("clock") if lat else None,
             "warmup": warmup,
             "repeats": repeats,

@@ -110,7 +110,8 @@ def tables_without_timing(store) -> dict:
     tables, corrupt = build_tables(str(store))
     out = {}
     for k, t in tables.items():
-        t = t.drop(columns=[c for c in ("prefill_ms", "decode_ms", "peak_mem_mb") if c in t.columns])
+        timing = [c for c in t.columns if c.startswith(("prefill_", "decode_")) or c == "peak_mem_mb"]
+        t = t.drop(columns=timing)
         t = t.astype(object).where(t.notna(), None)  # NaN != NaN: compare missing values as None
         out[k] = t.to_dict(orient="list")
     return {"tables": out, "corrupt": corrupt}
