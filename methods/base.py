@@ -63,6 +63,18 @@ class Method:
         reduce it)."""
         return n_visual
 
+    def visual_tokens_kept(self, layout) -> int:
+        """Visual tokens that reach the LLM's last layer for one prompt `layout` (a `TokenLayout` with
+        the processor's visual-token count): the count a token budget (`harness.budget`) is about.
+        Methods that remove or merge visual tokens override it; the others keep them all."""
+        return int(layout.visual)
+
+    def budget_token_params(self, value: float) -> dict:
+        """Parameters that make every prompt deliver `harness.budget.prompt_count(value, n_visual)`
+        visual tokens to the LLM (value <= 1: a share, > 1: a count); default: `budget_tokens_param`
+        set to the count (methods whose parameter means something else override this)."""
+        return {self.budget_tokens_param: int(value) if float(value) > 1 else float(value)}
+
     def budget_candidates(self, adapter) -> list:
         """Values of `budget_param` worth trying for this model (default: every visual-token count)."""
         return list(range(0, adapter.visual_tokens_per_image + 1))

@@ -229,10 +229,11 @@ class RedundancyLens(Method):
         return out
 
     def layer_macs(self, s, layout, hollow: bool, ffn: bool) -> int:
-        """MACs of one decoder layer (batch 1, one contiguous visual span after `layout.before` tokens)."""
+        """MACs of one decoder layer (batch 1; the p non-visual tokens before the last visual one are
+        every Hollow visual query's prefix keys: text before the first image and between images)."""
         from harness.efficiency.analytic import llm_layer_macs
 
-        T, t, v, p = layout.total, layout.text, layout.visual, layout.before
+        T, t, v, p = layout.total, layout.text, layout.visual, layout.before + layout.between
         hollow = hollow and 0 < v and self.window < v
         ffn = ffn and 0 < v and self.ffn_keep < 1
         pairs = t * T + hollow_visual_pairs(v, p, self.window, self.hollow_block) if hollow else None

@@ -42,6 +42,7 @@ from methods._shared.vision_reduce import (
     VisionReducer,
     VisionReductionMethod,
     ceil_div,
+    check_prompt_tokens,
     gather_tokens,
     split_evenly,
     tokens_through_layers,
@@ -118,19 +119,24 @@ def front_load(sched: dict[int, int], layers: list[int], n0: int) -> dict[int, i
 @dataclasses.dataclass
 class ToMe(VisionReductionMethod):
     name = "tome"
-    budget_tokens_param = "tokens"
+    budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
 
     #: tokens merged per useful CLIP layer (int), or per layer index (list); 0 = no merging
     r: int | list[int] = 0
     #: target visual tokens per image/crop reaching the LLM (overrides r), e.g. 192 / 128 / 64 of 576
     tokens: int | None = None
+    #: visual tokens reaching the LLM for the whole prompt (all images, crops and NeXT newlines): a count
+    #: (> 1) or a share (<= 1) of the prompt's visual tokens; overrides tokens / r. Each crop gets the
+    #: same k, the nearest to the target (token budgets, see harness/budget.py)
+    prompt_tokens: float | None = None
     #: proportional attention: + log(size) on key logits after merges (ToMe default for off-the-shelf ViTs)
     prop_attn: bool = True
     #: "tome": [unmerged A, B] as ToMe emits; "spatial": sorted by smallest original patch index
     order: str = "tome"
 
     def check_params(self) -> None:
+        check_prompt_tokens(self)
         if self.order not in ("tome", "spatial"):
             raise MethodError(f"tome: order must be 'tome' or 'spatial', got {self.order!r}")
         rs = self.r if isinstance(self.r, (list, tuple)) else [self.r]

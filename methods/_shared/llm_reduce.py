@@ -62,6 +62,31 @@ def equal_visual_count(visual: torch.Tensor, what: str = "reduction") -> int:
     return int(counts[0])
 
 
+def prompt_visual_count(view, nv: int) -> int:
+    """The prompt's visual-token count as the processor inserted it (what a budget share is of): the
+    context's `prompt_visual` (set before a vision-side stage shortened the prompt), else `nv`, the
+    count entering the LLM. Samples must agree (as for `nv`)."""
+    pv = getattr(view.ctx, "prompt_visual", None)
+    if pv is None or pv.numel() != view.state.visual.shape[0]:
+        return nv
+    if bool((pv != pv[0]).any()):
+        raise MethodError(
+            "samples in this batch had different numbers of visual tokens before the vision-side reduction "
+            f"({', '.join(str(int(c)) for c in pv)}); batch prompts of the same shape"
+        )
+    return int(pv[0])
+
+
+def visual_is_one_span(visual: torch.Tensor) -> bool:
+    """True if every sample's visual tokens ([B, n] bool) are one contiguous span."""
+    n = visual.shape[1]
+    col = torch.arange(n, device=visual.device)
+    first = torch.where(visual, col, n).min(1).values
+    last = torch.where(visual, col, -1).max(1).values
+    count = visual.sum(1)
+    return bool(((count == 0) | (last - first + 1 == count)).all())
+
+
 def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices [B, n - nv + keep] (ascending) keeping every non-visual token and the `keep` visual
     tokens with the highest score per sample. `scores`, `visual`: [B, n]."""
@@ -159,6 +184,7 @@ class ReduceState:
     cache_idx: list = field(default_factory=list)  # per layer: prefill tokens cached ([B,n_l] | None)
     shift: list = field(default_factory=list)  # per layer: [B] tokens removed before decode tokens
     pinned_prompt: int | None = None
+    contiguous: bool = True  # the prefill's visual tokens form one span in every sample (set by plans)
 
     def reset(self, visual, attention_mask, position_ids, P, B, device):
         self.P = P
@@ -171,6 +197,7 @@ class ReduceState:
             position_ids = torch.arange(P, device=device)[None]
         self.pos = position_ids.expand(B, -1).long()
         self.cur = None
+        self.contiguous = True
         self.removed_any = False
         self.cache_idx = [None] * self.n_layers
         self.shift = [None] * self.n_layers
@@ -333,6 +360,7 @@ class LLMReducer:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
+            ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         if st.cur is not None:
             ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
 
@@ -387,6 +415,7 @@ class LLMReducer:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
+            self.ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         residual = hidden
         hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
