@@ -36,6 +36,7 @@ uncached forward over prompt+generated tokens reproduces the cached (prune-once-
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +185,7 @@ class ReduceState:
     cache_idx: list = field(default_factory=list)  # per layer: prefill tokens cached ([B,n_l] | None)
     shift: list = field(default_factory=list)  # per layer: [B] tokens removed before decode tokens
     pinned_prompt: int | None = None
+    pinned_suffix: int = 0  # the last columns of a call that are not prompt (log-likelihood continuation)
     contiguous: bool = True  # the prefill's visual tokens form one span in every sample (set by plans)
 
     def reset(self, visual, attention_mask, position_ids, P, B, device):
@@ -242,9 +244,12 @@ class LayerView:
     def score_row(self) -> int:
         """Column (in the current sequence) of the query that scores: the last prompt token (the last
         token, or column n-1 of the pinned prompt length)."""
-        if self.state.pinned_prompt is None:
+        if self.state.pinned_suffix:
+            target = self.state.P - self.state.pinned_suffix - 1
+        elif self.state.pinned_prompt is None:
             return self.hidden.shape[1] - 1
-        target = self.state.pinned_prompt - 1
+        else:
+            target = self.state.pinned_prompt - 1
         hit = (self.index[0] == target).nonzero()
         if hit.numel() == 0:
             raise MethodError("pinned prompt end was removed; it must be a non-visual token")
@@ -489,6 +494,24 @@ def pin_prompt_length(model, n: int | None) -> None:
     if red is None:
         raise MethodError("no LLM token-reduction method is applied to this model")
     red.state.pinned_prompt = n
+
+
+@contextlib.contextmanager
+def continuation(model, n: int):
+    """Within the block, every forward's last `n` tokens are a continuation, not prompt: a method that
+    scores from the last prompt token uses the token before them (log-likelihood scoring of a
+    continuation then selects what generation's prefill of the context selects). Works on a
+    placeholder-shortened sequence too (counted from the end). No-op on a model without LLM reduction."""
+    red = get_reducer(model)
+    if red is None or n <= 0:
+        yield
+        return
+    old = red.state.pinned_suffix
+    red.state.pinned_suffix = int(n)
+    try:
+        yield
+    finally:
+        red.state.pinned_suffix = old
 
 
 def check_layer_layout(adapter, layers) -> None:
