@@ -46,6 +46,16 @@ class Method:
                 f"(supports: {', '.join(self.families)})"
             )
 
+    def require_full_attention(self, adapter) -> None:
+        """Refuse (one line) a language model with sliding-window attention: the shared LLM machinery
+        (`llm_reduce`, `reduced_layer`) builds full causal masks and scores for the layers it changes."""
+        window = getattr(adapter, "sliding_window", None)
+        if window:
+            raise MethodError(
+                f"method {self.name!r} does not follow sliding-window attention (this language model attends "
+                f"through a {window}-token window); use a model without one or a vision-side method"
+            )
+
     def apply(self, model, adapter):
         """Patch `model` in place (this instance only) and return it."""
         raise NotImplementedError

@@ -85,6 +85,8 @@ class RandomDrop(Method):
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
+        if self.keep is not None or float(self.keep_ratio) < 1.0:
+            self.require_full_attention(adapter)
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
             raise MethodError(
                 f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"

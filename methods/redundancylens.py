@@ -206,6 +206,7 @@ class RedundancyLens(Method):
         hollow, ffn = self.resolved_layers(adapter.num_llm_layers)
         if not hollow and not ffn:
             return model
+        self.require_full_attention(adapter)
         from methods._shared.context import install_context
         from methods._shared.reduced_layer import patch_layer
 

@@ -134,6 +134,7 @@ class ShortV(Method):
         frozen = self.frozen_layers(adapter.num_llm_layers)
         if not frozen:
             return model
+        self.require_full_attention(adapter)
         from methods._shared.context import install_context
         from methods._shared.reduced_layer import patch_layer
 
