@@ -24,6 +24,10 @@ LLaVA-1.5, the run FiCoCo's repo logged); `r` (list) gives r per layer index (0 
 layers, each getting ⌊R/L⌋ and the last R mod L one more (T=192 -> 7x16 + 16x17; 128 -> 12x19 + 11x20;
 64 -> 17x22 + 6x23). Each layer's r is capped by bipartite matching at ⌈N/2⌉ - 1 (CLS protected).
 
+`prompt_tokens` (a count or a share of the prompt's visual tokens, what `budget.kind=tokens` sets) asks for
+that many visual tokens for the whole prompt: every crop of the prompt gets the same k, the nearest
+(`VisionReductionMethod.crop_tokens`), and the schedule for k is chosen per forward.
+
 LLaVA-NeXT: every anyres crop (base and high-res) is merged independently to the same count k; the image
 is packed as [crop tokens..., image_newline] without the 2-D unpad/newline grid (see vision_reduce).
 

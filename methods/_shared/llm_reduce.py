@@ -28,7 +28,13 @@ How it acts on one model instance (no transformers source is touched):
   only the needed attention rows.
 
 Batch > 1: every sample must lose the same number of tokens (equal per-sample budgets), so samples in a
-batch need the same number of visual tokens; a clear error says so otherwise.
+batch need the same number of visual tokens; a clear error says so otherwise (the lmms-eval wrapper batches
+prompts of one visual shape together, so evaluations never hit it).
+
+Several images: the visual tokens may form several spans; plans read them from the mask, and FiCoCo-L's
+text rows are the non-visual tokens after the prompt's first visual token (`visual_is_one_span` tells a
+plan which case it is in). `continuation(model, n)` marks a call's last n tokens as not prompt
+(log-likelihood scoring).
 
 No-cache calls re-run the prefill path on the whole sequence. Methods whose selection depends on "the
 last prompt token" read `score_row`, which `pin_prompt_length(model, n)` can fix to column n-1, so an
