@@ -61,9 +61,10 @@ def prompt_text(proc, n_images: int, text: str = "What is shown?") -> str:
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def inputs(proc, sizes_per_prompt, texts=None):
-    """Processor inputs of a batch: prompt b has one image per entry of `sizes_per_prompt[b]`."""
+def inputs(proc, sizes_per_prompt, texts=None, first: int = 0):
+    """Processor inputs of a batch: prompt b has one image per entry of `sizes_per_prompt[b]` (image
+    seeds of prompt `first + b`, so a batch-1 call with `first=b` gives prompt b again)."""
     texts = texts or ["What is shown?"] * len(sizes_per_prompt)
     prompts = [prompt_text(proc, len(s), t) for s, t in zip(sizes_per_prompt, texts)]
-    imgs = [image(7 * b + i, size) for b, sizes in enumerate(sizes_per_prompt) for i, size in enumerate(sizes)]
+    imgs = [image(7 * (b + first) + i, size) for b, sizes in enumerate(sizes_per_prompt) for i, size in enumerate(sizes)]
     return proc(images=imgs, text=prompts, return_tensors="pt", padding=len(prompts) > 1)

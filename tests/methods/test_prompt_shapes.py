@@ -165,3 +165,36 @@ def test_loglikelihood_equals_generation(family, name):
                              return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
     gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
     assert ll == pytest.approx(gen, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, sizes", [("llava", [(64, 64), (64, 64)]), ("llava_next", [(64, 128), (96, 64)])],
+                         ids=["llava-2img", "next-2img"])
+@pytest.mark.parametrize("name", S.ALL_METHODS)
+def test_cached_equals_uncached_on_multi_image_batches(name, family, sizes):
+    """Several images per prompt, a left-padded batch of 2: cached greedy decoding equals recomputing
+    every step without a cache (the generated tokens marked as continuation, so methods select from the
+    last prompt token), and each sample equals its batch-1 run."""
+    from methods._shared import llm_reduce as LR
+    from tests.methods.test_llm_reduce import generate
+
+    model, _ = S.applied(name, family, budget=0.3)
+    proc = S.processor(family)
+    texts = ["What is shown?", "How many circles are there in the image?"]
+    batch = S.inputs(proc, [sizes, sizes], texts)
+    assert int((batch["attention_mask"] == 0).sum()) > 0
+    steps = 3
+    seqs, logits, _ = generate(model, batch, steps)
+    P = batch["input_ids"].shape[1]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    for j in range(steps):
+        ids = seqs[:, : P + j]
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, j, dtype=torch.long)], 1)
+        with LR.continuation(model, j), torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+        torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
+    for b in range(2):
+        one = S.inputs(proc, [sizes], [texts[b]], first=b)
+        s1, l1, _ = generate(model, one, steps)
+        torch.testing.assert_close(l1[0], logits[b], atol=1e-4, rtol=1e-4)
+        assert torch.equal(s1[0, -steps:], seqs[b, -steps:])
