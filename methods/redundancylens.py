@@ -135,6 +135,9 @@ class RedundancyLens(Method):
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"redundancylens: {reason}")
+        pairs = ((self.hollow_layers, self.hollow_ratio), (self.ffn_layers, self.ffn_ratio))
+        if any(float(ratio) > 0 if layers == "auto" else len(layers) > 0 for layers, ratio in pairs):
+            self.require_full_attention(adapter)
 
     # ---- layers -------------------------------------------------------------------------------------------
     def _ranking(self, path: str | None, num_layers: int) -> list[int]:

@@ -95,6 +95,8 @@ class ShortV(Method):
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"shortv: {reason}")
+        if self.num_frozen():
+            self.require_full_attention(adapter)
 
     def _ranking(self, num_layers: int) -> list[int]:
         if not self.calibration:

@@ -83,9 +83,10 @@ def test_sliding_window_models_are_followed_or_refused(name, lm):
         tc.layer_types = ["full_attention", "sliding_attention"] * (tc.num_hidden_layers // 2)
     m = S.method_at(name, budget=0.3 if name in S.TOKEN_METHODS else None)
     acts_in_llm = name not in ("none", "tome", "ficoco_v")
-    if acts_in_llm:
-        with pytest.raises(methods.MethodError, match="sliding-window") as e:
-            m.apply(model, get_adapter(model))
-        assert "\n" not in str(e.value)
+    if acts_in_llm:  # refused before any weights are needed (validate runs on a meta copy) and at apply
+        for step in (m.validate, lambda ad: m.apply(model, ad)):
+            with pytest.raises(methods.MethodError, match="sliding-window") as e:
+                step(get_adapter(model))
+            assert "\n" not in str(e.value)
     else:
         m.apply(model, get_adapter(model))
