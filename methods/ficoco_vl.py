@@ -40,6 +40,19 @@ from methods.ficoco_l import FiCoCoL
 from methods.ficoco_v import FiCoCoV
 
 
+@dataclasses.dataclass(frozen=True)
+class _VisionTarget:
+    """Visual tokens the vision stage leaves for a prompt with n of them: n - round(share * (n - target))."""
+
+    value: float
+    share: float
+
+    def __call__(self, n: int) -> int:
+        from harness.budget import prompt_count
+
+        return n - round(self.share * (n - prompt_count(self.value, n)))
+
+
 @register
 @dataclasses.dataclass
 class FiCoCoVL(Method):
@@ -109,12 +122,10 @@ class FiCoCoVL(Method):
         import methods
 
         if self.prompt_tokens is not None:
-            from harness.budget import prompt_count
-
             value, share = self.prompt_tokens, float(self.vision_share)
             v = methods.build("ficoco_v", dict(self.vision_params))
             if share > 0:
-                v._target_fn = lambda n: n - round(share * (n - prompt_count(value, n)))
+                v._target_fn = _VisionTarget(value, share)
             final = {"final_tokens": int(value)} if float(value) > 1 else {"final_ratio": float(value)}
             l_params = {**self.llm_params, **final} if share < 1 else {**self.llm_params, "r": 0}
             lm = methods.build("ficoco_l", l_params)
