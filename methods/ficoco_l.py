@@ -13,8 +13,10 @@ visual tokens are removed and their information merged into the kept visual toke
 
 `A` is the layer's head-mean attention, computed here from the layer's own post-RoPE q/k for the rows
 needed only (visual and text rows, in row blocks that skip the keys no row of the block can see; the
-attention output itself still comes from SDPA). Text = the non-visual prompt tokens after the first
-visual token (the instruction), M of them.
+attention output itself still comes from SDPA). Text = the non-visual prompt tokens after the prompt's
+first visual token (the instruction, and the text between images), M of them. With several visual spans
+(several images) the row blocks do not skip keys (one block against all keys), so the cost does not
+depend on which tokens earlier layers merged.
 
 Variants (`variant`):
 * `"paper"` (default): A = causal softmax attention (padding keys masked), head mean. In a causal LLM

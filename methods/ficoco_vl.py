@@ -25,6 +25,11 @@ stage keeps `final_tokens = tokens` (unchanged behaviour and FLOPs). Batches on 
 same packed visual-token count (FiCoCo-L's equal per-sample budgets), e.g. the same crop count when
 FiCoCo-V reduces.
 
+Per-prompt budget (`prompt_tokens`, what `budget.kind=tokens` sets): a count or share of the prompt's N
+visual tokens (all images, crops, NeXT newlines) left after the LLM stage; FiCoCo-V leaves
+N - round(vision_share · (N - target)) (one equal count per crop, the nearest), FiCoCo-L merges down to
+the target (a share is of N, the prompt's count before the vision stage).
+
 FLOPs (analytic): FiCoCo-V's vision encoder and projector terms, FiCoCo-L's LLM term for an input with
 FiCoCo-V's reduced visual count (NeXT: crops · vision_tokens + 1).
 """
