@@ -2,18 +2,27 @@
 
 A budget (config key `budget`) is given as
 
-* `kind: tokens` — visual tokens reaching the LLM: a fraction of the image's visual tokens
-  (`value` in (0, 1]) or a count (`value` > 1). Token methods take it directly through their
-  `budget_tokens_param`; methods without a token parameter (layer-wise methods) get the FLOPs that a
-  token method keeping that many tokens in the LLM would cost, and are solved as a FLOPs budget;
+* `kind: tokens` — **the visual tokens that reach the LLM, per prompt**: all images, all crops and
+  LLaVA-NeXT's `image_newline` tokens together (the count after the method's last reduction, e.g.
+  after FiCoCo-L's last merge layer). `value` > 1 is that count, `value` in (0, 1] a share of the
+  prompt's visual tokens as the processor inserted them (`prompt_count`: `round(value * N)`). The rule
+  is applied to every prompt at run time, so prompts with more images, crops or another image size get
+  the same count (or share). Token methods take it through `Method.budget_token_params` (random / FastV:
+  `keep` / `keep_ratio`; FiCoCo-L: `final_tokens` / `final_ratio`; ToMe, FiCoCo-V, FiCoCo-VL:
+  `prompt_tokens`); they all deliver the same count, except that vision-side methods give every crop of a
+  prompt the same k and so land within crops/2 tokens of it (one token per crop at most). Methods without
+  a token parameter (layer-wise methods) get the FLOPs that a token method keeping that many tokens in
+  the LLM would cost on the reference prompt, and are solved as a FLOPs budget;
 * `kind: flops` — prefill FLOPs as a ratio to `none` (`value` in (0, 1]), all components counted;
 * `kind: null` — the method's own parameters (`method.params`), untouched.
 
-A FLOPs budget is solved through the analytic formulas (`harness.efficiency.flops.analytic_prefill`,
-the same formulas the counted FLOPs are checked against): every candidate value of the method's
-`budget_param` that passes the method's own validation is priced, and the one whose FLOPs ratio is
-closest to the target wins (ties: the larger compute). The record keeps the budget and the resolved
-parameters, and the report shows the FLOPs actually counted.
+The reference prompt (`layout_for`) is the model's default one-image prompt (`vtbench-flops`'s: LLaVA-1.5
+one image, LLaVA-NeXT a 672x672 image) with `text_tokens` text tokens. A FLOPs budget is solved on it
+through the analytic formulas (`harness.efficiency.flops.analytic_prefill`, the same formulas the
+counted FLOPs are checked against): every candidate value of the method's `budget_param` that passes the
+method's own validation is priced, and the one whose FLOPs ratio is closest to the target wins (ties:
+the larger compute). The record keeps the budget, the resolved parameters and `visual_tokens_to_llm` on
+the reference prompt; the efficiency probe records the count delivered on the probe prompts.
 """
 from __future__ import annotations
 
@@ -41,8 +50,11 @@ def check(budget: dict | None) -> None:
 
 
 def layout_for(adapter, text_tokens: int) -> A.TokenLayout:
-    """The token layout budgets are priced on: one image, `text_tokens` text tokens around it."""
-    return A.TokenLayout(before=1, visual=adapter.visual_tokens_per_image, after=max(0, text_tokens - 1))
+    """The reference prompt budgets are priced on: the model's default image (one crop for LLaVA-1.5,
+    `flops.default_image_hw` for LLaVA-NeXT), `text_tokens` text tokens around it."""
+    from harness.efficiency.flops import synthetic_layout
+
+    return synthetic_layout(adapter.model.config, text_before=1, text_after=max(0, text_tokens - 1))
 
 
 def _total(config, layout, method) -> int:
@@ -51,10 +63,21 @@ def _total(config, layout, method) -> int:
     return sum(analytic_prefill(config, layout, method=method).values())
 
 
+def prompt_count(value: float, n_visual: int) -> int:
+    """The budget rule, per prompt: visual tokens reaching the LLM for a prompt whose processor inserted
+    `n_visual` of them (all images, all crops, LLaVA-NeXT newline tokens included). `value` <= 1 is a
+    share (`round(value * n_visual)`), `value` > 1 a count (at most `n_visual`: a prompt with fewer
+    visual tokens keeps them all)."""
+    k = int(round(float(value) * n_visual)) if float(value) <= 1 else int(value)
+    return max(0, min(k, int(n_visual)))
+
+
 def tokens_to_count(value: float, n_visual: int) -> int:
     k = int(round(value * n_visual)) if value <= 1 else int(value)
     if k > n_visual:
-        raise BudgetError(f"budget of {k} visual tokens exceeds the {n_visual} visual tokens of the model")
+        raise BudgetError(
+            f"budget of {k} visual tokens exceeds the {n_visual} visual tokens of the model's reference prompt"
+        )
     return max(k, 0)
 
 
@@ -71,7 +94,7 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
     kind, value = budget["kind"], float(budget["value"])
     layout = layout_for(adapter, int(budget.get("text_tokens") or 64))
     config = adapter.model.config
-    n = adapter.visual_tokens_per_image
+    n = layout.visual
     base = method.params()
     dense = _total(config, layout, None)
     info: dict[str, Any] = {"kind": kind, "value": value, "layout": dataclasses.asdict(layout)}
@@ -90,12 +113,13 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
         info["visual_tokens"] = k
         if method.budget_tokens_param:
             try:
-                m = build_tokens(registry, method, base, k, adapter)
+                m = build_tokens(registry, method, base, value, adapter)
             except MethodError as e:
                 raise BudgetError(f"{method.name} cannot keep {k} visual tokens: {e}") from None
+            info["visual_tokens_to_llm"] = m.visual_tokens_kept(layout)
             info["predicted_flops_ratio"] = _total(config, layout, m) / dense
             return m, info
-        target = _total(config, A.TokenLayout(layout.before, k, layout.after), None) / dense
+        target = _total(config, layout.with_visual(k), None) / dense
     else:
         target = value
     if not method.budget_param:
@@ -113,11 +137,13 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
     if best is None:
         raise BudgetError(f"no setting of {method.name}.{method.budget_param} is valid for this model")
     info.update({"target_flops_ratio": target, "predicted_flops_ratio": best[2], "knob": {method.budget_param: best[3]}})
+    info["visual_tokens_to_llm"] = best[1].visual_tokens_kept(layout)
     return best[1], info
 
 
-def build_tokens(registry, method, base: dict, k: int, adapter):
-    params = dict(base, **{method.budget_tokens_param: k})
+def build_tokens(registry, method, base: dict, value: float, adapter):
+    """`method` with the per-prompt token budget `value` (a count > 1 or a share <= 1)."""
+    params = dict(base, **method.budget_token_params(value))
     m = registry.build(method.name, params)
     m.validate(adapter)
     return m

@@ -105,6 +105,9 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
         method.validate(adapter)
     except (methods.MethodError, NotApplicable) as e:
         raise CliError(str(e)) from None
+    budget_info = _apply_budget(cfg, method, adapter, text_tokens)
+    if budget_info:
+        method = budget_info.pop("_method")
 
     layout_kw = dict(text_before=1, text_after=text_tokens - 1, image_hw=image)
     layout = F.synthetic_layout(config, **layout_kw)
@@ -162,6 +165,10 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
         "layout": {"before": layout.before, "visual": layout.visual, "after": layout.after,
                    "images": layout.images, "total": layout.total,
                    "image_hw": list(image or F.default_image_hw(config))},
+        # visual tokens reaching the LLM for this prompt (after the method's last reduction)
+        "visual_tokens_to_llm": method.visual_tokens_kept(layout),
+        "method_params": method.params(),
+        "budget": budget_info or None,
         "unit": "FLOPs (= 2 x MACs)",
         "prefill": block(prefill, analytic, "prefill"),
         "decode": block(decode, analytic_dec, "decode"),
@@ -182,6 +189,26 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
     }
 
 
+def _apply_budget(cfg, method, adapter, text_tokens: int) -> dict:
+    """`budget.kind` / `budget.value` of the composed config applied to `method` (harness.budget), so the
+    counts are those of the method a `vtbench` cell with the same overrides runs. {} without a budget;
+    else the budget info with the resolved method under `_method`."""
+    from omegaconf import OmegaConf
+
+    from harness import budget as B
+
+    raw = cfg.get("budget")
+    budget = OmegaConf.to_container(raw, resolve=True) if raw is not None else None
+    if not budget or budget.get("kind") is None or method.name == "none":
+        return {}
+    budget.setdefault("text_tokens", text_tokens)
+    try:
+        m, info = B.resolve(method, adapter, budget)
+    except B.BudgetError as e:
+        raise CliError(str(e)) from None
+    return dict(info, _method=m)
+
+
 def _fmt(x) -> str:
     if x is None:
         return "-"
@@ -193,7 +220,8 @@ def render_table(r: dict) -> str:
     lines = [
         f"vtbench-flops  model={r['model']}  method={r['method']}",
         f"prompt: {lay['before']} text + {lay['visual']} image + {lay['after']} text = {lay['total']} tokens; "
-        f"{lay['images']} vision-encoder pass(es) of a {lay['image_hw'][0]}x{lay['image_hw'][1]} image",
+        f"{lay['images']} vision-encoder pass(es) of a {lay['image_hw'][0]}x{lay['image_hw'][1]} image; "
+        f"{r['visual_tokens_to_llm']} visual tokens reach the LLM",
         "",
         f"{'component':<11}{'prefill counted':>17}{'prefill analytic':>18}{'decode/token counted':>22}"
         f"{'decode analytic':>17}",

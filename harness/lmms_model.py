@@ -201,6 +201,35 @@ class VTBenchLMM(_LmmsBase):
         new = out.sequences[:, inputs["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
+    def visual_shape(self, visuals: list) -> tuple:
+        """What fixes a prompt's visual-token layout: per image, (visual tokens the processor inserts,
+        vision-encoder passes). LLaVA-1.5 images all give the same; LLaVA-NeXT's depend on the size."""
+        from harness.efficiency.flops import num_crops, visual_tokens_for_image
+
+        config = self._model.config
+        out = []
+        for im in visuals:
+            w, h = im.size  # PIL: (width, height)
+            out.append((visual_tokens_for_image(config, (h, w)), num_crops(config, [h, w])))
+        return tuple(out)
+
+    def shape_batches(self, requests, todo: list[int], bs: int) -> list[list[int]]:
+        """Batches of at most `bs` requests whose prompts have the same visual layout (`visual_shape`), in
+        request order within a shape, shapes in order of first appearance: every token-reduction method
+        then keeps the same count in every sample of a batch, so a batch answers like batch 1. A request
+        whose images cannot be read gets a batch of its own (it fails there, alone)."""
+        if bs <= 1:
+            return [[i] for i in todo]
+        groups: dict = {}
+        for i in todo:
+            a = requests[i].args
+            try:
+                key = self.visual_shape(list(a[2](self.task_dict[a[4]][a[5]][a[3]])))
+            except Exception:
+                key = ("unreadable", i)
+            groups.setdefault(key, []).append(i)
+        return [g[s : s + bs] for g in groups.values() for s in range(0, len(g), bs)]
+
     @staticmethod
     def _truncate(text: str, until: list[str]) -> str:
         for stop in until:
@@ -222,8 +251,7 @@ class VTBenchLMM(_LmmsBase):
         bs = self.batch_size_per_gpu
         pbar = tqdm(total=len(todo), desc="vtbench generate", disable=not self.progress, leave=False)
         try:  # the bar is cleared on any exit, so an error/interrupt message starts a clean line
-            for start in range(0, len(todo), bs):
-                idx = todo[start : start + bs]
+            for idx in self.shape_batches(requests, todo, bs):
                 args = [requests[i].args for i in idx]
                 gen_kwargs = dict(args[0][1] or {})
                 until = gen_kwargs.get("until") or []
@@ -263,7 +291,14 @@ class VTBenchLMM(_LmmsBase):
 
     @torch.inference_mode()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation given its context and images (batch 1)."""
+        """Log-probability of each continuation given its context and images (batch 1).
+
+        One forward over context + continuation, with the generation semantics: a method that selects
+        tokens from the last prompt token scores from the last *context* token
+        (`methods._shared.llm_reduce.continuation`), so the continuation's log-probs equal those that
+        generating after the context gives (tests check this for every method)."""
+        from methods._shared.llm_reduce import continuation as as_continuation
+
         res = []
         for req in requests:
             context, continuation, doc_to_visual, doc_id, task, split = req.args
@@ -275,7 +310,8 @@ class VTBenchLMM(_LmmsBase):
             cont_ids = cont_ids.to(self._device)
             ids = torch.cat([ctx_inputs["input_ids"], cont_ids], dim=1)
             inputs = dict(ctx_inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
-            logits = self._model(**inputs).logits[0, -cont_ids.shape[1] - 1 : -1].float()
+            with as_continuation(self._model, cont_ids.shape[1]):
+                logits = self._model(**inputs).logits[0, -cont_ids.shape[1] - 1 : -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             target = cont_ids[0]
             total = logprobs.gather(-1, target[:, None]).sum().item()

@@ -49,6 +49,16 @@ class Method:
                 f"(supports: {', '.join(self.families)})"
             )
 
+    def require_full_attention(self, adapter) -> None:
+        """Refuse (one line) a language model with sliding-window attention: the shared LLM machinery
+        (`llm_reduce`, `reduced_layer`) builds full causal masks and scores for the layers it changes."""
+        window = getattr(adapter, "sliding_window", None)
+        if window:
+            raise MethodError(
+                f"method {self.name!r} does not follow sliding-window attention (this language model attends "
+                f"through a {window}-token window); use a model without one or a vision-side method"
+            )
+
     def apply(self, model, adapter):
         """Patch `model` in place (this instance only) and return it."""
         raise NotImplementedError
@@ -65,6 +75,18 @@ class Method:
         """Visual tokens entering the LLM for an input with `n_visual` of them (vision-side methods
         reduce it)."""
         return n_visual
+
+    def visual_tokens_kept(self, layout) -> int:
+        """Visual tokens that reach the LLM's last layer for one prompt `layout` (a `TokenLayout` with
+        the processor's visual-token count): the count a token budget (`harness.budget`) is about.
+        Methods that remove or merge visual tokens override it; the others keep them all."""
+        return int(layout.visual)
+
+    def budget_token_params(self, value: float) -> dict:
+        """Parameters that make every prompt deliver `harness.budget.prompt_count(value, n_visual)`
+        visual tokens to the LLM (value <= 1: a share, > 1: a count); default: `budget_tokens_param`
+        set to the count (methods whose parameter means something else override this)."""
+        return {self.budget_tokens_param: int(value) if float(value) > 1 else float(value)}
 
     def budget_candidates(self, adapter) -> list:
         """Values of `budget_param` worth trying for this model (default: every visual-token count)."""

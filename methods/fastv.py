@@ -32,17 +32,20 @@ from methods._shared import llm_reduce as LR
 from methods.base import Method, MethodError
 
 
-def kept_visual(n_visual: int, R: float, keep: int | None) -> int:
-    """Visual tokens FastV keeps out of `n_visual`."""
+def kept_visual(n_visual: int, R: float, keep: int | None, keep_ratio: float | None = None) -> int:
+    """Visual tokens FastV keeps out of `n_visual` (`keep`, else `round(n * keep_ratio)`, else
+    `round(n * (1 - R))`)."""
     if keep is not None:
         return min(int(keep), n_visual)
+    if keep_ratio is not None:
+        return int(round(n_visual * float(keep_ratio)))
     return int(round(n_visual * (1.0 - R)))
 
 
 class _FastVPlan(LR.ReductionPlan):
-    def __init__(self, K: int, R: float, keep: int | None, positions: str):
+    def __init__(self, K: int, R: float, keep: int | None, positions: str, keep_ratio: float | None = None):
         self.first_layer = K
-        self.K, self.R, self.keep, self.positions = K, R, keep, positions
+        self.K, self.R, self.keep, self.positions, self.keep_ratio = K, R, keep, positions, keep_ratio
 
     def score_layers(self):
         return [self.K - 1]
@@ -54,7 +57,7 @@ class _FastVPlan(LR.ReductionPlan):
         q, k = red.captures[self.K - 1].take()
         visual = view.visual
         nv = LR.equal_visual_count(visual, "fastv")
-        n_keep = kept_visual(nv, self.R, self.keep)
+        n_keep = kept_visual(nv, self.R, self.keep, self.keep_ratio)
         if n_keep >= nv:
             return None
         scores = last_token_attention(red.layers[self.K - 1].self_attn, q, k, view)
@@ -89,6 +92,8 @@ class FastV(Method):
     R: float = 0.5
     #: number of visual tokens kept (overrides R when set)
     keep: int | None = None
+    #: fraction of the prompt's visual tokens kept, round(n * keep_ratio) (overrides R; token budgets)
+    keep_ratio: float | None = None
     #: "keep" original RoPE positions (FastV) or "renumber" them contiguously after the drop
     positions: str = "keep"
 
@@ -101,10 +106,33 @@ class FastV(Method):
             raise MethodError(f"fastv: keep must be a non-negative integer, got {self.keep!r}")
         if self.positions not in ("keep", "renumber"):
             raise MethodError(f"fastv: positions must be 'keep' or 'renumber', got {self.positions!r}")
+        kr = self.keep_ratio
+        if kr is not None and (isinstance(kr, bool) or not isinstance(kr, (int, float)) or not 0.0 < float(kr) <= 1.0):
+            raise MethodError(f"fastv: keep_ratio must be a number in (0, 1], got {kr!r}")
+        if kr is not None and self.keep is not None:
+            raise MethodError("fastv: give either keep or keep_ratio, not both")
+
+    def _noop(self) -> bool:
+        if self.keep is not None:
+            return False
+        return float(self.keep_ratio) >= 1.0 if self.keep_ratio is not None else self.R == 0.0
+
+    def budget_token_params(self, value: float) -> dict:
+        if float(value) > 1:
+            return {"keep": int(value), "keep_ratio": None}
+        return {"keep": None, "keep_ratio": float(value)}
+
+    def visual_tokens_kept(self, layout) -> int:
+        if self._noop():
+            return layout.visual
+        return min(layout.visual, kept_visual(layout.visual, float(self.R), self.keep, self.keep_ratio))
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
         L = adapter.num_llm_layers
+        if self._noop():
+            return  # the documented no-op (nothing dropped) is valid on any depth
+        self.require_full_attention(adapter)
         if self.K >= L:
             raise MethodError(f"fastv: K={self.K} must be < the number of LLM layers ({L})")
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
@@ -114,17 +142,17 @@ class FastV(Method):
 
     def apply(self, model, adapter):
         self.validate(adapter)
-        if self.keep is None and self.R == 0.0:
+        if self._noop():
             return model  # no-op: nothing is dropped
-        LR.install(model, adapter, _FastVPlan(self.K, float(self.R), self.keep, self.positions))
+        LR.install(model, adapter, _FastVPlan(self.K, float(self.R), self.keep, self.positions, self.keep_ratio))
         return model
 
     # ---- FLOPs --------------------------------------------------------------------------------------
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         macs = A.dense_prefill_macs(shapes, layout)
         s, n = shapes.llm, layout.total
-        kept = kept_visual(layout.visual, float(self.R), self.keep)
-        if kept >= layout.visual or (self.keep is None and self.R == 0.0):
+        kept = self.visual_tokens_kept(layout)
+        if kept >= layout.visual:
             return macs
         n_hat = n - (layout.visual - kept)
         score = s.heads * n * s.head_dim  # one query row x n keys x heads (QK^T only)

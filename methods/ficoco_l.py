@@ -13,8 +13,10 @@ visual tokens are removed and their information merged into the kept visual toke
 
 `A` is the layer's head-mean attention, computed here from the layer's own post-RoPE q/k for the rows
 needed only (visual and text rows, in row blocks that skip the keys no row of the block can see; the
-attention output itself still comes from SDPA). Text = the non-visual prompt tokens after the first
-visual token (the instruction), M of them.
+attention output itself still comes from SDPA). Text = the non-visual prompt tokens after the prompt's
+first visual token (the instruction, and the text between images), M of them. With several visual spans
+(several images) the row blocks do not skip keys (one block against all keys), so the cost does not
+depend on which tokens earlier layers merged.
 
 Variants (`variant`):
 * `"paper"` (default): A = causal softmax attention (padding keys masked), head mean. In a causal LLM
@@ -109,8 +111,10 @@ class _FiCoCoLPlan(LR.ReductionPlan):
         if view.layer == self.first_layer:
             nv = LR.equal_visual_count(view.visual, "ficoco_l")
             m = self.m
-            final = final_count(nv, m.final_tokens, m.final_ratio)
+            ref = LR.prompt_visual_count(view, nv) if m._share_of_prompt else nv
+            final = final_count(ref, m.final_tokens, m.final_ratio)
             self.sched = merge_schedule(nv, self.layers, m.r, m.schedule, final) if nv else {}
+            view.state.contiguous = LR.visual_is_one_span(view.state.visual)
         return None
 
     def merges_at(self, layer):
@@ -122,14 +126,21 @@ class _FiCoCoLPlan(LR.ReductionPlan):
 
 
 def _spans(view):
-    """Visual and text columns of the current sequence, per sample, and the row range [c0, c1)."""
+    """Visual and text columns of the current sequence, per sample, and the row range [c0, c1).
+
+    Text = the valid non-visual tokens after the prompt's first visual token (in the prefill, so
+    several images' in-between text counts and the set never depends on which tokens were merged)
+    and up to the scoring row; c0 = the first current column at or after that token."""
     visual, valid = view.visual, view.valid
     B, n = visual.shape
     c1 = view.score_row + 1
     col = torch.arange(n, device=visual.device)
-    first = torch.where(visual, col, n).min(dim=1).values  # first visual column per sample
-    text = valid & ~visual & (col[None] > first[:, None]) & (col[None] < c1)
-    c0 = int(first.min())
+    P = view.state.visual.shape[1]
+    pcol = torch.arange(P, device=visual.device)
+    first = torch.where(view.state.visual, pcol, P).min(dim=1).values  # prefill index of the first visual
+    after = view.index >= first[:, None]
+    text = valid & ~visual & after & (view.index > first[:, None]) & (col[None] < c1)
+    c0 = int(torch.where(after, col, n).min(dim=1).values.min())
     return visual, text, c0, c1
 
 
@@ -152,23 +163,29 @@ def score_blocks(n_rows: int, n_visual: int) -> list[tuple[int, int]]:
     return out + ([(n_visual, n_rows)] if n_rows > n_visual else [])
 
 
-def score_key_macs(before: int, n_visual: int, n_text: int, hw: int) -> int:
+def score_key_macs(before: int, n_visual: int, n_text: int, hw: int, contiguous: bool = True) -> int:
     """MACs of the score logits of one batch-1 prefill merge layer: each row block against the keys
-    up to its last row (visual block [a, b): before + b keys; the text rows: all before + v + M)."""
+    up to its last row (visual block [a, b): before + b keys; the text rows: all before + v + M); with
+    several visual spans one block of all v + M rows against all n keys."""
     n = before + n_visual + n_text
+    if not contiguous:
+        return hw * (n_visual + n_text) * n
     return hw * sum((b - a) * (before + b if a < n_visual else n) for a, b in score_blocks(n_visual + n_text, n_visual))
 
 
-def head_mean_attention(qh, kh, rows, valid, vis_idx, scaling):
+def head_mean_attention(qh, kh, rows, valid, vis_idx, scaling, blocked: bool = True):
     """`A[b, i, j]`: head-mean causal softmax attention of query rows `rows` [B, R] (sequence positions,
     ascending within each block) to the visual keys `vis_idx` [B, v], padding keys masked: [B, R, v].
 
     Row blocks (`score_blocks`) skip the keys that no row of the block can see: with the visual rows
     first, the visual-visual triangle costs about half the full square. Exact up to float rounding: a
-    skipped key has probability 0 (a test compares with the unblocked computation)."""
+    skipped key has probability 0 (a test compares with the unblocked computation). `blocked=False`
+    (a prompt whose visual tokens form several spans, where the keys a block can see would depend on
+    which tokens earlier layers merged) scores all rows in one block against the keys up to the last row."""
     nv = vis_idx.shape[1]
     out = []
-    for a, b in score_blocks(rows.shape[1], nv):
+    blocks = score_blocks(rows.shape[1], nv) if blocked else [(0, rows.shape[1])]
+    for a, b in blocks:
         r = rows[:, a:b]
         kmax = int(r.max()) + 1  # keys past every row of the block are masked for all of them
         allowed = valid[:, None, :kmax] & (torch.arange(kmax, device=r.device)[None, None] <= r[..., None])
@@ -200,7 +217,8 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         cs = [LR.take(t, rows) for t in (cos, sin)]
         qh = LR.post_rope(attn, LR.heads(q_rows, hd), *cs)
         kh = LR.post_rope(attn, LR.heads(k, hd), cos, sin)
-        att = head_mean_attention(qh, kh, rows, view.valid, vis_idx, attn.scaling)  # [B, v+M, v]
+        att = head_mean_attention(qh, kh, rows, view.valid, vis_idx, attn.scaling,
+                                  blocked=getattr(view.state, "contiguous", True))  # [B, v+M, v]
         A_vv = att[:, :nv]  # [B, v, v]
         A_tv = att[:, nv:] * tmask  # [B, M, v]: text rows -> visual keys
         redundancy = m.beta * A_vv.mean(-1) - (1 - m.beta) * A_tv.sum(1) / M[:, None]
@@ -271,6 +289,9 @@ class FiCoCoL(Method):
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "final_tokens"
     budget_param = "final_tokens"
+    #: set by FiCoCo-VL's per-prompt budget: `final_ratio` is a share of the prompt's visual tokens before
+    #: the vision stage (`llm_reduce.prompt_visual_count`), not of those entering the LLM
+    _share_of_prompt = False
 
     #: first merging decoder layer (0-based); paper: "starts at the 4-th layer"; code: 5
     start_layer: int = 4
@@ -336,6 +357,10 @@ class FiCoCoL(Method):
     def validate(self, adapter) -> None:
         super().validate(adapter)
         L = adapter.num_llm_layers
+        self._n_layers = L
+        if self._noop():
+            return  # the documented no-op (nothing merged) is valid on any depth
+        self.require_full_attention(adapter)
         if self.start_layer >= L:
             raise MethodError(f"ficoco_l: start_layer={self.start_layer} must be < the number of LLM layers ({L})")
         if self.end_layer is not None and self.end_layer >= L:
@@ -368,21 +393,39 @@ class FiCoCoL(Method):
         LR.install(model, adapter, _FiCoCoLPlan(self, self.merge_layers(adapter.num_llm_layers)))
         return model
 
+    def budget_token_params(self, value: float) -> dict:
+        if float(value) > 1:
+            return {"final_tokens": int(value), "final_ratio": None, "schedule": None}
+        return {"final_tokens": None, "final_ratio": float(value), "schedule": None}
+
+    def _sched(self, n_layers: int, visual: int, prompt_visual: int | None = None) -> dict[int, int]:
+        """Tokens removed per merge layer for `visual` tokens entering the LLM (`prompt_visual`: the
+        prompt's count before a vision-side stage, which a `final_ratio` is a share of)."""
+        if not visual or self._noop():
+            return {}
+        ref = prompt_visual if (prompt_visual is not None and self._share_of_prompt) else visual
+        final = final_count(ref, self.final_tokens, self.final_ratio)
+        return merge_schedule(visual, self.merge_layers(n_layers), self.r, self.schedule, final)
+
+    def visual_tokens_kept(self, layout, prompt_visual: int | None = None) -> int:
+        n_layers = getattr(self, "_n_layers", None)
+        if n_layers is None:
+            raise MethodError("ficoco_l: call validate(adapter) first (the schedule depends on the model depth)")
+        return layout.visual - sum(self._sched(n_layers, layout.visual, prompt_visual).values())
+
     # ---- FLOPs --------------------------------------------------------------------------------------
-    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+    def analytic_prefill_macs(self, shapes, layout, prompt_visual: int | None = None) -> dict[str, int]:
         """Batch-1 prefill: dense layers before start_layer; at a merge layer with n tokens, v visual,
-        M = layout.after text tokens and r removed: attention over n, MLP over n - r, plus the scores
-        (paper: (v+M) query rows, each row block against the keys up to its last row, `score_key_macs`;
-        code: (v+M) x (v+M)), the indirect term (paper r x M x (v-r);
-        code r x M x v) and the compress matmul ((v-r) x r x d)."""
+        M text tokens after the first visual one (in-between text of several images included) and r
+        removed: attention over n, MLP over n - r, plus the scores (paper: (v+M) query rows, each row
+        block against the keys up to its last row, `score_key_macs`; code: (v+M) x (v+M)), the indirect
+        term (paper r x M x (v-r); code r x M x v) and the compress matmul ((v-r) x r x d)."""
         macs = A.dense_prefill_macs(shapes, layout)
         s = shapes.llm
-        layers = self.merge_layers(s.layers)
-        final = final_count(layout.visual, self.final_tokens, self.final_ratio)
-        sched = merge_schedule(layout.visual, layers, self.r, self.schedule, final) if layout.visual else {}
-        if self._noop() or not any(sched.values()):
+        sched = self._sched(s.layers, layout.visual, prompt_visual)
+        if not any(sched.values()):
             return macs
-        n, v, M, hw = layout.total, layout.visual, layout.after, s.heads * s.head_dim
+        n, v, M, hw = layout.total, layout.visual, layout.between + layout.after, s.heads * s.head_dim
         llm = 0
         for layer in range(s.layers):
             r = sched.get(layer, 0)
@@ -391,7 +434,7 @@ class FiCoCoL(Method):
                 continue
             llm += A.llm_layer_macs(s, n_q=n, n_ffn=n - r)
             if self.variant == "paper":
-                llm += score_key_macs(n - v - M, v, M, hw) + r * M * (v - r)
+                llm += score_key_macs(n - v - M, v, M, hw, layout.contiguous) + r * M * (v - r)
             else:
                 llm += (v + M) * (v + M) * hw + r * M * v
             llm += (v - r) * r * s.hidden

@@ -47,6 +47,7 @@ from methods._shared.vision_reduce import (
     VisionGeometry,
     VisionReducer,
     VisionReductionMethod,
+    check_prompt_tokens,
     gather_tokens,
     split_evenly,
     tokens_through_layers,
@@ -149,11 +150,15 @@ class FiCoCoVReducer(VisionReducer):
 @dataclasses.dataclass
 class FiCoCoV(VisionReductionMethod):
     name = "ficoco_v"
-    budget_tokens_param = "tokens"
+    budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
 
     #: final visual tokens per image/crop reaching the LLM (e.g. 192 / 128 / 64 of 576); overrides r
     tokens: int | None = None
+    #: visual tokens reaching the LLM for the whole prompt (all images, crops and NeXT newlines): a count
+    #: (> 1) or a share (<= 1) of the prompt's visual tokens; overrides tokens / r. Each crop gets the
+    #: same k, the nearest to the target (token budgets, see harness/budget.py)
+    prompt_tokens: float | None = None
     #: tokens removed per reducing layer (reference-code style); 0 = nothing removed
     r: int = 0
     #: first CLIP layer that reduces (paper: 12 of 24); reduces up to the last layer feeding the LLM
@@ -177,6 +182,7 @@ class FiCoCoV(VisionReductionMethod):
     correlate: str = "paper"
 
     def check_params(self) -> None:
+        check_prompt_tokens(self)
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise MethodError(f"ficoco_v: tokens must be a positive integer, got {self.tokens!r}")
         if not isinstance(self.r, int) or self.r < 0:

@@ -25,6 +25,11 @@ stage keeps `final_tokens = tokens` (unchanged behaviour and FLOPs). Batches on 
 same packed visual-token count (FiCoCo-L's equal per-sample budgets), e.g. the same crop count when
 FiCoCo-V reduces.
 
+Per-prompt budget (`prompt_tokens`, what `budget.kind=tokens` sets): a count or share of the prompt's N
+visual tokens (all images, crops, NeXT newlines) left after the LLM stage; FiCoCo-V leaves
+N - round(vision_share · (N - target)) (one equal count per crop, the nearest), FiCoCo-L merges down to
+the target (a share is of N, the prompt's count before the vision stage).
+
 FLOPs (analytic): FiCoCo-V's vision encoder and projector terms, FiCoCo-L's LLM term for an input with
 FiCoCo-V's reduced visual count (NeXT: crops · vision_tokens + 1).
 """
@@ -33,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from harness.efficiency.analytic import TokenLayout
 from methods import register
 from methods._shared.vision_reduce import VisionGeometry
 from methods.base import Method, MethodError
@@ -41,16 +45,34 @@ from methods.ficoco_l import FiCoCoL
 from methods.ficoco_v import FiCoCoV
 
 
+@dataclasses.dataclass(frozen=True)
+class _VisionTarget:
+    """Visual tokens the vision stage leaves for a prompt with n of them: n - round(share * (n - target))."""
+
+    value: float
+    share: float
+
+    def __call__(self, n: int) -> int:
+        from harness.budget import prompt_count
+
+        return n - round(self.share * (n - prompt_count(self.value, n)))
+
+
 @register
 @dataclasses.dataclass
 class FiCoCoVL(Method):
     name = "ficoco_vl"
     meta_countable = False  # finds the visual tokens from input_ids values
-    budget_tokens_param = "tokens"
+    budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
     #: visual tokens per image left after the LLM stage (e.g. 192 / 128 / 64 of 576); None = no reduction.
     #: LLaVA-NeXT: per crop, i.e. the LLM keeps the fraction tokens / vision_tokens of its visual tokens
     tokens: int | None = None
+    #: visual tokens left after the LLM stage for the whole prompt (all images, crops and NeXT newlines):
+    #: a count (> 1) or a share (<= 1) of the prompt's visual tokens (token budgets, harness/budget.py);
+    #: the vision stage leaves N - round(vision_share * (N - target)) of the prompt's N (per crop: the
+    #: nearest equal count), FiCoCo-L merges down to the target. Not with tokens / vision_tokens
+    prompt_tokens: float | None = None
     #: share of the removals done in the vision encoder (0 = FiCoCo-L only, 1 = FiCoCo-V only)
     vision_share: float = 0.5
     #: visual tokens leaving the vision encoder (overrides vision_share); must be >= tokens
@@ -63,6 +85,12 @@ class FiCoCoVL(Method):
     def check_params(self) -> None:
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise MethodError(f"ficoco_vl: tokens must be a positive integer, got {self.tokens!r}")
+        pt = self.prompt_tokens
+        if pt is not None:
+            if isinstance(pt, bool) or not isinstance(pt, (int, float)) or pt <= 0 or (pt > 1 and int(pt) != pt):
+                raise MethodError(f"ficoco_vl: prompt_tokens must be a share in (0, 1] or a whole count > 1, got {pt!r}")
+            if self.tokens is not None or self.vision_tokens is not None:
+                raise MethodError("ficoco_vl: give either prompt_tokens or tokens / vision_tokens, not both")
         if not 0.0 <= float(self.vision_share) <= 1.0:
             raise MethodError(f"ficoco_vl: vision_share must be in [0, 1], got {self.vision_share!r}")
         if self.vision_tokens is not None:
@@ -98,6 +126,17 @@ class FiCoCoVL(Method):
         """The two stages for `n_visual` visual tokens per image (LLaVA-1.5) / per crop (LLaVA-NeXT)."""
         import methods
 
+        if self.prompt_tokens is not None:
+            value, share = self.prompt_tokens, float(self.vision_share)
+            v = methods.build("ficoco_v", dict(self.vision_params))
+            if share > 0:
+                v._target_fn = _VisionTarget(value, share)
+            final = {"final_tokens": int(value)} if float(value) > 1 else {"final_ratio": float(value)}
+            l_params = {**self.llm_params, **final} if share < 1 else {**self.llm_params, "r": 0}
+            lm = methods.build("ficoco_l", l_params)
+            lm._share_of_prompt = True
+            return v, lm
+
         vt = self.split(n_visual)
         v = methods.build("ficoco_v", {**self.vision_params, "tokens": vt if vt < n_visual else None})
         final = self.tokens if self.tokens is not None and self.tokens < vt else None
@@ -119,14 +158,37 @@ class FiCoCoVL(Method):
             raise MethodError(f"ficoco_vl: vision_tokens={self.vision_tokens} exceeds the {n} visual tokens per {per}")
         v, lm = self._stages(n, adapter.family)
         v.validate(adapter)
-        lm.validate(adapter)
+        if not lm._noop():  # a stage with nothing to do is not applied, so it needs no LLM depth
+            lm.validate(adapter)
         self._v, self._l = v, lm
 
     def apply(self, model, adapter):
         self.validate(adapter)
         self._v.apply(model, adapter)
-        self._l.apply(model, adapter)
+        if not self._l._noop():
+            self._l.apply(model, adapter)
         return model
+
+    def budget_token_params(self, value: float) -> dict:
+        return {"prompt_tokens": int(value) if float(value) > 1 else float(value), "tokens": None,
+                "vision_tokens": None}
+
+    def _reduced(self, layout, shapes=None):
+        """(stages, the layout entering the LLM) for a prompt `layout`."""
+        v, lm = getattr(self, "_v", None), getattr(self, "_l", None)
+        if v is None:
+            v, lm = self._stages(shapes.vit.patches)
+        geom = v._geom or VisionGeometry.from_shapes(shapes)
+        visual = layout.visual
+        if v.per_prompt or v.schedule(geom):
+            visual = v.reduced_layout_counts(layout, geom)[2]
+        return v, lm, dataclasses.replace(layout, visual=visual)
+
+    def visual_tokens_kept(self, layout) -> int:
+        v, lm, reduced = self._reduced(layout)
+        if lm._noop():
+            return reduced.visual
+        return lm.visual_tokens_kept(reduced, prompt_visual=layout.visual)
 
     def visual_tokens_to_llm(self, n_visual: int) -> int:
         """Visual tokens entering the LLM (its first layer) for LLaVA-1.5 images; FiCoCo-L then shrinks
@@ -134,15 +196,10 @@ class FiCoCoVL(Method):
         return self._v.visual_tokens_to_llm(n_visual)
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        v, lm = getattr(self, "_v", None), getattr(self, "_l", None)
-        if v is None:
-            v, lm = self._stages(shapes.vit.patches)
+        v, lm, reduced = self._reduced(layout, shapes)
         macs = dict(v.analytic_prefill_macs(shapes, layout))
-        geom = v._geom or VisionGeometry.from_shapes(shapes)
-        visual = layout.visual
-        if v.schedule(geom):
-            visual = v.reduced_layout_counts(layout, geom)[2]
-        reduced = TokenLayout(before=layout.before, visual=visual, after=layout.after, images=layout.images)
-        llm = lm.analytic_prefill_macs(shapes, reduced)
+        if lm._noop():
+            return macs
+        llm = lm.analytic_prefill_macs(shapes, reduced, prompt_visual=layout.visual)
         macs["llm"], macs["lm_head"] = llm["llm"], llm["lm_head"]
         return macs

@@ -85,10 +85,20 @@ class RandomDrop(Method):
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
+        if self.keep is not None or float(self.keep_ratio) < 1.0:
+            self.require_full_attention(adapter)
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
             raise MethodError(
                 f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"
             )
+
+    def budget_token_params(self, value: float) -> dict:
+        if float(value) > 1:
+            return {"keep": int(value)}
+        return {"keep": None, "keep_ratio": float(value)}
+
+    def visual_tokens_kept(self, layout) -> int:
+        return min(layout.visual, kept_visual(layout.visual, float(self.keep_ratio), self.keep))
 
     def apply(self, model, adapter):
         self.validate(adapter)

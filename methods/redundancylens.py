@@ -136,6 +136,9 @@ class RedundancyLens(Method):
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"redundancylens: {reason}")
+        pairs = ((self.hollow_layers, self.hollow_ratio), (self.ffn_layers, self.ffn_ratio))
+        if any(float(ratio) > 0 if layers == "auto" else len(layers) > 0 for layers, ratio in pairs):
+            self.require_full_attention(adapter)
 
     # ---- layers -------------------------------------------------------------------------------------------
     def _ranking(self, path: str | None, num_layers: int) -> list[int]:
@@ -207,6 +210,7 @@ class RedundancyLens(Method):
         hollow, ffn = self.resolved_layers(adapter.num_llm_layers)
         if not hollow and not ffn:
             return model
+        self.require_full_attention(adapter)
         from methods._shared.context import install_context
         from methods._shared.reduced_layer import patch_layer
 
@@ -230,10 +234,11 @@ class RedundancyLens(Method):
         return out
 
     def layer_macs(self, s, layout, hollow: bool, ffn: bool) -> int:
-        """MACs of one decoder layer (batch 1, one contiguous visual span after `layout.before` tokens)."""
+        """MACs of one decoder layer (batch 1; the p non-visual tokens before the last visual one are
+        every Hollow visual query's prefix keys: text before the first image and between images)."""
         from harness.efficiency.analytic import llm_layer_macs
 
-        T, t, v, p = layout.total, layout.text, layout.visual, layout.before
+        T, t, v, p = layout.total, layout.text, layout.visual, layout.before + layout.between
         hollow = hollow and 0 < v and self.window < v
         ffn = ffn and 0 < v and self.ffn_keep < 1
         pairs = t * T + hollow_visual_pairs(v, p, self.window, self.hollow_block) if hollow else None

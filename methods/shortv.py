@@ -96,6 +96,8 @@ class ShortV(Method):
             reason = check_layer_structure(adapter.llm_layers[i])
             if reason:
                 raise MethodError(f"shortv: {reason}")
+        if self.num_frozen():
+            self.require_full_attention(adapter)
 
     def _ranking(self, num_layers: int) -> list[int]:
         if not self.calibration:
@@ -135,6 +137,7 @@ class ShortV(Method):
         frozen = self.frozen_layers(adapter.num_llm_layers)
         if not frozen:
             return model
+        self.require_full_attention(adapter)
         from methods._shared.context import install_context
         from methods._shared.reduced_layer import patch_layer
 

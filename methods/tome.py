@@ -24,6 +24,10 @@ LLaVA-1.5, the run FiCoCo's repo logged); `r` (list) gives r per layer index (0 
 layers, each getting ⌊R/L⌋ and the last R mod L one more (T=192 -> 7x16 + 16x17; 128 -> 12x19 + 11x20;
 64 -> 17x22 + 6x23). Each layer's r is capped by bipartite matching at ⌈N/2⌉ - 1 (CLS protected).
 
+`prompt_tokens` (a count or a share of the prompt's visual tokens, what `budget.kind=tokens` sets) asks for
+that many visual tokens for the whole prompt: every crop of the prompt gets the same k, the nearest
+(`VisionReductionMethod.crop_tokens`), and the schedule for k is chosen per forward.
+
 LLaVA-NeXT: every anyres crop (base and high-res) is merged independently to the same count k; the image
 is packed as [crop tokens..., image_newline] without the 2-D unpad/newline grid (see vision_reduce).
 
@@ -42,6 +46,7 @@ from methods._shared.vision_reduce import (
     VisionReducer,
     VisionReductionMethod,
     ceil_div,
+    check_prompt_tokens,
     gather_tokens,
     split_evenly,
     tokens_through_layers,
@@ -118,19 +123,24 @@ def front_load(sched: dict[int, int], layers: list[int], n0: int) -> dict[int, i
 @dataclasses.dataclass
 class ToMe(VisionReductionMethod):
     name = "tome"
-    budget_tokens_param = "tokens"
+    budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
 
     #: tokens merged per useful CLIP layer (int), or per layer index (list); 0 = no merging
     r: int | list[int] = 0
     #: target visual tokens per image/crop reaching the LLM (overrides r), e.g. 192 / 128 / 64 of 576
     tokens: int | None = None
+    #: visual tokens reaching the LLM for the whole prompt (all images, crops and NeXT newlines): a count
+    #: (> 1) or a share (<= 1) of the prompt's visual tokens; overrides tokens / r. Each crop gets the
+    #: same k, the nearest to the target (token budgets, see harness/budget.py)
+    prompt_tokens: float | None = None
     #: proportional attention: + log(size) on key logits after merges (ToMe default for off-the-shelf ViTs)
     prop_attn: bool = True
     #: "tome": [unmerged A, B] as ToMe emits; "spatial": sorted by smallest original patch index
     order: str = "tome"
 
     def check_params(self) -> None:
+        check_prompt_tokens(self)
         if self.order not in ("tome", "spatial"):
             raise MethodError(f"tome: order must be 'tome' or 'spatial', got {self.order!r}")
         rs = self.r if isinstance(self.r, (list, tuple)) else [self.r]

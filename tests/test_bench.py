@@ -40,7 +40,7 @@ def test_shared_weight_copies_are_independent():
     assert copy is not model and copy.lm_head is not model.lm_head
     assert copy.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
     (_, fastv, info), = bench.method_settings(get_adapter(copy), ["fastv"])
-    assert info["visual_tokens"] == round(64 / 3) and fastv.keep == 21
+    assert info["visual_tokens"] == info["visual_tokens_to_llm"] == round(64 / 3) and fastv.keep_ratio == bench.BUDGET_TOKENS
     fastv.apply(copy, get_adapter(copy))
     # patching the copy leaves the original untouched
     assert "forward" not in vars(get_adapter(model).llm_layers[2])

@@ -11,11 +11,37 @@ def _resolve(*overrides):
     return validate_against_model(cfg, validate(cfg))
 
 
-@pytest.mark.parametrize("method, param", [("fastv", "keep"), ("random", "keep"), ("tome", "tokens"),
-                                           ("ficoco_v", "tokens"), ("ficoco_l", "final_tokens")])
-def test_token_budget_sets_the_token_parameter(method, param):
-    m, _, info = _resolve(f"method={method}", "budget.kind=tokens", "budget.value=0.22")
-    assert m.params()[param] == round(0.22 * 576) == info["visual_tokens"]
+SHARE = {"fastv": "keep_ratio", "random": "keep_ratio", "tome": "prompt_tokens", "ficoco_v": "prompt_tokens",
+         "ficoco_l": "final_ratio", "ficoco_vl": "prompt_tokens"}
+COUNT = {"fastv": "keep", "random": "keep", "tome": "prompt_tokens", "ficoco_v": "prompt_tokens",
+         "ficoco_l": "final_tokens", "ficoco_vl": "prompt_tokens"}
+
+
+@pytest.mark.parametrize("method", sorted(SHARE))
+@pytest.mark.parametrize("value", ["0.22", "128"])
+def test_token_budget_sets_a_per_prompt_parameter(method, value):
+    """A share stays a share of each prompt's visual tokens, a count a count per prompt; on the reference
+    prompt every token method delivers the same count."""
+    m, _, info = _resolve(f"method={method}", "budget.kind=tokens", f"budget.value={value}")
+    param = (SHARE if "." in value else COUNT)[method]
+    assert m.params()[param] == (float(value) if "." in value else int(value))
+    assert info["visual_tokens"] == info["visual_tokens_to_llm"] == (round(0.22 * 576) if "." in value else 128)
+
+
+@pytest.mark.parametrize("model", ["llava15_7b", "llava_next_7b"])
+def test_token_budget_counts_the_whole_prompt(model):
+    """LLaVA-NeXT's reference prompt (672x672: 5 crops, newlines): the budget is a share of all its visual
+    tokens; vision-side methods are within one token per crop of the others."""
+    out = {}
+    for method in SHARE:
+        cfg = compose_config([f"model={model}", f"method={method}", "budget.kind=tokens", "budget.value=0.22"])
+        m, adapter, info = validate_against_model(cfg, validate(cfg))
+        out[method] = info["visual_tokens_to_llm"]
+    from harness.budget import layout_for
+    layout = layout_for(adapter, 64)
+    exact = round(0.22 * layout.visual)
+    assert out["fastv"] == out["random"] == out["ficoco_l"] == out["ficoco_vl"] == exact
+    assert all(abs(out[m] - exact) <= max(1, layout.images // 2) for m in ("tome", "ficoco_v")), out
 
 
 @pytest.mark.parametrize("method", ["fastv", "tome", "ficoco_v", "random"])

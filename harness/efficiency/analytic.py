@@ -154,25 +154,41 @@ def projector_macs(vision_hidden: int, text_hidden: int, n_tokens: int) -> int:
 # ---- whole-model prefill, by component -------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenLayout:
-    """Token counts of one prompt (batch 1): text before the image, visual tokens, text after it.
+    """Token counts of one prompt (batch 1): text before the first visual token, the visual tokens,
+    text between the first and the last visual token (several images), text after the last one.
 
-    `visual` counts the visual tokens entering the LLM (after any vision-side reduction is not
-    applied: methods compute their own reduced counts from this full count). `images` is the number of
-    vision-encoder passes (1 for LLaVA-1.5; crops for LLaVA-NeXT).
+    `visual` counts the visual tokens as the processor inserts them (all images, all crops, LLaVA-NeXT's
+    newline tokens included; methods compute their own reduced counts from it). `images` is the number
+    of vision-encoder passes (LLaVA-1.5: images; LLaVA-NeXT: crops of all images), `n_images` the
+    number of images (each LLaVA-NeXT image closes with one `image_newline` in the reduced packing).
+    `between > 0` means the visual tokens form more than one span.
     """
 
     before: int
     visual: int
     after: int
     images: int = 1
+    between: int = 0
+    n_images: int = 1
 
     @property
     def total(self) -> int:
-        return self.before + self.visual + self.after
+        return self.before + self.visual + self.between + self.after
 
     @property
     def text(self) -> int:
-        return self.before + self.after
+        return self.before + self.between + self.after
+
+    @property
+    def contiguous(self) -> bool:
+        """The visual tokens form one span."""
+        return self.between == 0
+
+    def with_visual(self, visual: int) -> "TokenLayout":
+        """The same prompt with `visual` visual tokens (text unchanged)."""
+        import dataclasses
+
+        return dataclasses.replace(self, visual=visual)
 
 
 @dataclass(frozen=True)

@@ -758,7 +758,9 @@ def num_crops(config, image_size) -> int:
 
 def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
     """Per-sample `TokenLayout` (padding excluded) of processor inputs: text before the first image
-    token, image tokens in `input_ids`, text after; `images` = encoder passes (NeXT: crops)."""
+    token, image tokens in `input_ids`, text between the first and last image token, text after;
+    `images` = encoder passes (LLaVA-1.5: images; NeXT: crops of the sample's images, which are taken
+    from `image_sizes` in batch order), `n_images` = images of the sample."""
     config = getattr(model_or_config, "config", model_or_config)
     tensors = _tensor_inputs(inputs)
     ids = tensors["input_ids"]
@@ -767,6 +769,9 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
     am = tensors.get("attention_mask")
     img_id = int(config.image_token_id)
     sizes = tensors.get("image_sizes")
+    sizes = [] if sizes is None else [s.tolist() for s in sizes]
+    per_image = visual_tokens_for_image(config)
+    next_image = 0
     out = []
     for b in range(ids.shape[0]):
         row = ids[b]
@@ -775,14 +780,24 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
         vis = (row == img_id).nonzero().flatten()
         n_vis = int(vis.numel())
         before = int(vis[0]) if n_vis else int(row.numel())
-        after = int(row.numel()) - before - n_vis
+        between = int(vis[-1]) - before + 1 - n_vis if n_vis else 0
+        after = int(row.numel()) - before - between - n_vis
         if n_vis == 0:
-            images = 0
-        elif sizes is not None:
-            images = num_crops(config, sizes[b].tolist())
+            images = n_images = 0
+        elif getattr(config, "model_type", None) == "llava_next" and sizes:
+            images = n_images = left = 0
+            while left < n_vis and next_image < len(sizes):  # this sample's images, in batch order
+                size = sizes[next_image]
+                left += visual_tokens_for_image(config, tuple(size))
+                images += num_crops(config, size)
+                n_images += 1
+                next_image += 1
+            if left != n_vis:
+                raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' sizes")
         else:
-            images = 1
-        out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=images))
+            n_images = images = max(1, n_vis // per_image)
+        out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=images, between=between,
+                                 n_images=n_images))
     return out
 
 

@@ -34,6 +34,20 @@ def _spread(xs: list[float]) -> dict:
     return {k: (float(v) if k != "n" else int(v)) for k, v in _stats(xs).items()} if xs else {"median": None, "n": 0}
 
 
+def _delivered(model, layout, count) -> int | None:
+    """Visual tokens the patched model's last prefill ran its last LLM layer with (the visual-token
+    context of `methods._shared.context`); the prompt's own count for an unpatched model, None when the
+    count was not a real forward (analytic fallback)."""
+    from methods._shared.context import get_context
+
+    if count.source != "counted":
+        return None
+    ctx = get_context(model)
+    if ctx is None or ctx.visual_tokens_final is None:
+        return layout.visual
+    return int(ctx.visual_tokens_final)
+
+
 def probe_inputs(lm, task_dict, n: int) -> list[dict]:
     """Processor inputs of the first `n` documents of the (single) task, encoded like the evaluation."""
     (task,) = [t for t in task_dict.values() if hasattr(t, "test_docs")][:1] or [None]
@@ -55,7 +69,7 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
     config = model.config
     pre, dec, ana, ana_dec, unsupported = [], [], [], [], {}
     lat = []
-    visual_in = []
+    visual_in, to_llm, to_llm_ana = [], [], []
     source = "counted"
     for inputs in inputs_list:
         (layout,) = F.layouts_from_inputs(config, inputs)
@@ -70,6 +84,8 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
             c = F.analytic_count(config, layout, method=method)
             d = None
         pre.append(c.flops | {"total": c.total})
+        to_llm.append(_delivered(model, layout, c))
+        to_llm_ana.append(method.visual_tokens_kept(layout) if method is not None else layout.visual)
         if d is not None:
             dec.append(d.flops | {"total": d.total})
             ad = F.analytic_decode(config, d.context, kv_lengths=getattr(d, "kv_lengths", None) or None)
@@ -92,6 +108,10 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
         "visual_tokens_llm": per_layer[0] if per_layer else _mean(visual_in),
         "visual_tokens_per_layer": per_layer,
         "visual_tokens_mean_per_layer": _mean(per_layer) if per_layer else _mean(visual_in),
+        # visual tokens after the method's last reduction, per prompt (the count a token budget is about):
+        # as the patched model ran, and as `Method.visual_tokens_kept` predicts
+        "visual_tokens_to_llm": _mean(to_llm),
+        "visual_tokens_to_llm_analytic": _mean(to_llm_ana),
         "flops": {
             "prefill": prefill,
             "decode_per_token": mean_components(dec),

@@ -116,6 +116,20 @@ class ModelAdapter:
         """Visual tokens one LLaVA-1.5 image (or one LLaVA-NeXT crop) contributes to the LLM."""
         return self.vision_tokens_per_image - (1 if self.drops_cls else 0)
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The language model's sliding-window size if any of its layers attends through one (Mistral's
+        `sliding_window`; Qwen2 with `use_sliding_window`; any `layer_types` entry "sliding_attention"),
+        else None."""
+        tc = self.text_config
+        window = getattr(tc, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(tc, "layer_types", None)
+        if types is not None and not any("sliding" in str(t) for t in types):
+            return None
+        return int(window)
+
     # ---- masks ---------------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean [B, T] mask of visual-token positions, from `input_ids == image_token_id`."""

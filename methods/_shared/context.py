@@ -6,7 +6,11 @@
 * `visual_mask` [B, T]: `input_ids == image_token_id` for the tokens of this call (never an offset
   like 35: the span is read from the ids, per sample, so padding and prompts of any length work);
 * `attention_mask` as passed (2-D padding mask or None);
-* `is_prefill`: True when no tokens are cached yet; `past_length` otherwise.
+* `is_prefill`: True when no tokens are cached yet; `past_length` otherwise;
+* `prompt_visual` [B]: the visual tokens of each prompt as the processor inserted them (all images,
+  crops and LLaVA-NeXT newlines) — the count a token budget is a share of. It is the count in
+  `input_ids`, unless a vision-side reduction shortened the placeholder runs before this call: that
+  reduction announces the original counts with `announce_prompt_visual` and the next call takes them.
 
 Methods acting inside the LLM read it through `get_context(model)`; `ctx.scratch` is cleared at every
 call and holds per-forward method state (e.g. the kept indices chosen at a layer).
@@ -32,6 +36,12 @@ class VisualContext:
     #: per-call log of visual tokens alive at the input of each LLM layer (prefill only), filled by
     #: methods that change it; read by the efficiency probe
     visual_tokens_per_layer: list[int] | None = None
+    #: visual tokens alive after the last reduction of the current prefill (max over the samples, which
+    #: agree): what the LLM's last layer works on; methods that reduce inside the LLM update it
+    visual_tokens_final: int | None = None
+    #: [B] visual tokens of each prompt before any vision-side reduction (see the module docstring)
+    prompt_visual: torch.Tensor | None = None
+    pending_prompt_visual: torch.Tensor | None = None
 
 
 def _cache_length(past_key_values) -> int:
@@ -59,6 +69,16 @@ def install_context(model, adapter) -> VisualContext:
         ctx.past_length = _cache_length(past)
         ctx.is_prefill = ctx.past_length == 0
         ctx.visual_mask = adapter.visual_mask(input_ids) if input_ids is not None else None
+        pending, ctx.pending_prompt_visual = ctx.pending_prompt_visual, None
+        if pending is not None:
+            ctx.prompt_visual = pending
+        elif ctx.visual_mask is not None and ctx.visual_mask.device.type != "meta":
+            ctx.prompt_visual = ctx.visual_mask.sum(1)
+        else:
+            ctx.prompt_visual = None
+        if ctx.is_prefill:
+            known = ctx.visual_mask is not None and ctx.visual_mask.device.type != "meta"
+            ctx.visual_tokens_final = int(ctx.visual_mask.sum(1).max()) if known and ctx.visual_mask.numel() else None
         ctx.attention_mask = kwargs.get("attention_mask")
         ctx.scratch = {}
         ctx.visual_tokens_per_layer = None
@@ -67,6 +87,14 @@ def install_context(model, adapter) -> VisualContext:
     base.forward = forward
     object.__setattr__(model, _ATTR, ctx)
     return ctx
+
+
+def announce_prompt_visual(model, counts) -> None:
+    """Tell the next forward of `model` the per-sample visual-token counts its prompts had before a
+    vision-side reduction shortened them (`counts`: [B] ints)."""
+    ctx = getattr(model, _ATTR, None)
+    if ctx is not None:
+        ctx.pending_prompt_visual = torch.as_tensor(counts, dtype=torch.long)
 
 
 def get_context(model) -> VisualContext | None:

@@ -28,7 +28,13 @@ How it acts on one model instance (no transformers source is touched):
   only the needed attention rows.
 
 Batch > 1: every sample must lose the same number of tokens (equal per-sample budgets), so samples in a
-batch need the same number of visual tokens; a clear error says so otherwise.
+batch need the same number of visual tokens; a clear error says so otherwise (the lmms-eval wrapper batches
+prompts of one visual shape together, so evaluations never hit it).
+
+Several images: the visual tokens may form several spans; plans read them from the mask, and FiCoCo-L's
+text rows are the non-visual tokens after the prompt's first visual token (`visual_is_one_span` tells a
+plan which case it is in). `continuation(model, n)` marks a call's last n tokens as not prompt
+(log-likelihood scoring).
 
 No-cache calls re-run the prefill path on the whole sequence. Methods whose selection depends on "the
 last prompt token" read `score_row`, which `pin_prompt_length(model, n)` can fix to column n-1, so an
@@ -36,6 +42,7 @@ uncached forward over prompt+generated tokens reproduces the cached (prune-once-
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +67,31 @@ def equal_visual_count(visual: torch.Tensor, what: str = "reduction") -> int:
             "(use batch size 1 or images of the same size)"
         )
     return int(counts[0])
+
+
+def prompt_visual_count(view, nv: int) -> int:
+    """The prompt's visual-token count as the processor inserted it (what a budget share is of): the
+    context's `prompt_visual` (set before a vision-side stage shortened the prompt), else `nv`, the
+    count entering the LLM. Samples must agree (as for `nv`)."""
+    pv = getattr(view.ctx, "prompt_visual", None)
+    if pv is None or pv.numel() != view.state.visual.shape[0]:
+        return nv
+    if bool((pv != pv[0]).any()):
+        raise MethodError(
+            "samples in this batch had different numbers of visual tokens before the vision-side reduction "
+            f"({', '.join(str(int(c)) for c in pv)}); batch prompts of the same shape"
+        )
+    return int(pv[0])
+
+
+def visual_is_one_span(visual: torch.Tensor) -> bool:
+    """True if every sample's visual tokens ([B, n] bool) are one contiguous span."""
+    n = visual.shape[1]
+    col = torch.arange(n, device=visual.device)
+    first = torch.where(visual, col, n).min(1).values
+    last = torch.where(visual, col, -1).max(1).values
+    count = visual.sum(1)
+    return bool(((count == 0) | (last - first + 1 == count)).all())
 
 
 def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
@@ -159,6 +191,8 @@ class ReduceState:
     cache_idx: list = field(default_factory=list)  # per layer: prefill tokens cached ([B,n_l] | None)
     shift: list = field(default_factory=list)  # per layer: [B] tokens removed before decode tokens
     pinned_prompt: int | None = None
+    pinned_suffix: int = 0  # the last columns of a call that are not prompt (log-likelihood continuation)
+    contiguous: bool = True  # the prefill's visual tokens form one span in every sample (set by plans)
 
     def reset(self, visual, attention_mask, position_ids, P, B, device):
         self.P = P
@@ -171,6 +205,7 @@ class ReduceState:
             position_ids = torch.arange(P, device=device)[None]
         self.pos = position_ids.expand(B, -1).long()
         self.cur = None
+        self.contiguous = True
         self.removed_any = False
         self.cache_idx = [None] * self.n_layers
         self.shift = [None] * self.n_layers
@@ -215,9 +250,12 @@ class LayerView:
     def score_row(self) -> int:
         """Column (in the current sequence) of the query that scores: the last prompt token (the last
         token, or column n-1 of the pinned prompt length)."""
-        if self.state.pinned_prompt is None:
+        if self.state.pinned_suffix:
+            target = self.state.P - self.state.pinned_suffix - 1
+        elif self.state.pinned_prompt is None:
             return self.hidden.shape[1] - 1
-        target = self.state.pinned_prompt - 1
+        else:
+            target = self.state.pinned_prompt - 1
         hit = (self.index[0] == target).nonzero()
         if hit.numel() == 0:
             raise MethodError("pinned prompt end was removed; it must be a non-visual token")
@@ -333,6 +371,7 @@ class LLMReducer:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
+            ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         if st.cur is not None:
             ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
 
@@ -387,6 +426,7 @@ class LLMReducer:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
+            self.ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         residual = hidden
         hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
@@ -460,6 +500,24 @@ def pin_prompt_length(model, n: int | None) -> None:
     if red is None:
         raise MethodError("no LLM token-reduction method is applied to this model")
     red.state.pinned_prompt = n
+
+
+@contextlib.contextmanager
+def continuation(model, n: int):
+    """Within the block, every forward's last `n` tokens are a continuation, not prompt: a method that
+    scores from the last prompt token uses the token before them (log-likelihood scoring of a
+    continuation then selects what generation's prefill of the context selects). Works on a
+    placeholder-shortened sequence too (counted from the end). No-op on a model without LLM reduction."""
+    red = get_reducer(model)
+    if red is None or n <= 0:
+        yield
+        return
+    old = red.state.pinned_suffix
+    red.state.pinned_suffix = int(n)
+    try:
+        yield
+    finally:
+        red.state.pinned_suffix = old
 
 
 def check_layer_layout(adapter, layers) -> None:

@@ -171,7 +171,7 @@ def patch_vision_layers(model, adapter, reducer: VisionReducer, *, force_layers:
             )
             out = attn.out_proj(out.reshape(B, N, -1).contiguous())
             x = residual + out
-            r = sched.get(idx, 0)
+            r = reducer.schedule.get(idx, 0)  # read per call: a per-prompt budget sets it per forward
             if r > 0 and st is not None:
                 x = reducer.reduce(idx, x, q, k, st, r)
             residual = x
@@ -284,10 +284,19 @@ def _as_kwargs(fn, args, kwargs) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
-def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
+def install_placeholder_shrink(model, adapter, tokens_per_crop, on_tokens=None):
     """Wrap this instance's `forward` / `generate` (and NeXT packing) so each image contributes
     `tokens_per_crop` visual tokens per CLIP pass (LLaVA: one pass per image; NeXT: per crop, plus one
-    `image_newline` per image)."""
+    `image_newline` per image).
+
+    `tokens_per_crop` is an int, or a per-prompt budget: a callable `(n_visual, crops, images) -> k`
+    giving the count per crop for a prompt whose processor inserted `n_visual` visual tokens for
+    `images` images of `crops` CLIP passes in all. It is evaluated per forward (per `generate`: once,
+    for all its steps) on the caller's ids; every prompt of a batch must get the same k (batch prompts
+    of one shape; the runner does); `on_tokens(k)` is then called before the vision tower runs."""
+    from methods._shared.context import announce_prompt_visual, install_context
+
+    ctx = install_context(model, adapter)
     full_per_crop = adapter.visual_tokens_per_image
     image_token_id = adapter.image_token_id
     pad = adapter.text_config.pad_token_id
@@ -295,6 +304,7 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
     pad = 0 if pad is None else int(pad)
     nxt = adapter.family == "llava_next"
     base = adapter.base
+    fixed: dict[str, int | None] = {"k": None, "last": None}  # k fixed for the forwards of one generate call
 
     if nxt:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -327,19 +337,61 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
 
         base.pack_image_features = pack
 
+    newline = 1 if nxt and base.image_newline is not None else 0
+
+    def images_per_sample(ids, full) -> list[list[int]]:
+        """Image indices (batch order) of each sample, matched to the samples' placeholder counts."""
+        B = ids.shape[0]
+        if ids.device.type == "meta":  # no values: the images are spread evenly over the batch
+            per = len(full) // max(B, 1)
+            return [list(range(b * per, (b + 1) * per)) for b in range(B)]
+        groups, i = [], 0
+        for n in (ids == image_token_id).sum(1).tolist():
+            g, left = [], n
+            while left > 0 and i < len(full):
+                g.append(i)
+                left -= full[i]
+                i += 1
+            if left != 0:
+                raise ValueError(
+                    "image placeholder runs do not match the images' full counts (a per-prompt budget needs the "
+                    "processor's ids)"
+                )
+            groups.append(g)
+        return groups
+
+    def per_crop(kwargs, full, crops) -> int:
+        if not callable(tokens_per_crop):
+            return int(tokens_per_crop)
+        if fixed["k"] is not None:
+            return fixed["k"]
+        groups = images_per_sample(kwargs["input_ids"], full)
+        ks = [tokens_per_crop(sum(full[j] for j in g), sum(crops[j] for j in g), len(g)) for g in groups if g]
+        if not ks:
+            return full_per_crop
+        if len(set(ks)) > 1:
+            raise MethodError(
+                f"prompts of this batch need different visual tokens per crop ({', '.join(map(str, ks))}) for "
+                "the same prompt budget; batch prompts with the same visual-token count (the runner groups them)"
+            )
+        if on_tokens is not None:
+            on_tokens(ks[0])
+        fixed["last"] = ks[0]
+        return ks[0]
+
     def counts(kwargs):
         pv = kwargs.get("pixel_values")
         if pv is None:
             return counts_from_features(kwargs)
         if not nxt:
             n = pv.shape[0]
-            return [full_per_crop] * n, [tokens_per_crop] * n
-        sizes = kwargs.get("image_sizes")
-        full, red = [], []
-        for s in sizes:
-            full.append(full_count(s))
-            red.append(crops_of(s) * tokens_per_crop + (1 if base.image_newline is not None else 0))
-        return full, red
+            full, crops = [full_per_crop] * n, [1] * n
+        else:
+            sizes = kwargs.get("image_sizes")
+            full = [full_count(s) for s in sizes]
+            crops = [crops_of(s) for s in sizes]
+        k = per_crop(kwargs, full, crops)
+        return full, [c * k + newline if nxt else k for c in crops]
 
     def counts_from_features(kwargs):
         """Precomputed features (`mm_encoder_outputs`, already reduced): reduced counts from the
@@ -361,13 +413,17 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
 
     def shrink(kwargs):
         ids = kwargs.get("input_ids")
+        if ids is None:
+            return kwargs, False
         cr = counts(kwargs)
-        if ids is None or cr is None:
+        if cr is None:
             return kwargs, False
         new_ids, new_mask, changed = shrink_placeholders(
             ids, kwargs.get("attention_mask"), cr[0], cr[1], image_token_id, pad
         )
         if changed:
+            if ids.device.type != "meta":
+                announce_prompt_visual(model, (ids == image_token_id).sum(1).cpu())
             kwargs = dict(kwargs, input_ids=new_ids)
             if new_mask is not None:
                 kwargs["attention_mask"] = new_mask
@@ -394,7 +450,12 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
             kwargs["input_ids"] = kwargs.pop("inputs")
         orig_ids = kwargs.get("input_ids")
         kwargs, changed = shrink(kwargs)
-        out = original_generate(**kwargs)
+        if callable(tokens_per_crop) and changed:
+            fixed["k"] = fixed["last"]  # this prompt's k, for the generation's own (shortened) forwards
+        try:
+            out = original_generate(**kwargs)
+        finally:
+            fixed["k"] = None
         if not changed:
             return out
         t_short = kwargs["input_ids"].shape[1]
@@ -409,10 +470,6 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop: int):
     model.generate = generate
 
     # log the visual tokens the LLM sees (constant over layers) for the efficiency probe
-    from methods._shared.context import install_context
-
-    ctx = install_context(model, adapter)
-
     def pre_hook(module, args, kwargs):
         if ctx.is_prefill and ctx.visual_mask is not None and ctx.visual_mask.device.type != "meta":
             n = int(ctx.visual_mask.sum(-1).max())
@@ -434,6 +491,18 @@ def reduced_vision_macs(vit, schedule: dict[int, int], layers_run: int, overhead
         if r > 0:
             total += overhead(layer, n_in, r)
     return total
+
+
+def check_prompt_tokens(method) -> None:
+    """Range check of a vision-side method's `prompt_tokens` (a count > 1 or a share in (0, 1])."""
+    v = method.prompt_tokens
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (v > 1 and int(v) != v):
+        raise MethodError(f"{method.name}: prompt_tokens must be a share in (0, 1] or a whole count > 1, got {v!r}")
+    r = method.r if isinstance(method.r, (list, tuple)) else [method.r]
+    if method.tokens is not None or any(r):
+        raise MethodError(f"{method.name}: give either prompt_tokens or tokens / r, not both")
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -469,13 +538,22 @@ class VisionGeometry:
 
 
 class VisionReductionMethod(Method):
-    """Base for methods that reduce tokens inside CLIP with a fixed per-layer schedule.
+    """Base for methods that reduce tokens inside CLIP with a per-layer schedule.
 
     Subclasses (dataclasses) implement `schedule(geom) -> {layer: r}` (raising MethodError for impossible
     budgets), `make_reducer(schedule, adapter) -> VisionReducer` and `overhead_macs(vit, layer, n_in, r)`
-    (the MACs of the scoring / merging matmuls their reducer runs in a reducing layer, per crop)."""
+    (the MACs of the scoring / merging matmuls their reducer runs in a reducing layer, per crop), and
+    have the fields `tokens` (visual tokens per crop) and `prompt_tokens`.
+
+    `prompt_tokens` is a per-prompt budget (`harness.budget.prompt_count`: a count > 1 or a share <= 1
+    of the prompt's visual tokens, all images, crops and NeXT newlines): each prompt's crops all get the
+    same count k, the one that brings `crops * k` (+ one newline per LLaVA-NeXT image) nearest the
+    target without exceeding the prompt's own count, so a prompt ends within crops/2 tokens of it. The
+    schedule is then chosen per forward (`tokens = k`)."""
 
     _geom: VisionGeometry | None = None
+    #: a per-prompt target set by a composing method (FiCoCo-VL): n_visual -> visual tokens wanted
+    _target_fn = None
 
     # -- subclass hooks
     def schedule(self, geom: VisionGeometry) -> dict[int, int]:
@@ -487,11 +565,47 @@ class VisionReductionMethod(Method):
     def overhead_macs(self, vit, layer: int, n_in: int, r: int) -> int:
         return 0
 
+    # -- per-prompt budgets
+    @property
+    def per_prompt(self) -> bool:
+        return self._target_fn is not None or getattr(self, "prompt_tokens", None) is not None
+
+    def budget_token_params(self, value: float) -> dict:
+        return {"prompt_tokens": int(value) if float(value) > 1 else float(value), "tokens": None, "r": 0}
+
+    def prompt_target(self, n_visual: int) -> int:
+        from harness.budget import prompt_count
+
+        if self._target_fn is not None:
+            return int(self._target_fn(n_visual))
+        return prompt_count(self.prompt_tokens, n_visual)
+
+    def crop_tokens(self, geom: VisionGeometry, n_visual: int, crops: int, n_images: int) -> int:
+        """k for one prompt (per-prompt budget): nearest `(target - newlines) / crops`, in [1, per crop],
+        never more than the prompt's own `n_visual` in all."""
+        newlines = n_images if geom.family == "llava_next" else 0
+        crops = max(int(crops), 1)
+        target = self.prompt_target(n_visual)
+        k = int((target - newlines) / crops + 0.5)
+        k = min(k, (n_visual - newlines) // crops, geom.visual_per_crop)
+        return max(k, 1)
+
+    def schedule_for(self, geom: VisionGeometry, k: int) -> dict[int, int]:
+        """The schedule that leaves k tokens per crop."""
+        cache = self.__dict__.setdefault("_sched_cache", {})
+        if (geom, k) not in cache:
+            import dataclasses
+
+            cache[geom, k] = dataclasses.replace(self, tokens=int(k), r=0, prompt_tokens=None).schedule(geom)
+        return cache[geom, k]
+
     # -- shared
     def removed_per_crop(self, geom: VisionGeometry | None = None) -> int:
         geom = geom or self._geom
         if geom is None:
             raise MethodError(f"method {self.name!r}: call validate(adapter) first (schedule depends on the model)")
+        if self.per_prompt:
+            raise MethodError(f"method {self.name!r}: a per-prompt budget removes a prompt-dependent count")
         return sum(self.schedule(geom).values())
 
     def validate(self, adapter) -> None:
@@ -502,60 +616,87 @@ class VisionReductionMethod(Method):
             raise MethodError(f"method {self.name!r}: {e}") from None
         if geom.last_useful < 0 or geom.last_useful >= geom.num_layers:
             raise MethodError(f"method {self.name!r}: vision feature layer leaves no CLIP layer to reduce in")
-        self.schedule(geom)  # raises for impossible budgets
+        if self.per_prompt:  # the one-image, one-crop prompt must be feasible
+            self.schedule_for(geom, self.crop_tokens(geom, geom.visual_per_crop, 1, 0))
+        else:
+            self.schedule(geom)  # raises for impossible budgets
         self._geom = geom
 
     def apply(self, model, adapter):
         self.validate(adapter)
-        sched = self.schedule(self._geom)
+        geom = self._geom
+        if self.per_prompt:
+            reducer = self.make_reducer({}, adapter)
+
+            def per_crop(n_visual, crops, n_images):
+                k = self.crop_tokens(geom, n_visual, crops, n_images)
+                self.schedule_for(geom, k)  # raises (one line) for a k the tower cannot reach
+                return k
+
+            def set_tokens(k):
+                reducer.schedule = {i: r for i, r in self.schedule_for(geom, k).items() if r > 0}
+
+            patch_vision_layers(model, adapter, reducer, force_layers=set(range(geom.num_layers)))
+            install_placeholder_shrink(model, adapter, per_crop, set_tokens)
+            return model
+        sched = self.schedule(geom)
         if not sched:
             return model  # nothing removed: the model is left untouched (identical logits)
         patch_vision_layers(model, adapter, self.make_reducer(sched, adapter))
-        install_placeholder_shrink(model, adapter, self._geom.visual_per_crop - sum(sched.values()))
+        install_placeholder_shrink(model, adapter, geom.visual_per_crop - sum(sched.values()))
         return model
 
     def visual_tokens_to_llm(self, n_visual: int) -> int:
         """LLaVA-1.5: `n_visual` is a multiple of the per-image count (576); each image loses the same
-        number. (LLaVA-NeXT: use `tokens_for_next_image` - the packing differs.)"""
+        number. (LLaVA-NeXT: use `visual_tokens_kept(layout)` - the packing differs.)"""
         geom = self._geom
         if geom is None:
             raise MethodError(f"method {self.name!r}: call validate(adapter) first (schedule depends on the model)")
         images = max(1, n_visual // geom.visual_per_crop)
+        if self.per_prompt:
+            return images * self.crop_tokens(geom, n_visual, images, images)
         return n_visual - images * self.removed_per_crop()
 
-    def vision_pass_macs(self, vit, geom: VisionGeometry | None = None) -> int:
+    def visual_tokens_kept(self, layout) -> int:
+        return self.reduced_layout_counts(layout)[2]
+
+    def vision_pass_macs(self, vit, geom: VisionGeometry | None = None, k: int | None = None) -> int:
         geom = geom or self._geom
-        sched = self.schedule(geom)
+        sched = self.schedule_for(geom, k) if self.per_prompt else self.schedule(geom)
         return reduced_vision_macs(
             vit, sched, geom.num_layers, lambda layer, n_in, r: self.overhead_macs(vit, layer, n_in, r)
         )
 
     def reduced_layout_counts(self, layout, geom: VisionGeometry | None = None) -> tuple[int, int, int]:
         """(CLIP passes, tokens through the projector, visual tokens entering the LLM) for a batch-1
-        `layout`. A packed LLaVA-NeXT image (`images` = its crops, > 1) enters as `images * k` tokens plus
-        one `image_newline`; otherwise (LLaVA-1.5, or a paper-convention layout of whole crops such as
-        NeXT's 5 x 576 with images=1) every `visual_per_crop` visual tokens are one pass reduced to k."""
+        `layout`. LLaVA-NeXT images (`images` = their crops, > 1) enter as `crops * k` tokens plus one
+        `image_newline` per image; otherwise (LLaVA-1.5, or a paper-convention layout of whole crops such
+        as NeXT's 5 x 576 with images=1) every `visual_per_crop` visual tokens are one pass reduced to k."""
         geom = geom or self._geom
         per = geom.visual_per_crop
-        k = per - sum(self.schedule(geom).values())
         if geom.family == "llava_next" and layout.images > 1:
-            return layout.images, layout.images * k, layout.images * k + 1
-        passes = layout.visual // per if layout.visual % per == 0 else layout.images
-        return passes, passes * k, passes * k
+            passes, newlines = layout.images, layout.n_images
+        else:
+            passes = layout.visual // per if layout.visual % per == 0 else layout.images
+            newlines = 0
+        if self.per_prompt:
+            k = self.crop_tokens(geom, layout.visual, passes, newlines) if passes else per
+        else:
+            k = per - sum(self.schedule(geom).values())
+        return passes, passes * k, passes * k + newlines
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         """`layout.visual` is the unreduced visual count, `layout.images` the CLIP passes (images for
-        LLaVA-1.5, crops for one LLaVA-NeXT image); see `reduced_layout_counts`."""
-        from harness.efficiency.analytic import lm_head_macs, llm_prefill_macs, projector_macs
+        LLaVA-1.5, crops for LLaVA-NeXT); see `reduced_layout_counts`."""
+        from harness.efficiency.analytic import dense_prefill_macs, lm_head_macs, llm_prefill_macs, projector_macs
 
         geom = self._geom or VisionGeometry.from_shapes(shapes)
-        if not self.schedule(geom):  # nothing removed: apply() leaves the model untouched
-            from harness.efficiency.analytic import dense_prefill_macs
-
+        if not self.per_prompt and not self.schedule(geom):  # nothing removed: apply() leaves the model untouched
             return dense_prefill_macs(shapes, layout)
         passes, projected, visual = self.reduced_layout_counts(layout, geom)
+        k = projected // passes if passes else geom.visual_per_crop
         return {
-            "vision": passes * self.vision_pass_macs(shapes.vit, geom),
+            "vision": passes * self.vision_pass_macs(shapes.vit, geom, k),
             "projector": projector_macs(shapes.vit.hidden, shapes.llm.hidden, projected),
             "llm": llm_prefill_macs(shapes.llm, layout.text + visual),
             "lm_head": lm_head_macs(shapes.llm, 1),

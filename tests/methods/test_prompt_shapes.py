@@ -1,0 +1,200 @@
+"""Every method on every prompt shape: several images per prompt (LLaVA-1.5, LLaVA-NeXT), LLaVA-NeXT
+images of several sizes, llama / mistral / qwen2 language models.
+
+* a token budget (`budget.kind=tokens`) is the visual tokens reaching the LLM for the whole prompt: every
+  token method delivers `prompt_count(value, N)` (vision-side methods: within half a token per crop),
+  and the count the model really ran with equals `Method.visual_tokens_kept(layout)`;
+* counted prefill FLOPs equal the analytic formulas for every method on every shape;
+* batches mixing image sizes: batch 8 gives the same predictions as batch 1 (the lmms-eval wrapper
+  batches prompts of one visual shape together);
+* log-likelihood scoring has the generation semantics: continuation log-probs equal those of
+  generating after the context.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.budget import prompt_count
+from harness.efficiency import flops as F
+from methods._shared.context import get_context
+from tests.methods import prompt_shapes as S
+
+# (family, lm, images per prompt): 1-3 images on LLaVA-1.5; NeXT images of different sizes, 1 or 2 per prompt
+SHAPES = [
+    ("llava", "llama", [(64, 64)]),
+    ("llava", "qwen2", [(64, 64), (64, 64)]),
+    ("llava", "mistral", [(64, 64), (80, 64), (64, 64)]),
+    ("llava_next", "llama", [(64, 64)]),
+    ("llava_next", "mistral", [(64, 128)]),
+    ("llava_next", "qwen2", [(128, 128)]),
+    ("llava_next", "llama", [(128, 64), (96, 64)]),
+]
+
+
+def _id(case):
+    family, lm, sizes = case
+    return f"{family}-{lm}-" + "+".join(f"{h}x{w}" for h, w in sizes)
+
+
+CASES = [(c, 0.3) for c in SHAPES] + [(SHAPES[2], 40), (SHAPES[6], 40)]  # a share and a count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, value", CASES, ids=[f"{_id(c)}-{v}" for c, v in CASES])
+def test_equal_token_budget_and_counted_flops_on_every_shape(case, value):
+    family, lm, sizes = case
+    proc = S.processor(family)
+    inp = S.inputs(proc, [sizes])
+    (layout,) = F.layouts_from_inputs(S.fresh_model(family, lm), inp)
+    assert layout.n_images == len(sizes) and layout.contiguous == (len(sizes) == 1)
+    target = prompt_count(value, layout.visual)
+    delivered = {}
+    for name in S.ALL_METHODS:
+        model, m = S.applied(name, family, lm, budget=value)
+        counted = F.count_prefill(model, inp)
+        assert counted.flops == F.analytic_prefill(model.config, layout, None if name == "none" else m), name
+        ctx = get_context(model)
+        ran = ctx.visual_tokens_final if ctx is not None else layout.visual
+        assert ran == m.visual_tokens_kept(layout), name
+        delivered[name] = ran
+    for name in ("random", "fastv", "ficoco_l", "ficoco_vl"):
+        assert delivered[name] == target, (name, delivered)
+    for name in ("tome", "ficoco_v"):  # one k for every crop: within half a token per crop
+        assert abs(delivered[name] - target) <= layout.images // 2, (name, delivered, layout)
+    for name in ("none", "shortv", "redundancylens"):
+        assert delivered[name] == layout.visual
+
+
+def test_layouts_of_multi_image_prompts():
+    """Several images: vision passes and newline images counted per prompt, the text between spans kept
+    apart from the text after them."""
+    proc = S.processor("llava_next")
+    model = S.fresh_model("llava_next")
+    sizes = [[(64, 64)], [(128, 128), (64, 128)], [(96, 64)]]
+    layouts = F.layouts_from_inputs(model, S.inputs(proc, sizes))
+    for lay, ss in zip(layouts, sizes):
+        assert lay.n_images == len(ss)
+        assert lay.images == sum(F.num_crops(model.config, list(s)) for s in ss)
+        assert lay.visual == sum(F.visual_tokens_for_image(model.config, s) for s in ss)
+        assert (lay.between > 0) == (len(ss) > 1)
+    proc = S.processor("llava")
+    (lay,) = F.layouts_from_inputs(S.fresh_model("llava"), S.inputs(proc, [[(64, 64)] * 3]))
+    assert (lay.images, lay.n_images, lay.visual) == (3, 3, 192) and lay.between > 0
+
+
+# ---- the lmms-eval wrapper: ragged batches and log-likelihood --------------------------------------------
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def _lmm(model, proc, batch_size):
+    from harness.lmms_model import VTBenchLMM
+    from harness.models import get_adapter
+
+    lm = VTBenchLMM(model=model, processor=proc, adapter=get_adapter(model), batch_size=batch_size, progress=False)
+    return lm
+
+
+def _task(sizes):
+    from tests.efficiency.helpers import image
+
+    docs = [{"image": image(i, s), "q": q} for i, (s, q) in
+            enumerate(zip(sizes, ["What is shown?", "How many circles are there?", "Is it red?", "Hi"] * 4))]
+    return {"t": {"test": docs}}
+
+
+NEXT_MIXED = [(64, 64), (128, 128), (64, 128), (64, 64), (128, 64), (96, 64), (128, 128), (64, 128)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", S.ALL_METHODS)
+def test_ragged_next_batch8_equals_batch1(name):
+    """LLaVA-NeXT prompts with images of five sizes (3 or 5 crops, different unpadded grids): batch 8 gives
+    batch 1's answers for every method, at a token budget that really reduces."""
+    task_dict = _task(NEXT_MIXED)
+    reqs = [_Req(d["q"], {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], i, "t", "test")
+            for i, d in enumerate(task_dict["t"]["test"])]
+    answers = {}
+    for bs in (1, 8):
+        model, _ = S.applied(name, "llava_next", budget=0.3)
+        lm = _lmm(model, S.processor("llava_next"), bs)
+        lm.task_dict = task_dict
+        batches = lm.shape_batches(reqs, list(range(len(reqs))), bs)
+        assert bs == 1 or any(len(b) > 1 for b in batches)
+        answers[bs] = lm.generate_until(reqs)
+        assert lm.failures == {}, lm.failures
+    assert answers[1] == answers[8]
+
+
+class _Force:
+    """Logits processor forcing the continuation tokens (the raw logits are what `output_logits` returns)."""
+
+    def __init__(self, ids):
+        self.ids, self.t = ids, 0
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.ids[self.t]] = 0
+        self.t += 1
+        return out
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("name", S.ALL_METHODS)
+def test_loglikelihood_equals_generation(family, name):
+    """Continuation log-probs of the one-forward log-likelihood path equal those of generating the
+    continuation after the context (prefill of the context, then cached decode steps)."""
+    from transformers import LogitsProcessorList
+
+    model, _ = S.applied(name, family, budget=0.3)
+    proc = S.processor(family)
+    lm = _lmm(model, proc, 1)
+    sizes = [(64, 128)] if family == "llava_next" else [(64, 64), (64, 64)]
+    task_dict = {"t": {"test": [{"images": [__import__("tests.efficiency.helpers", fromlist=["image"]).image(i, s)
+                                            for i, s in enumerate(sizes)]}]}}
+    lm.task_dict = task_dict
+    context, cont = "How many circles are there?", " two three"
+    (ll, _), = lm.loglikelihood([_Req(context, cont, lambda d: d["images"], 0, "t", "test")])
+    inputs = lm.encode([context], [task_dict["t"]["test"][0]["images"]])
+    ids = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=len(ids), min_new_tokens=len(ids),
+                             logits_processor=LogitsProcessorList([_Force(ids)]), output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
+    gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
+    assert ll == pytest.approx(gen, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, sizes", [("llava", [(64, 64), (64, 64)]), ("llava_next", [(64, 128), (96, 64)])],
+                         ids=["llava-2img", "next-2img"])
+@pytest.mark.parametrize("name", S.ALL_METHODS)
+def test_cached_equals_uncached_on_multi_image_batches(name, family, sizes):
+    """Several images per prompt, a left-padded batch of 2: cached greedy decoding equals recomputing
+    every step without a cache (the generated tokens marked as continuation, so methods select from the
+    last prompt token), and each sample equals its batch-1 run."""
+    from methods._shared import llm_reduce as LR
+    from tests.methods.test_llm_reduce import generate
+
+    model, _ = S.applied(name, family, budget=0.3)
+    proc = S.processor(family)
+    texts = ["What is shown?", "How many circles are there in the image?"]
+    batch = S.inputs(proc, [sizes, sizes], texts)
+    assert int((batch["attention_mask"] == 0).sum()) > 0
+    steps = 3
+    seqs, logits, _ = generate(model, batch, steps)
+    P = batch["input_ids"].shape[1]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    for j in range(steps):
+        ids = seqs[:, : P + j]
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, j, dtype=torch.long)], 1)
+        with LR.continuation(model, j), torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+        torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
+    for b in range(2):
+        one = S.inputs(proc, [sizes], [texts[b]], first=b)
+        s1, l1, _ = generate(model, one, steps)
+        torch.testing.assert_close(l1[0], logits[b], atol=1e-4, rtol=1e-4)
+        assert torch.equal(s1[0, -steps:], seqs[b, -steps:])
