@@ -64,7 +64,8 @@ F_DECODE = "efficiency.latency.decode_ms_per_token."
 F_PEAK = "efficiency.memory.peak_delta_bytes"
 F_MEM_KIND = "efficiency.memory.kind"
 F_KV = "efficiency.kv_cache_bytes"
-F_VIS = "efficiency.visual_tokens_llm"
+F_VIS = "efficiency.visual_tokens_to_llm"   # after the method's last reduction (the budget rule's count)
+F_VIS_OLD = "efficiency.visual_tokens_llm"   # records made before that field: the first LLM layer's count
 F_VIS_LAYER = "efficiency.visual_tokens_mean_per_layer"
 #: a FLOPs-matched budget whose closest setting misses its target by more than this is flagged
 BUDGET_TOLERANCE = 0.02
@@ -277,7 +278,7 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
         "acc_ci_low": lo,
         "acc_ci_high": hi,
         "n": r["n_samples"],
-        "visual_tokens_llm": r.get(F_VIS),
+        "visual_tokens_llm": r.get(F_VIS) if r.get(F_VIS) == r.get(F_VIS) and r.get(F_VIS) is not None else r.get(F_VIS_OLD),
         "visual_tokens_layer": r.get(F_VIS_LAYER),
         "gflops": _num(r.get(F_TOTAL)) / 1e9,
         "prefill_ms": _num(r.get(F_PREFILL + "median")),

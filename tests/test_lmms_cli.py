@@ -37,7 +37,7 @@ def test_documented_command_with_a_budget_and_lmms_eval_flags(lmms_env, tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     # FastV's resolved parameters: 33 % of the tiny model's 144 visual tokens reach the LLM
     line = re.search(r"\[vtbench\] model=tiny method=fastv\((.*)\).*", first.stderr)
-    assert line and "keep=48" in line.group(1) and "visual_tokens_to_llm=48" in line.group(0), first.stderr[-2000:]
+    assert line and "keep_ratio=0.33" in line.group(1) and "visual_tokens_to_llm=48" in line.group(0), first.stderr[-2000:]
     assert "batch_size=1" in line.group(0)  # `auto` = the cell's run.batch_size
     assert "exact_match" in first.stdout
     (res,) = [p for p in (tmp_path / "out").rglob("*_results.json")]

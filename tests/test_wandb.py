@@ -28,7 +28,7 @@ def test_cell_run_is_typed_named_and_one_per_identity(cell_overrides, tmp_path):
     run = runs[-1]
     assert run["run"].display_name == f"tiny-fastv-tok33%-shapes-{rec['key'][:8]}"
     resolved = run["config"]["resolved"]
-    assert resolved["method_params"]["keep"] == rec["method_params"]["keep"] > 0
+    assert resolved["method_params"]["keep_ratio"] == rec["method_params"]["keep_ratio"] == 0.33
     assert resolved["budget"]["kind"] == "tokens" and resolved["key"] == rec["key"]
     summary = run["summary"]
     assert isinstance(summary["accuracy"], float) and summary["n_samples"] == 3
