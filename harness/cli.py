@@ -7,8 +7,10 @@
 
 Errors in the configuration, the method parameters, the model or the data end in one line on
 stderr and exit code 2 before anything is written; a run-time failure of the cell (e.g. out of
-memory) is recorded as a failed record and exits 1 in one line; Ctrl-C exits with 130 and the cell
-resumes on the next run from its per-sample answers.
+memory), or a cell in which every sample failed, is recorded as a failed record and exits 1 in one
+line; Ctrl-C exits with 130 and SIGTERM (SLURM's time-out / pre-emption signal) with 143, in one line,
+and the cell resumes on the next run from its per-sample answers. A sweep exits 2 before any cell
+runs if any cell has bad input, 1 if any cell failed (the last line names them), 0 otherwise.
 """
 from __future__ import annotations
 
@@ -25,10 +27,8 @@ Common keys:            run.limit=N run.batch_size=N run.seed=N run.device=cpu|c
                         method.params.<name>=<value>   store.dir=PATH   data_dir=PATH
 """
 
-#: exit codes
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_FAILED = 1
+#: exit codes (see harness.console)
+from harness.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED  # noqa: E402,F401
 
 
 def failure_reason(e: BaseException) -> str:
@@ -122,9 +122,10 @@ def run_one(overrides: list[str]) -> int:
     except errors as e:
         print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("vtbench: interrupted; completed work is kept and the cell resumes on the next run", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
+        from harness.console import interrupted
+
+        return interrupted("vtbench", e)
     except Exception as e:  # a run-time failure (out of memory, kernel error): record it, one line
         from harness.runner import write_failed
 
@@ -132,6 +133,9 @@ def run_one(overrides: list[str]) -> int:
         if cfg is not None:
             write_failed(cfg, reason)
         print(f"vtbench: cell failed: {reason} (recorded as failed; rerun to retry)", file=sys.stderr)
+        return EXIT_FAILED
+    if rec.get("status") != "complete":  # e.g. every sample failed: a failed cell, not a complete one
+        print(f"vtbench: cell failed: {rec.get('error')} (recorded as failed; rerun to retry)", file=sys.stderr)
         return EXIT_FAILED
     print(format_record(rec))
     return 0
@@ -141,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C / SIGINT always interrupts cleanly (exit 130, cell resumable), even when started from a
-    # non-interactive shell that runs background jobs with SIGINT ignored
-    import signal
+    # non-interactive shell that runs background jobs with SIGINT ignored; SIGTERM likewise (exit 143)
+    from harness.console import install_signal_handlers
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     if any(a in ("-h", "--help") for a in argv):
         print(_usage() + "\n" + (__doc__ or ""))
         return 0

@@ -200,13 +200,13 @@ def device_error(device: str) -> str | None:
 
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            return "CUDA is not available on this machine (no GPU, or torch without CUDA); use run.device=cpu"
+            return "CUDA is not available on this machine (no GPU, or torch without CUDA)"
         n = torch.cuda.device_count()
         idx = int(device.split(":", 1)[1]) if ":" in device else 0
         if idx >= n:
             return f"this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
     elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return "MPS (Apple GPU) is not available on this machine; use run.device=cpu"
+        return "MPS (Apple GPU) is not available on this machine"
     return None
 
 
