@@ -385,7 +385,12 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
             adapter = cache[key]
         method.validate(adapter)
         method, info = resolve(method, adapter, budget)
-    except (MethodError, NotApplicable, BudgetError) as e:
+    except BudgetError as e:  # name the budget that cannot be met
+        msg = str(e)
+        if budget and not msg.startswith("budget."):
+            msg = f"budget.kind={budget.get('kind')} budget.value={_show(budget.get('value'))}: {msg}"
+        raise ConfigError(msg) from None
+    except (MethodError, NotApplicable) as e:
         raise ConfigError(str(e)) from None
     return method, adapter, info
 
