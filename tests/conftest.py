@@ -9,6 +9,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# single runs save their composed config under hydra.run.dir (`outputs/` by default): not in the checkout
+if "VTBENCH_OUTPUTS" not in os.environ:
+    import tempfile
+
+    os.environ["VTBENCH_OUTPUTS"] = tempfile.mkdtemp(prefix="vtbench-test-outputs-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
