@@ -228,6 +228,10 @@ def run_multirun(overrides: list[str]) -> int:
 
     argv = sys.argv
     sys.argv = ["vtbench", "--multirun", *overrides]
+    # Hydra's own errors (e.g. a launcher that cannot start: no `srun` outside a SLURM cluster) come back
+    # here as exceptions instead of Hydra's printed traceback, and end in one line
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _entry()
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
@@ -235,8 +239,18 @@ def run_multirun(overrides: list[str]) -> int:
     except SystemExit as e:  # hydra exits on its own errors
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
+    except Exception as e:  # the sweep machinery itself failed (launcher, sweeper)
+        from harness.cli import failure_reason
+
+        print(f"vtbench: error: the sweep could not run: {failure_reason(e)} (rerun the same command to resume)",
+              file=sys.stderr)
+        return EXIT_FAILED
     finally:
         sys.argv = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     try:
         failed = cell_outcomes(combos)
     except KeyboardInterrupt as e:

@@ -387,3 +387,26 @@ def test_nan_is_never_a_valid_number():
 
     assert nonfinite(float("nan")) and nonfinite([1, {"a": float("-inf")}]) and not nonfinite([1, 2.5, "x"])
     assert not nonfinite(math.pi)
+
+
+def test_slurm_sweep_checks_devices_on_the_nodes_and_a_launcher_failure_is_one_line(args, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Under a SLURM launcher the login node's devices say nothing about the nodes': `run.device=cuda` passes
+    the sweep's validation there (every other check still runs: NaN is still refused). Outside a cluster the
+    launcher cannot start: one line, exit 1, no traceback."""
+    import shutil
+
+    from harness.sweep import run_multirun
+
+    if shutil.which("srun"):
+        pytest.skip("a SLURM cluster: the launcher would really submit")
+    monkeypatch.setenv("VTBENCH_OUTPUTS", str(tmp_path / "hydra"))
+    slurm = ["hydra/launcher=submitit_slurm", "run.device=cuda", "method=none,random"]
+    rc = run_multirun(args + ["hydra/launcher=submitit_slurm", "run.device=cuda", "method=random",
+                              "method.params.keep_ratio=0.5,nan"])
+    line = one_line_error(capsys, rc)
+    assert "keep_ratio=nan" in line and "finite" in line, line
+    rc = run_multirun(args + slurm)
+    line = one_line_error(capsys, rc, code=1)
+    assert "the sweep could not run" in line and "srun" in line, line
+    nothing_written(tmp_path / "store")
