@@ -78,6 +78,10 @@ def run_script(prog: str, fn, argv=None, *, interrupt_note: str = "nothing is lo
 
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except OSError as e:  # an output folder that cannot be written (like an unwritable store: bad input)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 # ---- argparse value types: a bad value is one line naming the option's value, exit 2 -----------------------

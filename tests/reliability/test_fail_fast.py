@@ -354,12 +354,14 @@ SCRIPT_CASES = [
     ("vtbench-wandb-report", ["--mode", "loud"], "--mode"),
     ("vtbench-bench", ["--repeats", "abc"], "--repeats"),
     ("vtbench-bench", ["--model-arg", "num_layers=nan"], "num_layers=nan"),
+    ("vtbench-paper", ["--part", "flops", "--out", "a-file/paper"], "Not a directory"),
 ]
 
 
 @pytest.mark.parametrize("script, argv, needle", SCRIPT_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in SCRIPT_CASES])
 def test_every_console_script_refuses_bad_values_in_one_line(script, argv, needle, tmp_path):
     store = tmp_path / "store"
+    (tmp_path / "a-file").write_text("not a folder")
     extra = [f"store.dir={store}", f"calibration.dir={tmp_path / 'cal'}"] if script in ("vtbench", "vtbench-calibrate") else []
     out = subprocess.run([str(BIN / script), *argv, *extra], env=env_for(tmp_path), cwd=str(tmp_path),
                          capture_output=True, text=True, timeout=120)
