@@ -1213,15 +1213,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
+    from harness.console import ArgumentParser, positive_int
+
+    ap = ArgumentParser(prog="vtbench-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 repetition (smoke test)")
-    ap.add_argument("--repeats", type=int, default=None, help="prefill repetitions (default 5; generate: 3/5 of it)")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="prefill repetitions (default 5; generate: 3/5 of it)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help="methods of the methods part")
     ap.add_argument("--batch-methods", default="none", help="methods of the batch part")
     ap.add_argument("--flops-methods", default=None, help="methods of the flops part (default: --methods)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on CPU)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default 2 on CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (use with --threads 1 on a shared machine)")
@@ -1230,6 +1232,12 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
                     help="override a size of the random model (build_tiny argument), e.g. num_layers=8")
     a = ap.parse_args(argv)
+    from harness.config import DEVICE_RE, device_error, group_options
+
+    if not DEVICE_RE.match(a.device) or device_error(a.device):
+        ap.error(f"--device {a.device}: {device_error(a.device) if DEVICE_RE.match(a.device) else 'not a device (cpu, cuda, cuda:N, mps)'}")
+    if a.arch is not None and a.arch not in group_options("model"):
+        ap.error(f"--arch {a.arch}: choose from {', '.join(group_options('model'))}")
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
@@ -1243,7 +1251,10 @@ def run(argv: list[str] | None = None) -> dict:
         k, _, v = kv.partition("=")
         if k not in spec.model:
             ap.error(f"--model-arg {k!r}: choose from {', '.join(spec.model)}")
-        spec.model[k] = int(v)
+        try:
+            spec.model[k] = positive_int(v)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--model-arg {kv}: {e}")
     torch.set_num_threads(spec.threads)
     CLOCK[0] = time.process_time if a.clock == "cpu" else time.perf_counter
     bench = Bench(spec, arch=a.arch)
@@ -1301,8 +1312,13 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    run(argv)
-    return 0
+    from harness.console import run_script
+
+    def _run(argv):
+        run(argv)
+        return 0
+
+    return run_script("vtbench-bench", _run, argv, interrupt_note="reports are written only at the end; rerun")
 
 
 if __name__ == "__main__":  # pragma: no cover

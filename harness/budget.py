@@ -26,6 +26,7 @@ the reference prompt; the efficiency probe records the count delivered on the pr
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from harness.efficiency import analytic as A
@@ -43,8 +44,8 @@ def check(budget: dict | None) -> None:
     kind, value = budget.get("kind"), budget.get("value")
     if kind not in KINDS:
         raise BudgetError(f"budget.kind must be tokens, flops or null, got {kind!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise BudgetError(f"budget.value must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget.value={value}: must be a positive finite number")
     if kind == "flops" and value > 1:
         raise BudgetError(f"budget.value for a FLOPs budget is a ratio in (0, 1], got {value}")
 

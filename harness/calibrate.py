@@ -142,25 +142,27 @@ def resolve_auto(cfg, method, model, processor, adapter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.cli import EXIT_BAD_INPUT, bad_input_errors
+    from harness.console import run_script
+
+    return run_script("vtbench-calibrate", _main, argv,
+                      interrupt_note="finished artefacts are kept; rerun the same command to compute the rest")
+
+
+def _main(argv: list[str] | None = None) -> int:
     from harness.config import ConfigError, compose_config, validate
     from harness.models.loading import check_available, load_model
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cfg = compose_config(argv)
-        method = validate(cfg)
-        if method.name not in ("shortv", "redundancylens"):
-            raise ConfigError(f"method {method.name!r} needs no calibration (shortv, redundancylens do)")
-        check_available(cfg.model)
-        model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
-        if method.name == "shortv":
-            arts = shortv_artefacts(cfg, model, processor, adapter)
-        else:
-            arts = redundancylens_artefacts(cfg, model, processor, adapter, method)
-    except bad_input_errors() as e:
-        print(f"vtbench-calibrate: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    cfg = compose_config(argv)
+    method = validate(cfg)
+    if method.name not in ("shortv", "redundancylens"):
+        raise ConfigError(f"method={method.name}: method {method.name!r} needs no calibration (shortv, redundancylens do)")
+    check_available(cfg.model)
+    model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
+    if method.name == "shortv":
+        arts = shortv_artefacts(cfg, model, processor, adapter)
+    else:
+        arts = redundancylens_artefacts(cfg, model, processor, adapter, method)
     for kind, art in arts.items():
         print(f"{method.name} {kind}: ranking (least effective first) {art['ranking']}")
         if method.name == "shortv":

@@ -7,8 +7,10 @@
 
 Errors in the configuration, the method parameters, the model or the data end in one line on
 stderr and exit code 2 before anything is written; a run-time failure of the cell (e.g. out of
-memory) is recorded as a failed record and exits 1 in one line; Ctrl-C exits with 130 and the cell
-resumes on the next run from its per-sample answers.
+memory), or a cell in which every sample failed, is recorded as a failed record and exits 1 in one
+line; Ctrl-C exits with 130 and SIGTERM (SLURM's time-out / pre-emption signal) with 143, in one line,
+and the cell resumes on the next run from its per-sample answers. A sweep exits 2 before any cell
+runs if any cell has bad input, 1 if any cell failed (the last line names them), 0 otherwise.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import os
 import sys
 
 USAGE = """usage: vtbench [-m|--multirun] [key=value ...]
+       vtbench --cfg job|hydra|all [--resolve] [--package P] [key=value ...]   (print the composed config)
+       vtbench --info [topic] | --hydra-help | -sc install=bash|zsh|fish     (Hydra's own flags)
 
 Config groups (conf/):  model=<{models}>
                         method=<{methods}>
@@ -25,10 +29,8 @@ Common keys:            run.limit=N run.batch_size=N run.seed=N run.device=cpu|c
                         method.params.<name>=<value>   store.dir=PATH   data_dir=PATH
 """
 
-#: exit codes
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_FAILED = 1
+#: exit codes (see harness.console)
+from harness.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED  # noqa: E402,F401
 
 
 def failure_reason(e: BaseException) -> str:
@@ -110,6 +112,92 @@ def format_record(rec: dict) -> str:
     return f"{line}\n{body}\n{line}"
 
 
+#: Hydra's own command-line flags that `vtbench` hands to Hydra (after its own one-line checks)
+HYDRA_FLAGS = ("--cfg", "-c", "--resolve", "--info", "-i", "--hydra-help", "-sc", "--shell-completion",
+               "--package", "-p")
+
+
+def uses_hydra_flags(argv: list[str]) -> bool:
+    return any(a in HYDRA_FLAGS or a.split("=", 1)[0] in HYDRA_FLAGS for a in argv)
+
+
+def run_hydra_flags(argv: list[str]) -> int:
+    """`--cfg job|hydra|all` (`-c`), `--resolve`, `--package`, `--info [topic]`, `--hydra-help`,
+    `-sc install=bash|zsh|fish` / `query=...`: Hydra's standard flags, answered by Hydra itself; a
+    malformed flag or config is one line and exit 2 first (Hydra would print a traceback or its usage)."""
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from harness.config import CONF_DIR, ConfigError, compose_config
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise ConfigError(f"{message.splitlines()[0]} (Hydra flags: --cfg job|hydra|all [--resolve] [--package P], "
+                          "--info [topic], --hydra-help, -sc install=bash|zsh|fish)")
+
+    parser.error = error
+    args = parser.parse_args(argv)
+    if args.multirun or args.run:
+        raise ConfigError("--cfg/--info/--hydra-help/-sc cannot be combined with -m/--multirun or -r/--run")
+    if args.resolve and args.cfg is None:
+        raise ConfigError("--resolve: only with --cfg job|hydra|all")
+    if args.package is not None and args.cfg is None:
+        raise ConfigError(f"--package={args.package}: only with --cfg job|hydra|all")
+    if not args.shell_completion and not args.hydra_help:
+        compose_config(args.overrides)  # bad overrides: one line here, not Hydra's multi-line report
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _entry(cfg):  # pragma: no cover - these flags never run the task
+        raise RuntimeError("a Hydra flag ran the task")
+
+    old = sys.argv
+    sys.argv = [old[0] if old and old[0] else "vtbench", *argv]
+    try:
+        _entry()
+    except SystemExit as e:  # Hydra reports its own errors and exits 1
+        return EXIT_BAD_INPUT if e.code not in (0, None) else 0
+    finally:
+        sys.argv = old
+    return 0
+
+
+def save_hydra_dir(overrides: list[str]) -> str | None:
+    """Save the composed config of a single run where Hydra users look for it:
+    `<hydra.run.dir>/.hydra/{config,overrides,hydra}.yaml` (`hydra.run.dir`: `outputs/<date>/<time>`, or
+    under `$VTBENCH_OUTPUTS`). Returns the folder, None if it cannot be written (a warning, never a failure)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf, open_dict
+
+    from harness.config import CONF_DIR
+
+    try:
+        setup_globals()
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        GlobalHydra.instance().clear()
+        hydra_node = cfg.hydra
+        run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
+        out = run_dir / str(hydra_node.output_subdir or ".hydra")
+        with open_dict(cfg):
+            del cfg["hydra"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        (out / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node})))
+        return str(out)
+    except Exception as e:  # noqa: BLE001 - a convenience copy must never fail the run
+        print(f"[vtbench] warning: could not save the config under hydra.run.dir: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return None
+
+
 def run_one(overrides: list[str]) -> int:
     from harness.config import compose_config
     from harness.runner import run_cell
@@ -122,16 +210,25 @@ def run_one(overrides: list[str]) -> int:
     except errors as e:
         print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("vtbench: interrupted; completed work is kept and the cell resumes on the next run", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
+        from harness.console import interrupted
+
+        save_hydra_dir(overrides)
+        return interrupted("vtbench", e)
     except Exception as e:  # a run-time failure (out of memory, kernel error): record it, one line
         from harness.runner import write_failed
 
         reason = failure_reason(e)
         if cfg is not None:
             write_failed(cfg, reason)
+        save_hydra_dir(overrides)
         print(f"vtbench: cell failed: {reason} (recorded as failed; rerun to retry)", file=sys.stderr)
+        return EXIT_FAILED
+    saved = save_hydra_dir(overrides)
+    if saved:
+        print(f"[vtbench] composed config saved under {saved}/", file=sys.stderr)
+    if rec.get("status") != "complete":  # e.g. every sample failed: a failed cell, not a complete one
+        print(f"vtbench: cell failed: {rec.get('error')} (recorded as failed; rerun to retry)", file=sys.stderr)
         return EXIT_FAILED
     print(format_record(rec))
     return 0
@@ -141,13 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C / SIGINT always interrupts cleanly (exit 130, cell resumable), even when started from a
-    # non-interactive shell that runs background jobs with SIGINT ignored
-    import signal
+    # non-interactive shell that runs background jobs with SIGINT ignored; SIGTERM likewise (exit 143)
+    from harness.console import install_signal_handlers
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     if any(a in ("-h", "--help") for a in argv):
         print(_usage() + "\n" + (__doc__ or ""))
         return 0
+    if uses_hydra_flags(argv):
+        try:
+            return run_hydra_flags(argv)
+        except bad_input_errors() as e:
+            print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if any(a in ("-m", "--multirun") for a in argv):
         from harness.sweep import run_multirun
 

@@ -7,6 +7,7 @@ model's architecture on the meta device (seconds, no weights).
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,67 @@ def _check_group_overrides(overrides: list[str]) -> None:
                 raise ConfigError(f"unknown {key} {choice!r} (available: {', '.join(opts)})")
 
 
-def _one_line(e: Exception) -> str:
+#: keys under which `+key=value` may add new keys: Hydra's own config, the method parameters (the method
+#: registry refuses names the method does not have, listing its parameters) and `model.arch` (a copy of
+#: the checkpoint's config.json, checked by transformers' config class on the meta device). Everywhere
+#: else vtbench's config is closed: `+run.typo=5` is refused like `run.typo=5`.
+OPEN_KEYS = ("hydra.", "method.params.", "model.arch.")
+
+
+def _added_key(ov: str) -> tuple[str, str] | None:
+    """`(key, value)` of an override that adds a config key (`+key=v`, `++key=v`), None for group
+    selections (`+experiment=x`, `hydra/launcher=...`) and for keys in OPEN_KEYS."""
+    if not ov.startswith("+"):
+        return None
+    key, sep, value = ov.lstrip("+").partition("=")
+    key = key.strip()
+    if not sep or "/" in key or "." not in key and key in GROUPS + ("model_method",):
+        return None
+    if key.startswith(OPEN_KEYS) or key == "hydra":
+        return None
+    return key, value
+
+
+def _one_line(e: Exception, overrides: list[str] | None = None) -> str:
     text = str(e).strip() + "\n" + str(e.__cause__ or "")
+    bad_override = getattr(e, "override", None)
+    if isinstance(bad_override, str) and bad_override:  # hydra's OverrideParseException
+        first = text.strip().splitlines()[0]
+        return f"{bad_override}: cannot parse this override ({first}; quote values with special characters)"
     m = re.search(r"Could not override '([^']+)'", text)
     if m and "not in struct" in text:
-        return f"unknown config key {m.group(1)!r} (check the spelling; method parameters are listed in conf/method/)"
+        key = m.group(1)
+        value = next((o.partition("=")[2] for o in overrides or () if o.lstrip("+~").partition("=")[0] == key), None)
+        head = f"{key}={value}: " if value is not None else ""
+        return f"{head}unknown config key {key!r} (check the spelling; method parameters are listed in conf/method/)"
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("Set the environment variable", "full_key")):
             return line
     return type(e).__name__
+
+
+def _refuse_added(overrides: list[str], added: list, config_name: str) -> None:
+    """Refuse `+key=value` / `++key=value` overrides whose key the config does not have without them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    rest = [o for o in overrides if o not in {a for a, _ in added}]
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            base = compose(config_name=config_name, overrides=rest)
+    except Exception as e:
+        raise ConfigError(_one_line(e, overrides)) from None
+    for _, (key, value) in added:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(base, parent) if parent else base
+        if node is None or not OmegaConf.is_dict(node) or leaf not in node:
+            raise ConfigError(
+                f"{key}={value}: unknown config key {key!r} (`+` cannot add keys to vtbench's config; only under "
+                f"{', '.join(k.rstrip('.') for k in OPEN_KEYS)}; check the spelling)"
+            )
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -67,7 +119,10 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as e:  # hydra raises several exception types, all multi-line
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, overrides)) from None
+    added = [(o, kv) for o in overrides if (kv := _added_key(o))]
+    if added:  # `+` may not add keys to vtbench's own config (a typo would be silently ignored)
+        _refuse_added(overrides, added, config_name)
     try:  # interpolations are resolved now, so a bad `${...}` is a config error, not a crash later
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
@@ -75,62 +130,217 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     return cfg
 
 
-def _positive_int_or_null(value: Any, name: str) -> None:
-    if value is None:
+# ---- value checks ---------------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    from methods import show
+
+    return show(value)
+
+
+def _bad(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}={_show(value)}: {why}")
+
+
+_SEED_MAX = 2**32 - 1  # numpy's and lmms-eval's seeds are unsigned 32-bit
+
+
+def _int(cfg, key: str, *, lo: int | None = None, hi: int | None = None, null: bool = False) -> None:
+    """`key` (dotted, under `cfg`) is an integer in [lo, hi] (not a bool, not a float), or null if allowed."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and null:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        if lo == 1 and hi is None:
+            what = "a positive integer"
+        elif lo == 0 and hi is None:
+            what = "a non-negative integer"
+        elif lo is not None and hi is not None:
+            what = f"an integer in [{lo}, {hi}]"
+        else:
+            what = "an integer"
+        raise _bad(key, value, f"{key} must be {what}{' or null' if null else ''}")
 
 
-def validate(cfg: DictConfig):
-    """Value checks that need no model; returns the built `Method`."""
+def _number(cfg, key: str, *, lo: float | None = None, null: bool = False) -> None:
+    """`key` is a finite number >= lo (NaN and infinities refused), or null if allowed."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and null:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (lo is not None and value < lo):
+        rng = "" if lo is None else f" >= {lo:g}"
+        raise _bad(key, value, f"{key} must be a finite number{rng}{' or null' if null else ''}")
+
+
+def _bool(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise _bad(key, value, f"{key} must be true or false")
+
+
+def _str(cfg, key: str, *, null: bool = False, choices=None, required: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and null and not required:
+        return
+    if choices is not None and value not in choices:
+        opts = ", ".join(str(c) for c in choices)
+        raise _bad(key, value, f"{key} must be one of {opts}{' or null' if null else ''}")
+    if not isinstance(value, str) or (required and not value):
+        if required and value in (None, ""):
+            raise ConfigError(f"{key} is required")
+        raise _bad(key, value, f"{key} must be a string{' or null' if null else ''}")
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot be used on this machine (None if it can): asking for a GPU that is not there
+    is bad input, found before anything loads rather than after the data are prepared."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (no GPU, or torch without CUDA)"
+        n = torch.cuda.device_count()
+        idx = int(device.split(":", 1)[1]) if ":" in device else 0
+        if idx >= n:
+            return f"this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "MPS (Apple GPU) is not available on this machine"
+    return None
+
+
+def chat_template_error(template: str) -> str | None:
+    """Why a chat template cannot be used (None if it can): it is compiled (transformers' sandboxed
+    jinja2 environment) and rendered on a one-image user message, as the evaluation will."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    try:
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                            add_generation_prompt=True)
+    except Exception as e:  # jinja2 TemplateSyntaxError / TemplateError / anything the template raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"does not compile or render ({type(e).__name__}: {first})".replace(" ()", "")
+    if not rendered or not str(rendered[0]).strip():
+        return "renders an empty prompt"
+    return None
+
+
+def validate(cfg: DictConfig, *, check_device: bool = True):
+    """Value checks that need no model (type, range and finiteness of every key of run, budget,
+    calibration, benchmark, model, logger, and of the method parameters); returns the built `Method`.
+
+    `check_device`: also check that `run.device` exists on this machine (off only where the cells run
+    on other machines, e.g. a SLURM launcher's login node)."""
     import methods
     from harness.models.loading import DTYPES
 
-    run = cfg.run
-    _positive_int_or_null(run.limit, "run.limit")
-    if isinstance(run.batch_size, bool) or not isinstance(run.batch_size, int) or run.batch_size < 1:
-        raise ConfigError(f"run.batch_size must be a positive integer, got {run.batch_size!r}")
-    if isinstance(run.seed, bool) or not isinstance(run.seed, int):
-        raise ConfigError(f"run.seed must be an integer, got {run.seed!r}")
-    if not isinstance(run.device, str) or not DEVICE_RE.match(run.device):
-        raise ConfigError(f"run.device must be cpu, cuda or cuda:N, got {run.device!r}")
-    if run.dtype is not None and run.dtype not in DTYPES:
-        raise ConfigError(f"run.dtype must be one of {', '.join(sorted(DTYPES))} or null, got {run.dtype!r}")
-    _positive_int_or_null(run.max_new_tokens, "run.max_new_tokens")
-    eff = run.efficiency
-    _positive_int_or_null(eff.probe_size, "run.efficiency.probe_size")
-    _positive_int_or_null(eff.repeats, "run.efficiency.repeats")
-    _positive_int_or_null(eff.decode_tokens, "run.efficiency.decode_tokens")
+    # run
+    _int(cfg, "run.limit", lo=1, null=True)
+    _int(cfg, "run.batch_size", lo=1)
+    _int(cfg, "run.seed", lo=0, hi=_SEED_MAX)
+    device = cfg.run.device
+    if not isinstance(device, str) or not DEVICE_RE.match(device):
+        raise _bad("run.device", device, "run.device must be cpu, cuda, cuda:N, mps or auto")
+    if check_device:
+        why = device_error(device)
+        if why:
+            raise _bad("run.device", device, why)
+    _str(cfg, "run.dtype", null=True, choices=sorted(DTYPES))
+    _bool(cfg, "run.force")
+    _int(cfg, "run.max_new_tokens", lo=1, null=True)
+    _bool(cfg, "run.efficiency.enabled")
+    _int(cfg, "run.efficiency.probe_size", lo=1, null=True)
+    _int(cfg, "run.efficiency.warmup", lo=0)
+    _int(cfg, "run.efficiency.repeats", lo=1, null=True)
+    _int(cfg, "run.efficiency.decode_tokens", lo=1, null=True)
+    _str(cfg, "store.dir", required=True)
+    _str(cfg, "data_dir", required=True)
 
+    # model
     model = cfg.model
     for key in ("name", "family", "pretrained"):
         if not model.get(key):
             raise ConfigError(f"model.{key} is required")
+        _str(cfg, f"model.{key}", required=True)
     if model.family not in ("llava", "llava_next"):
         raise ConfigError(f"model.family {model.family!r} is not supported (llava, llava_next)")
-    if model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {', '.join(sorted(DTYPES))}, got {model.dtype!r}")
-    if model.attn_implementation not in ATTN_IMPLS:
-        raise ConfigError(
-            f"model.attn_implementation must be one of {', '.join(ATTN_IMPLS)}, got {model.attn_implementation!r}"
-        )
+    _str(cfg, "model.revision", null=True)
+    _str(cfg, "model.dtype", choices=sorted(DTYPES))
+    _str(cfg, "model.attn_implementation", choices=ATTN_IMPLS)
     if not isinstance(model.get("trust_remote_code", False), bool):
-        raise ConfigError("model.trust_remote_code must be true or false")
+        raise _bad("model.trust_remote_code", model.get("trust_remote_code"), "model.trust_remote_code must be true or false")
+    arch = model.get("arch")
+    if arch is not None:
+        if not isinstance(arch, DictConfig):
+            raise _bad("model.arch", arch, "model.arch must be a mapping (the checkpoint's config.json) or null")
+        from methods import nonfinite
 
+        if nonfinite(OmegaConf.to_container(arch, resolve=True)):
+            raise _bad("model.arch", "...", "model.arch has a NaN or infinite value")
+    template = model.get("chat_template")
+    if template is not None:
+        _str(cfg, "model.chat_template")
+        why = chat_template_error(template)
+        if why:
+            short = template if len(template) <= 40 else template[:37] + "..."
+            raise _bad("model.chat_template", short, f"the chat template {why}")
+
+    # benchmark
     bench = cfg.benchmark
     if not bench.get("task"):
         raise ConfigError("benchmark.task is required")
-    if bench.get("builtin") and bench.get("split") not in ("val", "test"):
-        raise ConfigError(f"benchmark.split must be val or test, got {bench.get('split')!r}")
+    for key in ("name", "task", "metric"):
+        _str(cfg, f"benchmark.{key}", required=True)
+    metrics = bench.get("metrics")
+    if metrics is not None and (not OmegaConf.is_list(metrics) or not all(isinstance(m, str) for m in metrics)):
+        raise _bad("benchmark.metrics", metrics, "benchmark.metrics must be a list of metric names")
+    if "builtin" in bench:
+        _bool(cfg, "benchmark.builtin")
+    if "higher_is_better" in bench:
+        _bool(cfg, "benchmark.higher_is_better")
+    _str(cfg, "benchmark.include_path", null=True)
+    if bench.get("builtin"):
+        if bench.get("split") not in ("val", "test"):
+            raise _bad("benchmark.split", bench.get("split"), "benchmark.split must be val or test")
+        if "seed" in bench:
+            _int(cfg, "benchmark.seed", lo=0, hi=_SEED_MAX)
+    elif "split" in bench:
+        _str(cfg, "benchmark.split", null=True)
 
+    # calibration
+    if cfg.get("calibration") is not None:
+        _str(cfg, "calibration.benchmark", choices=group_options("benchmark"))
+        _str(cfg, "calibration.split", choices=("val", "test"))
+        _int(cfg, "calibration.n", lo=1)
+        _int(cfg, "calibration.seed", lo=0, hi=_SEED_MAX)
+        _int(cfg, "calibration.batch_size", lo=1)
+        _int(cfg, "calibration.tail", lo=0)
+        _number(cfg, "calibration.alpha", lo=0)
+        _str(cfg, "calibration.dir", required=True)
+
+    # logger
     logger = cfg.logger
-    if logger.name == "wandb" and logger.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.mode must be offline, online or disabled, got {logger.mode!r}")
+    _str(cfg, "logger.name", choices=group_options("logger"))
+    if logger.name == "wandb":
+        _str(cfg, "logger.mode", choices=("offline", "online", "disabled"))
+        _str(cfg, "logger.project", required=True)
+        _str(cfg, "logger.entity", null=True)
+        _str(cfg, "logger.dir", required=True)
+        _str(cfg, "logger.group", null=True)
+        _bool(cfg, "logger.log_samples")
 
+    # budget
     from harness.budget import BudgetError, check
 
     budget = OmegaConf.to_container(cfg.budget, resolve=True) if cfg.get("budget") is not None else None
+    if budget is not None:
+        _str(cfg, "budget.kind", null=True, choices=("tokens", "flops"))
+        _number(cfg, "budget.value", null=True)
+        _int(cfg, "budget.text_tokens", lo=1)
+        if budget.get("kind") is None and budget.get("value") is not None:
+            raise _bad("budget.value", budget["value"], "a budget value needs budget.kind=tokens or budget.kind=flops")
     try:
         check(budget)
     except BudgetError as e:
@@ -144,12 +354,21 @@ def validate(cfg: DictConfig):
         return methods.build(cfg.method.name, params)
     except methods.MethodError as e:
         raise ConfigError(str(e)) from None
+    except (TypeError, ValueError, ArithmeticError) as e:  # a method's own check tripping on an odd value
+        raise ConfigError(f"method {cfg.method.name!r}: invalid parameters ({type(e).__name__}: {e})") from None
 
 
-def validate_against_model(cfg: DictConfig, method) -> tuple[Any, Any, dict]:
+def _model_cache_key(model_cfg) -> str:
+    import json
+
+    return json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True, default=str)
+
+
+def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None) -> tuple[Any, Any, dict]:
     """Check the method against the model architecture (meta device, no weights) and apply the
     budget; returns `(method, meta adapter, budget info)`. Raises ConfigError (bad method/model
-    combination, impossible budget) or ModelLoadError."""
+    combination, impossible budget) or ModelLoadError. `cache` (a dict kept by the caller, e.g. a
+    sweep's validation) reuses one meta adapter per model config."""
     from harness.budget import BudgetError, resolve
     from harness.models.adapter import NotApplicable
     from harness.models.loading import meta_adapter
@@ -157,10 +376,21 @@ def validate_against_model(cfg: DictConfig, method) -> tuple[Any, Any, dict]:
 
     budget = OmegaConf.to_container(cfg.budget, resolve=True) if cfg.get("budget") is not None else None
     try:
-        adapter = meta_adapter(cfg.model)
+        if cache is None:
+            adapter = meta_adapter(cfg.model)
+        else:
+            key = _model_cache_key(cfg.model)
+            if key not in cache:
+                cache[key] = meta_adapter(cfg.model)
+            adapter = cache[key]
         method.validate(adapter)
         method, info = resolve(method, adapter, budget)
-    except (MethodError, NotApplicable, BudgetError) as e:
+    except BudgetError as e:  # name the budget that cannot be met
+        msg = str(e)
+        if budget and not msg.startswith("budget."):
+            msg = f"budget.kind={budget.get('kind')} budget.value={_show(budget.get('value'))}: {msg}"
+        raise ConfigError(msg) from None
+    except (MethodError, NotApplicable) as e:
         raise ConfigError(str(e)) from None
     return method, adapter, info
 

@@ -46,13 +46,13 @@ def _parse_own(own: dict) -> dict:
     try:
         text = int(own["text_tokens"])
     except ValueError:
-        raise CliError(f"text_tokens must be an integer, got {own['text_tokens']!r}") from None
+        raise CliError(f"text_tokens={own['text_tokens']}: text_tokens must be an integer >= 1") from None
     if text < 1:
-        raise CliError(f"text_tokens must be >= 1, got {text}")
+        raise CliError(f"text_tokens={text}: text_tokens must be an integer >= 1")
     if own["format"] not in FORMATS:
-        raise CliError(f"format must be one of {', '.join(FORMATS)}, got {own['format']!r}")
+        raise CliError(f"format={own['format']}: format must be one of {', '.join(FORMATS)}")
     if own["convention"] not in CONVENTIONS:
-        raise CliError(f"convention must be one of {', '.join(CONVENTIONS)}, got {own['convention']!r}")
+        raise CliError(f"convention={own['convention']}: convention must be one of {', '.join(CONVENTIONS)}")
     image = None
     if own["image"]:
         try:
@@ -60,7 +60,7 @@ def _parse_own(own: dict) -> dict:
             assert h > 0 and w > 0
             image = (h, w)
         except Exception:
-            raise CliError(f"image must be HEIGHTxWIDTH, e.g. 672x672, got {own['image']!r}") from None
+            raise CliError(f"image={own['image']}: image must be HEIGHTxWIDTH with positive sizes, e.g. 672x672") from None
     return {"text_tokens": text, "format": own["format"], "convention": own["convention"], "image": image}
 
 
@@ -74,10 +74,8 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
     """Everything `vtbench-flops` prints, as a JSON-able dict."""
     import time
 
-    from omegaconf import OmegaConf
-
     import methods
-    from harness.config import ConfigError, compose_config
+    from harness.config import ConfigError, compose_config, validate
     from harness.efficiency import conventions as C
     from harness.efficiency import flops as F
     from harness.models import get_adapter
@@ -89,11 +87,9 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
         cfg = compose_config(overrides)
     except ConfigError as e:
         raise CliError(str(e)) from None
-    raw = cfg.method.get("params")
-    params = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
-    try:
-        method = methods.build(cfg.method.name, params)
-    except methods.MethodError as e:
+    try:  # every value checked as `vtbench` does (type, range, finiteness); the device is not used here
+        method = validate(cfg, check_device=False)
+    except (ConfigError, methods.MethodError) as e:
         raise CliError(str(e)) from None
     try:
         config = config_from_cfg(cfg.model)
@@ -267,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from harness.console import EXIT_BAD_INPUT, install_signal_handlers, interrupted
+
+    install_signal_handlers()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         own, rest = _split_args(argv)
@@ -274,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         result = compute(rest, text_tokens=opts["text_tokens"], convention=opts["convention"], image=opts["image"])
     except CliError as e:
         print(f"vtbench-flops: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return interrupted("vtbench-flops", e, "nothing was written")
     if opts["format"] == "json":
         print(json.dumps(result, indent=2))
     else:

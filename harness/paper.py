@@ -699,19 +699,28 @@ def write_figures(out: Path, model: str, overrides: list[str], store: str, n: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.console import run_script
+
+    return run_script("vtbench-paper", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     import os
 
-    ap = argparse.ArgumentParser(prog="python -m harness.paper", description=__doc__.split("\n\n")[0])
+    from harness.console import ArgumentParser, choices_list, non_negative_int, positive_int
+
+    ap = ArgumentParser(prog="vtbench-paper", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/paper")
     ap.add_argument("--part", choices=("flops", "figures", "all"), default="all")
     ap.add_argument("--model", default="tiny", help="model config for the figures (conf/model/<name>.yaml)")
     ap.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra vtbench overrides for the figure model, e.g. model.pretrained=DIR")
     ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the figures (tiny models: 1 is fastest)")
+    ap.add_argument("--samples", type=positive_int, default=8)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads for the figures (tiny models: 1 is fastest)")
     ap.add_argument("--figures", default="lc,attention,ficoco,redundancylens",
+                    type=choices_list(("lc", "attention", "ficoco", "redundancylens")),
                     help="comma list of figures (lc, attention, ficoco, redundancylens)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -726,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         try:
             written += write_figures(out, args.model, args.model_override, args.store, args.samples, args.seed,
-                                     tuple(args.figures.split(",")))
+                                     tuple(args.figures))
         except bad_input_errors() as e:
             print(f"vtbench-paper: error: {e}", file=sys.stderr)
             return 2

@@ -259,11 +259,16 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
 
     from harness.environment import environment
 
+    # a cell in which every sample failed is a failed cell (rerun retries it), not a complete one
+    status, error = "complete", None
+    if samples and len(lm.failures) >= len(samples):
+        first = next(iter(lm.failures.values()), "")
+        status, error = "failed", f"all {len(samples)} samples failed (first: {first})"
     record = {
         "schema": 1,
         "key": key,
-        "status": "complete",
-        "error": None,
+        "status": status,
+        "error": error,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cell": cell_identity(conf),
         "config": conf,
@@ -292,7 +297,8 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     }
     from harness.wandb_log import log_cell
 
-    record["wandb"] = log_cell(record, conf.get("logger"), conf, _doc_inputs(task_dict, task))
+    record["wandb"] = (log_cell(record, conf.get("logger"), conf, _doc_inputs(task_dict, task))
+                       if status == "complete" else None)
     record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
     store.write(record)
     return record

@@ -5,8 +5,16 @@
     vtbench -m hydra/launcher=submitit_slurm ...                     # a SLURM cluster
 
 Each job is one cell (`harness.runner.run_cell`): a complete record is reused, a cell killed mid-way
-resumes from its per-sample answers, a cell that fails at run time (e.g. out of memory) is recorded as
-failed with its reason and the sweep goes on; a bad configuration stops the sweep before it starts.
+resumes from its per-sample answers, a cell that fails at run time (e.g. out of memory, or every sample
+failing) is recorded as failed with its reason and the sweep goes on.
+
+Exit status: every cell of the sweep (the command line's sweeps and the config's `hydra.sweeper.params`)
+is validated before the first one runs, with the same checks as a single `vtbench` including the
+method against the model's architecture on the meta device (one meta model per model config): bad
+input anywhere ends in one line and exit 2 with nothing run. After the sweep, the store says how each
+cell ended (whatever the launcher, local or SLURM): if any cell is not complete the last line names
+them (`key=value` overrides) and the exit code is 1; 0 means every cell is complete. Ctrl-C exits 130,
+SIGTERM 143, in one line; rerunning the same command resumes.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import sys
 import traceback
 from pathlib import Path
 
-_STATE = {"total": None}
+_STATE: dict = {"total": None, "reasons": {}}
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -34,42 +42,107 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
-def _config_sweep_params(overrides: list[str]) -> list[str]:
-    """`hydra.sweeper.params` of the composed config (e.g. set by an experiment) as `key=v1,v2` overrides,
-    minus the keys given on the command line (which take precedence, as in Hydra's basic sweeper)."""
+def _compose_hydra(overrides: list[str]):
+    """The composed config with Hydra's own node (sweeper params, launcher), or None if it does not compose
+    (compose_config reports the error in one line)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from harness.config import CONF_DIR
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         if GlobalHydra.instance().is_initialized():
             GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
-    except Exception:  # a bad override: compose_config reports it in one line below
-        return []
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception:
+        return None
     finally:
         if GlobalHydra.instance().is_initialized():
             GlobalHydra.instance().clear()
+
+
+def _config_sweep_params(overrides: list[str]) -> list[str]:
+    """`hydra.sweeper.params` of the composed config (e.g. set by an experiment) as `key=v1,v2` overrides,
+    minus the keys given on the command line (which take precedence, as in Hydra's basic sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # a bad override: compose_config reports it in one line below
+        return []
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = _compose_hydra(fixed)
+    if cfg is None:
+        return []
     params = cfg.hydra.sweeper.get("params") or {}
     given = {o.get_key_element() for o in parsed}
     return [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
-def validate_sweep(overrides: list[str]) -> int:
+def _cells_run_elsewhere(overrides: list[str]) -> bool:
+    """True if the launcher runs cells on other machines (SLURM): this machine's devices say nothing
+    about theirs, so `run.device` is checked by each job instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return False
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = _compose_hydra(fixed)
+    target = str(cfg.hydra.launcher.get("_target_", "")) if cfg is not None else ""
+    return "slurm" in target.lower()
+
+
+def validate_sweep(overrides: list[str]) -> list[list[str]]:
     """Compose and validate every cell of the sweep (command-line sweeps and the config's
-    `hydra.sweeper.params`, e.g. an experiment's table); raises the first bad-input error."""
-    from harness.config import compose_config, validate
+    `hydra.sweeper.params`, e.g. an experiment's table) with the full single-cell checks, the meta-device
+    check against the model included (one meta model per model config); raises the first bad-input
+    error. Returns the cells (their overrides)."""
+    from harness.config import compose_config, validate, validate_against_model
+    from harness.models.loading import check_available
 
     cells = [o for o in overrides if not o.startswith(("hydra/", "hydra."))]
-    combos = _expand(_config_sweep_params(cells) + cells)
+    try:
+        combos = _expand(_config_sweep_params(cells) + cells)
+    except Exception:  # an override Hydra cannot parse: compose_config names it in one line
+        compose_config(cells)
+        raise
+    elsewhere = _cells_run_elsewhere(overrides)
+    adapters: dict = {}
+    checked_models: set = set()
     for combo in combos:
-        validate(compose_config(combo))
-    return len(combos)
+        cfg = compose_config(combo)
+        method = validate(cfg, check_device=not elsewhere)
+        validate_against_model(cfg, method, cache=adapters)
+        model_key = repr(sorted((k, str(v)) for k, v in cfg.model.items() if k in ("pretrained", "revision")))
+        if not elsewhere and model_key not in checked_models:  # a missing checkpoint is bad input too
+            check_available(cfg.model)
+            checked_models.add(model_key)
+    return combos
+
+
+def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
+    """`(overrides, reason)` of every cell of the sweep that has no complete record in its store."""
+    from harness.config import compose_config, resolved
+    from harness.results import ResultsStore, record_key
+
+    bad = []
+    for combo in combos:
+        cfg = compose_config(combo)
+        rec = ResultsStore(cfg.store.dir).get(record_key(resolved(cfg)))
+        if rec is None:
+            bad.append((combo, _STATE["reasons"].get(frozenset(combo)) or "no record (the job did not finish)"))
+        elif rec.get("status") != "complete":
+            bad.append((combo, str(rec.get("error") or rec.get("status"))))
+    return bad
+
+
+def _sweep_overrides(combo: list[str], all_combos: list[list[str]]) -> str:
+    """The overrides that tell this cell apart from the others (all of them if none vary)."""
+    varying = [i for i in range(len(combo)) if len({c[i] for c in all_combos if len(c) == len(combo)}) > 1]
+    return " ".join(combo[i] for i in varying) or " ".join(combo) or "(defaults)"
 
 
 def _default_group(cfg) -> None:
@@ -88,6 +161,15 @@ def _default_group(cfg) -> None:
         cfg.logger.group = "sweep-" + "_".join(Path(sweep_dir).parts[-2:])
 
 
+def _job_overrides() -> frozenset:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return frozenset(HydraConfig.get().overrides.task)
+    except Exception:
+        return frozenset()
+
+
 def _job(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -103,8 +185,9 @@ def _job(cfg) -> dict | None:
     print(f"[vtbench] ===== cell {num}/{total} =====", file=sys.stderr, flush=True)
     try:
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
-    except bad_input_errors() as e:
+    except bad_input_errors() as e:  # found only when the cell runs (e.g. its benchmark data)
         print(f"vtbench: error in cell {num}: {error_line(e)}", file=sys.stderr)
+        _STATE["reasons"][_job_overrides()] = error_line(e)
         return None
     except KeyboardInterrupt:
         raise
@@ -114,6 +197,9 @@ def _job(cfg) -> dict | None:
         traceback.print_exc(limit=3, file=sys.stderr)
         write_failed(cfg, reason)
         return None
+    if rec.get("status") != "complete":  # e.g. every sample failed
+        print(f"vtbench: cell {num} failed: {rec.get('error')}", file=sys.stderr)
+        return None
     print(format_record(rec), flush=True)
     return {"key": rec["key"], "accuracy": rec.get("accuracy")}
 
@@ -121,14 +207,18 @@ def _job(cfg) -> dict | None:
 def run_multirun(overrides: list[str]) -> int:
     import hydra
 
-    from harness.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, bad_input_errors, error_line
+    from harness.cli import EXIT_BAD_INPUT, EXIT_FAILED, bad_input_errors, error_line
     from harness.config import CONF_DIR
+    from harness.console import interrupted
 
     try:
-        _STATE["total"] = validate_sweep(overrides)
+        combos = validate_sweep(overrides)
     except bad_input_errors() as e:
         print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return interrupted("vtbench", e, "nothing ran yet")
+    _STATE["total"] = len(combos)
     print(f"[vtbench] sweep of {_STATE['total']} cells", file=sys.stderr, flush=True)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
 
@@ -138,13 +228,36 @@ def run_multirun(overrides: list[str]) -> int:
 
     argv = sys.argv
     sys.argv = ["vtbench", "--multirun", *overrides]
+    # Hydra's own errors (e.g. a launcher that cannot start: no `srun` outside a SLURM cluster) come back
+    # here as exceptions instead of Hydra's printed traceback, and end in one line
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _entry()
-    except KeyboardInterrupt:
-        print("vtbench: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
+        return interrupted("vtbench", e, "rerun the same command to resume")
     except SystemExit as e:  # hydra exits on its own errors
-        return int(e.code or 0)
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
+    except Exception as e:  # the sweep machinery itself failed (launcher, sweeper)
+        from harness.cli import failure_reason
+
+        print(f"vtbench: error: the sweep could not run: {failure_reason(e)} (rerun the same command to resume)",
+              file=sys.stderr)
+        return EXIT_FAILED
     finally:
         sys.argv = argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    try:
+        failed = cell_outcomes(combos)
+    except KeyboardInterrupt as e:
+        return interrupted("vtbench", e, "rerun the same command to resume")
+    if failed:
+        names = "; ".join(f"[{_sweep_overrides(c, combos)}] {why}" for c, why in failed)
+        print(f"vtbench: {len(failed)} of {len(combos)} cells failed (rerun the same command to retry them): {names}",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
     return 0

@@ -140,7 +140,15 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.wandb_report", description=__doc__.split("\n\n")[0])
+    from harness.console import run_script
+
+    return run_script("vtbench-wandb-report", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from harness.console import ArgumentParser
+
+    ap = ArgumentParser(prog="vtbench-wandb-report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
     ap.add_argument("--group", default=None, help="the sweep's W&B group (its cells' logger.group); default: all")
     ap.add_argument("--figures", action="append", default=[], metavar="DIR", help="also log the PNGs of DIR")

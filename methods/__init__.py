@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
+import types
+import typing
 from typing import Any
 
 from methods.base import Method, MethodError
@@ -57,12 +60,136 @@ def build(name: str, params: dict[str, Any] | None = None) -> Method:
             f"method {name!r} has no parameter(s) {', '.join(unknown)}; "
             f"its parameters are: {', '.join(sorted(fields)) or '(none)'}"
         )
+    # Shared checks, so that no method sees a NaN, an infinity, a string where a number is meant or a bool
+    # where an integer is meant: non-finite values are refused first; then the method's own range checks
+    # run (their messages name the range); a value of the wrong type that they let through, or trip over
+    # (float("abc")), is refused against the field's type annotation.
+    hints = typing.get_type_hints(cls)
+
+    def type_error() -> MethodError | None:
+        for pname, value in params.items():
+            why = param_type_error(value, hints.get(pname, Any))
+            if why:
+                return MethodError(f"method.params.{pname}={show(value)}: {name}: {pname} {why}")
+        return None
+
+    for pname, value in params.items():
+        if nonfinite(value):
+            raise MethodError(f"method.params.{pname}={show(value)}: {name}: {pname} {param_type_error(value, Any)}")
     try:
         method = cls(**params)
     except TypeError as e:
         raise MethodError(f"method {name!r}: {e}") from None
-    method.check_params()
+    try:
+        method.check_params()
+    except MethodError:
+        raise
+    except Exception as e:  # the method's own check tripped over a value of the wrong type
+        err = type_error()
+        if err is not None:
+            raise err from None
+        raise MethodError(f"method {name!r}: invalid parameters ({type(e).__name__}: {e})") from None
+    err = type_error()
+    if err is not None:
+        raise err
     return method
+
+
+def show(value: Any) -> str:
+    """A value as the user would write it on the command line (`nan`, `abc`, `[1, 2]`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value if value else "''"
+    return str(value)
+
+
+def nonfinite(value: Any) -> bool:
+    """True if `value` is, or contains (lists, dicts), a NaN or an infinity."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(nonfinite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(nonfinite(v) for v in value)
+    return False
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+          dict: "a mapping", tuple: "a list"}
+
+
+def param_type_error(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit the type annotation `hint` of a method parameter (None if it does).
+
+    Shared by every method, so no method sees a NaN, an infinity, a bool where a number is meant or a
+    string where a number is meant: `int` takes integers (not booleans), `float` finite numbers,
+    `bool` only true/false, `str` strings, `list[...]`/`dict[...]` containers (items checked), unions
+    any of their members, `Any` anything finite."""
+    if nonfinite(value):
+        return "must be finite (NaN and infinity are not allowed)"
+    ok = _fits(value, hint)
+    if ok:
+        return None
+    return f"must be {_describe(hint)}"
+
+
+def _members(hint: Any) -> tuple:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _describe(hint: Any) -> str:
+    names = []
+    for h in _members(hint):
+        if h is type(None):
+            continue
+        base = typing.get_origin(h) or h
+        args = typing.get_args(h)
+        text = _NAMES.get(base, getattr(base, "__name__", str(base)))
+        if base in (list, tuple) and args and args[0] is not Any:
+            text = f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        names.append(text)
+    if type(None) in _members(hint):
+        names.append("null")
+    return " or ".join(names)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    for h in _members(hint):
+        if h is type(None):
+            if value is None:
+                return True
+            continue
+        base = typing.get_origin(h) or h
+        args = typing.get_args(h)
+        if base is bool:
+            if isinstance(value, bool):
+                return True
+        elif base is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif base is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif base is str:
+            if isinstance(value, str):
+                return True
+        elif base in (list, tuple):
+            if isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple)):
+                return True
+        elif base is dict:
+            if isinstance(value, dict):
+                return True
+        elif isinstance(base, type) and isinstance(value, base):
+            return True
+    return False
 
 
 __all__ = ["Method", "MethodError", "available", "build", "get", "register"]

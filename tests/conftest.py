@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # file digests and data verifications are cached here, not in the user's ~/.cache
 os.environ.setdefault("VTBENCH_CACHE", __import__("tempfile").mkdtemp(prefix="vtbench-cache-"))
 os.environ.setdefault("WANDB_DATA_DIR", __import__("tempfile").mkdtemp(prefix="vtbench-wandb-data-"))  # W&B staging
+# single runs save their composed config under hydra.run.dir (`outputs/` by default): not in the checkout
+if "VTBENCH_OUTPUTS" not in os.environ:
+    import tempfile
+
+    os.environ["VTBENCH_OUTPUTS"] = tempfile.mkdtemp(prefix="vtbench-test-outputs-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -189,7 +189,7 @@ def test_recipe_composes_and_every_cell_validates(name):
     combos += [[f"{k}={v[0]}" for k, v in others.items()] + [f"benchmark={b}"] for b in params["benchmark"][1:]]
     for combo in combos:
         cfg = compose_config([f"experiment={name}", *combo])
-        validate(cfg)
+        validate(cfg, check_device=False)  # the recipes' values; run.device=cuda is checked where they run
         assert cfg.model.name != "tiny" and cfg.run.device == "cuda" and cfg.run.dtype == "float16"
         assert cfg.run.batch_size == 1 and cfg.run.limit is None
         assert cfg.logger.group == name

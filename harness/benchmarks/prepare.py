@@ -105,15 +105,18 @@ def prepare(bench_cfg, data_dir) -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.config import ConfigError, compose_config
+    from harness.console import run_script
+
+    return run_script("vtbench-prepare", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from harness.config import compose_config, validate
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = compose_config(argv)
-        task, include = prepare(cfg.benchmark, cfg.data_dir)
-    except (ConfigError, BenchmarkDataError) as e:
-        print(f"vtbench-prepare: error: {e}", file=sys.stderr)
-        return 2
+    cfg = compose_config(argv)
+    validate(cfg, check_device=False)
+    task, include = prepare(cfg.benchmark, cfg.data_dir)
     print(include or "")
     print(f"# lmms-eval task: {task}", file=sys.stderr)
     return 0

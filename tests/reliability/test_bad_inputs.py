@@ -315,9 +315,11 @@ def test_out_of_memory_in_one_cell_of_a_sweep(args, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("VTBENCH_OUTPUTS", str(tmp_path / "hydra"))
     sweep = args + ["method=none,random"]
     _oom_on_call(monkeypatch, 3)
-    assert run_multirun(sweep) == 0
+    assert run_multirun(sweep) == 1  # a sweep with a failed cell never exits 0
     err = capsys.readouterr().err
     assert "cell 1 failed: OutOfMemoryError: CUDA out of memory" in err
+    last = our_lines(err)[-1]
+    assert last.startswith("vtbench: 1 of 2 cells failed") and "[method=none] OutOfMemoryError" in last, last
     df = load(tmp_path / "store", include_failed=True).set_index("method")
     assert df.loc["none", "status"] == "failed" and "OutOfMemoryError" in df.loc["none", "error"]
     assert df.loc["random", "status"] == "complete"
