@@ -198,12 +198,16 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
 
     _log(f"cell {key}: model={cfg.model.name} method={method.describe()} benchmark={cfg.benchmark.name}")
     torch.manual_seed(cfg.run.seed)
+    t_load = time.perf_counter()
     model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
     method.validate(adapter)
     from harness.calibrate import resolve_auto
 
+    t_cal = time.perf_counter()
     method, calibration_info = resolve_auto(cfg, method, model, processor, adapter)
+    calibration_seconds = time.perf_counter() - t_cal
     method.apply(model, adapter)
+    load_seconds = time.perf_counter() - t_load - calibration_seconds
 
     from harness.environment import code_fingerprint
 
@@ -254,8 +258,10 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     nonfinite = sorted(set(lm.nonfinite) | (done_nonfinite & evaluated), key=_doc_order)
 
     efficiency = None
+    t_eff = time.perf_counter()
     if cfg.run.efficiency.enabled and efficiency_fn is not None:
         efficiency = efficiency_fn(cfg, model, processor, adapter, method, lm, task_dict)
+    efficiency_seconds = time.perf_counter() - t_eff
 
     from harness.environment import environment
 
@@ -293,12 +299,18 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         "efficiency": efficiency,
         "environment": environment(cfg.run.device),
         "data": {"task": task, "include_path": include, "dataset": _dataset_info(cfg)},
-        "timing": {"eval_seconds": round(eval_seconds, 3), "cell_seconds": None},
+        # where the cell's time went: set-up before the model loads (validation, identity, data), model
+        # loading, calibration (first use of an 'auto' artefact only), answering, the efficiency probe, logging
+        "timing": {"setup_seconds": round(t_load - t_start, 3), "load_seconds": round(load_seconds, 3),
+                   "calibration_seconds": round(calibration_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+                   "efficiency_seconds": round(efficiency_seconds, 3), "logging_seconds": None, "cell_seconds": None},
     }
     from harness.wandb_log import log_cell
 
+    t_log = time.perf_counter()
     record["wandb"] = (log_cell(record, conf.get("logger"), conf, _doc_inputs(task_dict, task))
                        if status == "complete" else None)
+    record["timing"]["logging_seconds"] = round(time.perf_counter() - t_log, 3)
     record["timing"]["cell_seconds"] = round(time.perf_counter() - t_start, 3)
     store.write(record)
     return record

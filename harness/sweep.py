@@ -139,6 +139,20 @@ def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
     return bad
 
 
+def _monitor(combos: list[list[str]]):
+    """The progress/result lines and the final table of the sweep (`harness.sweep_monitor`)."""
+    from harness.config import compose_config, resolved
+    from harness.results import ResultsStore, record_key
+    from harness.sweep_monitor import SweepMonitor
+
+    cells = []
+    for combo in combos:
+        cfg = compose_config(combo)
+        key = record_key(resolved(cfg))
+        cells.append((_sweep_overrides(combo, combos), ResultsStore(cfg.store.dir).record_path(key), key))
+    return SweepMonitor(cells)
+
+
 def _sweep_overrides(combo: list[str], all_combos: list[list[str]]) -> str:
     """The overrides that tell this cell apart from the others (all of them if none vary)."""
     varying = [i for i in range(len(combo)) if len({c[i] for c in all_combos if len(c) == len(combo)}) > 1]
@@ -173,7 +187,7 @@ def _job_overrides() -> frozenset:
 def _job(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.cli import bad_input_errors, efficiency_fn, error_line, failure_reason, format_record
+    from harness.cli import bad_input_errors, efficiency_fn, error_line, failure_reason
     from harness.runner import run_cell, write_failed
 
     try:
@@ -182,7 +196,8 @@ def _job(cfg) -> dict | None:
         num = "?"
     total = _STATE["total"] or os.environ.get("VTBENCH_SWEEP_TOTAL") or "?"
     _default_group(cfg)
-    print(f"[vtbench] ===== cell {num}/{total} =====", file=sys.stderr, flush=True)
+    print(f"[vtbench] ===== cell {num}/{total}: {' '.join(sorted(_job_overrides())) or '(defaults)'} =====",
+          file=sys.stderr, flush=True)
     try:
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
     except bad_input_errors() as e:  # found only when the cell runs (e.g. its benchmark data)
@@ -200,7 +215,6 @@ def _job(cfg) -> dict | None:
     if rec.get("status") != "complete":  # e.g. every sample failed
         print(f"vtbench: cell {num} failed: {rec.get('error')}", file=sys.stderr)
         return None
-    print(format_record(rec), flush=True)
     return {"key": rec["key"], "accuracy": rec.get("accuracy")}
 
 
@@ -219,8 +233,8 @@ def run_multirun(overrides: list[str]) -> int:
     except KeyboardInterrupt as e:
         return interrupted("vtbench", e, "nothing ran yet")
     _STATE["total"] = len(combos)
-    print(f"[vtbench] sweep of {_STATE['total']} cells", file=sys.stderr, flush=True)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
+    monitor = _monitor(combos).start()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
@@ -246,12 +260,14 @@ def run_multirun(overrides: list[str]) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     finally:
+        monitor.stop()
         sys.argv = argv
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
     try:
+        monitor.summary()
         failed = cell_outcomes(combos)
     except KeyboardInterrupt as e:
         return interrupted("vtbench", e, "rerun the same command to resume")

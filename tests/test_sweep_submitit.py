@@ -22,6 +22,12 @@ def test_submitit_local_two_parallel_cells(tiny_checkpoint, data_dir, tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Submitit 'local' sweep" in proc.stderr + proc.stdout
+    # what the user sees although the cells ran in other processes: a result line per cell, the progress
+    # bar with its count, and the comparison table at the end
+    for m in ("none", "random"):
+        assert f"[vtbench] method={m}: exact_match=" in proc.stderr, proc.stderr[-3000:]
+    assert "[########################] 2/2 cells · 2 evaluated, 0 reused, 0 failed" in proc.stderr
+    assert "vtbench sweep" in proc.stdout and proc.stdout.count("complete") == 2
 
     records = [json.loads(p.read_text()) for p in sorted((store / "records").glob("*.json"))]
     assert sorted(r["cell"]["method"]["name"] for r in records) == ["none", "random"]

@@ -64,14 +64,17 @@ def probe_inputs(lm, task_dict, n: int) -> list[dict]:
     return out
 
 
-def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=3, decode_tokens=8) -> dict[str, Any]:
-    """Efficiency figures of `model` over a list of batch-1 inputs."""
+def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=3, decode_tokens=8,
+                   progress=None) -> dict[str, Any]:
+    """Efficiency figures of `model` over a list of batch-1 inputs; `progress(i, n)` is called before each."""
     config = model.config
     pre, dec, ana, ana_dec, unsupported = [], [], [], [], {}
     lat = []
     visual_in, to_llm, to_llm_ana = [], [], []
     source = "counted"
-    for inputs in inputs_list:
+    for i, inputs in enumerate(inputs_list):
+        if progress is not None:
+            progress(i, len(inputs_list))
         (layout,) = F.layouts_from_inputs(config, inputs)
         visual_in.append(layout.visual)
         a = F.analytic_prefill(config, layout, method=method)
@@ -145,6 +148,16 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
 def measure_cell(cfg, model, processor, adapter, method, lm, task_dict) -> dict[str, Any]:
     eff = cfg.run.efficiency
     inputs_list = probe_inputs(lm, task_dict, int(eff.probe_size))
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+
+    def progress(i, n):  # the probe takes seconds per sample: say where it is
+        print(f"[vtbench] efficiency probe: sample {i + 1}/{n} (FLOPs counted, latency x{int(eff.repeats)}) "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
     return measure_inputs(
-        model, method, inputs_list, warmup=int(eff.warmup), repeats=int(eff.repeats), decode_tokens=int(eff.decode_tokens)
+        model, method, inputs_list, warmup=int(eff.warmup), repeats=int(eff.repeats), decode_tokens=int(eff.decode_tokens),
+        progress=progress,
     )
