@@ -5,9 +5,13 @@ method, so methods are compared on the same inputs), each encoded exactly as the
 (same prompt, same processor) and measured at batch 1:
 
 * FLOPs counted with fvcore on the patched model (prefill per component, one decode step), beside the
-  method's analytic formula for the same token layout; mean over the probe documents;
+  method's analytic formula for the same token layout; mean over the probe documents. The count of a
+  method depends on the prompt's token layout only (how many text tokens, visual tokens, images), so each
+  distinct layout is counted once and its count reused for the documents that share it (on `shapes`
+  every document has one layout: one count instead of `probe_size`);
 * latency (time to first token, decode per token), peak memory, KV-cache bytes and visual tokens per
-  LLM layer with `harness.efficiency.latency.measure` (median over documents of each document's median).
+  LLM layer with `harness.efficiency.latency.measure`: median and spread (min, quartiles, max) over every
+  timed repeat of every document.
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
     lat = []
     visual_in, to_llm, to_llm_ana = [], [], []
     source = "counted"
+    counted: dict = {}
     for i, inputs in enumerate(inputs_list):
         if progress is not None:
             progress(i, len(inputs_list))
@@ -79,15 +84,20 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
         visual_in.append(layout.visual)
         a = F.analytic_prefill(config, layout, method=method)
         ana.append(a | {"total": sum(a.values())})
-        try:
-            c = F.count_prefill(model, inputs)
-            d = F.count_decode(model, inputs)
-        except Exception as e:  # a method whose code fvcore cannot trace: labelled analytic numbers
-            source = f"analytic (fvcore failed: {type(e).__name__})"
-            c = F.analytic_count(config, layout, method=method)
-            d = None
+        if layout in counted:  # FLOPs depend on the token layout only: count each layout once
+            c, d, delivered = counted[layout]
+        else:
+            try:
+                c = F.count_prefill(model, inputs)
+                d = F.count_decode(model, inputs)
+            except Exception as e:  # a method whose code fvcore cannot trace: labelled analytic numbers
+                source = f"analytic (fvcore failed: {type(e).__name__})"
+                c = F.analytic_count(config, layout, method=method)
+                d = None
+            delivered = _delivered(model, layout, c)
+            counted[layout] = (c, d, delivered)
         pre.append(c.flops | {"total": c.total})
-        to_llm.append(_delivered(model, layout, c))
+        to_llm.append(delivered)
         to_llm_ana.append(method.visual_tokens_kept(layout) if method is not None else layout.visual)
         if d is not None:
             dec.append(d.flops | {"total": d.total})
@@ -107,6 +117,7 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
     per_layer = [_mean(col) for col in zip(*vis_layers)] if vis_layers else None
     return {
         "probe_size": len(inputs_list),
+        "flops_layouts_counted": len(counted),
         "visual_tokens_in": _mean(visual_in),
         "visual_tokens_llm": per_layer[0] if per_layer else _mean(visual_in),
         "visual_tokens_per_layer": per_layer,

@@ -189,3 +189,35 @@ def test_formula_mode_total_equals_flop_counter_mode(family, lm):
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=sdpa) as fcm:
         model(**inputs, logits_to_keep=0)
     assert ours.total == fcm.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_counts_depend_on_the_token_layout_only(family):
+    """The efficiency probe counts each token layout once (`measure_inputs`): for every method, two prompts
+    of one layout with different images (so different kept/merged tokens) count the same FLOPs."""
+    import copy
+
+    import methods
+    from harness.efficiency import flops as F
+    from harness.models.adapter import get_adapter
+    from tests.efficiency.helpers import image, prompt
+
+    model, processor = tiny(family, "llama")
+    settings = {"random": {"keep_ratio": 0.3}, "fastv": {"K": 1, "R": 0.5}, "tome": {"tokens": 20},
+                "ficoco_v": {"tokens": 20, "start_layer": 1}, "ficoco_l": {"final_tokens": 20, "start_layer": 1},
+                "ficoco_vl": {"tokens": 20}, "shortv": {"layers": [1, 2]},
+                "redundancylens": {"hollow_layers": [1], "ffn_layers": [2], "window": 8}}
+    for name, params in settings.items():
+        try:
+            m = methods.build(name, params)
+            patched = copy.deepcopy(model)
+            adapter = get_adapter(patched)
+            m.validate(adapter)
+        except Exception:  # a setting this tiny family does not take: covered by the method's own tests
+            continue
+        m.apply(patched, adapter)
+        counts = []
+        for seed in (1, 2):
+            inputs = processor(images=image(seed), text=prompt(processor), return_tensors="pt")
+            counts.append((F.count_prefill(patched, inputs).total, F.count_decode(patched, inputs).total))
+        assert counts[0] == counts[1], (name, counts)
