@@ -259,22 +259,29 @@ def test_counts_after_resume_equal_an_uninterrupted_run(cell_overrides):
 
 
 @pytest.mark.slow
-def test_kill_then_edit_then_resume_never_mixes_answers(tiny_checkpoint, data_dir, tmp_path):
+def test_sweep_killed_then_edited_then_resumed_never_mixes_answers(tiny_checkpoint, data_dir, tmp_path):
+    """SIGKILL a sweep inside its first cell, edit the checkpoint, resume: the interrupted cell's answers are
+    not reused (new identity, new partial file), and every record holds answers of the edited model only."""
     from tests.reliability.helpers import cell_args, kill_when, progress, run, start
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
     store = tmp_path / "store"
-    args = cell_args(str(ckpt), data_dir, store, limit=8)
+    args = ["-m", "method=none,random", *cell_args(str(ckpt), data_dir, store, limit=8)]
     proc = start(args, tmp_path)
-    assert kill_when(proc, lambda: progress(store)[1] >= 2, sig=signal.SIGKILL)  # 2 answers on disk
+    assert kill_when(proc, lambda: progress(store)[1] >= 2, sig=signal.SIGKILL)  # 2 answers of cell 1 on disk
     (partial,) = (store / "partial").glob("*.jsonl")
     EDITS["config"](ckpt)
     out = run(args, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    (rec_path,) = (store / "records").glob("*.json")
-    rec = json.loads(rec_path.read_text())
-    assert rec["key"] != partial.stem and rec["n_resumed"] == 0  # nothing of the old cell's answers
+    recs = [json.loads(p.read_text()) for p in (store / "records").glob("*.json")]
+    assert len(recs) == 2 and all(r["status"] == "complete" for r in recs)
+    assert partial.stem not in {r["key"] for r in recs} and all(r["n_resumed"] == 0 for r in recs)
+    # and a fresh store on the edited checkpoint gives the same answers
+    fresh = tmp_path / "fresh"
+    assert run(["-m", "method=none,random", *cell_args(str(ckpt), data_dir, fresh, limit=8)], tmp_path).returncode == 0
+    want = {json.loads(p.read_text())["key"]: json.loads(p.read_text())["samples"] for p in (fresh / "records").glob("*.json")}
+    assert {r["key"]: r["samples"] for r in recs} == want
 
 
 # ---- built-in data, checkpoints, report paths -------------------------------------------------------------
