@@ -139,10 +139,9 @@ def _calibration(cfg: dict, registry, name: str, params: dict) -> dict | None:
         cls = registry.get(name)
     except Exception:
         return None
-    fields = tuple(getattr(cls, "calibration_fields", ()))
-    if not fields:
+    if not cls.may_calibrate(params):
         return None
-    given = {f: params.get(f) for f in fields if params.get(f)}
+    given = cls.calibration_given(params)
     uses_auto = "auto" in json.dumps(params) or bool(_budget(cfg.get("budget")))
     if not given and not uses_auto:
         return None

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from methods._shared.context import get_context, install_context
+from methods._shared.context import get_context, install_context, narrowed
 from methods.base import MethodError
 
 _ATTR = "_vtbench_llm_reducer"
@@ -391,7 +391,11 @@ class LLMReducer:
             if self.plan.positions == "renumber":
                 st.shift[i] = torch.full((idx.shape[0],), st.P - idx.shape[1], device=idx.device)
         if not merging:
-            out = orig(hidden, **kw)
+            if st.removed_any:  # a reduced layer inside (a composition's layer-wise member) sees the kept tokens
+                with narrowed(ctx, idx):
+                    out = orig(hidden, **kw)
+            else:
+                out = orig(hidden, **kw)
             self._release(i, merging)
             return out
         return self._merge_layer(i, layer, hidden, kw)
