@@ -1,0 +1,134 @@
+"""Asked-cell recall (harness/recall.py): the cell a shapes question names, its patches on any patch grid,
+and the recall read from what the patched model did: a constructed reduction that keeps exactly the
+asked cell's visual tokens gives 1, one that keeps none of them gives 0 (from its layer on), for every
+asked cell and several language models; FastV's recall equals the share of asked patches among its
+kept tokens; methods that keep every token (none, ShortV) give 1; merging methods are not measured."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import methods
+from harness import recall as R
+from harness.models.adapter import get_adapter
+from harness.models.tiny import build_tiny
+from methods._shared import llm_reduce as LR
+
+_CACHE: dict = {}
+
+
+def tiny(family="llava", lm="llama", gqa=False):
+    key = (family, lm, gqa)
+    if key not in _CACHE:
+        _CACHE[key] = build_tiny(family, lm, gqa=gqa)
+    model, proc = _CACHE[key]
+    return copy.deepcopy(model), proc
+
+
+def batch(proc, questions):
+    from tests.efficiency.helpers import image, prompt
+
+    return proc(images=[image(i) for i in range(len(questions))], text=[prompt(proc, q) for q in questions],
+                return_tensors="pt", padding=True)
+
+
+def question(cell):
+    r, c = divmod(cell, 4)
+    return f"What colour is the shape in row {r + 1}, column {c + 1}?"
+
+
+def test_asked_cell_and_patches():
+    assert R.asked_cell("What letter is in row 2, column 3?") == 6
+    assert R.asked_cell("How many circles are there?") is None
+    assert R.asked_cell("Which row is the letter K in?") is None
+    # the tiny model's 12x12 grid: a cell is 3x3 whole patches; 24x24 (LLaVA-1.5): 6x6
+    assert R.cell_patch_weights(6, 12) == {r * 12 + c: 1.0 for r in (3, 4, 5) for c in (6, 7, 8)}
+    assert sum(R.cell_patch_weights(15, 24).values()) == 36
+    # a grid that does not divide the cells: fractional overlaps, the cells still tile the image
+    w = [R.cell_patch_weights(c, 10) for c in range(16)]
+    assert math.isclose(sum(sum(x.values()) for x in w), 100.0)
+
+
+class KeepPatches(LR.ReductionPlan):
+    """Keeps only (keep=True) or drops only (keep=False) each sample's asked patches at `layer`."""
+
+    def __init__(self, layer, asked, keep):
+        self.first_layer, self.asked, self.keep = layer, asked, keep
+
+    def before_layer(self, view):
+        if view.layer != self.first_layer:
+            return None
+        visual = view.visual
+        ordinal = visual.long().cumsum(1) - 1
+        rows = []
+        for b in range(visual.shape[0]):
+            hit = torch.tensor([bool(visual[b, j]) and int(ordinal[b, j]) in self.asked[b] for j in range(visual.shape[1])])
+            drop = visual[b] & (~hit if self.keep else hit)
+            rows.append(torch.arange(visual.shape[1])[~drop])
+        return torch.stack(rows)
+
+
+@pytest.mark.parametrize("lm,gqa", [("llama", False), ("mistral", True), ("qwen2", True)])
+@pytest.mark.parametrize("keep,layer", [(True, 0), (False, 0), (False, 2)])
+def test_constructed_keep_exactly_or_none_of_the_asked_cell(lm, gqa, keep, layer):
+    model, proc = tiny("llava", lm, gqa)
+    ad = get_adapter(model)
+    cells = [0, 5, 10, 15]  # four asked cells, one per sample (same count each: equal per-sample budgets)
+    side = math.isqrt(ad.visual_tokens_per_image)
+    asked = [set(R.cell_patch_weights(c, side)) for c in cells]
+    LR.install(model, ad, KeepPatches(layer, asked, keep))
+    inp = batch(proc, [question(c) for c in cells])
+    with torch.no_grad():
+        model(**inp)
+    got = R.layer_recall(model, ad, inp["input_ids"], [question(c) for c in cells])
+    L = ad.num_llm_layers
+    expected = [1.0] * L if keep else [1.0] * layer + [0.0] * (L - layer)
+    assert got == [expected] * len(cells)
+
+
+@pytest.mark.parametrize("family", ["llava"])
+def test_fastv_recall_is_the_asked_share_of_its_kept_tokens(family):
+    model, proc = tiny(family, "qwen2", True)
+    ad = get_adapter(model)
+    methods.build("fastv", {"K": 2, "keep_ratio": 0.25}).apply(model, ad)
+    cells = [3, 9]
+    inp = batch(proc, [question(c) for c in cells])
+    with torch.no_grad():
+        model(**inp)
+    got = R.layer_recall(model, ad, inp["input_ids"], [question(c) for c in cells])
+    st = LR.get_reducer(model).state
+    visual = inp["input_ids"] == model.config.image_token_id
+    side = math.isqrt(ad.visual_tokens_per_image)
+    for b, c in enumerate(cells):
+        kept = {int(k) for k in (visual[b].long().cumsum(0) - 1)[st.cache_idx[2][b]][visual[b][st.cache_idx[2][b]]]}
+        share = sum(w for p, w in R.cell_patch_weights(c, side).items() if p in kept) / 4.0
+        assert got[b][:2] == [1.0, 1.0] and got[b][2:] == [share, share]
+
+
+@pytest.mark.parametrize("name,params", [("none", {}), ("shortv", {"layers": [0, 1, 2, 3]})])
+def test_methods_that_keep_every_token_give_one(name, params):
+    model, proc = tiny()
+    ad = get_adapter(model)
+    methods.build(name, params).apply(model, ad)
+    inp = batch(proc, [question(1), "How many circles are there?"])
+    with torch.no_grad():
+        model(**inp)
+    got = R.layer_recall(model, ad, inp["input_ids"], [question(1), "How many circles are there?"])
+    assert got == [[1.0] * ad.num_llm_layers, None]
+
+
+@pytest.mark.parametrize("name,params", [("tome", {"prompt_tokens": 0.5}), ("ficoco_l", {"final_ratio": 0.5, "start_layer": 1})])
+def test_merging_methods_are_not_measured(name, params):
+    model, proc = tiny()
+    ad = get_adapter(model)
+    methods.build(name, params).apply(model, ad)
+    assert not R.measurable(model, ad)
+
+
+def test_summary():
+    s = R.summarize({"a": [1.0, 0.0], "b": None, "c": [1.0, 1.0]})
+    assert s == {"mean": 0.75, "per_layer": [1.0, 0.5], "n": 2}
+    assert R.summarize({"a": None}) is None
