@@ -254,3 +254,15 @@ def test_text_only_prompt_unchanged():
     inp = proc(text=["USER: What is shown? ASSISTANT:", "USER: Which letter? ASSISTANT:"], return_tensors="pt", padding=True)
     assert torch.equal(forward(model, inp).logits, forward(base, inp).logits)
     assert get_context(model) is not None and LR.get_reducer(model) is not None
+
+
+def test_flops_cli_prints_the_composition_and_its_ratio():
+    """`vtbench-flops model=llava15_7b method=shortv_fastv convention=shortv`: ShortV Table 5's 29 % row."""
+    from harness.flops_cli import compute, render_table as render
+
+    r = compute(["model=llava15_7b", "method=shortv_fastv"], convention="shortv")
+    conv = r["conventions"]["shortv"]
+    assert round(conv["total"] / 1e12, 2) == 2.53 and round(100 * conv["ratio"], 1) == 29.7
+    assert "2.53 TFLOPs = 29.7 % of 8.50 (none)" in render(r)
+    r = compute(["model=llava15_7b", "method=shortv_fastv", "method.params.members.1.params.R=0.5"], convention="shortv")
+    assert round(100 * r["conventions"]["shortv"]["ratio"]) == 34
