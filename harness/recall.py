@@ -10,10 +10,14 @@ patched model did in that generation (the LLM reducer's per-layer kept indices,
 frozen by ShortV or hollowed / FFN-reduced by RedundancyLens is alive (its K/V reach the layer's text
 queries) and counts fully.
 
+A token merged in the vision encoder by ToMe counts in proportion to the asked patches' share of it: the
+encoder's merge bookkeeping (`VisionState.source`, kept while recall is measured, `track`) says how many
+of each original patch every merged token holds, and a token of size s holding one asked patch carries
+1/s of it (ToMe's size-weighted average).
+
 Not measured (recall None, the table shows "-"): questions about no single cell (position, count),
-LLaVA-NeXT (anyres crops map patches to tokens differently), and methods that *merge* tokens (ToMe,
-FiCoCo-V/L/VL): their bookkeeping keeps each merged token's size and first patch, not the share of each
-patch it holds, so the proportional rule cannot be read from it yet.
+LLaVA-NeXT (anyres crops map patches to tokens differently), and FiCoCo-V / FiCoCo-L / FiCoCo-VL, whose
+merges do not keep per-patch content bookkeeping yet.
 """
 from __future__ import annotations
 
@@ -56,12 +60,21 @@ def cell_patch_weights(cell: int, side: int) -> dict[int, float]:
     return out
 
 
+def track(model, on: bool) -> None:
+    """Turn the vision encoder's content bookkeeping (`VisionState.source`, ToMe) on while answers are
+    generated and recall is measured, off before anything is timed. No-op without a vision reduction."""
+    from methods._shared.vision_reduce import _PATCHED
+
+    holder = getattr(model, _PATCHED, None)
+    if holder is not None:
+        holder.track = bool(on)
+
+
 def measurable(model, adapter) -> bool:
     """False where the method's bookkeeping cannot give the recall (see the module docstring)."""
     from methods._shared import llm_reduce as LR
-    from methods._shared.vision_reduce import _PATCHED
 
-    if adapter.family != "llava" or getattr(model, _PATCHED, None) is not None:
+    if adapter.family != "llava":
         return False
     red = LR.get_reducer(model)
     if red is not None and type(red.plan).after_attention is not LR.ReductionPlan.after_attention:
@@ -69,9 +82,30 @@ def measurable(model, adapter) -> bool:
     return True
 
 
+def _vision_content(model, B: int, n_vis: int):
+    """[B, n_vis, n_vis] share of each original patch in each visual token entering the LLM, from the
+    vision encoder's merge bookkeeping of the last call; the identity without a vision reduction; None
+    where a reduction ran without content bookkeeping (FiCoCo-V) or the shapes do not match."""
+    import torch
+
+    from methods._shared.vision_reduce import _PATCHED, last_vision_state
+
+    if getattr(model, _PATCHED, None) is None:
+        return torch.eye(n_vis).expand(B, n_vis, n_vis)
+    st = last_vision_state(model)
+    if st is None or st.size is None:  # no token was merged in the last call
+        return torch.eye(n_vis).expand(B, n_vis, n_vis) if st is not None and len(st.pos[0]) == n_vis + 1 else None
+    if st.source is None or st.source.shape[0] != B:
+        return None
+    src = st.source[:, 1:, 1:].float().cpu()  # drop CLS (LLaVA's "default" feature selection)
+    if src.shape[2] != n_vis:
+        return None
+    return src / st.size[:, 1:, None].float().cpu()
+
+
 def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[float] | None]:
-    """Per sample of the last generate call (prompt ids `input_ids` [B, P]): the asked-cell recall at the
-    input of every LLM layer, or None where it is not measured."""
+    """Per sample of the last generate call (prompt ids `input_ids` [B, P], as the processor made them):
+    the asked-cell recall at the input of every LLM layer, or None where it is not measured."""
     import math
 
     import torch
@@ -82,10 +116,12 @@ def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[f
     if not measurable(model, adapter):
         return [None] * B
     L = adapter.num_llm_layers
-    visual = adapter.visual_mask(input_ids)  # [B, P] as the processor inserted them
-    n_vis = int(visual[0].sum())
+    n_vis = int(adapter.visual_tokens_per_image)  # patches of the image (the processor's count, one image)
     side = math.isqrt(n_vis)
-    if side * side != n_vis:  # several images or a layout we cannot map: not measured
+    if side * side != n_vis or bool((adapter.visual_mask(input_ids).sum(1) != n_vis).any()):
+        return [None] * B  # several images or a layout we cannot map: not measured
+    content = _vision_content(model, B, n_vis)  # token k entering the LLM holds content[b, k, p] of patch p
+    if content is None:
         return [None] * B
     red = LR.get_reducer(model)
     st = red.state if red is not None else None
@@ -95,19 +131,24 @@ def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[f
         if cell is None:
             out.append(None)
             continue
-        weights = cell_patch_weights(cell, side)
-        total = sum(weights.values())
-        pos = visual[b].nonzero().squeeze(1)  # prefill index of visual ordinal k (row-major patch k)
+        weights = torch.zeros(n_vis)
+        for p, w in cell_patch_weights(cell, side).items():
+            weights[p] = w
+        per_token = content[b] @ weights  # asked content carried by each visual token entering the LLM
+        total = float(weights.sum())
+        n_in = per_token.shape[0]
         per_layer = []
         for i in range(L):
             idx = st.cache_idx[i] if st is not None and st.cache_idx and st.P == input_ids.shape[1] else None
-            if idx is None:  # nothing removed before this layer: every visual token is alive
-                per_layer.append(1.0)
+            if idx is None:  # nothing removed before this layer: every visual token entering the LLM is alive
+                per_layer.append(float(per_token.sum()) / total)
                 continue
-            alive = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+            visual = st.visual[b].cpu()
+            alive = torch.zeros(visual.shape[0], dtype=torch.bool)
             alive[idx[b].cpu()] = True
-            kept = alive[pos.cpu()]
-            per_layer.append(sum(w for k, w in weights.items() if bool(kept[k])) / total)
+            kept = alive[visual.nonzero().squeeze(1)]  # by visual ordinal
+            assert kept.shape[0] == n_in
+            per_layer.append(float(per_token[kept].sum()) / total)
         out.append(per_layer)
     return out
 

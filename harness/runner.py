@@ -223,7 +223,10 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     )
     lm.lookup = lambda t, s, d: getattr(done.get((t, s, int(d))), "answer", None)
     if cfg.benchmark.name == "shapes":
+        from harness.recall import track
+
         lm.recall = {}  # asked-cell recall per sample and LLM layer (harness/recall.py)
+        track(model, True)  # the vision encoder's merge bookkeeping, off again before anything is timed
 
     from lmms_eval.evaluator import simple_evaluate
 
@@ -253,7 +256,9 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     samples = _samples_of(results, task, list(cfg.benchmark.metrics))
     asked_recall = None
     if lm.recall is not None:
-        from harness.recall import summarize
+        from harness.recall import summarize, track
+
+        track(model, False)
 
         for smp in samples:
             r = lm.recall.get(f"{task}/{smp['doc_id']}")

@@ -120,12 +120,66 @@ def test_methods_that_keep_every_token_give_one(name, params):
     assert got == [[1.0] * ad.num_llm_layers, None]
 
 
-@pytest.mark.parametrize("name,params", [("tome", {"prompt_tokens": 0.5}), ("ficoco_l", {"final_ratio": 0.5, "start_layer": 1})])
-def test_merging_methods_are_not_measured(name, params):
+def test_ficoco_l_merges_are_not_measured():
     model, proc = tiny()
     ad = get_adapter(model)
-    methods.build(name, params).apply(model, ad)
+    methods.build("ficoco_l", {"final_ratio": 0.5, "start_layer": 1}).apply(model, ad)
     assert not R.measurable(model, ad)
+
+
+def test_vision_merges_without_content_bookkeeping_are_not_measured():
+    model, proc = S_model()
+    ad = get_adapter(model)
+    methods.build("ficoco_v", {"prompt_tokens": 0.5, "start_layer": 0}).apply(model, ad)
+    R.track(model, True)
+    inp = batch(proc, [question(2)])
+    with torch.no_grad():
+        model.generate(**inp, max_new_tokens=1, do_sample=False)
+    assert R.layer_recall(model, ad, inp["input_ids"], [question(2)]) == [None]
+
+
+def S_model():
+    from tests.methods.prompt_shapes import fresh_model, processor
+
+    return fresh_model("llava"), processor("llava")
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_tome_merged_tokens_count_in_proportion(budget):
+    """ToMe: the recall is the asked patches' share of the tokens entering the LLM (size-weighted); it is
+    below 1 once asked patches are merged with others, equals a direct reconstruction from the merge
+    bookkeeping, and the shares of all 16 cells add up to the 16 cells' whole content."""
+    from methods._shared.vision_reduce import last_vision_state
+
+    model, proc = S_model()
+    ad = get_adapter(model)
+    methods.build("tome", {"prompt_tokens": budget}).apply(model, ad)
+    R.track(model, True)
+    qs = [question(c) for c in range(16)]
+    inp = batch(proc, [qs[0]])
+    with torch.no_grad():
+        model.generate(**inp, max_new_tokens=1, do_sample=False)
+    st = last_vision_state(model)
+    assert st.source is not None and torch.allclose(st.source.sum(-1), st.size)
+    got = [R.layer_recall(model, ad, inp["input_ids"], [q])[0] for q in qs]
+    L = ad.num_llm_layers
+    side = math.isqrt(ad.visual_tokens_per_image)
+    for c, g in enumerate(got):
+        assert len(g) == L and len(set(g)) == 1 and 0.0 <= g[0] <= 1.0 + 1e-6
+        w = R.cell_patch_weights(c, side)
+        direct = sum(float(st.source[0, t, 1 + p] / st.size[0, t]) * wp
+                     for t in range(1, st.source.shape[1]) for p, wp in w.items()) / sum(w.values())
+        assert math.isclose(g[0], direct, rel_tol=1e-5)
+    assert min(g[0] for g in got) < 1.0
+    # every token's content is a weighted average summing to one: the cells' recalls times their weight
+    # add up to the number of tokens entering the LLM
+    n_tokens = st.source.shape[1] - 1
+    assert math.isclose(sum(g[0] * sum(R.cell_patch_weights(c, side).values()) for c, g in enumerate(got)),
+                        n_tokens, rel_tol=1e-4)
+    R.track(model, False)
+    with torch.no_grad():
+        model.generate(**inp, max_new_tokens=1, do_sample=False)
+    assert last_vision_state(model).source is None  # off for timing
 
 
 def test_summary():
