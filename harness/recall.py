@@ -10,14 +10,15 @@ patched model did in that generation (the LLM reducer's per-layer kept indices,
 frozen by ShortV or hollowed / FFN-reduced by RedundancyLens is alive (its K/V reach the layer's text
 queries) and counts fully.
 
-A token merged in the vision encoder by ToMe counts in proportion to the asked patches' share of it: the
-encoder's merge bookkeeping (`VisionState.source`, kept while recall is measured, `track`) says how many
-of each original patch every merged token holds, and a token of size s holding one asked patch carries
-1/s of it (ToMe's size-weighted average).
+A token merged in the vision encoder counts in proportion to the asked patches' share of it: the
+encoder's merge bookkeeping (`VisionState.source`, kept while recall is measured, `track`) holds the share
+of each original patch in every token, updated by each reducer with its own merge weights (ToMe: the
+size-weighted average, so a token of size s holding one asked patch carries 1/s of it; FiCoCo-V: the
+compress weights alpha of eq. 3, the kept token's own share 1/(1 + sum alpha)).
 
 Not measured (recall None, the table shows "-"): questions about no single cell (position, count),
-LLaVA-NeXT (anyres crops map patches to tokens differently), and FiCoCo-V / FiCoCo-L / FiCoCo-VL, whose
-merges do not keep per-patch content bookkeeping yet.
+LLaVA-NeXT (anyres crops map patches to tokens differently), and FiCoCo-L / FiCoCo-VL's LLM stage, whose
+merges between attention and MLP do not keep per-patch content bookkeeping yet.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def measurable(model, adapter) -> bool:
 def _vision_content(model, B: int, n_vis: int):
     """[B, n_vis, n_vis] share of each original patch in each visual token entering the LLM, from the
     vision encoder's merge bookkeeping of the last call; the identity without a vision reduction; None
-    where a reduction ran without content bookkeeping (FiCoCo-V) or the shapes do not match."""
+    where a reduction ran without content bookkeeping (tracking off) or the shapes do not match."""
     import torch
 
     from methods._shared.vision_reduce import _PATCHED, last_vision_state
@@ -98,9 +99,7 @@ def _vision_content(model, B: int, n_vis: int):
     if st.source is None or st.source.shape[0] != B:
         return None
     src = st.source[:, 1:, 1:].float().cpu()  # drop CLS (LLaVA's "default" feature selection)
-    if src.shape[2] != n_vis:
-        return None
-    return src / st.size[:, 1:, None].float().cpu()
+    return src if src.shape[2] == n_vis else None
 
 
 def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[float] | None]:

@@ -131,7 +131,7 @@ def test_vision_merges_without_content_bookkeeping_are_not_measured():
     model, proc = S_model()
     ad = get_adapter(model)
     methods.build("ficoco_v", {"prompt_tokens": 0.5, "start_layer": 0}).apply(model, ad)
-    R.track(model, True)
+    R.track(model, False)  # merged without the bookkeeping: the recall cannot be read
     inp = batch(proc, [question(2)])
     with torch.no_grad():
         model.generate(**inp, max_new_tokens=1, do_sample=False)
@@ -144,30 +144,32 @@ def S_model():
     return fresh_model("llava"), processor("llava")
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.25])
-def test_tome_merged_tokens_count_in_proportion(budget):
-    """ToMe: the recall is the asked patches' share of the tokens entering the LLM (size-weighted); it is
-    below 1 once asked patches are merged with others, equals a direct reconstruction from the merge
-    bookkeeping, and the shares of all 16 cells add up to the 16 cells' whole content."""
+@pytest.mark.parametrize("name,params", [("tome", {"prompt_tokens": 0.5}), ("tome", {"prompt_tokens": 0.25}),
+                                         ("ficoco_v", {"prompt_tokens": 0.5, "start_layer": 0}),
+                                         ("ficoco_v", {"prompt_tokens": 0.25, "start_layer": 0, "correlate": "ref"})])
+def test_vision_merged_tokens_count_in_proportion(name, params):
+    """ToMe / FiCoCo-V: the recall is the asked patches' share of the tokens entering the LLM (by the
+    reducer's merge weights); it is below 1 once asked patches are merged with others, equals a direct
+    reconstruction from the merge bookkeeping, and the shares of all 16 cells add up to the tokens."""
     from methods._shared.vision_reduce import last_vision_state
 
     model, proc = S_model()
     ad = get_adapter(model)
-    methods.build("tome", {"prompt_tokens": budget}).apply(model, ad)
+    methods.build(name, params).apply(model, ad)
     R.track(model, True)
     qs = [question(c) for c in range(16)]
     inp = batch(proc, [qs[0]])
     with torch.no_grad():
         model.generate(**inp, max_new_tokens=1, do_sample=False)
     st = last_vision_state(model)
-    assert st.source is not None and torch.allclose(st.source.sum(-1), st.size)
+    assert st.source is not None and torch.allclose(st.source.sum(-1), torch.ones_like(st.source[..., 0]), atol=1e-5)
     got = [R.layer_recall(model, ad, inp["input_ids"], [q])[0] for q in qs]
     L = ad.num_llm_layers
     side = math.isqrt(ad.visual_tokens_per_image)
     for c, g in enumerate(got):
         assert len(g) == L and len(set(g)) == 1 and 0.0 <= g[0] <= 1.0 + 1e-6
         w = R.cell_patch_weights(c, side)
-        direct = sum(float(st.source[0, t, 1 + p] / st.size[0, t]) * wp
+        direct = sum(float(st.source[0, t, 1 + p]) * wp
                      for t in range(1, st.source.shape[1]) for p, wp in w.items()) / sum(w.values())
         assert math.isclose(g[0], direct, rel_tol=1e-5)
     assert min(g[0] for g in got) < 1.0
@@ -186,3 +188,25 @@ def test_summary():
     s = R.summarize({"a": [1.0, 0.0], "b": None, "c": [1.0, 1.0]})
     assert s == {"mean": 0.75, "per_layer": [1.0, 0.5], "n": 2}
     assert R.summarize({"a": None}) is None
+
+
+@pytest.mark.parametrize("name,params", [("tome", {}), ("tome", {"order": "spatial"}),
+                                         ("ficoco_v", {}), ("ficoco_v", {"correlate": "ref", "local_penalty": False})])
+def test_content_bookkeeping_follows_the_merge_computation(name, params):
+    """The reducers' share bookkeeping is the merge applied to one-hot features: feeding x = the current
+    shares (identity at first) through two merges gives x_new == the shares the state records."""
+    from methods._shared.vision_reduce import VisionState
+
+    torch.manual_seed(0)
+    B, H, dh, grid = 2, 2, 4, 4
+    N = 1 + grid * grid
+    m = methods.build(name, params)
+    reducer = m.make_reducer({0: 3, 1: 2}, type("A", (), {"patches_per_side": grid})())
+    state = VisionState(size=None, pos=torch.arange(N).expand(B, N), track=True)
+    x = torch.eye(N).expand(B, N, N).clone()
+    for layer, r in ((0, 3), (1, 2)):
+        n = x.shape[1]
+        q, k = torch.randn(B, H, n, dh), torch.randn(B, H, n, dh)
+        x = reducer.reduce(layer, x, q, k, state, r)
+        torch.testing.assert_close(x, state.source, atol=1e-5, rtol=1e-5)
+    assert x.shape[1] == N - 5

@@ -90,8 +90,8 @@ class VisionState:
     #: tokens entering each encoder layer, {layer: n}
     tokens_in: dict[int, int] = field(default_factory=dict)
     #: content bookkeeping, only when `track` is set (asked-cell recall, harness/recall.py): [B, N, N0] float,
-    #: how many of each original token (0 = CLS, 1 + p = patch p) every current token holds (rows sum to
-    #: `size`); None until a reducer that tracks it merges (ToMe)
+    #: the share of each original token (0 = CLS, 1 + p = patch p) in every current token (rows sum to 1),
+    #: updated by the reducers with their own merge weights (ToMe: sizes; FiCoCo-V: alpha); None = identity
     source: torch.Tensor | None = None
     track: bool = False
 
