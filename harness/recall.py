@@ -16,9 +16,12 @@ of each original patch in every token, updated by each reducer with its own merg
 size-weighted average, so a token of size s holding one asked patch carries 1/s of it; FiCoCo-V: the
 compress weights alpha of eq. 3, the kept token's own share 1/(1 + sum alpha)).
 
-Not measured (recall None, the table shows "-"): questions about no single cell (position, count),
-LLaVA-NeXT (anyres crops map patches to tokens differently), and FiCoCo-L / FiCoCo-VL's LLM stage, whose
-merges between attention and MLP do not keep per-patch content bookkeeping yet.
+Tokens merged inside the LLM by FiCoCo-L (and FiCoCo-VL's LLM stage) count the same way: the reducer logs
+each merge's discarded tokens, targets and weights (`ReduceState.merges`), and a target holds
+1 / (1 + sum of its weights) of itself and each weight's share of a discarded token, from the next layer on.
+
+Not measured (recall None, the table shows "-"): questions about no single cell (position, count) and
+LLaVA-NeXT (anyres crops map patches to tokens differently).
 """
 from __future__ import annotations
 
@@ -77,9 +80,6 @@ def measurable(model, adapter) -> bool:
 
     if adapter.family != "llava":
         return False
-    red = LR.get_reducer(model)
-    if red is not None and type(red.plan).after_attention is not LR.ReductionPlan.after_attention:
-        return False  # a merging plan (FiCoCo-L): kept tokens carry merged content
     return True
 
 
@@ -124,6 +124,8 @@ def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[f
         return [None] * B
     red = LR.get_reducer(model)
     st = red.state if red is not None else None
+    if st is not None and (st.visual is None or st.visual.shape[0] != B):
+        st = None  # no prefill of this batch went through the reducer (nothing reduced in the LLM)
     out: list[list[float] | None] = []
     for b, q in enumerate(questions):
         cell = asked_cell(q)
@@ -137,8 +139,15 @@ def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[f
         total = float(weights.sum())
         n_in = per_token.shape[0]
         per_layer = []
+        merges = st.merges if st is not None else {}
         for i in range(L):
-            idx = st.cache_idx[i] if st is not None and st.cache_idx and st.P == input_ids.shape[1] else None
+            if merges:  # merging plan (FiCoCo-L): the alive visual tokens are the merge targets
+                per_layer.append(float(per_token.sum()) / total)
+                if i in merges:  # merged after layer i's attention: the input of layer i+1 holds the mix
+                    disc, tgt, alpha = (t[b].cpu() for t in merges[i])
+                    per_token = (per_token[tgt] + alpha.t() @ per_token[disc]) / (1 + alpha.sum(0))
+                continue
+            idx = st.cache_idx[i] if st is not None and st.cache_idx else None
             if idx is None:  # nothing removed before this layer: every visual token entering the LLM is alive
                 per_layer.append(float(per_token.sum()) / total)
                 continue

@@ -120,11 +120,30 @@ def test_methods_that_keep_every_token_give_one(name, params):
     assert got == [[1.0] * ad.num_llm_layers, None]
 
 
-def test_ficoco_l_merges_are_not_measured():
+@pytest.mark.parametrize("params", [{"final_ratio": 0.5, "start_layer": 1}, {"final_ratio": 0.25, "start_layer": 1, "variant": "code"}])
+def test_ficoco_l_merges_count_in_proportion(params):
+    """FiCoCo-L: layers up to the first merge see all the content; from the layer after a merge the recall
+    follows the logged merge weights; all 16 cells' recalls add up to the visual tokens alive there."""
     model, proc = tiny()
     ad = get_adapter(model)
-    methods.build("ficoco_l", {"final_ratio": 0.5, "start_layer": 1}).apply(model, ad)
-    assert not R.measurable(model, ad)
+    methods.build("ficoco_l", params).apply(model, ad)
+    qs = [question(c) for c in range(16)]
+    inp = batch(proc, [qs[0]])
+    with torch.no_grad():
+        model(**inp)
+    st = LR.get_reducer(model).state
+    assert st.merges
+    got = [R.layer_recall(model, ad, inp["input_ids"], [q])[0] for q in qs]
+    side = math.isqrt(ad.visual_tokens_per_image)
+    first = min(st.merges)
+    for g in got:
+        assert g[: first + 1] == [1.0] * (first + 1)
+    alive = ad.visual_tokens_per_image
+    for i in range(first + 1, ad.num_llm_layers):
+        alive -= st.merges[i - 1][0].shape[1] if i - 1 in st.merges else 0
+        total = sum(g[i] * sum(R.cell_patch_weights(c, side).values()) for c, g in enumerate(got))
+        assert math.isclose(total, alive, rel_tol=1e-4)
+    assert min(g[-1] for g in got) < 1.0
 
 
 def test_vision_merges_without_content_bookkeeping_are_not_measured():
