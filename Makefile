@@ -19,6 +19,8 @@ VTB := $(VENV)/bin/vtbench
 EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200 run.batch_size=8
 EVAL_BUDGETS ?= 0.33,0.22,0.125
 EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
+# compositions (methods/compose.py; conf/method/<name>.yaml, tiny settings in conf/model_method/tiny_<name>.yaml)
+EVAL_COMPOSITIONS ?= shortv_fastv,redundancylens_fastv
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
 TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 3700 \
 	--images2 4 --questions2 12 --lr2 0.002 --warmup2 50 --decay-from2 400 --threads 1 --proj-init2 standardize \
@@ -48,15 +50,17 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with --no-deps)
 
 .PHONY: eval
-eval: $(STAMP) ## The default sweep: none + every method x 3 budgets on tiny/shapes (resumable), then the report
-	@echo "== [1/4] reference: method none"
+eval: $(STAMP) ## The default sweep: none + every method and composition x 3 budgets on tiny/shapes (resumable), then the report
+	@echo "== [1/5] reference: method none"
 	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [2/4] token methods x budgets $(EVAL_BUDGETS) (share of visual tokens)"
+	@echo "== [2/5] token methods x budgets $(EVAL_BUDGETS) (share of visual tokens)"
 	$(VTB) -m method=$(EVAL_TOKEN_METHODS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [3/4] ShortV (layers from its Layer Contribution calibration) at the matching FLOPs"
+	@echo "== [3/5] ShortV (layers from its Layer Contribution calibration) at the matching FLOPs"
 	$(VTB) -m method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [4/4] RedundancyLens (layers from its greedy ranking) at the matching FLOPs"
+	@echo "== [4/5] RedundancyLens (layers from its greedy ranking) at the matching FLOPs"
 	$(VTB) -m method=redundancylens budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [5/5] compositions $(EVAL_COMPOSITIONS): layers as configured, FastV's keep_ratio set by the budget"
+	$(VTB) -m method=$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 	$(VENV)/bin/vtbench-report
 	@# the records behind results/tables (`vtbench-report --store results/store` regenerates them exactly)
 	@rm -rf results/store && mkdir -p results/store/records && cp $${VTBENCH_STORE:-runs/store}/records/*.json results/store/records/

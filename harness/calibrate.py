@@ -112,6 +112,8 @@ def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dic
 
 
 def needs_calibration(method) -> bool:
+    if method.name == "compose":
+        return any(needs_calibration(m) for m in method._build_members())
     p = method.params()
     if method.name == "shortv":
         return p.get("layers") == "auto" and not p.get("calibration")
@@ -129,6 +131,16 @@ def resolve_auto(cfg, method, model, processor, adapter):
 
     if not needs_calibration(method):
         return method, None
+    if method.name == "compose":  # each member calibrates as it would alone (on the unpatched model)
+        members, info = [], {}
+        for i, m in enumerate(method._build_members()):
+            resolved, m_info = resolve_auto(cfg, m, model, processor, adapter)
+            members.append({"name": resolved.name, "params": resolved.params()})
+            if m_info:
+                info[f"members.{i}.{m.name}"] = m_info
+        composed = registry.build("compose", {"members": members})
+        composed.validate(adapter)
+        return composed, info
     if method.name == "shortv":
         arts = shortv_artefacts(cfg, model, processor, adapter, kinds=("visual",))
         params = dict(method.params(), calibration=arts["visual"]["path"])

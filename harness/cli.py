@@ -27,6 +27,10 @@ Config groups (conf/):  model=<{models}>
                         logger=<{loggers}>   experiment=<{experiments}>
 Common keys:            run.limit=N run.batch_size=N run.seed=N run.device=cpu|cuda run.force=true
                         method.params.<name>=<value>   store.dir=PATH   data_dir=PATH
+Compositions:           method=shortv_fastv | redundancylens_fastv (one layer-wise + one token-dropping
+                        member, applied in that order; budgets set the token-dropping member), or
+                        method=compose 'method.params.members=[{{name: shortv, params: {{layers: [31, 0]}}}},
+                        {{name: fastv, params: {{K: 2, R: 0.5}}}}]'   (README, "Compositions")
 """
 
 #: exit codes (see harness.console)

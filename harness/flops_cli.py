@@ -153,6 +153,8 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
     for name in C.CONVENTIONS:
         try:
             conv[name] = C.evaluate(name, config, layout=layout, method=None if method.name == "none" else method)
+            dense = C.evaluate(name, config, layout=layout, method=None)["total"]
+            conv[name].update(dense_total=dense, ratio=conv[name]["total"] / dense if dense else None)
         except Exception as e:  # a method may not support a convention's synthetic layout
             conv[name] = {"convention": name, "error": _first_line(e)}
     return {
@@ -245,7 +247,8 @@ def render_table(r: dict) -> str:
         else:
             unit = 1e9 if name == "fastv" else 1e12
             label = "B (MACs, as FastV prints them)" if name == "fastv" else "TFLOPs"
-            lines.append(f"convention {name}: {conv['total'] / unit:.2f} {label} — {conv['description']}")
+            ratio = f" = {100 * conv['ratio']:.1f} % of {conv['dense_total'] / unit:.2f} (none)" if conv.get("ratio") else ""
+            lines.append(f"convention {name}: {conv['total'] / unit:.2f} {label}{ratio} — {conv['description']}")
             if "label_total" in conv:
                 lines.append(f"convention {name}, budget label: {conv['label_total'] / unit:.2f} {label} "
                              f"({conv['label_visual']} visual tokens) — {conv['label_note']}")

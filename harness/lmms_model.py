@@ -88,6 +88,9 @@ class VTBenchLMM(_LmmsBase):
         self.on_batch = on_batch
         #: callable (task, split, doc_id) -> cached answer or None (per-sample resume)
         self.lookup = None
+        #: {"task/doc_id": per-layer asked-cell recall | None} of the samples generated here, or None when
+        #: not collected (`harness.recall`; the runner turns it on for `shapes`)
+        self.recall: dict | None = None
         self.failures: dict[str, str] = {}
         #: "task/doc_id" of samples whose logits contained NaN/inf at some step
         self.nonfinite: list[str] = []
@@ -185,6 +188,7 @@ class VTBenchLMM(_LmmsBase):
     @torch.inference_mode()
     def generate_batch(self, contexts: list[str], visuals: list[list], max_new_tokens: int) -> list[str]:
         inputs = self.encode(contexts, visuals)
+        self._last_input_ids = inputs["input_ids"]
         out = self._model.generate(
             **inputs,
             do_sample=False,
@@ -263,6 +267,12 @@ class VTBenchLMM(_LmmsBase):
                     docs = [self.task_dict[a[4]][a[5]][a[3]] for a in args]
                     visuals = [list(a[2](d)) for a, d in zip(args, docs)]
                     texts = self.generate_batch(contexts, visuals, max_new)
+                    if self.recall is not None:  # read from the patched model's bookkeeping of this prefill
+                        from harness.recall import layer_recall
+
+                        questions = [str(d.get("question", "")) if isinstance(d, dict) else "" for d in docs]
+                        for a, r in zip(args, layer_recall(self._model, self.adapter, self._last_input_ids, questions)):
+                            self.recall[f"{a[4]}/{a[3]}"] = r
                     bad = set(self._last_nonfinite)
                     self.nonfinite += [f"{args[j][4]}/{args[j][3]}" for j in sorted(bad)]
                 except Exception as e:  # recorded, reported, never silently scored

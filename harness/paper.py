@@ -163,6 +163,9 @@ def _shortv_value(config, kind: str, param) -> float:
         return C.shortv_flops(config, method=methods.build("fastv", {"K": K, "R": R})) / 1e12
     if kind == "shortv":
         return C.shortv_flops(config, method=methods.build("shortv", {"layers": list(range(param))})) / 1e12
+    if kind == "shortv+fastv":  # the composition (methods/compose.py): ShortV's paper list x FastV (K, R)
+        n, K, R = param
+        return C.shortv_flops(config, method=shortv_fastv(n, K, R)) / 1e12
     if kind == "vtw":  # VTW: all visual tokens removed from layer K on (no vtbench method; counted here)
         s = A.LLMShape.from_config(config.text_config)
         v, t = C.paper_visual_tokens(config), C.SHORTV_TEXT
@@ -171,7 +174,19 @@ def _shortv_value(config, kind: str, param) -> float:
     raise ValueError(kind)
 
 
+def shortv_fastv(N: int, K: int, R: float):
+    """ShortV (the first N layers of its LLaVA-1.5-7B paper list) + FastV (K, R), as `method=shortv_fastv`."""
+    import methods
+    from omegaconf import OmegaConf
+
+    layers = list(OmegaConf.load(CONF / "model_method" / "llava15_7b_shortv.yaml").params.layers)
+    return methods.build("compose", {"members": [{"name": "shortv", "params": {"layers": layers, "N": N}},
+                                                 {"name": "fastv", "params": {"K": K, "R": R}}]})
+
+
 def _label(kind, param) -> str:
+    if kind == "shortv+fastv":
+        return "ShortV (N={}) + FastV (K={}, R={:.0%})".format(*param)
     if kind == "fastv":
         return "FastV (K={}, R={:.0%})".format(*param)
     return {"vanilla": "Vanilla", "vtw": f"VTW (K={param})", "shortv": f"ShortV (N={param})"}[kind]
@@ -226,6 +241,36 @@ def shortv_table2() -> list[Row]:
         for n, r in SHORTV_T11.get(model, []):
             ent.append((f"N={n} (appendix Table 11)", _shortv_value(config, "shortv", n), None, r))
         rows += _shortv_rows(model, config, ent)
+    return rows
+
+
+def _table5_r_range(config, N: int, K: int, printed: str) -> tuple[float, float]:
+    """The FastV drop ratios R = dropped / 576 (whole tokens) for which ShortV (N) + FastV (K, R) prints
+    `printed` % (ratio of the printed TFLOPs, as the paper's percentages are)."""
+    dense_p = float(shortv_paper_round(_shortv_value(config, "vanilla", None)))
+    hits = [d / 576 for d in range(0, 576)
+            if str(int(half_up(100 * float(shortv_paper_round(_shortv_value(config, "shortv+fastv", (N, K, d / 576))))
+                                / dense_p, 0))) == printed]
+    return (min(hits), max(hits)) if hits else (float("nan"), float("nan"))
+
+
+def shortv_table5() -> list[Row]:
+    """ShortV Table 5 (composition with FastV, LLaVA-1.5-7B): the paper prints FLOPs ratios only."""
+    config = full_config("llava15_7b")
+    entries = [("vanilla", None, "100"), ("fastv", (2, 0.5), "58"), ("shortv", 19, "55"),
+               ("shortv+fastv", (19, 2, 0.5), "29"), ("shortv+fastv", (19, 2, 0.6), "29")]
+    rows = _shortv_rows("llava15_7b", config, [(_label(k, p), _shortv_value(config, k, p), None, r)
+                                                for k, p, r in entries])
+    lo, hi = _table5_r_range(config, 19, 2, "29")
+    for r in rows:
+        if "R=50%" in r.setting and "ShortV" in r.setting:
+            r.note = ("FastV's own setting (K=2, R=50%) in the composition gives 34%, not the printed 29%; the paper "
+                      "does not state the combination's FastV setting (spec A7)" + (f"; {r.note}" if r.note else ""))
+        elif "R=60%" in r.setting:
+            r.note = (f"the FastV setting that reproduces the printed 29%: K=2 with R in [{lo:.3f}, {hi:.3f}] "
+                      f"({round(lo * 576)}-{round(hi * 576)} of 576 visual tokens dropped) prints 29%; R=60% is the "
+                      "round value in that range (conf/model_method/llava15_7b_shortv_fastv.yaml uses it)"
+                      + (f"; {r.note}" if r.note else ""))
     return rows
 
 
@@ -375,6 +420,11 @@ TABLES = {
                             "(spec layer_methods.md §A8.2)",
                             "Same convention as Table 1; ShortV priced with methods/shortv.py's analytic formula "
                             "(which layers are frozen does not change the FLOPs).", shortv_table2),
+    "flops_shortv_table5": ("ShortV Table 5 — composition with FastV, LLaVA-1.5-7B (spec layer_methods.md §A8, §A7)",
+                            "Same convention as Table 1 (the paper prints the FLOPs ratios only). ShortV + FastV is "
+                            "vtbench's composition (method=shortv_fastv, methods/compose.py) priced with its analytic "
+                            "formula composed from the members' (frozen layers before K at all 576 visual tokens, "
+                            "from K on at the kept ones, plus FastV's scoring row).", shortv_table5),
     "flops_fastv_table1": ("FastV Table 1 — FLOPs(B) and ratio, LLaVA-1.5 rows (spec token_methods.md §1.4, §0.5)",
                            "FastV eq. 5: per layer 4nd^2 + 2n^2d + 2ndm MACs (printed as FLOPs), MHA + 2-matrix "
                            "FFN, n = system prompt + 576 image tokens (611 for 7B, 612 for 13B), text excluded, "

@@ -42,6 +42,7 @@ COLUMNS = [
     ("visual_tokens_llm", "visual tokens→LLM"),
     ("visual_tokens_layer", "visual tokens/layer"),
     ("accuracy", "accuracy"),
+    ("asked_recall", "asked-cell recall"),  # shapes only (harness/recall.py); absent from older records
     ("retention", "retention"),
     ("agreement", "agree w/ none"),
     ("diff_ci", "Δacc 95% CI"),
@@ -127,6 +128,9 @@ def short_params(method: str, params: dict) -> str:
     path stays in the record), nested parameters flattened: short enough for a table cell and a label."""
     import methods
 
+    if "members" in params and isinstance(params.get("members"), list):  # a composition: each member's own
+        return " + ".join(f"{m.get('name')}: {short_params(m.get('name'), m.get('params') or {})}"
+                          for m in params["members"] if isinstance(m, dict))
     try:
         defaults = methods.get(method)().params()
         cal_fields = set(getattr(methods.get(method), "calibration_fields", ()))
@@ -294,6 +298,9 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
         "kv_mb": _num(r.get(F_KV)) / 2**20,
         "key": r["key"],
     }
+    recall = r.get("asked_recall")
+    if recall is not None and recall == recall:  # noqa: PLR0124 (NaN check)
+        row["asked_recall"] = recall
     if base_row is not None:
         row["retention"] = r["accuracy"] / base_row["accuracy"] if base_row["accuracy"] else np.nan
         bt = base_row.get(F_TOTAL)
@@ -363,7 +370,7 @@ def _fmt(v, col, t=None):
         return "-" if v is None or v != v else f"{v:.4g}"
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
-    if col in ("accuracy", "retention", "agreement", "flops_ratio"):
+    if col in ("accuracy", "retention", "agreement", "flops_ratio", "asked_recall"):
         return f"{v:.3f}"
     if col in ("peak_mem_mb", "kv_mb", "visual_tokens_layer"):
         return f"{v:.1f}"
@@ -508,6 +515,27 @@ def accuracy_vs_flops_figure(frame, x: str, title: str, *, what: str = "prefill"
     return fig
 
 
+def recall_vs_flops_figure(t, title: str):
+    """Asked-cell recall (mean over samples and LLM layers, harness/recall.py) against prefill FLOPs, one
+    line per method through its budgets; methods whose recall is not measured are left out."""
+    import matplotlib.pyplot as plt
+
+    t = t[t["asked_recall"].notna()].assign(flops_raw=lambda d: d["gflops"] * 1e9)
+    scale, unit = flops_unit(t["flops_raw"])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for m, g in t.groupby("method", sort=True):
+        g = g.sort_values("flops_raw")
+        ax.plot(g["flops_raw"] / scale, g["asked_recall"], lw=1.2, color=method_colour(m), label=m,
+                marker="*" if m == "none" else "o", ms=11 if m == "none" else 5)
+    ax.set_xlabel(f"prefill {unit} (counted)")
+    ax.set_ylabel("asked-cell recall (mean over samples and LLM layers)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
+
+
 def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
     import matplotlib
 
@@ -535,6 +563,8 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
             save(fig, "retention")
+    if "asked_recall" in t and t["asked_recall"].notna().any() and t["gflops"].notna().any():
+        save(recall_vs_flops_figure(t, f"Asked-cell recall vs FLOPs — {title}"), "recall")
     if t["prefill_ms"].notna().any():
         save(_latency_figure(t, title), "latency")
     return written

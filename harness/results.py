@@ -139,10 +139,9 @@ def _calibration(cfg: dict, registry, name: str, params: dict) -> dict | None:
         cls = registry.get(name)
     except Exception:
         return None
-    fields = tuple(getattr(cls, "calibration_fields", ()))
-    if not fields:
+    if not cls.may_calibrate(params):
         return None
-    given = {f: params.get(f) for f in fields if params.get(f)}
+    given = cls.calibration_given(params)
     uses_auto = "auto" in json.dumps(params) or bool(_budget(cfg.get("budget")))
     if not given and not uses_auto:
         return None
@@ -383,6 +382,14 @@ def comparison_group(cell: dict) -> dict:
     return {k: v for k, v in cell.items() if k not in COMPARED}
 
 
+def _method_label(method: dict) -> str | None:
+    """The method column: the registry name, a composition's members joined (`shortv+fastv`)."""
+    import methods
+
+    name = method.get("name")
+    return methods.label(name, method.get("params")) if name else name
+
+
 def record_row(rec: dict) -> dict:
     """One flat row of a record (per-sample predictions left out)."""
     cell = rec.get("cell", {})
@@ -392,7 +399,7 @@ def record_row(rec: dict) -> dict:
         "split": cell.get("benchmark", {}).get("split"),
         "status": rec.get("status"),
         "model": cell.get("model", {}).get("name"),
-        "method": cell.get("method", {}).get("name"),
+        "method": _method_label(cell.get("method", {})),
         "method_params": _canonical(rec.get("method_params") or cell.get("method", {}).get("params", {})),
         "budget": _canonical(cell.get("budget")) if cell.get("budget") else None,
         "benchmark": cell.get("benchmark", {}).get("name"),
@@ -408,6 +415,8 @@ def record_row(rec: dict) -> dict:
         "error": rec.get("error"),
         "created": rec.get("created"),
     }
+    if isinstance(rec.get("asked_recall"), dict):  # shapes: asked-cell recall (harness/recall.py)
+        row["asked_recall"] = rec["asked_recall"].get("mean")
     for section in ("metrics", "efficiency"):
         flat: dict = {}
         _flatten("", rec.get(section) or {}, flat)

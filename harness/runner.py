@@ -226,6 +226,11 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         on_batch=lambda rows: store.append_partial(key, rows, code),
     )
     lm.lookup = lambda t, s, d: getattr(done.get((t, s, int(d))), "answer", None)
+    if cfg.benchmark.name == "shapes":
+        from harness.recall import track
+
+        lm.recall = {}  # asked-cell recall per sample and LLM layer (harness/recall.py)
+        track(model, True)  # the vision encoder's merge bookkeeping, off again before anything is timed
 
     from lmms_eval.evaluator import simple_evaluate
 
@@ -253,6 +258,17 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     metrics = _metrics_of(results, task)
     primary = cfg.benchmark.metric
     samples = _samples_of(results, task, list(cfg.benchmark.metrics))
+    asked_recall = None
+    if lm.recall is not None:
+        from harness.recall import summarize, track
+
+        track(model, False)
+
+        for smp in samples:
+            r = lm.recall.get(f"{task}/{smp['doc_id']}")
+            if r is not None:
+                smp["asked_recall_per_layer"] = [round(x, 6) for x in r]
+        asked_recall = summarize({f"{task}/{smp['doc_id']}": smp.get("asked_recall_per_layer") for smp in samples})
     # non-finite flags of answers reused from an interrupted attempt are kept (same record either way)
     evaluated = {f"{task}/{s['doc_id']}" for s in samples}
     nonfinite = sorted(set(lm.nonfinite) | (done_nonfinite & evaluated), key=_doc_order)
@@ -295,6 +311,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         "n_resumed": len(done),
         "n_truncated_images": len(truncated),
         "truncated_images": list(truncated),
+        "asked_recall": asked_recall,
         "samples": samples,
         "efficiency": efficiency,
         "environment": environment(cfg.run.device),

@@ -51,7 +51,10 @@ def budget_label(budget: dict | None) -> str:
 
 def run_name(record: dict) -> str:
     cell = record["cell"]
-    parts = [cell["model"]["name"], cell["method"]["name"], budget_label(cell.get("budget")),
+    import methods
+
+    parts = [cell["model"]["name"], methods.label(cell["method"]["name"], cell["method"].get("params")),
+             budget_label(cell.get("budget")),
              cell["benchmark"]["name"], record["key"][:8]]
     return "-".join(p.replace("/", "-") for p in parts if p)
 
@@ -126,6 +129,10 @@ def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> d
         for k in ("accuracy", "n_samples", "n_failed", "n_empty", "n_nonfinite", "n_resumed"):
             if isinstance(record.get(k), (int, float)):
                 summary[k] = record[k]
+        if isinstance(record.get("asked_recall"), dict):  # shapes: asked-cell recall (harness/recall.py)
+            summary["asked_recall"] = record["asked_recall"]["mean"]
+            for i, v in enumerate(record["asked_recall"].get("per_layer") or []):
+                summary[f"asked_recall/layer_{i:02d}"] = v
         summary["key"] = record["key"]
         run.summary.update(summary)
         if logger_cfg.get("log_samples", True) and record.get("samples"):

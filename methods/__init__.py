@@ -95,6 +95,16 @@ def build(name: str, params: dict[str, Any] | None = None) -> Method:
     return method
 
 
+def label(name: str, params: dict | None = None) -> str:
+    """A method's name as tables, figures and W&B run names show it: a composition is named by its
+    members in order (`shortv+fastv`), every other method by its registry name."""
+    if name == "compose":
+        members = (params or {}).get("members") or []
+        names = [m.get("name") for m in members if isinstance(m, dict) and isinstance(m.get("name"), str)]
+        return "+".join(names) if names else name
+    return name
+
+
 def show(value: Any) -> str:
     """A value as the user would write it on the command line (`nan`, `abc`, `[1, 2]`)."""
     if isinstance(value, bool):
@@ -192,4 +202,4 @@ def _fits(value: Any, hint: Any) -> bool:
     return False
 
 
-__all__ = ["Method", "MethodError", "available", "build", "get", "register"]
+__all__ = ["Method", "MethodError", "available", "build", "get", "label", "register"]

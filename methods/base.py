@@ -35,6 +35,16 @@ class Method:
     #: method carries its calibration settings and the artefacts' content in its identity
     calibration_fields: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def calibration_given(cls, params: dict) -> dict[str, Any]:
+        """Calibration artefacts named in `params` ({field: path}); compositions prefix their members'."""
+        return {f: params.get(f) for f in cls.calibration_fields if params.get(f)}
+
+    @classmethod
+    def may_calibrate(cls, params: dict) -> bool:
+        """True if a cell with `params` may take layers from a calibration artefact."""
+        return bool(cls.calibration_fields)
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -70,6 +80,21 @@ class Method:
         from harness.efficiency.analytic import dense_prefill_macs
 
         return dense_prefill_macs(shapes, layout)
+
+    # ---- per-layer FLOPs terms (compositions, `methods/compose.py`, add these up) ------------------------
+    def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:
+        """For a method that removes visual tokens *inside* the LLM: the visual tokens alive at the
+        input of every decoder layer for one prompt `layout`, and the MACs of its selection itself
+        (e.g. FastV's score row). None for methods that do not drop tokens between layers."""
+        return None
+
+    def llm_layer_macs_at(self, s, layer: int, layout) -> int:
+        """MACs of decoder layer `layer` (LLM shape `s`) run on the tokens of `layout` (the visual
+        tokens alive at that layer). Layer-wise methods (ShortV, RedundancyLens) override it; their
+        `analytic_prefill_macs` is the sum of it over the layers."""
+        from harness.efficiency.analytic import llm_layer_macs
+
+        return llm_layer_macs(s, layout.total)
 
     def visual_tokens_to_llm(self, n_visual: int) -> int:
         """Visual tokens entering the LLM for an input with `n_visual` of them (vision-side methods

@@ -148,17 +148,22 @@ class FastV(Method):
         return model
 
     # ---- FLOPs --------------------------------------------------------------------------------------
-    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
+    def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:
+        """Visual tokens at each layer's input (all of them in layers < K, the kept ones from K on) and
+        the score row's MACs (one query row x n keys x heads, QK^T only); None when nothing is dropped."""
         s, n = shapes.llm, layout.total
         kept = self.visual_tokens_kept(layout)
         if kept >= layout.visual:
+            return None
+        return [layout.visual] * self.K + [kept] * (s.layers - self.K), s.heads * n * s.head_dim
+
+    def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
+        macs = A.dense_prefill_macs(shapes, layout)
+        schedule = self.llm_visual_schedule(shapes, layout)
+        if schedule is None:
             return macs
-        n_hat = n - (layout.visual - kept)
-        score = s.heads * n * s.head_dim  # one query row x n keys x heads (QK^T only)
-        macs["llm"] = (
-            self.K * A.llm_layer_macs(s, n) + (s.layers - self.K) * A.llm_layer_macs(s, n_hat) + score
-        )
+        per_layer, score = schedule
+        macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + score
         return macs
 
 

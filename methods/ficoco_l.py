@@ -272,6 +272,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
         moved = torch.matmul(alpha.transpose(1, 2).to(X.dtype), X_s)
         X_t = LR.take(X_v, tgt) + moved
 
+    view.state.merges[view.layer] = (disc, tgt, alpha.detach().float())  # bookkeeping (harness.recall)
     # write the targets back and keep every non-visual token + the targets
     tgt_pos = vis_idx.gather(1, tgt)  # sequence positions of targets
     X = X.scatter(1, tgt_pos[..., None].expand(-1, -1, d), X_t)

@@ -143,6 +143,11 @@ class FiCoCoVReducer(VisionReducer):
         carried = (alpha * size_p.gather(1, src)[..., None]).sum(dim=1)
         state.size = torch.cat([size[:, :1], size_p.gather(1, keep) + carried], dim=1)
         state.pos = torch.cat([state.pos[:, :1], pos_p.gather(1, keep)], dim=1)
+        if state.track:  # content bookkeeping (asked-cell recall): the shares mix with the merge weights
+            share = state.source if state.source is not None else torch.eye(N, device=x.device).expand(B, N, N)
+            sp = share[:, 1:]
+            mixed = (gather_tokens(sp, keep) + alpha.transpose(1, 2).float() @ gather_tokens(sp, src)) / den[..., None].float()
+            state.source = torch.cat([share[:, :1], mixed], dim=1)
         return torch.cat([x[:, :1], num / den[..., None]], dim=1)
 
 

@@ -107,9 +107,16 @@ class RandomDrop(Method):
         LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions))
         return model
 
+    def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:
+        """The kept visual tokens at every layer's input (dropped before layer 0); no selection cost."""
+        kept = kept_visual(layout.visual, float(self.keep_ratio), self.keep)
+        if kept >= layout.visual:
+            return None
+        return [kept] * shapes.llm.layers, 0
+
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         macs = A.dense_prefill_macs(shapes, layout)
-        kept = kept_visual(layout.visual, float(self.keep_ratio), self.keep)
-        if kept < layout.visual:
-            macs["llm"] = A.llm_prefill_macs(shapes.llm, layout.total - (layout.visual - kept))
+        schedule = self.llm_visual_schedule(shapes, layout)
+        if schedule is not None:
+            macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in schedule[0])
         return macs

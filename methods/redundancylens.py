@@ -233,6 +233,10 @@ class RedundancyLens(Method):
         )
         return out
 
+    def llm_layer_macs_at(self, s, layer: int, layout) -> int:
+        hollow, ffn = self.layer_counts_or_lists(s.layers)
+        return self.layer_macs(s, layout, layer in hollow, layer in ffn)
+
     def layer_macs(self, s, layout, hollow: bool, ffn: bool) -> int:
         """MACs of one decoder layer (batch 1; the p non-visual tokens before the last visual one are
         every Hollow visual query's prefix keys: text before the first image and between images)."""

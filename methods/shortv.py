@@ -148,15 +148,30 @@ class ShortV(Method):
 
     # ---- FLOPs -----------------------------------------------------------------------------------------
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        from harness.efficiency.analytic import dense_prefill_macs, llm_layer_macs
+        from harness.efficiency.analytic import dense_prefill_macs
 
         out = dense_prefill_macs(shapes, layout)
         s = shapes.llm
-        n = self.num_frozen()
-        T, t = layout.total, layout.text
-        frozen = llm_layer_macs(s, n_q=t, n_kv=T, n_k=T, n_o=t, n_ffn=t)
-        out["llm"] = (s.layers - n) * llm_layer_macs(s, T) + n * frozen
+        out["llm"] = sum(self.llm_layer_macs_at(s, i, layout) for i in range(s.layers))
         return out
+
+    def llm_layer_macs_at(self, s, layer: int, layout) -> int:
+        """A frozen layer: text rows dense, visual rows K/V only (spec A7); other layers dense. The
+        frozen set is the first N of the list (a count when layers='auto' has no artefact yet: the
+        analytic cost does not depend on which layers)."""
+        from harness.efficiency.analytic import llm_layer_macs
+
+        T, t = layout.total, layout.text
+        frozen = layer in self._frozen_set(s.layers) if self._frozen_known() else layer < self.num_frozen()
+        if frozen:
+            return llm_layer_macs(s, n_q=t, n_kv=T, n_k=T, n_o=t, n_ffn=t)
+        return llm_layer_macs(s, T)
+
+    def _frozen_known(self) -> bool:
+        return self.layers != "auto" or bool(self.calibration)
+
+    def _frozen_set(self, num_layers: int) -> set[int]:
+        return set(self.frozen_layers(num_layers))
 
 
 def _shortv_plan(ctx, layer_idx, hidden_states):

@@ -85,10 +85,19 @@ class ToMeReducer(VisionReducer):
         size_new = torch.cat([sa.gather(1, unm_idx), sb], dim=1)
         pos_new = torch.cat([pa.gather(1, unm_idx), pb], dim=1)
         x_new = x_new / size_new[..., None]
+        src_new = None
+        if state.track:  # content bookkeeping (asked-cell recall): the same size-weighted merge of the shares
+            share = state.source if state.source is not None else torch.eye(N, device=x.device).expand(B, N, N)
+            counts = share * size[..., None].float()
+            s_a, s_b = counts[:, ::2], counts[:, 1::2]
+            s_b = s_b.scatter_reduce(1, dst_idx[..., None].expand(B, r, counts.shape[2]), gather_tokens(s_a, src_idx), reduce="sum")
+            src_new = torch.cat([gather_tokens(s_a, unm_idx), s_b], dim=1) / size_new[..., None].float()
         if self.order == "spatial":
             idx = pos_new.argsort(dim=-1, stable=True)
             x_new, size_new, pos_new = gather_tokens(x_new, idx), size_new.gather(1, idx), pos_new.gather(1, idx)
+            src_new = gather_tokens(src_new, idx) if src_new is not None else None
         state.size, state.pos = size_new, pos_new
+        state.source = src_new
         return x_new
 
 

@@ -168,7 +168,7 @@ def test_ficoco_figure_from_store(cell_overrides, tmp_path, capsys):
 # ---- reproduction recipes ------------------------------------------------------------------------------
 def test_recipes_exist():
     for name in ("repro_shortv_llava15_7b", "repro_fastv_llava15_7b", "repro_ficoco_llava15_7b",
-                 "repro_vanilla_llava15_7b", "repro_shortv_nsweep_llava15_7b"):
+                 "repro_vanilla_llava15_7b", "repro_shortv_nsweep_llava15_7b", "repro_shortv_table5_llava15_7b"):
         assert name in RECIPES
 
 
@@ -196,6 +196,19 @@ def test_recipe_composes_and_every_cell_validates(name):
         assert cfg.model.chat_template.startswith("{% for message in messages %}")
         if cfg.method.name == "shortv" and "nsweep" not in name:
             assert len(cfg.method.params.layers) in (19, 24)  # the paper's layers (conf/model_method)
+        if cfg.method.name == "compose":  # ShortV + FastV: the paper's layers, FastV at the 29 % setting
+            shortv, fastv = cfg.method.params.members
+            assert len(shortv.params.layers) == 19 and (fastv.params.K, fastv.params.R) == (2, 0.6)
+
+
+def test_shortv_table5_composition_flops():
+    """ShortV Table 5's 29 %: the composition with FastV K=2, R=60% (R=50% gives 34 %)."""
+    config = paper.full_config("llava15_7b")
+    rows = {r.setting: r for r in paper.shortv_table5()}
+    assert rows["LLaVA-1.5-7B ShortV (N=19) + FastV (K=2, R=60%)"].ours == "29"
+    assert rows["LLaVA-1.5-7B ShortV (N=19) + FastV (K=2, R=50%)"].ours == "34"
+    lo, hi = paper._table5_r_range(config, 19, 2, "29")
+    assert lo <= 0.6 <= hi
 
 
 def test_vicuna_template_renders_like_the_processor(tiny_checkpoint):

@@ -17,6 +17,7 @@ call and holds per-forward method state (e.g. the kept indices chosen at a layer
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,3 +100,31 @@ def announce_prompt_visual(model, counts) -> None:
 
 def get_context(model) -> VisualContext | None:
     return getattr(model, _ATTR, None)
+
+
+@contextlib.contextmanager
+def narrowed(ctx: VisualContext, index: torch.Tensor):
+    """Within the block, `ctx` describes only the prefill tokens `index` [B, n] (ascending prefill
+    indices of the tokens still alive after an LLM-side drop, `methods._shared.llm_reduce`):
+    `visual_mask` and the 2-D `attention_mask` are gathered to them and `scratch` is a namespace of its
+    own for that token set (shared by every layer that runs on the same set). A layer-wise method's
+    reduced layer (`reduced_layer.patch_layer`) running inside it therefore acts on the kept tokens
+    only: that is how a composition's layer-wise member sees a token-dropping member's reduction."""
+    vm, am, scratch = ctx.visual_mask, ctx.attention_mask, ctx.scratch
+    if vm is None:
+        yield ctx
+        return
+    P = vm.shape[1]
+    spaces = scratch.setdefault("_narrowed", [])
+    sub = next((d for held, d in spaces if held is index), None)
+    if sub is None:
+        sub = {}
+        spaces.append((index, sub))
+    ctx.visual_mask = vm.gather(1, index)
+    if am is not None and am.dim() == 2:
+        ctx.attention_mask = am[:, -P:].gather(1, index)
+    ctx.scratch = sub
+    try:
+        yield ctx
+    finally:
+        ctx.visual_mask, ctx.attention_mask, ctx.scratch = vm, am, scratch

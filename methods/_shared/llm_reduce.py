@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from methods._shared.context import get_context, install_context
+from methods._shared.context import get_context, install_context, narrowed
 from methods.base import MethodError
 
 _ATTR = "_vtbench_llm_reducer"
@@ -193,6 +193,11 @@ class ReduceState:
     pinned_prompt: int | None = None
     pinned_suffix: int = 0  # the last columns of a call that are not prompt (log-likelihood continuation)
     contiguous: bool = True  # the prefill's visual tokens form one span in every sample (set by plans)
+    #: merges of the current prefill, {layer: (discarded, targets, weights)}: visual ordinals among the visual
+    #: tokens alive at that layer ([B, r], [B, v - r]) and the weights [B, r, v - r] each discarded token
+    #: was merged into the targets with (a target then holds 1 / (1 + sum of its weights) of itself);
+    #: bookkeeping only, read by harness.recall
+    merges: dict = field(default_factory=dict)
 
     def reset(self, visual, attention_mask, position_ids, P, B, device):
         self.P = P
@@ -209,6 +214,7 @@ class ReduceState:
         self.removed_any = False
         self.cache_idx = [None] * self.n_layers
         self.shift = [None] * self.n_layers
+        self.merges = {}
 
     def current(self) -> torch.Tensor:
         if self.cur is None:
@@ -391,7 +397,11 @@ class LLMReducer:
             if self.plan.positions == "renumber":
                 st.shift[i] = torch.full((idx.shape[0],), st.P - idx.shape[1], device=idx.device)
         if not merging:
-            out = orig(hidden, **kw)
+            if st.removed_any:  # a reduced layer inside (a composition's layer-wise member) sees the kept tokens
+                with narrowed(ctx, idx):
+                    out = orig(hidden, **kw)
+            else:
+                out = orig(hidden, **kw)
             self._release(i, merging)
             return out
         return self._merge_layer(i, layer, hidden, kw)

@@ -89,6 +89,11 @@ class VisionState:
     pos: torch.Tensor | None = None
     #: tokens entering each encoder layer, {layer: n}
     tokens_in: dict[int, int] = field(default_factory=dict)
+    #: content bookkeeping, only when `track` is set (asked-cell recall, harness/recall.py): [B, N, N0] float,
+    #: the share of each original token (0 = CLS, 1 + p = patch p) in every current token (rows sum to 1),
+    #: updated by the reducers with their own merge weights (ToMe: sizes; FiCoCo-V: alpha); None = identity
+    source: torch.Tensor | None = None
+    track: bool = False
 
 
 class VisionReducer:
@@ -110,6 +115,8 @@ class VisionReducer:
 class _Holder:
     state: VisionState | None = None
     last: VisionState | None = None
+    #: keep `VisionState.source` (set by harness.recall while it measures; off for timing)
+    track: bool = False
 
 
 def _encoder(adapter):
@@ -132,7 +139,7 @@ def patch_vision_layers(model, adapter, reducer: VisionReducer, *, force_layers:
     def enc_forward(inputs_embeds, *args, **kwargs):
         B, N, _ = inputs_embeds.shape
         pos = torch.arange(N, device=inputs_embeds.device).expand(B, N)
-        holder.state = VisionState(size=None, pos=pos)
+        holder.state = VisionState(size=None, pos=pos, track=holder.track)
         try:
             return original_enc_forward(inputs_embeds, *args, **kwargs)
         finally:

@@ -1,0 +1,171 @@
+"""Asked-cell recall on `shapes`: how much of the asked grid cell's visual content reaches each LLM layer.
+
+For a `shapes` question about one named cell ("... in row 2, column 3?": colour, shape and letter
+questions), the cell's 48x48 px square covers a known set of ViT patches (3x3 of the 12x12 grid of the
+192 px image at 16 px, or the equivalent overlap weights on another patch grid). Per sample and per LLM
+layer, the recall is the asked patches' weight carried by the visual tokens alive at that layer's input,
+over their total weight: a kept token counts fully, a dropped one not at all. It is read from what the
+patched model did in that generation (the LLM reducer's per-layer kept indices,
+`methods._shared.llm_reduce.ReduceState.cache_idx`), never re-derived from a method's formula. A token
+frozen by ShortV or hollowed / FFN-reduced by RedundancyLens is alive (its K/V reach the layer's text
+queries) and counts fully.
+
+A token merged in the vision encoder counts in proportion to the asked patches' share of it: the
+encoder's merge bookkeeping (`VisionState.source`, kept while recall is measured, `track`) holds the share
+of each original patch in every token, updated by each reducer with its own merge weights (ToMe: the
+size-weighted average, so a token of size s holding one asked patch carries 1/s of it; FiCoCo-V: the
+compress weights alpha of eq. 3, the kept token's own share 1/(1 + sum alpha)).
+
+Tokens merged inside the LLM by FiCoCo-L (and FiCoCo-VL's LLM stage) count the same way: the reducer logs
+each merge's discarded tokens, targets and weights (`ReduceState.merges`), and a target holds
+1 / (1 + sum of its weights) of itself and each weight's share of a discarded token, from the next layer on.
+
+Not measured (recall None, the table shows "-"): questions about no single cell (position, count) and
+LLaVA-NeXT (anyres crops map patches to tokens differently).
+"""
+from __future__ import annotations
+
+import re
+
+IMAGE = 192  # shapes image side (px)
+GRID = 4     # cells per side
+_WHERE = re.compile(r"row (\d+), column (\d+)")
+
+
+def asked_cell(question: str) -> int | None:
+    """The row-major index of the cell a `shapes` question names, or None (position/count questions)."""
+    m = _WHERE.search(question or "")
+    if not m:
+        return None
+    r, c = int(m.group(1)) - 1, int(m.group(2)) - 1
+    return r * GRID + c if 0 <= r < GRID and 0 <= c < GRID else None
+
+
+def cell_patch_weights(cell: int, side: int) -> dict[int, float]:
+    """{row-major patch index: share of the patch's area inside `cell`} on a `side` x `side` patch grid
+    of the square image (12x12 for the tiny model: the cell's 3x3 patches with weight 1)."""
+    r, c = divmod(cell, GRID)
+    lo_r, hi_r = r * IMAGE / GRID, (r + 1) * IMAGE / GRID
+    lo_c, hi_c = c * IMAGE / GRID, (c + 1) * IMAGE / GRID
+    step = IMAGE / side
+
+    def overlap(i, lo, hi):
+        return max(0.0, min(hi, (i + 1) * step) - max(lo, i * step)) / step
+
+    out = {}
+    for i in range(side):
+        wr = overlap(i, lo_r, hi_r)
+        if not wr:
+            continue
+        for j in range(side):
+            wc = overlap(j, lo_c, hi_c)
+            if wc:
+                out[i * side + j] = wr * wc
+    return out
+
+
+def track(model, on: bool) -> None:
+    """Turn the vision encoder's content bookkeeping (`VisionState.source`, ToMe) on while answers are
+    generated and recall is measured, off before anything is timed. No-op without a vision reduction."""
+    from methods._shared.vision_reduce import _PATCHED
+
+    holder = getattr(model, _PATCHED, None)
+    if holder is not None:
+        holder.track = bool(on)
+
+
+def measurable(model, adapter) -> bool:
+    """False where the method's bookkeeping cannot give the recall (see the module docstring)."""
+    from methods._shared import llm_reduce as LR
+
+    if adapter.family != "llava":
+        return False
+    return True
+
+
+def _vision_content(model, B: int, n_vis: int):
+    """[B, n_vis, n_vis] share of each original patch in each visual token entering the LLM, from the
+    vision encoder's merge bookkeeping of the last call; the identity without a vision reduction; None
+    where a reduction ran without content bookkeeping (tracking off) or the shapes do not match."""
+    import torch
+
+    from methods._shared.vision_reduce import _PATCHED, last_vision_state
+
+    if getattr(model, _PATCHED, None) is None:
+        return torch.eye(n_vis).expand(B, n_vis, n_vis)
+    st = last_vision_state(model)
+    if st is None or st.size is None:  # no token was merged in the last call
+        return torch.eye(n_vis).expand(B, n_vis, n_vis) if st is not None and len(st.pos[0]) == n_vis + 1 else None
+    if st.source is None or st.source.shape[0] != B:
+        return None
+    src = st.source[:, 1:, 1:].float().cpu()  # drop CLS (LLaVA's "default" feature selection)
+    return src if src.shape[2] == n_vis else None
+
+
+def layer_recall(model, adapter, input_ids, questions: list[str]) -> list[list[float] | None]:
+    """Per sample of the last generate call (prompt ids `input_ids` [B, P], as the processor made them):
+    the asked-cell recall at the input of every LLM layer, or None where it is not measured."""
+    import math
+
+    import torch
+
+    from methods._shared import llm_reduce as LR
+
+    B = input_ids.shape[0]
+    if not measurable(model, adapter):
+        return [None] * B
+    L = adapter.num_llm_layers
+    n_vis = int(adapter.visual_tokens_per_image)  # patches of the image (the processor's count, one image)
+    side = math.isqrt(n_vis)
+    if side * side != n_vis or bool((adapter.visual_mask(input_ids).sum(1) != n_vis).any()):
+        return [None] * B  # several images or a layout we cannot map: not measured
+    content = _vision_content(model, B, n_vis)  # token k entering the LLM holds content[b, k, p] of patch p
+    if content is None:
+        return [None] * B
+    red = LR.get_reducer(model)
+    st = red.state if red is not None else None
+    if st is not None and (st.visual is None or st.visual.shape[0] != B):
+        st = None  # no prefill of this batch went through the reducer (nothing reduced in the LLM)
+    out: list[list[float] | None] = []
+    for b, q in enumerate(questions):
+        cell = asked_cell(q)
+        if cell is None:
+            out.append(None)
+            continue
+        weights = torch.zeros(n_vis)
+        for p, w in cell_patch_weights(cell, side).items():
+            weights[p] = w
+        per_token = content[b] @ weights  # asked content carried by each visual token entering the LLM
+        total = float(weights.sum())
+        n_in = per_token.shape[0]
+        per_layer = []
+        merges = st.merges if st is not None else {}
+        for i in range(L):
+            if merges:  # merging plan (FiCoCo-L): the alive visual tokens are the merge targets
+                per_layer.append(float(per_token.sum()) / total)
+                if i in merges:  # merged after layer i's attention: the input of layer i+1 holds the mix
+                    disc, tgt, alpha = (t[b].cpu() for t in merges[i])
+                    per_token = (per_token[tgt] + alpha.t() @ per_token[disc]) / (1 + alpha.sum(0))
+                continue
+            idx = st.cache_idx[i] if st is not None and st.cache_idx else None
+            if idx is None:  # nothing removed before this layer: every visual token entering the LLM is alive
+                per_layer.append(float(per_token.sum()) / total)
+                continue
+            visual = st.visual[b].cpu()
+            alive = torch.zeros(visual.shape[0], dtype=torch.bool)
+            alive[idx[b].cpu()] = True
+            kept = alive[visual.nonzero().squeeze(1)]  # by visual ordinal
+            assert kept.shape[0] == n_in
+            per_layer.append(float(per_token[kept].sum()) / total)
+        out.append(per_layer)
+    return out
+
+
+def summarize(per_sample: dict[str, list[float] | None]) -> dict | None:
+    """{"mean": mean over measured samples of the mean over layers, "per_layer": [...], "n": samples}."""
+    rows = [v for v in per_sample.values() if v]
+    if not rows:
+        return None
+    L = len(rows[0])
+    per_layer = [sum(r[i] for r in rows) / len(rows) for i in range(L)]
+    return {"mean": sum(per_layer) / L, "per_layer": per_layer, "n": len(rows)}
