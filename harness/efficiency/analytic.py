@@ -170,6 +170,9 @@ class TokenLayout:
     images: int = 1
     between: int = 0
     n_images: int = 1
+    #: visual tokens of each image, in order (dynamic-resolution families, e.g. Qwen2-VL, whose vision
+    #: cost depends on each image's size); empty: `visual` split evenly over `n_images`
+    image_visual: tuple[int, ...] = ()
 
     @property
     def total(self) -> int:
@@ -197,15 +200,65 @@ class ModelShapes:
     vit: ViTShape
     #: CLIP layers HF actually runs (all of them, even past `vision_feature_layer`)
     vit_layers_run: int
+    #: "llava" (CLIP tower + 2-layer MLP projector per visual token) or "qwen2_vl" (packed ViT over each
+    #: image's patches, block-diagonal attention per image, then a merger over `merge`^2-patch groups)
+    family: str = "llava"
+    merge: int = 1
+    temporal_patch: int = 1
 
     @classmethod
     def from_config(cls, config) -> "ModelShapes":
+        if getattr(config, "model_type", None) in QWEN_VL_FAMILIES:
+            vc = config.vision_config
+            vit = ViTShape(hidden=vc.embed_dim, intermediate=int(vc.embed_dim * vc.mlp_ratio), layers=vc.depth,
+                           heads=vc.num_heads, image_size=0, patch_size=vc.patch_size,
+                           channels=getattr(vc, "in_channels", 3))
+            return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers,
+                       family=config.model_type, merge=vc.spatial_merge_size, temporal_patch=vc.temporal_patch_size)
         vit = ViTShape.from_config(config.vision_config)
         return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers)
 
 
+#: dynamic-resolution families whose vision cost follows each image's patch count
+QWEN_VL_FAMILIES = ("qwen2_vl",)
+
+
+def per_image_visual(layout: TokenLayout) -> list[int]:
+    """Visual tokens of each image of `layout` (given, or `visual` split evenly over its images)."""
+    if layout.image_visual:
+        return list(layout.image_visual)
+    n = max(1, layout.n_images)
+    return [layout.visual // n] * n
+
+
+def packed_vit_macs(shapes: ModelShapes, layout: TokenLayout) -> int:
+    """Qwen2-VL's ViT: per image of v merged tokens, `merge`^2 * v patches (one temporal patch: an image
+    is its frame repeated `temporal_patch` times); patch embedding (Conv3d over `temporal_patch` x p x p x
+    channels), then every block with attention inside the image only (block-diagonal over the pack)."""
+    v = shapes.vit
+    total = 0
+    for n_vis in per_image_visual(layout):
+        patches = n_vis * shapes.merge**2
+        total += patches * v.channels * shapes.temporal_patch * v.patch_size**2 * v.hidden
+        total += shapes.vit_layers_run * vit_layer_macs(v, patches)
+    return total
+
+
+def merger_macs(shapes: ModelShapes, n_tokens: int) -> int:
+    """Qwen2-VL's `PatchMerger`: per merged token, Linear(m^2 e -> m^2 e) then Linear(m^2 e -> LLM hidden)."""
+    wide = shapes.vit.hidden * shapes.merge**2
+    return n_tokens * (wide * wide + wide * shapes.llm.hidden)
+
+
 def dense_prefill_macs(shapes: ModelShapes, layout: TokenLayout, n_logits: int = 1) -> dict[str, int]:
     """MACs of an unmodified model's prefill, per component (lm_head over `n_logits` positions)."""
+    if shapes.family in QWEN_VL_FAMILIES:
+        return {
+            "vision": packed_vit_macs(shapes, layout),
+            "projector": merger_macs(shapes, layout.visual),
+            "llm": llm_prefill_macs(shapes.llm, layout.total),
+            "lm_head": lm_head_macs(shapes.llm, n_logits),
+        }
     return {
         "vision": layout.images * vit_macs(shapes.vit, shapes.vit_layers_run),
         "projector": projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual),

@@ -227,6 +227,15 @@ def _component_modules(adapter) -> dict[str, torch.nn.Module]:
     }
 
 
+def _unnest(flops: dict, adapter) -> dict:
+    """A projector that lives inside the vision tower (Qwen2-VL's merger) is counted in both modules:
+    take it out of `vision` (the per-component numbers then add up to the total)."""
+    proj, vis = adapter.projector, adapter.vision_tower
+    if any(m is proj for m in vis.modules()) and "vision" in flops:
+        flops = dict(flops, vision=flops["vision"] - flops.get("projector", 0))
+    return flops
+
+
 def is_meta(model) -> bool:
     p = next(iter(model.parameters()), None)
     return p is not None and p.device.type == "meta"
@@ -326,6 +335,7 @@ def _fvcore_count(model, adapter, tensors: dict, extra: dict, cache_factory=None
         unsupported = {k: int(v) for k, v in fa.unsupported_ops().items()}
     names = {id(m): n for n, m in wrapper.named_modules()}
     macs = {c: int(by_module.get(names[id(m)], 0)) for c, m in _component_modules(adapter).items()}
+    macs = _unnest(macs, adapter)
     other = total - sum(macs.values())
     flops = {c: 2 * v for c, v in macs.items()}
     if other:
@@ -604,15 +614,32 @@ def _flop_counter_count(model, adapter, kwargs: dict):
         for h in handles:
             h.remove()
     total = counter.get_total_flops()
-    flops = dict(acc)
-    other = total - sum(acc.values())
+    flops = _unnest(dict(acc), adapter)
+    other = total - sum(flops.values())
     if other:
         flops["other"] = other
     return flops, out
 
 
-def _meta_env():
-    return _env(TRANSFORMERS_DISABLE_TORCH_CHECK="1")
+@contextlib.contextmanager
+def _meta_env(model=None):
+    """Counting on meta: Hugging Face's data-dependent checks off; modules that compute from values kept
+    on the CPU (Qwen2-VL's vision rotary embedding: positions from `image_grid_thw`) get them moved to meta."""
+    handles = []
+    if model is not None:
+        mod = getattr(_adapter(model), "vision_rotary", None)
+        if mod is not None:
+            def to_meta(_m, args, kwargs):
+                move = lambda t: t.to("meta") if isinstance(t, torch.Tensor) and t.device.type != "meta" else t
+                return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+            handles.append(mod.register_forward_pre_hook(to_meta, with_kwargs=True))
+    try:
+        with _env(TRANSFORMERS_DISABLE_TORCH_CHECK="1"):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _empty_cache(model):
@@ -643,7 +670,7 @@ def count_prefill(model, inputs: dict, *, counter: str | None = None, logits_to_
             flops, unsupported = _fvcore_count(model, adapter, tensors, extra)
     elif counter == "flop_counter_mode":
         kwargs = dict(tensors, use_cache=True, logits_to_keep=logits_to_keep, past_key_values=_empty_cache(model))
-        with _meta_env() if meta else contextlib.nullcontext():
+        with _meta_env(model) if meta else contextlib.nullcontext():
             flops, _ = _flop_counter_count(model, adapter, kwargs)
         unsupported = {}
     else:
@@ -681,7 +708,7 @@ def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCou
     tensors = _tensor_inputs(inputs, model)
     meta = is_meta(model)
     counter = counter or ("flop_counter_mode" if meta else "fvcore")
-    with _meta_env() if meta else contextlib.nullcontext(), _quiet():
+    with _meta_env(model) if meta else contextlib.nullcontext(), _quiet():
         cache, nxt, am = _prefill_for_decode(model, tensors)
     context = int(cache.get_seq_length())
     kv_lengths = cache_lengths(cache)
@@ -697,7 +724,7 @@ def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCou
         )
     elif counter == "flop_counter_mode":
         kwargs = dict(step, use_cache=True, logits_to_keep=1, past_key_values=copy.deepcopy(cache))
-        with _meta_env() if meta else contextlib.nullcontext():
+        with _meta_env(model) if meta else contextlib.nullcontext():
             flops, _ = _flop_counter_count(model, adapter, kwargs)
         unsupported = {}
     else:
@@ -719,7 +746,7 @@ def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None)
     tensors = _tensor_inputs(inputs, model)
     ids = tensors["input_ids"]
     kwargs = dict(tensors, use_cache=True, logits_to_keep=1, past_key_values=_empty_cache(model))
-    with _meta_env() if meta else contextlib.nullcontext():
+    with _meta_env(model) if meta else contextlib.nullcontext():
         flops, out = _flop_counter_count(model, adapter, kwargs)
         cache = out.past_key_values
         if meta:
@@ -770,6 +797,8 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
     img_id = int(config.image_token_id)
     sizes = tensors.get("image_sizes")
     sizes = [] if sizes is None else [s.tolist() for s in sizes]
+    grids = tensors.get("image_grid_thw")
+    grids = [] if grids is None else [tuple(int(x) for x in g) for g in grids]
     per_image = visual_tokens_for_image(config)
     next_image = 0
     out = []
@@ -794,6 +823,18 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
                 next_image += 1
             if left != n_vis:
                 raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' sizes")
+        elif getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+            per, left = [], n_vis
+            while left > 0 and next_image < len(grids):  # this sample's images, in batch order
+                t, h, w = grids[next_image]
+                per.append(t * h * w // config.vision_config.spatial_merge_size**2)
+                left -= per[-1]
+                next_image += 1
+            if left != 0:
+                raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' grids")
+            out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=len(per), between=between,
+                                     n_images=len(per), image_visual=tuple(per)))
+            continue
         else:
             n_images = images = max(1, n_vis // per_image)
         out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=images, between=between,
@@ -881,6 +922,10 @@ def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> 
     base crop's patches plus the high-resolution grid's patches after removing the rows/columns that
     correspond to letterbox padding, plus one newline token per remaining row.
     """
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_visual_tokens
+
+        return qwen_visual_tokens(config, image_hw)
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
     cls = 0 if config.vision_feature_select_strategy == "default" else 1
@@ -906,6 +951,10 @@ def default_image_hw(config) -> tuple[int, int]:
     """The probe image size of the `full` convention: one crop for LLaVA-1.5; for LLaVA-NeXT the
     largest square pinpoint (672x672 for the llava-hf checkpoints: base + 2x2 crops)."""
     vc = config.vision_config
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_reference_image
+
+        return qwen_reference_image(config)
     if getattr(config, "model_type", None) != "llava_next":
         return (vc.image_size, vc.image_size)
     squares = [tuple(p) for p in config.image_grid_pinpoints if p[0] == p[1]]
@@ -926,6 +975,22 @@ def synthetic_inputs(
     ids = torch.full((batch_size, text_before + n_img + text_after), other, dtype=torch.long)
     ids[:, text_before : text_before + n_img] = img_id
     vc = config.vision_config
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        # one image of n_img merged tokens: (merge * rows) x (merge * cols) patches, one temporal patch; the
+        # grid stays on the CPU (the ViT reads its values); 3-D positions are given (on meta the model could
+        # not compute them from the ids), all streams 0..T-1 (the count does not depend on them)
+        from harness.models.adapter import qwen_visual_grid
+
+        rows, cols = qwen_visual_grid(config, image_hw)
+        m = vc.spatial_merge_size
+        patch_dim = getattr(vc, "in_channels", 3) * vc.temporal_patch_size * vc.patch_size**2
+        out = {"input_ids": ids.to(device)}
+        if torch.device(device).type != "meta":
+            out["attention_mask"] = torch.ones_like(ids).to(device)
+        out["pixel_values"] = torch.zeros((batch_size * rows * cols * m * m, patch_dim), dtype=dtype, device=device)
+        out["image_grid_thw"] = torch.tensor([[1, rows * m, cols * m]] * batch_size, dtype=torch.long)
+        out["position_ids"] = torch.arange(ids.shape[1], device=device).view(1, 1, -1).expand(3, batch_size, -1)
+        return out
     crops = num_crops(config, list(image_hw))
     shape = (batch_size, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size)
     out: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}

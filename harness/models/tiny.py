@@ -141,8 +141,15 @@ def build_tiny(
 ):
     """Build a tiny random model of `family` ('llava' | 'llava_next') with an `lm`-style decoder.
 
-    Returns `(model, processor)`; the model is in eval mode on CPU.
+    Returns `(model, processor)`; the model is in eval mode on CPU. `family='qwen2_vl'` builds a
+    Qwen2-VL instead (see `build_tiny_qwen2_vl`; `lm`, `image_size` and the CLIP arguments do not apply).
     """
+    if family in QWEN_FAMILIES:
+        return build_tiny_qwen2_vl(
+            family, gqa=gqa, vision_hidden=vision_hidden, vision_layers=vision_layers, hidden_size=hidden_size,
+            intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads, seed=seed,
+            attn_implementation=attn_implementation, dtype=dtype,
+        )
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -210,7 +217,104 @@ def build_tiny(
             chat_template=CHAT_TEMPLATE,
         )
     else:
-        raise ValueError(f"unknown tiny family {family!r}; choose 'llava' or 'llava_next'")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
+    model.set_attn_implementation(attn_implementation)
+    model = model.to(dtype).eval()
+    return model, processor
+
+
+# ---- Qwen2-VL --------------------------------------------------------------------------------------
+QWEN_FAMILIES = ("qwen2_vl",)
+TINY_FAMILIES = ("llava", "llava_next") + QWEN_FAMILIES
+QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: pixel limits of the tiny Qwen2-VL processor: 28x28-pixel merged tokens, between 4 and 36 of them per
+#: image (64x64 -> 2x2 merged tokens = 4; 84x56 -> 3x2 = 6, a count that is not a square)
+QWEN_TINY_PIXELS = {"shortest_edge": 4 * 28 * 28, "longest_edge": 36 * 28 * 28}
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen_tokenizer():
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS + ["<|im_start|>", "<|im_end|>"]})
+    tok.image_token = "<|image_pad|>"
+    tok.video_token = "<|video_pad|>"
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _image_only_processor(cls):
+    """`cls` (a Qwen2-VL-style processor) without its video processor: the video processors of
+    transformers 5 need torchvision, which vtbench does not install (it evaluates images only)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnly(cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{cls.__name__}ImageOnly"
+    return ImageOnly
+
+
+def build_tiny_qwen2_vl(
+    family: str = "qwen2_vl",
+    *,
+    gqa: bool = True,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A tiny random Qwen2-VL (`Qwen2VLForConditionalGeneration`): a packed dynamic-resolution ViT
+    (patch 14, temporal patch 2, 2x2 merger) and a Qwen2 decoder with biased q/k/v, M-RoPE
+    (`mrope_section` scaled to the tiny head size) and, with `gqa`, grouped-query attention."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"unknown tiny Qwen family {family!r}; choose from {', '.join(QWEN_FAMILIES)}")
+    tok = _qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2  # mrope sections split the head_dim // 2 rotary frequencies (7B: 16+24+24 = 64)
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    text = dict(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=(num_heads // 2 if gqa else num_heads), max_position_embeddings=4096,
+        rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+    )
+    vision = dict(
+        depth=vision_layers, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=4, mlp_ratio=2,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+    )
+    cfg = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    cfg.vtbench_reference_image = [56, 56]  # 2x2 merged tokens (the processor resizes 64x64 to 56x56)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    ip = Qwen2VLImageProcessorPil(size=dict(QWEN_TINY_PIXELS), patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = _image_only_processor(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     model.set_attn_implementation(attn_implementation)
     model = model.to(dtype).eval()
     return model, processor

@@ -60,7 +60,7 @@ def test_batch_left_padding_locates_visual_tokens_per_sample():
 @pytest.mark.bad_input
 def test_unsupported_family_is_not_applicable():
     class Cfg:
-        model_type = "qwen2_vl"
+        model_type = "internvl"  # no adapter (yet)
 
     class M(torch.nn.Module):
         config = Cfg()

@@ -1,0 +1,183 @@
+"""Every method on the new model families (tiny random Qwen2-VL: GQA, M-RoPE, dynamic resolution).
+
+For every method: the documented no-op gives identical logits; cached greedy decoding equals uncached; a
+padded batch equals single prompts; counted prefill FLOPs equal the analytic formulas; or the method
+refuses the family with one line. M-RoPE: the kept tokens keep their three (temporal, height, width)
+positions (checked against the unpatched model run on the kept tokens with their 3-D positions).
+
+Prompts: two images of different sizes in one prompt (84x56 -> 6 visual tokens, not a square, and
+64x64 -> 4), so the visual tokens form two spans with text between them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from harness.efficiency import flops as F
+from harness.models import get_adapter
+from harness.models.tiny import build_tiny
+from methods._shared import llm_reduce as LR
+from tests.efficiency.helpers import image
+
+FAMILY = "qwen2_vl"
+SIZES = [(84, 56), (64, 64)]
+#: methods that act on Qwen2-VL, with parameters that make them reduce on the 4-layer tiny LLM
+ACTING = {
+    "none": {},
+    "random": {"keep": 4},
+    "fastv": {"K": 1, "keep": 4},
+    "ficoco_l": {"start_layer": 1, "final_tokens": 4},
+}
+NOOPS = {"none": {}, "random": {"keep_ratio": 1.0}, "fastv": {"R": 0.0}, "ficoco_l": {"r": 0}}
+#: methods that refuse Qwen2-VL (one line each)
+REFUSING = {"tome": {}, "ficoco_v": {}, "ficoco_vl": {}}
+
+
+def model_and_processor():
+    return build_tiny(FAMILY, gqa=True, vision_layers=3)
+
+
+def prompt(proc, n_images: int, text: str = "What is shown?") -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def batch(proc, texts, sizes=SIZES):
+    imgs = [image(7 * b + i, s) for b in range(len(texts)) for i, s in enumerate(sizes)]
+    prompts = [prompt(proc, len(sizes), t) for t in texts]
+    return proc(images=imgs, text=prompts, return_tensors="pt", padding=len(texts) > 1)
+
+
+def applied(name, params=None):
+    model, proc = model_and_processor()
+    m = methods.build(name, ACTING[name] if params is None else params)
+    m.apply(model, get_adapter(model))
+    return model, proc, m
+
+
+def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution():
+    model, proc = model_and_processor()
+    tc = model.config.text_config
+    assert tc.num_key_value_heads < tc.num_attention_heads
+    assert len(tc.rope_parameters["mrope_section"]) == 3
+    inp = batch(proc, ["What is shown?"])
+    counts = (inp["image_grid_thw"].prod(-1) // 4).tolist()
+    assert counts == [6, 4]  # 6 is not a square; two image sizes in one prompt
+    a = get_adapter(model)
+    assert a.family == FAMILY and a.position_streams == 3
+    assert a.projector is model.model.visual.merger
+
+
+@pytest.mark.parametrize("name", list(NOOPS))
+def test_documented_noop_gives_identical_logits(name):
+    model, proc = model_and_processor()
+    inp = batch(proc, ["What is shown?"])
+    with torch.no_grad():
+        ref = model(**inp).logits[:, -1]
+    methods.build(name, NOOPS[name]).apply(model, get_adapter(model))
+    with torch.no_grad():
+        assert torch.equal(model(**inp).logits[:, -1], ref)
+
+
+def _greedy_uncached(model, inp, steps):
+    ids, am, mm = inp["input_ids"], inp["attention_mask"], inp["mm_token_type_ids"]
+    reducer = LR.get_reducer(model)
+    if reducer is not None:
+        LR.pin_prompt_length(model, ids.shape[1])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=am, mm_token_type_ids=mm, pixel_values=inp["pixel_values"],
+                           image_grid_thw=inp["image_grid_thw"], use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+            mm = torch.cat([mm, torch.zeros_like(nxt)], 1)
+    if reducer is not None:
+        LR.pin_prompt_length(model, None)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("name", list(ACTING))
+def test_cached_greedy_equals_uncached(name):
+    model, proc, _ = applied(name)
+    inp = batch(proc, ["What is shown?"])
+    with torch.no_grad():
+        cached = model.generate(**inp, max_new_tokens=5, do_sample=False)[:, inp["input_ids"].shape[1]:]
+    assert torch.equal(cached, _greedy_uncached(model, inp, 5))
+
+
+@pytest.mark.parametrize("name", list(ACTING))
+def test_padded_batch_equals_single_prompts(name):
+    model, proc, _ = applied(name)
+    texts = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
+    inp = batch(proc, texts)
+    assert not bool(inp["attention_mask"].all())  # the shorter prompt is left-padded
+    with torch.no_grad():
+        both = model.generate(**inp, max_new_tokens=4, do_sample=False)[:, inp["input_ids"].shape[1]:]
+        first_logits = model(**inp).logits[:, -1]
+    for b, t in enumerate(texts):
+        one = proc(images=[image(7 * b + i, s) for i, s in enumerate(SIZES)], text=[prompt(proc, 2, t)],
+                   return_tensors="pt")
+        with torch.no_grad():
+            single = model.generate(**one, max_new_tokens=4, do_sample=False)[:, one["input_ids"].shape[1]:]
+            logits = model(**one).logits[:, -1]
+        assert torch.equal(both[b], single[0]), (name, b)
+        torch.testing.assert_close(first_logits[b], logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ACTING))
+def test_counted_flops_equal_analytic(name):
+    model, proc, m = applied(name)
+    inp = batch(proc, ["What is shown?"])
+    (layout,) = F.layouts_from_inputs(model, inp)
+    assert layout.image_visual == (6, 4) and not layout.contiguous
+    counted = F.count_prefill(model, inp)
+    assert counted.flops == F.analytic_prefill(model.config, layout, None if name == "none" else m)
+    if name != "none":  # the method really reduces (the count is below the dense one)
+        assert counted.total < sum(F.analytic_prefill(model.config, layout).values())
+
+
+def test_kept_tokens_keep_their_three_position_streams():
+    """`random` drops visual tokens at the LLM input: the patched model's logits equal the unpatched
+    language model run on the kept tokens only, with the kept tokens' 3-D (M-RoPE) position ids."""
+    model, proc, _ = applied("random")
+    inp = batch(proc, ["What is shown?"])
+    with torch.no_grad():
+        patched = model(**inp).logits[:, -1]
+    kept = LR.get_reducer(model).state.cur  # [1, n'] prefill indices of the kept tokens
+    assert kept.shape[1] == inp["input_ids"].shape[1] - 10 + 4
+    ref_model, _ = model_and_processor()  # same seed: same weights, unpatched
+    base = ref_model.model
+    with torch.no_grad():
+        pos3, _ = base.get_rope_index(inp["input_ids"], image_grid_thw=inp["image_grid_thw"],
+                                      attention_mask=inp["attention_mask"], mm_token_type_ids=inp["mm_token_type_ids"])
+        embeds = base.get_input_embeddings()(inp["input_ids"])
+        feats = torch.cat(base.get_image_features(inp["pixel_values"], inp["image_grid_thw"]).pooler_output)
+        embeds = embeds.masked_scatter((inp["input_ids"] == model.config.image_token_id)[..., None], feats)
+        hidden = base.language_model(inputs_embeds=embeds[:, kept[0]], position_ids=pos3[:, :, kept[0]]).last_hidden_state
+        ref = ref_model.lm_head(hidden[:, -1])
+    torch.testing.assert_close(patched, ref, rtol=1e-5, atol=1e-5)
+    # the 3-D positions matter: with 1-D positions of the kept tokens the logits differ
+    with torch.no_grad():
+        flat = base.language_model(inputs_embeds=embeds[:, kept[0]], position_ids=kept).last_hidden_state
+    assert not torch.allclose(ref_model.lm_head(flat[:, -1]), patched, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(REFUSING))
+def test_vision_side_methods_refuse_in_one_line(name):
+    model, _ = model_and_processor()
+    m = methods.build(name, REFUSING[name])
+    with pytest.raises(methods.MethodError, match=FAMILY) as e:
+        m.apply(model, get_adapter(model))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["random", "fastv", "ficoco_l"])
+def test_renumbered_positions_refused_on_mrope(name):
+    model, _ = model_and_processor()
+    m = methods.build(name, dict(ACTING[name], positions="renumber"))
+    with pytest.raises(methods.MethodError, match="M-RoPE") as e:
+        m.apply(model, get_adapter(model))
+    assert "\n" not in str(e.value)
