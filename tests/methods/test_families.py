@@ -28,8 +28,13 @@ ACTING = {
     "random": {"keep": 4},
     "fastv": {"K": 1, "keep": 4},
     "ficoco_l": {"start_layer": 1, "final_tokens": 4},
+    "shortv": {"layers": [3, 1]},
+    "redundancylens": {"hollow_layers": [0, 2], "ffn_layers": [2, 3], "window": 3, "hollow_block": 2,
+                       "ffn_keep": 0.25},
 }
-NOOPS = {"none": {}, "random": {"keep_ratio": 1.0}, "fastv": {"R": 0.0}, "ficoco_l": {"r": 0}}
+LAYER_ACTING = {k: ACTING[k] for k in ("shortv", "redundancylens")}
+NOOPS = {"none": {}, "random": {"keep_ratio": 1.0}, "fastv": {"R": 0.0}, "ficoco_l": {"r": 0},
+         "shortv": {"layers": []}, "redundancylens": {"hollow_layers": [], "ffn_layers": []}}
 #: methods that refuse Qwen2-VL (one line each)
 REFUSING = {"tome": {}, "ficoco_v": {}, "ficoco_vl": {}}
 
@@ -181,3 +186,52 @@ def test_renumbered_positions_refused_on_mrope(name):
     with pytest.raises(methods.MethodError, match="M-RoPE") as e:
         m.apply(model, get_adapter(model))
     assert "\n" not in str(e.value)
+
+
+# ---- layer methods (ShortV, RedundancyLens) and their calibration ---------------------------------------
+
+
+@pytest.mark.parametrize("name", list(LAYER_ACTING))
+def test_layer_methods_change_the_output(name):
+    """ShortV / RedundancyLens really act on Qwen2-VL (the equivalence tests above are not vacuous)."""
+    ref_model, proc = model_and_processor()
+    inp = batch(proc, ["What is shown?"])
+    model, _, _ = applied(name)
+    with torch.no_grad():
+        assert not torch.allclose(model(**inp).logits[:, -1], ref_model(**inp).logits[:, -1], atol=1e-4)
+
+
+def test_layer_contribution_on_mrope_padded_batch_equals_singles():
+    """ShortV's Layer Contribution on Qwen2-VL: a left-padded batch gives the singles' scores (the model's
+    own 3-D positions are kept; 1-D positions would replace M-RoPE), and LC_i is the KL of ShortV on i."""
+    import numpy as np
+
+    from methods._shared.calibration import layer_contribution
+
+    model, proc = model_and_processor()
+    texts = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
+    both = batch(proc, texts)
+    singles = [proc(images=[image(7 * b + i, s) for i, s in enumerate(SIZES)], text=[prompt(proc, 2, t)],
+                    return_tensors="pt") for b, t in enumerate(texts)]
+    a = get_adapter(model)
+    lc = layer_contribution(model, a, [both])
+    np.testing.assert_allclose(layer_contribution(model, a, singles), lc, rtol=1e-3, atol=1e-8)
+    assert len(lc) == 4 and lc[-1] == 0.0 and max(lc) > 0
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**singles[0]).logits[:, -1], -1)
+        shortv, _ = model_and_processor()
+        methods.build("shortv", {"layers": [1]}).apply(shortv, get_adapter(shortv))
+        logq = torch.log_softmax(shortv(**singles[0]).logits[:, -1], -1)
+    assert float((logq.exp() * (logq - logp)).sum()) == pytest.approx(layer_contribution(model, a, singles[:1])[1],
+                                                                      rel=1e-3, abs=1e-9)
+
+
+def test_redundancylens_ranking_runs_on_mrope():
+    from methods._shared.calibration import greedy_layer_ranking
+    from methods.redundancylens import kl_evaluator
+
+    model, proc = model_and_processor()
+    evaluate = kl_evaluator(model, get_adapter(model), [batch(proc, ["What is shown?"])], "hollow", window=3,
+                            hollow_block=2)
+    out = greedy_layer_ranking(4, evaluate, stop_at=2)
+    assert sorted(out["ranking"]) == [0, 1, 2, 3] and out["base"]["agreement"] == 1.0
