@@ -249,24 +249,6 @@ def _qwen_tokenizer():
     return tok
 
 
-@functools.lru_cache(maxsize=None)
-def _image_only_processor(cls):
-    """`cls` (a Qwen2-VL-style processor) without its video processor: the video processors of
-    transformers 5 need torchvision, which vtbench does not install (it evaluates images only)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnly(cls):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{cls.__name__}ImageOnly"
-    return ImageOnly
-
-
 def build_tiny_qwen2_vl(
     family: str = "qwen2_vl",
     *,
@@ -286,6 +268,8 @@ def build_tiny_qwen2_vl(
     (`mrope_section` scaled to the tiny head size) and, with `gqa`, grouped-query attention."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from harness.models.loading import image_only_processor
 
     if family not in QWEN_FAMILIES:
         raise ValueError(f"unknown tiny Qwen family {family!r}; choose from {', '.join(QWEN_FAMILIES)}")
@@ -314,7 +298,39 @@ def build_tiny_qwen2_vl(
     cfg.vtbench_reference_image = [56, 56]  # 2x2 merged tokens (the processor resizes 64x64 to 56x56)
     model = Qwen2VLForConditionalGeneration(cfg)
     ip = Qwen2VLImageProcessorPil(size=dict(QWEN_TINY_PIXELS), patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = _image_only_processor(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    processor = image_only_processor(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     model.set_attn_implementation(attn_implementation)
     model = model.to(dtype).eval()
     return model, processor
+
+
+def save_tiny(family: str, out, **kw) -> str:
+    """Build a tiny random model of `family` and save it as a checkpoint folder (safetensors, config,
+    tokenizer, image processor, chat template) that `model.pretrained` can point at (end-to-end runs of a
+    family through the same runner as LLaVA). Returns the folder."""
+    import json
+    from pathlib import Path
+
+    model, processor = build_tiny(family, **kw)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    return str(out)
+
+
+def main(argv=None) -> None:
+    """`python -m harness.models.tiny FAMILY OUT`: save a tiny random checkpoint of FAMILY to OUT."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("family", choices=TINY_FAMILIES)
+    ap.add_argument("out")
+    args = ap.parse_args(argv)
+    print(save_tiny(args.family, args.out))
+
+
+if __name__ == "__main__":
+    main()
