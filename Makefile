@@ -104,6 +104,7 @@ tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, determin
 .PHONY: tiny-families
 tiny-families: $(STAMP) ## Tiny random checkpoints of the other families under runs/tiny/ (model=tiny_qwen2_vl, ...)
 	$(PY) -m harness.models.tiny qwen2_vl runs/tiny/qwen2_vl
+	$(PY) -m harness.models.tiny qwen2_5_vl runs/tiny/qwen2_5_vl
 
 .PHONY: clean
 clean: ## Remove local run outputs (records in runs/, Hydra outputs); keeps .venv and results/

@@ -18,8 +18,8 @@ class MethodError(ValueError):
 #: the LLaVA families (CLIP tower with a CLS token, fixed patch grid per image or crop)
 LLAVA_FAMILIES = ("llava", "llava_next")
 #: families with a decoder-only LLM the shared LLM machinery (`llm_reduce`, `reduced_layer`) acts on:
-#: LLaVA's RoPE and Qwen2-VL's M-RoPE (whose per-token cos/sin are sliced like RoPE's)
-LLM_SIDE_FAMILIES = LLAVA_FAMILIES + ("qwen2_vl",)
+#: LLaVA's RoPE and Qwen2-VL / Qwen2.5-VL's M-RoPE (whose per-token cos/sin are sliced like RoPE's)
+LLM_SIDE_FAMILIES = LLAVA_FAMILIES + ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclasses.dataclass

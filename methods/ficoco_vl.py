@@ -65,6 +65,8 @@ class FiCoCoVL(Method):
     refusals = {
         "qwen2_vl": "its FiCoCo-V stage has no well-defined placement in Qwen2-VL's ViT (images packed at any size, "
         "a 2x2 patch merger at its end needs every patch); use ficoco_l",
+        "qwen2_5_vl": "its FiCoCo-V stage has no well-defined placement in Qwen2.5-VL's windowed ViT (a 2x2 patch "
+        "merger at its end needs every patch); use ficoco_l",
     }
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "prompt_tokens"

@@ -51,6 +51,8 @@ class ViTShape:
     image_size: int
     patch_size: int
     channels: int = 3
+    #: MLP matrices (CLIP / Qwen2-VL: fc1, fc2; Qwen2.5-VL: gated gate, up, down)
+    mlp_matrices: int = 2
 
     @classmethod
     def from_config(cls, vc) -> "ViTShape":
@@ -132,7 +134,7 @@ def vit_layer_macs(v: ViTShape, n: int, n_out: int | None = None) -> int:
     """MACs of one CLIP encoder layer over n tokens; MLP over n_out tokens (after a merge)."""
     d = v.hidden
     n_out = n if n_out is None else n_out
-    return 4 * n * d * d + 2 * n * n * d + 2 * n_out * d * v.intermediate
+    return 4 * n * d * d + 2 * n * n * d + v.mlp_matrices * n_out * d * v.intermediate
 
 
 def vit_embed_macs(v: ViTShape) -> int:
@@ -173,6 +175,9 @@ class TokenLayout:
     #: visual tokens of each image, in order (dynamic-resolution families, e.g. Qwen2-VL, whose vision
     #: cost depends on each image's size); empty: `visual` split evenly over `n_images`
     image_visual: tuple[int, ...] = ()
+    #: (rows, cols) of merged visual tokens of each image (Qwen2.5-VL's windowed attention needs the grid);
+    #: empty: each image taken as one window-free block
+    image_grids: tuple[tuple[int, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -205,22 +210,34 @@ class ModelShapes:
     family: str = "llava"
     merge: int = 1
     temporal_patch: int = 1
+    #: Qwen2.5-VL: window side in merged tokens (window_size / merge / patch) and the blocks that attend
+    #: over the whole image (the others attend inside windows)
+    window: int = 0
+    full_blocks: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> "ModelShapes":
-        if getattr(config, "model_type", None) in QWEN_VL_FAMILIES:
+        mt = getattr(config, "model_type", None)
+        if mt in QWEN_VL_FAMILIES:
             vc = config.vision_config
-            vit = ViTShape(hidden=vc.embed_dim, intermediate=int(vc.embed_dim * vc.mlp_ratio), layers=vc.depth,
-                           heads=vc.num_heads, image_size=0, patch_size=vc.patch_size,
-                           channels=getattr(vc, "in_channels", 3))
-            return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers,
-                       family=config.model_type, merge=vc.spatial_merge_size, temporal_patch=vc.temporal_patch_size)
+            llm = LLMShape.from_config(config.text_config)
+            common = dict(heads=vc.num_heads, image_size=0, patch_size=vc.patch_size, layers=vc.depth,
+                          channels=getattr(vc, "in_channels", 3))
+            if mt == "qwen2_5_vl":
+                vit = ViTShape(hidden=vc.hidden_size, intermediate=vc.intermediate_size, mlp_matrices=3, **common)
+                window = vc.window_size // vc.spatial_merge_size // vc.patch_size
+                return cls(llm=llm, vit=vit, vit_layers_run=vit.layers, family=mt, merge=vc.spatial_merge_size,
+                           temporal_patch=vc.temporal_patch_size, window=window,
+                           full_blocks=tuple(vc.fullatt_block_indexes))
+            vit = ViTShape(hidden=vc.embed_dim, intermediate=int(vc.embed_dim * vc.mlp_ratio), **common)
+            return cls(llm=llm, vit=vit, vit_layers_run=vit.layers, family=mt, merge=vc.spatial_merge_size,
+                       temporal_patch=vc.temporal_patch_size)
         vit = ViTShape.from_config(config.vision_config)
         return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers)
 
 
 #: dynamic-resolution families whose vision cost follows each image's patch count
-QWEN_VL_FAMILIES = ("qwen2_vl",)
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def per_image_visual(layout: TokenLayout) -> list[int]:
@@ -231,16 +248,36 @@ def per_image_visual(layout: TokenLayout) -> list[int]:
     return [layout.visual // n] * n
 
 
+def window_sizes(rows: int, cols: int, window: int) -> list[int]:
+    """Merged tokens of each attention window of a rows x cols grid cut into window x window tiles
+    (Qwen2.5-VL: the last row/column of tiles is partial)."""
+    def cuts(n):
+        return [min(window, n - a) for a in range(0, n, window)]
+
+    return [h * w for h in cuts(rows) for w in cuts(cols)]
+
+
 def packed_vit_macs(shapes: ModelShapes, layout: TokenLayout) -> int:
-    """Qwen2-VL's ViT: per image of v merged tokens, `merge`^2 * v patches (one temporal patch: an image
-    is its frame repeated `temporal_patch` times); patch embedding (Conv3d over `temporal_patch` x p x p x
-    channels), then every block with attention inside the image only (block-diagonal over the pack)."""
+    """Qwen2-VL / Qwen2.5-VL's ViT: per image of v merged tokens, `merge`^2 * v patches (one temporal
+    patch: an image is its frame repeated `temporal_patch` times); patch embedding (Conv3d over
+    `temporal_patch` x p x p x channels), then every block with attention inside the image only
+    (block-diagonal over the pack); Qwen2.5-VL's windowed blocks attend inside window x window tiles
+    of merged tokens (`layout.image_grids`), its `full_blocks` over the whole image."""
     v = shapes.vit
+    d, unit = v.hidden, shapes.merge**2
     total = 0
-    for n_vis in per_image_visual(layout):
-        patches = n_vis * shapes.merge**2
-        total += patches * v.channels * shapes.temporal_patch * v.patch_size**2 * v.hidden
-        total += shapes.vit_layers_run * vit_layer_macs(v, patches)
+    grids = list(layout.image_grids) or [None] * len(per_image_visual(layout))
+    for n_vis, grid in zip(per_image_visual(layout), grids):
+        patches = n_vis * unit
+        total += patches * v.channels * shapes.temporal_patch * v.patch_size**2 * d
+        dense = vit_layer_macs(v, patches)
+        if shapes.window and grid is not None:
+            pairs = sum((w * unit) ** 2 for w in window_sizes(grid[0], grid[1], shapes.window))
+            windowed = dense - 2 * patches * patches * d + 2 * pairs * d
+            n_full = sum(1 for i in range(shapes.vit_layers_run) if i in shapes.full_blocks)
+            total += n_full * dense + (shapes.vit_layers_run - n_full) * windowed
+        else:
+            total += shapes.vit_layers_run * dense
     return total
 
 

@@ -824,16 +824,18 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
             if left != n_vis:
                 raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' sizes")
         elif getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
-            per, left = [], n_vis
+            per, rc, left = [], [], n_vis
+            m = config.vision_config.spatial_merge_size
             while left > 0 and next_image < len(grids):  # this sample's images, in batch order
                 t, h, w = grids[next_image]
-                per.append(t * h * w // config.vision_config.spatial_merge_size**2)
+                per.append(t * h * w // m**2)
+                rc.append((h // m, w // m))
                 left -= per[-1]
                 next_image += 1
             if left != 0:
                 raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' grids")
             out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=len(per), between=between,
-                                     n_images=len(per), image_visual=tuple(per)))
+                                     n_images=len(per), image_visual=tuple(per), image_grids=tuple(rc)))
             continue
         else:
             n_images = images = max(1, n_vis // per_image)
@@ -1009,6 +1011,12 @@ def synthetic_layout(
 ) -> A.TokenLayout:
     """The `TokenLayout` of `synthetic_inputs(config, ...)` with the same arguments."""
     image_hw = tuple(image_hw or default_image_hw(config))
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_visual_grid
+
+        rows, cols = qwen_visual_grid(config, image_hw)
+        return A.TokenLayout(before=text_before, visual=rows * cols, after=text_after, images=1,
+                             image_visual=(rows * cols,), image_grids=((rows, cols),))
     return A.TokenLayout(
         before=text_before,
         visual=visual_tokens_for_image(config, image_hw),

@@ -178,7 +178,8 @@ class LlavaNextAdapter(ModelAdapter):
 
 
 class Qwen2VLAdapter(ModelAdapter):
-    """Qwen2-VL (`Qwen2VLForConditionalGeneration`): a dynamic-resolution ViT that packs the patches of
+    """Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL (same module layout; its ViT attends
+    inside 112-pixel windows except in `fullatt_block_indexes`, with a gated MLP): a dynamic-resolution ViT that packs the patches of
     all images of a batch into one sequence (block-diagonal attention per image, 2-D rotary positions),
     a `PatchMerger` (LayerNorm + 2-layer MLP over each 2x2 patch group) as the projector, and a Qwen2
     decoder with biased q/k/v and M-RoPE: three position streams (temporal, height, width) that the
@@ -265,7 +266,7 @@ class Qwen2VLAdapter(ModelAdapter):
             "llm_intermediate": tc.intermediate_size,
             "vocab_size": tc.vocab_size,
             "vision_layers": self.num_vision_layers,
-            "vision_hidden": vc.embed_dim,
+            "vision_hidden": getattr(vc, "embed_dim", None) or vc.hidden_size,
             "vision_patch_size": vc.patch_size,
             "spatial_merge_size": vc.spatial_merge_size,
             "reference_image": list(self.reference_image),
@@ -303,6 +304,7 @@ _ADAPTERS = {
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
     "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,  # Qwen2.5-VL: the same layout (windowed ViT attention, gated ViT MLP)
 }
 
 

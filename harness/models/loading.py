@@ -194,6 +194,8 @@ def image_only_processor(cls):
 _IMAGE_ONLY = {
     "qwen2_vl": ("transformers.models.qwen2_vl.processing_qwen2_vl:Qwen2VLProcessor",
                  "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.processing_qwen2_5_vl:Qwen2_5_VLProcessor",
+                   "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
 }
 
 

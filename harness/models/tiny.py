@@ -224,7 +224,7 @@ def build_tiny(
 
 
 # ---- Qwen2-VL --------------------------------------------------------------------------------------
-QWEN_FAMILIES = ("qwen2_vl",)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 TINY_FAMILIES = ("llava", "llava_next") + QWEN_FAMILIES
 QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT_TEMPLATE = (
@@ -266,6 +266,7 @@ def build_tiny_qwen2_vl(
     """A tiny random Qwen2-VL (`Qwen2VLForConditionalGeneration`): a packed dynamic-resolution ViT
     (patch 14, temporal patch 2, 2x2 merger) and a Qwen2 decoder with biased q/k/v, M-RoPE
     (`mrope_section` scaled to the tiny head size) and, with `gqa`, grouped-query attention."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -285,20 +286,30 @@ def build_tiny_qwen2_vl(
         rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
     )
-    vision = dict(
-        depth=vision_layers, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=4, mlp_ratio=2,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-    )
-    cfg = Qwen2VLConfig(
+    if family == "qwen2_5_vl":
+        # windows of 2x2 merged tokens (56 px), the last block attends over the whole image; gated MLP
+        vision = dict(
+            depth=vision_layers, hidden_size=vision_hidden, intermediate_size=vision_hidden * 3 // 2, num_heads=4,
+            out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            window_size=56, fullatt_block_indexes=[vision_layers - 1], hidden_act="silu",
+        )
+        config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    else:
+        vision = dict(
+            depth=vision_layers, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=4, mlp_ratio=2,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        )
+        config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    cfg = config_cls(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     cfg.vtbench_reference_image = [56, 56]  # 2x2 merged tokens (the processor resizes 64x64 to 56x56)
-    model = Qwen2VLForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     ip = Qwen2VLImageProcessorPil(size=dict(QWEN_TINY_PIXELS), patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = image_only_processor(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    processor = image_only_processor(proc_cls)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     model.set_attn_implementation(attn_implementation)
     model = model.to(dtype).eval()
     return model, processor

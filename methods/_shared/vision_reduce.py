@@ -556,6 +556,9 @@ class VisionReductionMethod(Method):
     refusals = {
         "qwen2_vl": "its ViT packs images of any size and ends in a 2x2 patch merger that needs every patch of "
         "the grid, so tokens cannot be merged inside the ViT (the paper's placement); use an LLM-side method",
+        "qwen2_5_vl": "its ViT packs images of any size, attends inside windows and ends in a 2x2 patch merger that "
+        "needs every patch of the grid, so tokens cannot be merged inside the ViT (the paper's placement); use an "
+        "LLM-side method",
     }
 
     _geom: VisionGeometry | None = None

@@ -1,4 +1,5 @@
-"""Every method on the new model families (tiny random Qwen2-VL: GQA, M-RoPE, dynamic resolution).
+"""Every method on the new model families (tiny random Qwen2-VL and Qwen2.5-VL: GQA, M-RoPE, dynamic
+resolution; Qwen2.5-VL with windowed ViT attention).
 
 For every method: the documented no-op gives identical logits; cached greedy decoding equals uncached; a
 padded batch equals single prompts; counted prefill FLOPs equal the analytic formulas; or the method
@@ -20,7 +21,8 @@ from harness.models.tiny import build_tiny
 from methods._shared import llm_reduce as LR
 from tests.efficiency.helpers import image
 
-FAMILY = "qwen2_vl"
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+fam = pytest.mark.parametrize("family", FAMILIES)
 SIZES = [(84, 56), (64, 64)]
 #: methods that act on Qwen2-VL, with parameters that make them reduce on the 4-layer tiny LLM
 ACTING = {
@@ -39,8 +41,8 @@ NOOPS = {"none": {}, "random": {"keep_ratio": 1.0}, "fastv": {"R": 0.0}, "ficoco
 REFUSING = {"tome": {}, "ficoco_v": {}, "ficoco_vl": {}}
 
 
-def model_and_processor():
-    return build_tiny(FAMILY, gqa=True, vision_layers=3)
+def model_and_processor(family):
+    return build_tiny(family, gqa=True, vision_layers=3)
 
 
 def prompt(proc, n_images: int, text: str = "What is shown?") -> str:
@@ -54,15 +56,16 @@ def batch(proc, texts, sizes=SIZES):
     return proc(images=imgs, text=prompts, return_tensors="pt", padding=len(texts) > 1)
 
 
-def applied(name, params=None):
-    model, proc = model_and_processor()
+def applied(name, family, params=None):
+    model, proc = model_and_processor(family)
     m = methods.build(name, ACTING[name] if params is None else params)
     m.apply(model, get_adapter(model))
     return model, proc, m
 
 
-def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution():
-    model, proc = model_and_processor()
+@fam
+def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution(family):
+    model, proc = model_and_processor(family)
     tc = model.config.text_config
     assert tc.num_key_value_heads < tc.num_attention_heads
     assert len(tc.rope_parameters["mrope_section"]) == 3
@@ -70,13 +73,14 @@ def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution():
     counts = (inp["image_grid_thw"].prod(-1) // 4).tolist()
     assert counts == [6, 4]  # 6 is not a square; two image sizes in one prompt
     a = get_adapter(model)
-    assert a.family == FAMILY and a.position_streams == 3
+    assert a.family == family and a.position_streams == 3
     assert a.projector is model.model.visual.merger
 
 
 @pytest.mark.parametrize("name", list(NOOPS))
-def test_documented_noop_gives_identical_logits(name):
-    model, proc = model_and_processor()
+@fam
+def test_documented_noop_gives_identical_logits(name, family):
+    model, proc = model_and_processor(family)
     inp = batch(proc, ["What is shown?"])
     with torch.no_grad():
         ref = model(**inp).logits[:, -1]
@@ -105,8 +109,9 @@ def _greedy_uncached(model, inp, steps):
 
 
 @pytest.mark.parametrize("name", list(ACTING))
-def test_cached_greedy_equals_uncached(name):
-    model, proc, _ = applied(name)
+@fam
+def test_cached_greedy_equals_uncached(name, family):
+    model, proc, _ = applied(name, family)
     inp = batch(proc, ["What is shown?"])
     with torch.no_grad():
         cached = model.generate(**inp, max_new_tokens=5, do_sample=False)[:, inp["input_ids"].shape[1]:]
@@ -114,8 +119,9 @@ def test_cached_greedy_equals_uncached(name):
 
 
 @pytest.mark.parametrize("name", list(ACTING))
-def test_padded_batch_equals_single_prompts(name):
-    model, proc, _ = applied(name)
+@fam
+def test_padded_batch_equals_single_prompts(name, family):
+    model, proc, _ = applied(name, family)
     texts = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
     inp = batch(proc, texts)
     assert not bool(inp["attention_mask"].all())  # the shorter prompt is left-padded
@@ -133,8 +139,9 @@ def test_padded_batch_equals_single_prompts(name):
 
 
 @pytest.mark.parametrize("name", list(ACTING))
-def test_counted_flops_equal_analytic(name):
-    model, proc, m = applied(name)
+@fam
+def test_counted_flops_equal_analytic(name, family):
+    model, proc, m = applied(name, family)
     inp = batch(proc, ["What is shown?"])
     (layout,) = F.layouts_from_inputs(model, inp)
     assert layout.image_visual == (6, 4) and not layout.contiguous
@@ -144,16 +151,17 @@ def test_counted_flops_equal_analytic(name):
         assert counted.total < sum(F.analytic_prefill(model.config, layout).values())
 
 
-def test_kept_tokens_keep_their_three_position_streams():
+@fam
+def test_kept_tokens_keep_their_three_position_streams(family):
     """`random` drops visual tokens at the LLM input: the patched model's logits equal the unpatched
     language model run on the kept tokens only, with the kept tokens' 3-D (M-RoPE) position ids."""
-    model, proc, _ = applied("random")
+    model, proc, _ = applied("random", family)
     inp = batch(proc, ["What is shown?"])
     with torch.no_grad():
         patched = model(**inp).logits[:, -1]
     kept = LR.get_reducer(model).state.cur  # [1, n'] prefill indices of the kept tokens
     assert kept.shape[1] == inp["input_ids"].shape[1] - 10 + 4
-    ref_model, _ = model_and_processor()  # same seed: same weights, unpatched
+    ref_model, _ = model_and_processor(family)  # same seed: same weights, unpatched
     base = ref_model.model
     with torch.no_grad():
         pos3, _ = base.get_rope_index(inp["input_ids"], image_grid_thw=inp["image_grid_thw"],
@@ -171,17 +179,19 @@ def test_kept_tokens_keep_their_three_position_streams():
 
 
 @pytest.mark.parametrize("name", list(REFUSING))
-def test_vision_side_methods_refuse_in_one_line(name):
-    model, _ = model_and_processor()
+@fam
+def test_vision_side_methods_refuse_in_one_line(name, family):
+    model, _ = model_and_processor(family)
     m = methods.build(name, REFUSING[name])
-    with pytest.raises(methods.MethodError, match=FAMILY) as e:
+    with pytest.raises(methods.MethodError, match=family) as e:
         m.apply(model, get_adapter(model))
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["random", "fastv", "ficoco_l"])
-def test_renumbered_positions_refused_on_mrope(name):
-    model, _ = model_and_processor()
+@fam
+def test_renumbered_positions_refused_on_mrope(name, family):
+    model, _ = model_and_processor(family)
     m = methods.build(name, dict(ACTING[name], positions="renumber"))
     with pytest.raises(methods.MethodError, match="M-RoPE") as e:
         m.apply(model, get_adapter(model))
@@ -192,45 +202,53 @@ def test_renumbered_positions_refused_on_mrope(name):
 
 
 @pytest.mark.parametrize("name", list(LAYER_ACTING))
-def test_layer_methods_change_the_output(name):
+@fam
+def test_layer_methods_change_the_output(name, family):
     """ShortV / RedundancyLens really act on Qwen2-VL (the equivalence tests above are not vacuous)."""
-    ref_model, proc = model_and_processor()
+    ref_model, proc = model_and_processor(family)
     inp = batch(proc, ["What is shown?"])
-    model, _, _ = applied(name)
+    model, _, _ = applied(name, family)
     with torch.no_grad():
         assert not torch.allclose(model(**inp).logits[:, -1], ref_model(**inp).logits[:, -1], atol=1e-4)
 
 
-def test_layer_contribution_on_mrope_padded_batch_equals_singles():
+@fam
+def test_layer_contribution_on_mrope_padded_batch_equals_singles(family):
     """ShortV's Layer Contribution on Qwen2-VL: a left-padded batch gives the singles' scores (the model's
     own 3-D positions are kept; 1-D positions would replace M-RoPE), and LC_i is the KL of ShortV on i."""
     import numpy as np
 
     from methods._shared.calibration import layer_contribution
 
-    model, proc = model_and_processor()
+    model, proc = model_and_processor(family)
     texts = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
     both = batch(proc, texts)
     singles = [proc(images=[image(7 * b + i, s) for i, s in enumerate(SIZES)], text=[prompt(proc, 2, t)],
                     return_tensors="pt") for b, t in enumerate(texts)]
     a = get_adapter(model)
+    from methods._shared.calibration import _last_logprobs, _model_inputs
+
+    padded = _last_logprobs(model, _model_inputs(both, a))  # the inputs calibration really runs
+    for b, one in enumerate(singles):
+        torch.testing.assert_close(padded[b], _last_logprobs(model, _model_inputs(one, a))[0], rtol=1e-4, atol=1e-4)
     lc = layer_contribution(model, a, [both])
-    np.testing.assert_allclose(layer_contribution(model, a, singles), lc, rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(layer_contribution(model, a, singles), lc, rtol=1e-3, atol=1e-6)
     assert len(lc) == 4 and lc[-1] == 0.0 and max(lc) > 0
     with torch.no_grad():
         logp = torch.log_softmax(model(**singles[0]).logits[:, -1], -1)
-        shortv, _ = model_and_processor()
+        shortv, _ = model_and_processor(family)
         methods.build("shortv", {"layers": [1]}).apply(shortv, get_adapter(shortv))
         logq = torch.log_softmax(shortv(**singles[0]).logits[:, -1], -1)
     assert float((logq.exp() * (logq - logp)).sum()) == pytest.approx(layer_contribution(model, a, singles[:1])[1],
                                                                       rel=1e-3, abs=1e-9)
 
 
-def test_redundancylens_ranking_runs_on_mrope():
+@fam
+def test_redundancylens_ranking_runs_on_mrope(family):
     from methods._shared.calibration import greedy_layer_ranking
     from methods.redundancylens import kl_evaluator
 
-    model, proc = model_and_processor()
+    model, proc = model_and_processor(family)
     evaluate = kl_evaluator(model, get_adapter(model), [batch(proc, ["What is shown?"])], "hollow", window=3,
                             hollow_block=2)
     out = greedy_layer_ranking(4, evaluate, stop_at=2)
