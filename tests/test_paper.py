@@ -279,3 +279,15 @@ def test_wandb_report_run(cell_overrides, tmp_path):
     cell_blobs = [open(p, "rb").read() for p in glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))]
     assert sum(b"sweepA" in b for b in cell_blobs) == 2
     assert wandb_report.main(["--store", str(tmp_path / "store"), "--group", "nope", "--dir", str(wdir)]) == 1
+
+
+def test_redundancylens_qwen2vl_rows(flops_dir):
+    """RedundancyLens' Qwen2-VL-7B FLOPs column: both FastV rows (72 %, 53 %) reproduce at one solved visual
+    count under the A7 convention, and RedundancyLens on about half the layers lands within a point of 71 %."""
+    from harness import paper
+
+    rows = paper.redundancylens_qwen2vl()
+    solved = [r for r in rows if "(solved)" in r.setting]
+    assert [r.match for r in solved[:2]] == ["≈", "≈"] and all(r.ours == r.printed for r in solved[:2])
+    assert abs(float(solved[2].exact) - 71) < 1.0 and "layers" in solved[2].setting
+    assert all(r.note for r in rows)  # every row states what had to be assumed
