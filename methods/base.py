@@ -19,7 +19,7 @@ class MethodError(ValueError):
 LLAVA_FAMILIES = ("llava", "llava_next")
 #: families with a decoder-only LLM the shared LLM machinery (`llm_reduce`, `reduced_layer`) acts on:
 #: LLaVA's RoPE and Qwen2-VL / Qwen2.5-VL's M-RoPE (whose per-token cos/sin are sliced like RoPE's)
-LLM_SIDE_FAMILIES = LLAVA_FAMILIES + ("qwen2_vl", "qwen2_5_vl")
+LLM_SIDE_FAMILIES = LLAVA_FAMILIES + ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclasses.dataclass

@@ -19,7 +19,8 @@ def test_groups_have_the_papers_benchmarks_and_models():
         assert name in group_options("benchmark")
         cfg = compose_config([f"benchmark={name}"])
         assert cfg.benchmark.task and cfg.benchmark.metric in cfg.benchmark.metrics
-    for name in ["tiny", "llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b", "qwen2_vl_7b", "qwen2_5_vl_7b"]:
+    for name in ["tiny", "llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b", "qwen2_vl_7b", "qwen2_5_vl_7b",
+                 "llava_onevision_7b"]:
         assert compose_config([f"model={name}"]).model.name == name
 
 

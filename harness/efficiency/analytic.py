@@ -53,6 +53,8 @@ class ViTShape:
     channels: int = 3
     #: MLP matrices (CLIP / Qwen2-VL: fc1, fc2; Qwen2.5-VL: gated gate, up, down)
     mlp_matrices: int = 2
+    #: class tokens (CLIP: 1; SigLIP, LLaVA-OneVision's tower: 0)
+    cls: int = 1
 
     @classmethod
     def from_config(cls, vc) -> "ViTShape":
@@ -64,6 +66,7 @@ class ViTShape:
             image_size=vc.image_size,
             patch_size=vc.patch_size,
             channels=getattr(vc, "num_channels", 3),
+            cls=0 if getattr(vc, "model_type", "") == "siglip_vision_model" else 1,
         )
 
     @property
@@ -72,8 +75,8 @@ class ViTShape:
 
     @property
     def tokens(self) -> int:
-        """Tokens per image in the encoder, CLS included."""
-        return self.patches + 1
+        """Tokens per image in the encoder, CLS included (SigLIP has none)."""
+        return self.patches + self.cls
 
 
 def flops(macs: int) -> int:

@@ -150,6 +150,13 @@ def _matmul_macs(inputs, outputs) -> int:
     return int(prod(out) * a[-1]) if out else int(a[-1])
 
 
+def _conv_mode_macs(inputs, outputs) -> int:
+    """aten::_convolution_mode(x, w, b, stride, padding: str, dilation, groups): out elements x (C_in /
+    groups) x kernel elements (w's shape [C_out, C_in / groups, *kernel]), as fvcore counts aten::_convolution."""
+    w, out = _shape(inputs[1]), _shape(outputs[0])
+    return prod(out) * prod(w[1:]) if w and out else 0
+
+
 def _baddbmm_macs(inputs, outputs) -> int:
     # baddbmm(self, batch1, batch2, ...), addbmm(self, batch1, batch2, ...)
     b1, b2 = _shape(inputs[1]), _shape(inputs[2])
@@ -193,6 +200,8 @@ def _fvcore_handles() -> dict[str, Any]:
         "aten::linear": linear_flop_jit,
         "aten::addmm": addmm_flop_jit,
         "aten::_convolution": conv_flop_jit,
+        # convolutions with string padding ("valid", SigLIP's patch embedding) trace to _convolution_mode
+        "aten::_convolution_mode": _conv_mode_macs,
         "aten::einsum": einsum_flop_jit,
         "aten::scaled_dot_product_attention": _sdpa_jit,
         "aten::matmul": _matmul_macs,
@@ -664,7 +673,7 @@ def count_prefill(model, inputs: dict, *, counter: str | None = None, logits_to_
         if meta:
             raise ValueError("fvcore cannot trace a meta-device model; use counter='flop_counter_mode'")
         extra = {"use_cache": True, "logits_to_keep": logits_to_keep}
-        if adapter.family == "llava_next":
+        if adapter.family in ANYRES:
             flops, unsupported = _fvcore_split_count(model, adapter, tensors, extra)
         else:
             flops, unsupported = _fvcore_count(model, adapter, tensors, extra)
@@ -768,9 +777,13 @@ def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None)
 
 
 # ---- analytic counterparts --------------------------------------------------------------------------
+#: anyres families (base crop + grid crops, unpadded, one newline per row): LLaVA-NeXT, LLaVA-OneVision
+ANYRES = ("llava_next", "llava_onevision")
+
+
 def num_crops(config, image_size) -> int:
     """Vision-encoder passes for one image: 1 (LLaVA-1.5) or LLaVA-NeXT's base + grid crops."""
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) not in ANYRES:
         return 1
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -813,7 +826,7 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
         after = int(row.numel()) - before - between - n_vis
         if n_vis == 0:
             images = n_images = 0
-        elif getattr(config, "model_type", None) == "llava_next" and sizes:
+        elif getattr(config, "model_type", None) in ANYRES and sizes:
             images = n_images = left = 0
             while left < n_vis and next_image < len(sizes):  # this sample's images, in batch order
                 size = sizes[next_image]
@@ -847,11 +860,11 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
 def projected_tokens(config, layout: A.TokenLayout) -> int:
     """Tokens through the projector: LLaVA-1.5 projects the visual tokens it inserts; LLaVA-NeXT
     projects every crop's patch tokens (before unpadding and newline tokens)."""
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         vc = config.vision_config
         per_crop = (vc.image_size // vc.patch_size) ** 2
         if config.vision_feature_select_strategy != "default":
-            per_crop += 1
+            per_crop += _cls(config)
         return layout.images * per_crop
     return layout.visual
 
@@ -864,7 +877,7 @@ def analytic_prefill(config, layout: A.TokenLayout, method=None, n_logits: int =
         macs = A.dense_prefill_macs(shapes, layout, n_logits=n_logits)
     else:
         macs = dict(method.analytic_prefill_macs(shapes, layout))
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         dense_proj = A.projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual)
         if macs.get("projector") == dense_proj:
             macs["projector"] = A.projector_macs(
@@ -930,9 +943,9 @@ def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> 
         return qwen_visual_tokens(config, image_hw)
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
-    cls = 0 if config.vision_feature_select_strategy == "default" else 1
+    cls = 0 if config.vision_feature_select_strategy == "default" else _cls(config)
     base = side * side + cls
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) not in ANYRES:
         return base
     from transformers.image_processing_utils import select_best_resolution
 
@@ -946,7 +959,20 @@ def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> 
     else:
         new_w = int(round(w * (cur_h / h), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    if getattr(config, "model_type", None) == "llava_onevision" and aspect and aspect.startswith("anyres_max_"):
+        # OneVision downsamples (bilinear) a grid of more than max x side^2 features by `ratio` per side
+        import math
+
+        ratio = math.sqrt(cur_h * cur_w / (int(aspect.removeprefix("anyres_max_")) * side * side))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     return base + cur_h * cur_w + cur_h
+
+
+def _cls(config) -> int:
+    """Class tokens of the vision tower: CLIP 1, SigLIP 0."""
+    return 0 if getattr(config.vision_config, "model_type", "") == "siglip_vision_model" else 1
 
 
 def default_image_hw(config) -> tuple[int, int]:
@@ -957,8 +983,10 @@ def default_image_hw(config) -> tuple[int, int]:
         from harness.models.adapter import qwen_reference_image
 
         return qwen_reference_image(config)
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) not in ANYRES:
         return (vc.image_size, vc.image_size)
+    if getattr(config, "model_type", None) == "llava_onevision":
+        return (2 * vc.image_size, 2 * vc.image_size)  # 768x768: base + 2x2 crops (the 2304x2304 pinpoint has 37)
     squares = [tuple(p) for p in config.image_grid_pinpoints if p[0] == p[1]]
     return max(squares) if squares else tuple(config.image_grid_pinpoints[0])
 
@@ -998,7 +1026,7 @@ def synthetic_inputs(
     out: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}
     if torch.device(device).type != "meta":  # on meta a mask would trigger data-dependent checks
         out["attention_mask"] = torch.ones_like(ids).to(device)
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         out["pixel_values"] = torch.zeros((batch_size, crops, *shape[1:]), dtype=dtype, device=device)
         out["image_sizes"] = torch.tensor([list(image_hw)] * batch_size, dtype=torch.long)
     else:

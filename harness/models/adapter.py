@@ -177,6 +177,25 @@ class LlavaNextAdapter(ModelAdapter):
         super().__init__(model=model, family="llava_next")
 
 
+class LlavaOnevisionAdapter(ModelAdapter):
+    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's anyres packing (base crop + grid
+    crops, unpadded, one `image_newline` per row) with up to 6x6 crops of 384 px, "anyres_max_9" (a grid of
+    more than 9 x 729 features is bilinearly downsampled before the newlines), a SigLIP tower without CLS
+    token whose last layer feeds the projector (`vision_feature_layer=-1`, strategy "full"), and a Qwen2
+    decoder (1-D RoPE). `visual_tokens_per_image` is the count of one crop (729)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model=model, family="llava_onevision")
+
+    @property
+    def drops_cls(self) -> bool:
+        return False
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        return self.patches_per_side**2  # SigLIP: no CLS
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL (same module layout; its ViT attends
     inside 112-pixel windows except in `fullatt_block_indexes`, with a gated MLP): a dynamic-resolution ViT that packs the patches of
@@ -303,6 +322,7 @@ def qwen_visual_tokens(config, image_hw: tuple[int, int] | None = None) -> int:
 _ADAPTERS = {
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2VLAdapter,  # Qwen2.5-VL: the same layout (windowed ViT attention, gated ViT MLP)
 }

@@ -176,15 +176,12 @@ def image_only_processor(cls):
     """`cls` (a Qwen2-VL-style processor) without its video processor: transformers 5's video processors
     (and its default "fast" image processors) need torchvision, which vtbench does not install (it evaluates
     images only). `from_pretrained` of the returned class loads the tokenizer and the image processor."""
-    from transformers.processing_utils import ProcessorMixin
-
     class ImageOnly(cls):
+        # the family's own __init__ sets its attributes (image token, feature counts); ProcessorMixin then
+        # takes only the two sub-processors this signature names (the video processor argument is dropped)
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = f"{cls.__name__}ImageOnly"
     return ImageOnly
@@ -196,6 +193,9 @@ _IMAGE_ONLY = {
                  "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
     "qwen2_5_vl": ("transformers.models.qwen2_5_vl.processing_qwen2_5_vl:Qwen2_5_VLProcessor",
                    "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
+    "llava_onevision": ("transformers.models.llava_onevision.processing_llava_onevision:LlavaOnevisionProcessor",
+                        "transformers.models.llava_onevision.image_processing_pil_llava_onevision:"
+                        "LlavaOnevisionImageProcessorPil"),
 }
 
 
@@ -214,7 +214,23 @@ def load_processor(path: str, family: str, revision=None, trust: bool = False):
     tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
     # the processor's own chat template (chat_template.jinja / .json, as AutoProcessor reads it), else the tokenizer's
     template = _processor_template(path, revision) or getattr(tok, "chat_template", None)
-    return proc_cls(image_processor=ip, tokenizer=tok, chat_template=template)
+    return proc_cls(image_processor=ip, tokenizer=tok, chat_template=template, **_processor_kwargs(path, revision))
+
+
+def _processor_kwargs(path: str, revision=None) -> dict:
+    """The processor's own settings from processor_config.json (e.g. OneVision's num_image_tokens)."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    p = Path(path)
+    f = p / "processor_config.json" if p.is_dir() else try_to_load_from_cache(path, "processor_config.json",
+                                                                             revision=revision)
+    if not (isinstance(f, (str, Path)) and Path(f).is_file()):
+        return {}
+    data = json.loads(Path(f).read_text())
+    keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token", "video_token")
+    return {k: v for k, v in data.items() if k in keep}
 
 
 def _processor_template(path: str, revision=None) -> str | None:

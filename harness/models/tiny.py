@@ -144,6 +144,13 @@ def build_tiny(
     Returns `(model, processor)`; the model is in eval mode on CPU. `family='qwen2_vl'` builds a
     Qwen2-VL instead (see `build_tiny_qwen2_vl`; `lm`, `image_size` and the CLIP arguments do not apply).
     """
+    if family == "llava_onevision":
+        return build_tiny_onevision(
+            gqa=gqa, image_size=image_size, patch_size=patch_size, vision_hidden=vision_hidden,
+            vision_layers=vision_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_layers=num_layers, num_heads=num_heads, seed=seed, attn_implementation=attn_implementation,
+            dtype=dtype,
+        )
     if family in QWEN_FAMILIES:
         return build_tiny_qwen2_vl(
             family, gqa=gqa, vision_hidden=vision_hidden, vision_layers=vision_layers, hidden_size=hidden_size,
@@ -225,7 +232,7 @@ def build_tiny(
 
 # ---- Qwen2-VL --------------------------------------------------------------------------------------
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-TINY_FAMILIES = ("llava", "llava_next") + QWEN_FAMILIES
+TINY_FAMILIES = ("llava", "llava_next", "llava_onevision") + QWEN_FAMILIES
 QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -315,6 +322,47 @@ def build_tiny_qwen2_vl(
     return model, processor
 
 
+def build_tiny_onevision(
+    *, gqa: bool = True, image_size: int = 64, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 3,
+    hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0,
+    attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+):
+    """A tiny random LLaVA-OneVision: SigLIP tower (no CLS, no head, last layer to the projector), anyres
+    pinpoints up to 3x3 crops of `image_size`, "anyres_max_1" (so a 3x3 grid is downsampled, as the 7B's
+    6x6 grids are with anyres_max_9), a Qwen2 decoder with GQA."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from harness.models.loading import image_only_processor
+
+    tok = _default_tokenizer()
+    s = image_size
+    pinpoints = [[s * i, s * j] for i in (1, 2, 3) for j in (1, 2, 3)]
+    vision = dict(model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                  num_hidden_layers=vision_layers, num_attention_heads=4, image_size=s, patch_size=patch_size,
+                  vision_use_head=False)
+    text = text_config("qwen2", hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+                       num_heads=num_heads, num_kv_heads=(num_heads // 2 if gqa else num_heads), vocab_size=len(tok))
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<unk>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_1",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    processor = image_only_processor(LlavaOnevisionProcessor)(
+        image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE, num_image_tokens=(s // patch_size) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1", image_token="<image>",
+        video_token="<unk>",
+    )
+    model.set_attn_implementation(attn_implementation)
+    model = model.to(dtype).eval()
+    return model, processor
+
+
 def save_tiny(family: str, out, **kw) -> str:
     """Build a tiny random model of `family` and save it as a checkpoint folder (safetensors, config,
     tokenizer, image processor, chat template) that `model.pretrained` can point at (end-to-end runs of a
@@ -329,6 +377,10 @@ def save_tiny(family: str, out, **kw) -> str:
     processor.tokenizer.save_pretrained(out)
     processor.image_processor.save_pretrained(out)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    settings = {k: getattr(processor, k) for k in ("num_image_tokens", "vision_feature_select_strategy",
+                                                   "vision_aspect_ratio", "image_token", "video_token")
+                if isinstance(getattr(processor, k, None), (int, str))}
+    (out / "processor_config.json").write_text(json.dumps(settings))
     return str(out)
 
 

@@ -559,6 +559,8 @@ class VisionReductionMethod(Method):
         "qwen2_5_vl": "its ViT packs images of any size, attends inside windows and ends in a 2x2 patch merger that "
         "needs every patch of the grid, so tokens cannot be merged inside the ViT (the paper's placement); use an "
         "LLM-side method",
+        "llava_onevision": "its anyres_max packing interpolates each image's unpadded feature grid, which merged tokens "
+        "no longer form; use an LLM-side method",
     }
 
     _geom: VisionGeometry | None = None

@@ -21,8 +21,10 @@ from harness.models.tiny import build_tiny
 from methods._shared import llm_reduce as LR
 from tests.efficiency.helpers import image
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = QWEN + ["llava_onevision"]
 fam = pytest.mark.parametrize("family", FAMILIES)
+qfam = pytest.mark.parametrize("family", QWEN)  # M-RoPE and dynamic-resolution specifics
 SIZES = [(84, 56), (64, 64)]
 #: methods that act on Qwen2-VL, with parameters that make them reduce on the 4-layer tiny LLM
 ACTING = {
@@ -63,7 +65,7 @@ def applied(name, family, params=None):
     return model, proc, m
 
 
-@fam
+@qfam
 def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution(family):
     model, proc = model_and_processor(family)
     tc = model.config.text_config
@@ -90,19 +92,20 @@ def test_documented_noop_gives_identical_logits(name, family):
 
 
 def _greedy_uncached(model, inp, steps):
-    ids, am, mm = inp["input_ids"], inp["attention_mask"], inp["mm_token_type_ids"]
+    ids, am, mm = inp["input_ids"], inp["attention_mask"], inp.get("mm_token_type_ids")
+    extra = {k: v for k, v in inp.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
     reducer = LR.get_reducer(model)
     if reducer is not None:
         LR.pin_prompt_length(model, ids.shape[1])
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=am, mm_token_type_ids=mm, pixel_values=inp["pixel_values"],
-                           image_grid_thw=inp["image_grid_thw"], use_cache=False).logits[:, -1]
+            kw = dict(extra, **({"mm_token_type_ids": mm} if mm is not None else {}))
+            logits = model(input_ids=ids, attention_mask=am, use_cache=False, **kw).logits[:, -1]
             nxt = logits.argmax(-1, keepdim=True)
             out.append(nxt)
             ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
-            mm = torch.cat([mm, torch.zeros_like(nxt)], 1)
+            mm = None if mm is None else torch.cat([mm, torch.zeros_like(nxt)], 1)
     if reducer is not None:
         LR.pin_prompt_length(model, None)
     return torch.cat(out, 1)
@@ -144,14 +147,17 @@ def test_counted_flops_equal_analytic(name, family):
     model, proc, m = applied(name, family)
     inp = batch(proc, ["What is shown?"])
     (layout,) = F.layouts_from_inputs(model, inp)
-    assert layout.image_visual == (6, 4) and not layout.contiguous
+    if family in QWEN:
+        assert layout.image_visual == (6, 4) and not layout.contiguous
+    else:  # OneVision: base + grid crops of both images
+        assert layout.n_images == 2 and layout.images > 2 and not layout.contiguous
     counted = F.count_prefill(model, inp)
     assert counted.flops == F.analytic_prefill(model.config, layout, None if name == "none" else m)
     if name != "none":  # the method really reduces (the count is below the dense one)
         assert counted.total < sum(F.analytic_prefill(model.config, layout).values())
 
 
-@fam
+@qfam
 def test_kept_tokens_keep_their_three_position_streams(family):
     """`random` drops visual tokens at the LLM input: the patched model's logits equal the unpatched
     language model run on the kept tokens only, with the kept tokens' 3-D (M-RoPE) position ids."""
@@ -189,7 +195,7 @@ def test_vision_side_methods_refuse_in_one_line(name, family):
 
 
 @pytest.mark.parametrize("name", ["random", "fastv", "ficoco_l"])
-@fam
+@qfam
 def test_renumbered_positions_refused_on_mrope(name, family):
     model, _ = model_and_processor(family)
     m = methods.build(name, dict(ACTING[name], positions="renumber"))
