@@ -259,3 +259,51 @@ def test_redundancylens_ranking_runs_on_mrope(family):
                             hollow_block=2)
     out = greedy_layer_ranking(4, evaluate, stop_at=2)
     assert sorted(out["ranking"]) == [0, 1, 2, 3] and out["base"]["agreement"] == 1.0
+
+
+# ---- through the lmms-eval wrapper -------------------------------------------------------------------------
+@fam
+@pytest.mark.parametrize("name", ["none", "fastv", "redundancylens"])
+def test_loglikelihood_equals_generation(name, family):
+    """The wrapper's one-forward log-likelihood (Qwen: `mm_token_type_ids` extended over the continuation)
+    equals generating the continuation after the context."""
+    from transformers import LogitsProcessorList
+
+    from tests.methods.test_prompt_shapes import _Force, _lmm, _Req
+
+    model, proc, _ = applied(name, family)
+    lm = _lmm(model, proc, 1)
+    imgs = [image(i, s) for i, s in enumerate(SIZES)]
+    lm.task_dict = {"t": {"test": [{"images": imgs}]}}
+    context, cont = "How many circles are there?", " two three"
+    (ll, _), = lm.loglikelihood([_Req(context, cont, lambda d: d["images"], 0, "t", "test")])
+    inputs = lm.encode([context], [imgs])
+    ids = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=len(ids), min_new_tokens=len(ids),
+                             logits_processor=LogitsProcessorList([_Force(ids)]), output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
+    gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
+    assert ll == pytest.approx(gen, abs=1e-4)
+
+
+@fam
+def test_wrapper_batches_by_visual_count(family):
+    """Images of different sizes give different visual-token counts: the wrapper never batches them together,
+    so a reducing method's batch answers equal batch 1's."""
+    from tests.methods.test_prompt_shapes import _lmm, _Req
+
+    sizes = [[(84, 56)], [(64, 64)], [(84, 56)], [(64, 64)]]
+    task = {"t": {"test": [{"images": [image(i, s) for s in ss]} for i, ss in enumerate(sizes)]}}
+    reqs = [_Req("What is shown?", {"max_new_tokens": 3, "until": []}, lambda d: d["images"], i, "t", "test")
+            for i in range(len(sizes))]
+    answers = {}
+    for bs in (1, 4):
+        model, proc, _ = applied("fastv", family, {"K": 1, "keep_ratio": 0.5})
+        lm = _lmm(model, proc, bs)
+        lm.task_dict = task
+        batches = lm.shape_batches(reqs, list(range(len(reqs))), bs)
+        assert bs == 1 or sorted(map(sorted, batches)) == [[0, 2], [1, 3]]
+        answers[bs] = lm.generate_until(reqs)
+        assert lm.failures == {}, lm.failures
+    assert answers[1] == answers[4]
