@@ -105,6 +105,12 @@ tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, determin
 	$(PY) -m harness.tiny_model.train $(TINY_ARGS) $(ARGS)
 	$(PY) -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 --modes none,blank,black,random10 --batch-size 25
 
+.PHONY: tiny-families
+tiny-families: $(STAMP) ## Tiny random checkpoints of the other families under runs/tiny/ (model=tiny_qwen2_vl, ...)
+	$(PY) -m harness.models.tiny qwen2_vl runs/tiny/qwen2_vl
+	$(PY) -m harness.models.tiny qwen2_5_vl runs/tiny/qwen2_5_vl
+	$(PY) -m harness.models.tiny llava_onevision runs/tiny/llava_onevision
+
 .PHONY: clean
 clean: ## Remove local run outputs (records in runs/, Hydra outputs); keeps .venv and results/
 	rm -rf outputs multirun runs

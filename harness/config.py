@@ -264,8 +264,10 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
         if not model.get(key):
             raise ConfigError(f"model.{key} is required")
         _str(cfg, f"model.{key}", required=True)
-    if model.family not in ("llava", "llava_next"):
-        raise ConfigError(f"model.family {model.family!r} is not supported (llava, llava_next)")
+    from harness.models.adapter import FAMILIES
+
+    if model.family not in FAMILIES:
+        raise ConfigError(f"model.family {model.family!r} is not supported ({', '.join(FAMILIES)})")
     _str(cfg, "model.revision", null=True)
     _str(cfg, "model.dtype", choices=sorted(DTYPES))
     _str(cfg, "model.attn_implementation", choices=ATTN_IMPLS)

@@ -211,9 +211,14 @@ class VTBenchLMM(_LmmsBase):
         from harness.efficiency.flops import num_crops, visual_tokens_for_image
 
         config = self._model.config
+        ip = getattr(self.processor, "image_processor", None)
         out = []
         for im in visuals:
             w, h = im.size  # PIL: (width, height)
+            if hasattr(ip, "merge_size") and hasattr(ip, "get_number_of_image_patches"):
+                # dynamic resolution (Qwen2-VL): the processor's own pixel limits fix the count
+                out.append((ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2, 1))
+                continue
             out.append((visual_tokens_for_image(config, (h, w)), num_crops(config, [h, w])))
         return tuple(out)
 
@@ -320,6 +325,9 @@ class VTBenchLMM(_LmmsBase):
             cont_ids = cont_ids.to(self._device)
             ids = torch.cat([ctx_inputs["input_ids"], cont_ids], dim=1)
             inputs = dict(ctx_inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+            if "mm_token_type_ids" in ctx_inputs:  # Qwen2-VL: the continuation is text
+                inputs["mm_token_type_ids"] = torch.cat(
+                    [ctx_inputs["mm_token_type_ids"], torch.zeros_like(cont_ids)], dim=1)
             with as_continuation(self._model, cont_ids.shape[1]):
                 logits = self._model(**inputs).logits[0, -cont_ids.shape[1] - 1 : -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)

@@ -42,6 +42,7 @@ FULL_MODELS = {
     "llava15_13b": "LLaVA-1.5-13B",
     "llava_next_7b": "LLaVA-NeXT-7B",
     "llava_next_13b": "LLaVA-NeXT-13B",
+    "qwen2_vl_7b": "Qwen2-VL-7B",
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,6 +411,89 @@ def ficoco_l_progressive_rows() -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# RedundancyLens FLOPs column (spec layer_methods.md §B5, §A7; the paper's convention is not published)
+# ---------------------------------------------------------------------------------------------------
+#: RedundancyLens' Qwen2-VL-7B table (spec §B5, [SEC], not verified against the paper): (label, printed %)
+REDUNDANCYLENS_QWEN2VL = [("FastV (R=30%)", "72"), ("FastV (R=50%)", "53"), ("RedundancyLens", "71")]
+#: visual-token counts the paper's prompts could have had: the spec's bracket (§B5: v in {1280, 3328}) and
+#: vtbench's reference 448x448 image (256)
+REDUNDANCYLENS_V = (256, 1280, 3328)
+
+
+def _redundancylens_methods(L: int) -> dict:
+    import methods
+
+    half = list(range(L - L // 2, L))  # "about half the layers": the last L/2 (which half does not change FLOPs)
+    return {
+        "FastV (R=30%)": methods.build("fastv", {"K": 2, "R": 0.3}),
+        "FastV (R=50%)": methods.build("fastv", {"K": 2, "R": 0.5}),
+        "RedundancyLens": methods.build("redundancylens", {"hollow_layers": half, "ffn_layers": half, "window": 256,
+                                                           "ffn_keep": 0.2}),
+    }
+
+
+def redundancylens_qwen2vl() -> list[Row]:
+    """The FLOPs column of RedundancyLens' Qwen2-VL-7B table under the A7 convention (LLM prefill only, t = 64
+    text tokens, full T^2, GQA-correct projections, 2 FLOPs per MAC), every method priced with its vtbench
+    analytic formula (FastV K=2 with its scoring row; RedundancyLens with Hollow R_A=256 and Dynamic FFN
+    keeping 20 % of the channels with N/10 probes on the last 14 of 28 layers), for each candidate v."""
+    from harness.efficiency import conventions as C
+
+    config = full_config("qwen2_vl_7b")
+    L = config.text_config.num_hidden_layers
+    rows = []
+    for v in REDUNDANCYLENS_V:
+        dense = C.llm_prefill_flops(config, v, C.SHORTV_TEXT)
+        for label, printed in REDUNDANCYLENS_QWEN2VL:
+            m = _redundancylens_methods(L)[label]
+            ratio = 100 * C.llm_prefill_flops(config, v, C.SHORTV_TEXT, m) / dense
+            ours = str(int(half_up(ratio, 0)))
+            note = ("assumed: A7 convention, t = 64, FastV K = 2; v is not published (the spec brackets 1280-3328; "
+                    "256 = one 448x448 image)")
+            if label == "RedundancyLens":
+                note = (f"assumed: Hollow (R_A = 256) and Dynamic FFN (20 % of channels, N/10 probes) each on the last "
+                        f"{L // 2} of {L} layers ('about half the layers'); the paper's layer lists are not published; "
+                        + note.removeprefix("assumed: "))
+            if ours != printed:
+                note += "; differs at this v (the printed ratio fits another v or layer count)"
+            rows.append(_row(f"Qwen2-VL-7B {label}, v = {v}", "FLOPs ratio %", ratio, 2, ours, printed, note))
+    # the v at which both FastV rows reproduce, and the FFN-layer count that then gives the printed 71 %
+    import methods
+
+    def pct(v, m):
+        return 100 * C.llm_prefill_flops(config, v, C.SHORTV_TEXT, m) / C.llm_prefill_flops(config, v, C.SHORTV_TEXT)
+
+    ms = _redundancylens_methods(L)
+    fits = [v for v in range(64, 8192, 8)
+            if all(str(int(half_up(pct(v, ms[k]), 0))) == p for k, p in REDUNDANCYLENS_QWEN2VL[:2])]
+    if fits:
+        v = fits[len(fits) // 2]
+        for label, printed in REDUNDANCYLENS_QWEN2VL[:2]:
+            r = pct(v, ms[label])
+            rows.append(_row(f"Qwen2-VL-7B {label}, v = {v} (solved)", "FLOPs ratio %", r, 2,
+                             str(int(half_up(r, 0))), printed,
+                             f"v solved from both FastV rows: every v in [{fits[0]}, {fits[-1]}] (step 8) reproduces "
+                             "72 % and 53 % (about 2,100-2,400 visual tokens, i.e. high-resolution document images)",
+                             "≈"))
+        half = list(range(L - L // 2, L))
+        curve = {}
+        for n_ffn in range(L + 1):
+            m = methods.build("redundancylens", {"hollow_layers": half, "ffn_layers": list(range(L - n_ffn, L)),
+                                                 "window": 256, "ffn_keep": 0.2})
+            curve[n_ffn] = pct(v, m)
+        n_best = min(curve, key=lambda n: abs(curve[n] - 71))
+        ours = str(int(half_up(curve[n_best], 0)))
+        around = ", ".join(f"{n} -> {curve[n]:.2f} %" for n in sorted(curve) if abs(n - n_best) <= 1)
+        rows.append(_row(f"Qwen2-VL-7B RedundancyLens, v = {v} (solved), Hollow on {L // 2} + FFN on {n_best} of {L} "
+                         "layers", "FLOPs ratio %", curve[n_best], 2, ours, "71",
+                         f"the FFN-layer count nearest the printed 71 % at the solved v (Hollow on {L // 2}; FFN layers: "
+                         f"{around}): 'about half the layers' with FFN on slightly under half, as spec §B5 [CALC] "
+                         "reads it; the paper's layer lists (and any probe/overhead convention) are not published",
+                         "≈" if ours == "71" else "✗"))
+    return rows
+
+
 TABLES = {
     "flops_shortv_table1": ("ShortV Table 1 — TFLOPs and FLOPs ratio (spec layer_methods.md §A8.1, §A7)",
                             "LLM prefill only, t = 64 text tokens, v = 576 (LLaVA-1.5) / 2880 (LLaVA-NeXT) visual "
@@ -434,6 +518,14 @@ TABLES = {
                             "LLM-Viewer's count as reproduced in spec §0.5: LLM prefill only, 60 text tokens (7B) / "
                             "512 (13B), SwiGLU FFN, attention QK^T and AV over the full n x n, FLOPs = 2 x MACs, "
                             "ViT and projector excluded.", ficoco_labels),
+    "flops_redundancylens_qwen2vl": (
+        "RedundancyLens — FLOPs column of its Qwen2-VL-7B table (spec layer_methods.md §B5, §A7; [SEC], not "
+        "verified against the paper)",
+        "A7 (reconstructed; the paper does not state its convention): LLM prefill only, t = 64 text tokens, full T^2 "
+        "attention, GQA-correct projections (Qwen2-7B: h = 3584, d_ff = 18944, 4 KV heads), SwiGLU, FLOPs = 2 x MACs; "
+        "each method priced with its vtbench analytic formula; v (visual tokens per prompt) unknown, so three "
+        "candidates are shown. LLaVA-OneVision-7B rows: no printed values are known (spec §B5 lists only "
+        "InternVL2-8B and Qwen2-VL-7B tables).", redundancylens_qwen2vl),
 }
 
 

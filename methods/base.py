@@ -15,11 +15,20 @@ class MethodError(ValueError):
     """A method parameter is invalid, or invalid for the loaded model. Message is one line."""
 
 
+#: the LLaVA families (CLIP tower with a CLS token, fixed patch grid per image or crop)
+LLAVA_FAMILIES = ("llava", "llava_next")
+#: families with a decoder-only LLM the shared LLM machinery (`llm_reduce`, `reduced_layer`) acts on:
+#: LLaVA's RoPE and Qwen2-VL / Qwen2.5-VL's M-RoPE (whose per-token cos/sin are sliced like RoPE's)
+LLM_SIDE_FAMILIES = LLAVA_FAMILIES + ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+
+
 @dataclasses.dataclass
 class Method:
     name: ClassVar[str] = "base"
     #: model families this method can act on
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
+    families: ClassVar[tuple[str, ...]] = LLAVA_FAMILIES
+    #: why the method refuses a family it does not list (one line each; the refusal names it)
+    refusals: ClassVar[dict[str, str]] = {}
     #: True if the method only simulates the saving (masks instead of skipping compute)
     simulated: ClassVar[bool] = False
     #: False if the patched model reads tensor *values* while it runs (the visual-token positions from
@@ -54,6 +63,9 @@ class Method:
     def validate(self, adapter) -> None:
         """Checks against a model (family, layer counts, token budgets); raise MethodError."""
         if adapter.family not in self.families:
+            if adapter.family in self.refusals:
+                raise MethodError(f"method {self.name!r} refuses model family {adapter.family!r}: "
+                                  f"{self.refusals[adapter.family]}")
             raise MethodError(
                 f"method {self.name!r} is not applicable to model family {adapter.family!r} "
                 f"(supports: {', '.join(self.families)})"

@@ -29,7 +29,7 @@ import torch
 from harness.efficiency import analytic as A
 from methods import register
 from methods._shared import llm_reduce as LR
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
 def kept_visual(n_visual: int, R: float, keep: int | None, keep_ratio: float | None = None) -> int:
@@ -82,6 +82,7 @@ def last_token_attention(attn, q: torch.Tensor, k: torch.Tensor, view) -> torch.
 @dataclasses.dataclass
 class FastV(Method):
     name = "fastv"
+    families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"

@@ -58,7 +58,7 @@ import torch
 from harness.efficiency import analytic as A
 from methods import register
 from methods._shared import llm_reduce as LR
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
 # ---- schedule ---------------------------------------------------------------------------------------
@@ -287,6 +287,7 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
 @dataclasses.dataclass
 class FiCoCoL(Method):
     name = "ficoco_l"
+    families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "final_tokens"
     budget_param = "final_tokens"

@@ -62,6 +62,14 @@ class _VisionTarget:
 @dataclasses.dataclass
 class FiCoCoVL(Method):
     name = "ficoco_vl"
+    refusals = {
+        "qwen2_vl": "its FiCoCo-V stage has no well-defined placement in Qwen2-VL's ViT (images packed at any size, "
+        "a 2x2 patch merger at its end needs every patch); use ficoco_l",
+        "qwen2_5_vl": "its FiCoCo-V stage has no well-defined placement in Qwen2.5-VL's windowed ViT (a 2x2 patch "
+        "merger at its end needs every patch); use ficoco_l",
+        "llava_onevision": "its FiCoCo-V stage cannot feed OneVision's anyres_max packing (it interpolates each image's "
+        "unpadded feature grid, which merged tokens no longer form); use ficoco_l",
+    }
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"

@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 from methods import register
-from methods.base import Method
+from methods.base import LLM_SIDE_FAMILIES, Method
 
 
 @register
 @dataclasses.dataclass
 class NoReduction(Method):
     name = "none"
+    families = LLM_SIDE_FAMILIES
 
     def apply(self, model, adapter):
         return model

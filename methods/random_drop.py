@@ -19,7 +19,7 @@ import torch
 from harness.efficiency import analytic as A
 from methods import register
 from methods._shared import llm_reduce as LR
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
 def kept_visual(n_visual: int, keep_ratio: float, keep: int | None) -> int:
@@ -60,6 +60,7 @@ class _RandomPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class RandomDrop(Method):
     name = "random"
+    families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from methods import register
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 PROBE_SAMPLING = ("random", "strided")
 
@@ -46,6 +46,7 @@ PROBE_SAMPLING = ("random", "strided")
 @dataclasses.dataclass
 class RedundancyLens(Method):
     name = "redundancylens"
+    families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     #: a budget sets the proportion of reduced layers (both reductions, on the 'auto' rankings)
     budget_param = "ratio"
@@ -369,7 +370,7 @@ def kl_evaluator(model, adapter, batches, reduction: str, **params):
 
     if reduction not in ("hollow", "ffn"):
         raise MethodError(f"kl_evaluator: reduction must be 'hollow' or 'ffn', got {reduction!r}")
-    batches = [_model_inputs(b) for b in batches]
+    batches = [_model_inputs(b, adapter) for b in batches]
     if not batches:
         raise MethodError("calibration set is empty (no batches given)")
     base = [_last_logprobs(model, b) for b in batches]

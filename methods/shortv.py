@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from methods import register
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
 @register
 @dataclasses.dataclass
 class ShortV(Method):
     name = "shortv"
+    families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
 
     #: layer indices (0-based) to freeze, in priority (ascending visual LC) order; or "auto" = the first

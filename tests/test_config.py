@@ -14,11 +14,13 @@ def test_default_composition():
 
 def test_groups_have_the_papers_benchmarks_and_models():
     for name in ["gqa", "mme", "pope", "scienceqa_img", "textvqa_val", "mmbench_en_dev", "seedbench",
-                 "vqav2_val", "mmmu_val", "mmstar", "flickr30k_test", "shapes"]:
+                 "vqav2_val", "mmmu_val", "mmstar", "flickr30k_test", "shapes",
+                 "ocrbench", "docvqa_val", "infovqa_val", "chartqa", "hallusion_bench_image"]:
         assert name in group_options("benchmark")
         cfg = compose_config([f"benchmark={name}"])
         assert cfg.benchmark.task and cfg.benchmark.metric in cfg.benchmark.metrics
-    for name in ["tiny", "llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b"]:
+    for name in ["tiny", "llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b", "qwen2_vl_7b", "qwen2_5_vl_7b",
+                 "llava_onevision_7b"]:
         assert compose_config([f"model={name}"]).model.name == name
 
 

@@ -190,10 +190,17 @@ def test_recipe_composes_and_every_cell_validates(name):
     for combo in combos:
         cfg = compose_config([f"experiment={name}", *combo])
         validate(cfg, check_device=False)  # the recipes' values; run.device=cuda is checked where they run
-        assert cfg.model.name != "tiny" and cfg.run.device == "cuda" and cfg.run.dtype == "float16"
+        llava = cfg.model.family in ("llava", "llava_next")
+        # LLaVA checkpoints in float16 with the vicuna_v1 template; Qwen2-VL in bfloat16 (its published dtype) with
+        # the checkpoint processor's own chat template
+        assert cfg.model.name != "tiny" and cfg.run.device == "cuda"
+        assert cfg.run.dtype == ("float16" if llava else "bfloat16")
         assert cfg.run.batch_size == 1 and cfg.run.limit is None
         assert cfg.logger.group == name
-        assert cfg.model.chat_template.startswith("{% for message in messages %}")
+        if llava:
+            assert cfg.model.chat_template.startswith("{% for message in messages %}")
+        else:
+            assert cfg.model.chat_template is None
         if cfg.method.name == "shortv" and "nsweep" not in name:
             assert len(cfg.method.params.layers) in (19, 24)  # the paper's layers (conf/model_method)
         if cfg.method.name == "compose":  # ShortV + FastV: the paper's layers, FastV at the 29 % setting
@@ -220,7 +227,8 @@ def test_vicuna_template_renders_like_the_processor(tiny_checkpoint):
     from harness.config import compose_config
 
     tpl = compose_config(["experiment=repro_shortv_llava15_7b"]).model.chat_template
-    assert all(compose_config([f"experiment={n}"]).model.chat_template == tpl for n in RECIPES)
+    llava = [n for n in RECIPES if compose_config([f"experiment={n}"]).model.family in ("llava", "llava_next")]
+    assert llava and all(compose_config([f"experiment={n}"]).model.chat_template == tpl for n in llava)
     proc = AutoProcessor.from_pretrained(tiny_checkpoint)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]}]
     ours = proc.apply_chat_template(msgs, add_generation_prompt=True, chat_template=tpl)
@@ -292,3 +300,15 @@ def test_wandb_report_run(cell_overrides, tmp_path):
     cell_blobs = [open(p, "rb").read() for p in glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))]
     assert sum(b"sweepA" in b for b in cell_blobs) == 2
     assert wandb_report.main(["--store", str(tmp_path / "store"), "--group", "nope", "--dir", str(wdir)]) == 1
+
+
+def test_redundancylens_qwen2vl_rows(flops_dir):
+    """RedundancyLens' Qwen2-VL-7B FLOPs column: both FastV rows (72 %, 53 %) reproduce at one solved visual
+    count under the A7 convention, and RedundancyLens on about half the layers lands within a point of 71 %."""
+    from harness import paper
+
+    rows = paper.redundancylens_qwen2vl()
+    solved = [r for r in rows if "(solved)" in r.setting]
+    assert [r.match for r in solved[:2]] == ["≈", "≈"] and all(r.ours == r.printed for r in solved[:2])
+    assert abs(float(solved[2].exact) - 71) < 1.0 and "layers" in solved[2].setting
+    assert all(r.note for r in rows)  # every row states what had to be assumed

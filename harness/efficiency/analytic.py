@@ -51,6 +51,10 @@ class ViTShape:
     image_size: int
     patch_size: int
     channels: int = 3
+    #: MLP matrices (CLIP / Qwen2-VL: fc1, fc2; Qwen2.5-VL: gated gate, up, down)
+    mlp_matrices: int = 2
+    #: class tokens (CLIP: 1; SigLIP, LLaVA-OneVision's tower: 0)
+    cls: int = 1
 
     @classmethod
     def from_config(cls, vc) -> "ViTShape":
@@ -62,6 +66,7 @@ class ViTShape:
             image_size=vc.image_size,
             patch_size=vc.patch_size,
             channels=getattr(vc, "num_channels", 3),
+            cls=0 if getattr(vc, "model_type", "") == "siglip_vision_model" else 1,
         )
 
     @property
@@ -70,8 +75,8 @@ class ViTShape:
 
     @property
     def tokens(self) -> int:
-        """Tokens per image in the encoder, CLS included."""
-        return self.patches + 1
+        """Tokens per image in the encoder, CLS included (SigLIP has none)."""
+        return self.patches + self.cls
 
 
 def flops(macs: int) -> int:
@@ -132,7 +137,7 @@ def vit_layer_macs(v: ViTShape, n: int, n_out: int | None = None) -> int:
     """MACs of one CLIP encoder layer over n tokens; MLP over n_out tokens (after a merge)."""
     d = v.hidden
     n_out = n if n_out is None else n_out
-    return 4 * n * d * d + 2 * n * n * d + 2 * n_out * d * v.intermediate
+    return 4 * n * d * d + 2 * n * n * d + v.mlp_matrices * n_out * d * v.intermediate
 
 
 def vit_embed_macs(v: ViTShape) -> int:
@@ -170,6 +175,12 @@ class TokenLayout:
     images: int = 1
     between: int = 0
     n_images: int = 1
+    #: visual tokens of each image, in order (dynamic-resolution families, e.g. Qwen2-VL, whose vision
+    #: cost depends on each image's size); empty: `visual` split evenly over `n_images`
+    image_visual: tuple[int, ...] = ()
+    #: (rows, cols) of merged visual tokens of each image (Qwen2.5-VL's windowed attention needs the grid);
+    #: empty: each image taken as one window-free block
+    image_grids: tuple[tuple[int, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -197,15 +208,97 @@ class ModelShapes:
     vit: ViTShape
     #: CLIP layers HF actually runs (all of them, even past `vision_feature_layer`)
     vit_layers_run: int
+    #: "llava" (CLIP tower + 2-layer MLP projector per visual token) or "qwen2_vl" (packed ViT over each
+    #: image's patches, block-diagonal attention per image, then a merger over `merge`^2-patch groups)
+    family: str = "llava"
+    merge: int = 1
+    temporal_patch: int = 1
+    #: Qwen2.5-VL: window side in merged tokens (window_size / merge / patch) and the blocks that attend
+    #: over the whole image (the others attend inside windows)
+    window: int = 0
+    full_blocks: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> "ModelShapes":
+        mt = getattr(config, "model_type", None)
+        if mt in QWEN_VL_FAMILIES:
+            vc = config.vision_config
+            llm = LLMShape.from_config(config.text_config)
+            common = dict(heads=vc.num_heads, image_size=0, patch_size=vc.patch_size, layers=vc.depth,
+                          channels=getattr(vc, "in_channels", 3))
+            if mt == "qwen2_5_vl":
+                vit = ViTShape(hidden=vc.hidden_size, intermediate=vc.intermediate_size, mlp_matrices=3, **common)
+                window = vc.window_size // vc.spatial_merge_size // vc.patch_size
+                return cls(llm=llm, vit=vit, vit_layers_run=vit.layers, family=mt, merge=vc.spatial_merge_size,
+                           temporal_patch=vc.temporal_patch_size, window=window,
+                           full_blocks=tuple(vc.fullatt_block_indexes))
+            vit = ViTShape(hidden=vc.embed_dim, intermediate=int(vc.embed_dim * vc.mlp_ratio), **common)
+            return cls(llm=llm, vit=vit, vit_layers_run=vit.layers, family=mt, merge=vc.spatial_merge_size,
+                       temporal_patch=vc.temporal_patch_size)
         vit = ViTShape.from_config(config.vision_config)
         return cls(llm=LLMShape.from_config(config.text_config), vit=vit, vit_layers_run=vit.layers)
 
 
+#: dynamic-resolution families whose vision cost follows each image's patch count
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def per_image_visual(layout: TokenLayout) -> list[int]:
+    """Visual tokens of each image of `layout` (given, or `visual` split evenly over its images)."""
+    if layout.image_visual:
+        return list(layout.image_visual)
+    n = max(1, layout.n_images)
+    return [layout.visual // n] * n
+
+
+def window_sizes(rows: int, cols: int, window: int) -> list[int]:
+    """Merged tokens of each attention window of a rows x cols grid cut into window x window tiles
+    (Qwen2.5-VL: the last row/column of tiles is partial)."""
+    def cuts(n):
+        return [min(window, n - a) for a in range(0, n, window)]
+
+    return [h * w for h in cuts(rows) for w in cuts(cols)]
+
+
+def packed_vit_macs(shapes: ModelShapes, layout: TokenLayout) -> int:
+    """Qwen2-VL / Qwen2.5-VL's ViT: per image of v merged tokens, `merge`^2 * v patches (one temporal
+    patch: an image is its frame repeated `temporal_patch` times); patch embedding (Conv3d over
+    `temporal_patch` x p x p x channels), then every block with attention inside the image only
+    (block-diagonal over the pack); Qwen2.5-VL's windowed blocks attend inside window x window tiles
+    of merged tokens (`layout.image_grids`), its `full_blocks` over the whole image."""
+    v = shapes.vit
+    d, unit = v.hidden, shapes.merge**2
+    total = 0
+    grids = list(layout.image_grids) or [None] * len(per_image_visual(layout))
+    for n_vis, grid in zip(per_image_visual(layout), grids):
+        patches = n_vis * unit
+        total += patches * v.channels * shapes.temporal_patch * v.patch_size**2 * d
+        dense = vit_layer_macs(v, patches)
+        if shapes.window and grid is not None:
+            pairs = sum((w * unit) ** 2 for w in window_sizes(grid[0], grid[1], shapes.window))
+            windowed = dense - 2 * patches * patches * d + 2 * pairs * d
+            n_full = sum(1 for i in range(shapes.vit_layers_run) if i in shapes.full_blocks)
+            total += n_full * dense + (shapes.vit_layers_run - n_full) * windowed
+        else:
+            total += shapes.vit_layers_run * dense
+    return total
+
+
+def merger_macs(shapes: ModelShapes, n_tokens: int) -> int:
+    """Qwen2-VL's `PatchMerger`: per merged token, Linear(m^2 e -> m^2 e) then Linear(m^2 e -> LLM hidden)."""
+    wide = shapes.vit.hidden * shapes.merge**2
+    return n_tokens * (wide * wide + wide * shapes.llm.hidden)
+
+
 def dense_prefill_macs(shapes: ModelShapes, layout: TokenLayout, n_logits: int = 1) -> dict[str, int]:
     """MACs of an unmodified model's prefill, per component (lm_head over `n_logits` positions)."""
+    if shapes.family in QWEN_VL_FAMILIES:
+        return {
+            "vision": packed_vit_macs(shapes, layout),
+            "projector": merger_macs(shapes, layout.visual),
+            "llm": llm_prefill_macs(shapes.llm, layout.total),
+            "lm_head": lm_head_macs(shapes.llm, n_logits),
+        }
     return {
         "vision": layout.images * vit_macs(shapes.vit, shapes.vit_layers_run),
         "projector": projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual),

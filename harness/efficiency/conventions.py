@@ -58,7 +58,12 @@ def is_next(config) -> bool:
 
 
 def paper_visual_tokens(config) -> int:
-    """The papers' fixed visual-token count: 576 per LLaVA-1.5 image, 5 x 576 for LLaVA-NeXT."""
+    """The papers' fixed visual-token count: 576 per LLaVA-1.5 image, 5 x 576 for LLaVA-NeXT; for a
+    dynamic-resolution family (Qwen2-VL) the reference image's count (448x448: 256), an assumption."""
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_visual_tokens
+
+        return qwen_visual_tokens(config)
     vc = config.vision_config
     per_crop = (vc.image_size // vc.patch_size) ** 2
     return 5 * per_crop if is_next(config) else per_crop

@@ -150,6 +150,13 @@ def _matmul_macs(inputs, outputs) -> int:
     return int(prod(out) * a[-1]) if out else int(a[-1])
 
 
+def _conv_mode_macs(inputs, outputs) -> int:
+    """aten::_convolution_mode(x, w, b, stride, padding: str, dilation, groups): out elements x (C_in /
+    groups) x kernel elements (w's shape [C_out, C_in / groups, *kernel]), as fvcore counts aten::_convolution."""
+    w, out = _shape(inputs[1]), _shape(outputs[0])
+    return prod(out) * prod(w[1:]) if w and out else 0
+
+
 def _baddbmm_macs(inputs, outputs) -> int:
     # baddbmm(self, batch1, batch2, ...), addbmm(self, batch1, batch2, ...)
     b1, b2 = _shape(inputs[1]), _shape(inputs[2])
@@ -193,6 +200,8 @@ def _fvcore_handles() -> dict[str, Any]:
         "aten::linear": linear_flop_jit,
         "aten::addmm": addmm_flop_jit,
         "aten::_convolution": conv_flop_jit,
+        # convolutions with string padding ("valid", SigLIP's patch embedding) trace to _convolution_mode
+        "aten::_convolution_mode": _conv_mode_macs,
         "aten::einsum": einsum_flop_jit,
         "aten::scaled_dot_product_attention": _sdpa_jit,
         "aten::matmul": _matmul_macs,
@@ -225,6 +234,15 @@ def _component_modules(adapter) -> dict[str, torch.nn.Module]:
         "llm": adapter.language_model,
         "lm_head": adapter.lm_head,
     }
+
+
+def _unnest(flops: dict, adapter) -> dict:
+    """A projector that lives inside the vision tower (Qwen2-VL's merger) is counted in both modules:
+    take it out of `vision` (the per-component numbers then add up to the total)."""
+    proj, vis = adapter.projector, adapter.vision_tower
+    if any(m is proj for m in vis.modules()) and "vision" in flops:
+        flops = dict(flops, vision=flops["vision"] - flops.get("projector", 0))
+    return flops
 
 
 def is_meta(model) -> bool:
@@ -326,6 +344,7 @@ def _fvcore_count(model, adapter, tensors: dict, extra: dict, cache_factory=None
         unsupported = {k: int(v) for k, v in fa.unsupported_ops().items()}
     names = {id(m): n for n, m in wrapper.named_modules()}
     macs = {c: int(by_module.get(names[id(m)], 0)) for c, m in _component_modules(adapter).items()}
+    macs = _unnest(macs, adapter)
     other = total - sum(macs.values())
     flops = {c: 2 * v for c, v in macs.items()}
     if other:
@@ -604,15 +623,32 @@ def _flop_counter_count(model, adapter, kwargs: dict):
         for h in handles:
             h.remove()
     total = counter.get_total_flops()
-    flops = dict(acc)
-    other = total - sum(acc.values())
+    flops = _unnest(dict(acc), adapter)
+    other = total - sum(flops.values())
     if other:
         flops["other"] = other
     return flops, out
 
 
-def _meta_env():
-    return _env(TRANSFORMERS_DISABLE_TORCH_CHECK="1")
+@contextlib.contextmanager
+def _meta_env(model=None):
+    """Counting on meta: Hugging Face's data-dependent checks off; modules that compute from values kept
+    on the CPU (Qwen2-VL's vision rotary embedding: positions from `image_grid_thw`) get them moved to meta."""
+    handles = []
+    if model is not None:
+        mod = getattr(_adapter(model), "vision_rotary", None)
+        if mod is not None:
+            def to_meta(_m, args, kwargs):
+                move = lambda t: t.to("meta") if isinstance(t, torch.Tensor) and t.device.type != "meta" else t
+                return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+            handles.append(mod.register_forward_pre_hook(to_meta, with_kwargs=True))
+    try:
+        with _env(TRANSFORMERS_DISABLE_TORCH_CHECK="1"):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _empty_cache(model):
@@ -637,13 +673,13 @@ def count_prefill(model, inputs: dict, *, counter: str | None = None, logits_to_
         if meta:
             raise ValueError("fvcore cannot trace a meta-device model; use counter='flop_counter_mode'")
         extra = {"use_cache": True, "logits_to_keep": logits_to_keep}
-        if adapter.family == "llava_next":
+        if adapter.family in ANYRES:
             flops, unsupported = _fvcore_split_count(model, adapter, tensors, extra)
         else:
             flops, unsupported = _fvcore_count(model, adapter, tensors, extra)
     elif counter == "flop_counter_mode":
         kwargs = dict(tensors, use_cache=True, logits_to_keep=logits_to_keep, past_key_values=_empty_cache(model))
-        with _meta_env() if meta else contextlib.nullcontext():
+        with _meta_env(model) if meta else contextlib.nullcontext():
             flops, _ = _flop_counter_count(model, adapter, kwargs)
         unsupported = {}
     else:
@@ -681,7 +717,7 @@ def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCou
     tensors = _tensor_inputs(inputs, model)
     meta = is_meta(model)
     counter = counter or ("flop_counter_mode" if meta else "fvcore")
-    with _meta_env() if meta else contextlib.nullcontext(), _quiet():
+    with _meta_env(model) if meta else contextlib.nullcontext(), _quiet():
         cache, nxt, am = _prefill_for_decode(model, tensors)
     context = int(cache.get_seq_length())
     kv_lengths = cache_lengths(cache)
@@ -697,7 +733,7 @@ def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCou
         )
     elif counter == "flop_counter_mode":
         kwargs = dict(step, use_cache=True, logits_to_keep=1, past_key_values=copy.deepcopy(cache))
-        with _meta_env() if meta else contextlib.nullcontext():
+        with _meta_env(model) if meta else contextlib.nullcontext():
             flops, _ = _flop_counter_count(model, adapter, kwargs)
         unsupported = {}
     else:
@@ -719,7 +755,7 @@ def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None)
     tensors = _tensor_inputs(inputs, model)
     ids = tensors["input_ids"]
     kwargs = dict(tensors, use_cache=True, logits_to_keep=1, past_key_values=_empty_cache(model))
-    with _meta_env() if meta else contextlib.nullcontext():
+    with _meta_env(model) if meta else contextlib.nullcontext():
         flops, out = _flop_counter_count(model, adapter, kwargs)
         cache = out.past_key_values
         if meta:
@@ -741,9 +777,13 @@ def count_prefill_and_decode(model, inputs: dict, *, counter: str | None = None)
 
 
 # ---- analytic counterparts --------------------------------------------------------------------------
+#: anyres families (base crop + grid crops, unpadded, one newline per row): LLaVA-NeXT, LLaVA-OneVision
+ANYRES = ("llava_next", "llava_onevision")
+
+
 def num_crops(config, image_size) -> int:
     """Vision-encoder passes for one image: 1 (LLaVA-1.5) or LLaVA-NeXT's base + grid crops."""
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) not in ANYRES:
         return 1
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -770,6 +810,8 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
     img_id = int(config.image_token_id)
     sizes = tensors.get("image_sizes")
     sizes = [] if sizes is None else [s.tolist() for s in sizes]
+    grids = tensors.get("image_grid_thw")
+    grids = [] if grids is None else [tuple(int(x) for x in g) for g in grids]
     per_image = visual_tokens_for_image(config)
     next_image = 0
     out = []
@@ -784,7 +826,7 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
         after = int(row.numel()) - before - between - n_vis
         if n_vis == 0:
             images = n_images = 0
-        elif getattr(config, "model_type", None) == "llava_next" and sizes:
+        elif getattr(config, "model_type", None) in ANYRES and sizes:
             images = n_images = left = 0
             while left < n_vis and next_image < len(sizes):  # this sample's images, in batch order
                 size = sizes[next_image]
@@ -794,6 +836,20 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
                 next_image += 1
             if left != n_vis:
                 raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' sizes")
+        elif getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+            per, rc, left = [], [], n_vis
+            m = config.vision_config.spatial_merge_size
+            while left > 0 and next_image < len(grids):  # this sample's images, in batch order
+                t, h, w = grids[next_image]
+                per.append(t * h * w // m**2)
+                rc.append((h // m, w // m))
+                left -= per[-1]
+                next_image += 1
+            if left != 0:
+                raise ValueError(f"sample {b}: {n_vis} image tokens do not match its images' grids")
+            out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=len(per), between=between,
+                                     n_images=len(per), image_visual=tuple(per), image_grids=tuple(rc)))
+            continue
         else:
             n_images = images = max(1, n_vis // per_image)
         out.append(A.TokenLayout(before=before, visual=n_vis, after=after, images=images, between=between,
@@ -804,11 +860,11 @@ def layouts_from_inputs(model_or_config, inputs: dict) -> list[A.TokenLayout]:
 def projected_tokens(config, layout: A.TokenLayout) -> int:
     """Tokens through the projector: LLaVA-1.5 projects the visual tokens it inserts; LLaVA-NeXT
     projects every crop's patch tokens (before unpadding and newline tokens)."""
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         vc = config.vision_config
         per_crop = (vc.image_size // vc.patch_size) ** 2
         if config.vision_feature_select_strategy != "default":
-            per_crop += 1
+            per_crop += _cls(config)
         return layout.images * per_crop
     return layout.visual
 
@@ -821,7 +877,7 @@ def analytic_prefill(config, layout: A.TokenLayout, method=None, n_logits: int =
         macs = A.dense_prefill_macs(shapes, layout, n_logits=n_logits)
     else:
         macs = dict(method.analytic_prefill_macs(shapes, layout))
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         dense_proj = A.projector_macs(shapes.vit.hidden, shapes.llm.hidden, layout.visual)
         if macs.get("projector") == dense_proj:
             macs["projector"] = A.projector_macs(
@@ -881,11 +937,15 @@ def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> 
     base crop's patches plus the high-resolution grid's patches after removing the rows/columns that
     correspond to letterbox padding, plus one newline token per remaining row.
     """
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_visual_tokens
+
+        return qwen_visual_tokens(config, image_hw)
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
-    cls = 0 if config.vision_feature_select_strategy == "default" else 1
+    cls = 0 if config.vision_feature_select_strategy == "default" else _cls(config)
     base = side * side + cls
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) not in ANYRES:
         return base
     from transformers.image_processing_utils import select_best_resolution
 
@@ -899,15 +959,34 @@ def visual_tokens_for_image(config, image_hw: tuple[int, int] | None = None) -> 
     else:
         new_w = int(round(w * (cur_h / h), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    if getattr(config, "model_type", None) == "llava_onevision" and aspect and aspect.startswith("anyres_max_"):
+        # OneVision downsamples (bilinear) a grid of more than max x side^2 features by `ratio` per side
+        import math
+
+        ratio = math.sqrt(cur_h * cur_w / (int(aspect.removeprefix("anyres_max_")) * side * side))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     return base + cur_h * cur_w + cur_h
+
+
+def _cls(config) -> int:
+    """Class tokens of the vision tower: CLIP 1, SigLIP 0."""
+    return 0 if getattr(config.vision_config, "model_type", "") == "siglip_vision_model" else 1
 
 
 def default_image_hw(config) -> tuple[int, int]:
     """The probe image size of the `full` convention: one crop for LLaVA-1.5; for LLaVA-NeXT the
     largest square pinpoint (672x672 for the llava-hf checkpoints: base + 2x2 crops)."""
     vc = config.vision_config
-    if getattr(config, "model_type", None) != "llava_next":
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_reference_image
+
+        return qwen_reference_image(config)
+    if getattr(config, "model_type", None) not in ANYRES:
         return (vc.image_size, vc.image_size)
+    if getattr(config, "model_type", None) == "llava_onevision":
+        return (2 * vc.image_size, 2 * vc.image_size)  # 768x768: base + 2x2 crops (the 2304x2304 pinpoint has 37)
     squares = [tuple(p) for p in config.image_grid_pinpoints if p[0] == p[1]]
     return max(squares) if squares else tuple(config.image_grid_pinpoints[0])
 
@@ -926,12 +1005,28 @@ def synthetic_inputs(
     ids = torch.full((batch_size, text_before + n_img + text_after), other, dtype=torch.long)
     ids[:, text_before : text_before + n_img] = img_id
     vc = config.vision_config
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        # one image of n_img merged tokens: (merge * rows) x (merge * cols) patches, one temporal patch; the
+        # grid stays on the CPU (the ViT reads its values); 3-D positions are given (on meta the model could
+        # not compute them from the ids), all streams 0..T-1 (the count does not depend on them)
+        from harness.models.adapter import qwen_visual_grid
+
+        rows, cols = qwen_visual_grid(config, image_hw)
+        m = vc.spatial_merge_size
+        patch_dim = getattr(vc, "in_channels", 3) * vc.temporal_patch_size * vc.patch_size**2
+        out = {"input_ids": ids.to(device)}
+        if torch.device(device).type != "meta":
+            out["attention_mask"] = torch.ones_like(ids).to(device)
+        out["pixel_values"] = torch.zeros((batch_size * rows * cols * m * m, patch_dim), dtype=dtype, device=device)
+        out["image_grid_thw"] = torch.tensor([[1, rows * m, cols * m]] * batch_size, dtype=torch.long)
+        out["position_ids"] = torch.arange(ids.shape[1], device=device).view(1, 1, -1).expand(3, batch_size, -1)
+        return out
     crops = num_crops(config, list(image_hw))
     shape = (batch_size, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size)
     out: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}
     if torch.device(device).type != "meta":  # on meta a mask would trigger data-dependent checks
         out["attention_mask"] = torch.ones_like(ids).to(device)
-    if getattr(config, "model_type", None) == "llava_next":
+    if getattr(config, "model_type", None) in ANYRES:
         out["pixel_values"] = torch.zeros((batch_size, crops, *shape[1:]), dtype=dtype, device=device)
         out["image_sizes"] = torch.tensor([list(image_hw)] * batch_size, dtype=torch.long)
     else:
@@ -944,6 +1039,12 @@ def synthetic_layout(
 ) -> A.TokenLayout:
     """The `TokenLayout` of `synthetic_inputs(config, ...)` with the same arguments."""
     image_hw = tuple(image_hw or default_image_hw(config))
+    if getattr(config, "model_type", None) in A.QWEN_VL_FAMILIES:
+        from harness.models.adapter import qwen_visual_grid
+
+        rows, cols = qwen_visual_grid(config, image_hw)
+        return A.TokenLayout(before=text_before, visual=rows * cols, after=text_after, images=1,
+                             image_visual=(rows * cols,), image_grids=((rows, cols),))
     return A.TokenLayout(
         before=text_before,
         visual=visual_tokens_for_image(config, image_hw),

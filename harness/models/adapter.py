@@ -130,6 +130,12 @@ class ModelAdapter:
             return None
         return int(window)
 
+    @property
+    def position_streams(self) -> int:
+        """Rotary position streams of the language model: 1 (RoPE), 3 (Qwen2-VL's M-RoPE: temporal,
+        height, width)."""
+        return 1
+
     # ---- masks ---------------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean [B, T] mask of visual-token positions, from `input_ids == image_token_id`."""
@@ -171,10 +177,159 @@ class LlavaNextAdapter(ModelAdapter):
         super().__init__(model=model, family="llava_next")
 
 
+class LlavaOnevisionAdapter(ModelAdapter):
+    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's anyres packing (base crop + grid
+    crops, unpadded, one `image_newline` per row) with up to 6x6 crops of 384 px, "anyres_max_9" (a grid of
+    more than 9 x 729 features is bilinearly downsampled before the newlines), a SigLIP tower without CLS
+    token whose last layer feeds the projector (`vision_feature_layer=-1`, strategy "full"), and a Qwen2
+    decoder (1-D RoPE). `visual_tokens_per_image` is the count of one crop (729)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model=model, family="llava_onevision")
+
+    @property
+    def drops_cls(self) -> bool:
+        return False
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        return self.patches_per_side**2  # SigLIP: no CLS
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL (same module layout; its ViT attends
+    inside 112-pixel windows except in `fullatt_block_indexes`, with a gated MLP): a dynamic-resolution ViT that packs the patches of
+    all images of a batch into one sequence (block-diagonal attention per image, 2-D rotary positions),
+    a `PatchMerger` (LayerNorm + 2-layer MLP over each 2x2 patch group) as the projector, and a Qwen2
+    decoder with biased q/k/v and M-RoPE: three position streams (temporal, height, width) that the
+    model computes from `input_ids` and `image_grid_thw` (`get_rope_index`) and turns into one cos/sin
+    pair per token before the layer loop, so per-layer slicing of cos/sin follows kept tokens exactly.
+
+    Visual tokens per image = (h/28) x (w/28) after the processor's `smart_resize` to its pixel limits:
+    the count depends on the image size. `visual_tokens_per_image` is the count of the reference image
+    (`REFERENCE_IMAGE`, 448x448 -> 256 tokens at full size) that budgets are priced on.
+    """
+
+    #: (height, width) of the reference image budgets and `vtbench-flops` are priced on; a config may
+    #: set `vtbench_reference_image` (the tiny builders do: their pixel limits are smaller)
+    REFERENCE_IMAGE = (448, 448)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model=model, family=model.config.model_type)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.visual
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    @property
+    def projector(self) -> nn.Module:
+        """The `PatchMerger` at the end of the ViT (Qwen2-VL has no separate projector)."""
+        return self.vision_tower.merger
+
+    @property
+    def vision_rotary(self) -> nn.Module:
+        """The ViT's 2-D rotary embedding (computes from `image_grid_thw` values)."""
+        return self.vision_tower.rotary_pos_emb
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.vision_config.spatial_merge_size)
+
+    @property
+    def vision_feature_layer(self) -> int:
+        return -1  # the merger reads the last block's output
+
+    @property
+    def last_useful_vision_layer(self) -> int:
+        return self.num_vision_layers - 1
+
+    @property
+    def patches_per_side(self) -> int:
+        raise NotApplicable(f"{self.family}: the patch grid depends on each image's size (dynamic resolution)")
+
+    @property
+    def drops_cls(self) -> bool:
+        return False
+
+    @property
+    def reference_image(self) -> tuple[int, int]:
+        return qwen_reference_image(self.config)
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        """ViT patches of the reference image (no CLS)."""
+        return qwen_visual_tokens(self.config) * self.merge_size**2
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """Visual tokens (merged 2x2 patch groups) of the reference image."""
+        return qwen_visual_tokens(self.config)
+
+    @property
+    def position_streams(self) -> int:
+        return 3
+
+    def describe(self) -> dict:
+        tc, vc = self.text_config, self.vision_config
+        return {
+            "family": self.family,
+            "llm_type": tc.model_type,
+            "llm_layers": self.num_llm_layers,
+            "llm_hidden": tc.hidden_size,
+            "llm_heads": tc.num_attention_heads,
+            "llm_kv_heads": getattr(tc, "num_key_value_heads", tc.num_attention_heads),
+            "llm_intermediate": tc.intermediate_size,
+            "vocab_size": tc.vocab_size,
+            "vision_layers": self.num_vision_layers,
+            "vision_hidden": getattr(vc, "embed_dim", None) or vc.hidden_size,
+            "vision_patch_size": vc.patch_size,
+            "spatial_merge_size": vc.spatial_merge_size,
+            "reference_image": list(self.reference_image),
+            "visual_tokens_per_image": self.visual_tokens_per_image,
+        }
+
+
+def qwen_reference_image(config) -> tuple[int, int]:
+    """(height, width) of the image budgets and `vtbench-flops` price a Qwen2-VL-style model on: the
+    config's `vtbench_reference_image` if set (the tiny builders set it), else 448x448."""
+    ref = getattr(config, "vtbench_reference_image", None)
+    return tuple(int(x) for x in ref) if ref else Qwen2VLAdapter.REFERENCE_IMAGE
+
+
+def qwen_visual_grid(config, image_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(rows, cols) of merged visual tokens a Qwen2-VL processor gives an image of (height, width)
+    (default: the reference image): `smart_resize` to multiples of patch x merge within the processor's
+    default pixel limits (56x56 .. 28x28x1280), then one token per merge x merge patch group."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vc = config.vision_config
+    factor = int(vc.patch_size) * int(vc.spatial_merge_size)
+    h, w = image_hw or qwen_reference_image(config)
+    rh, rw = smart_resize(int(h), int(w), factor=factor)
+    return rh // factor, rw // factor
+
+
+def qwen_visual_tokens(config, image_hw: tuple[int, int] | None = None) -> int:
+    """Visual tokens of one image (see `qwen_visual_grid`)."""
+    rows, cols = qwen_visual_grid(config, image_hw)
+    return rows * cols
+
+
 _ADAPTERS = {
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,  # Qwen2.5-VL: the same layout (windowed ViT attention, gated ViT MLP)
 }
+
+
+#: model families with an adapter (`model.family` values)
+FAMILIES = tuple(_ADAPTERS)
 
 
 def family_of(config) -> str:

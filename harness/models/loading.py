@@ -7,6 +7,7 @@ checkpoint's `config.json`), and `meta_model` builds it on the meta device for v
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,85 @@ def meta_adapter(model_cfg) -> ModelAdapter:
     return get_adapter(meta_model(config_from_cfg(model_cfg)))
 
 
+@functools.lru_cache(maxsize=None)
+def image_only_processor(cls):
+    """`cls` (a Qwen2-VL-style processor) without its video processor: transformers 5's video processors
+    (and its default "fast" image processors) need torchvision, which vtbench does not install (it evaluates
+    images only). `from_pretrained` of the returned class loads the tokenizer and the image processor."""
+    class ImageOnly(cls):
+        # the family's own __init__ sets its attributes (image token, feature counts); ProcessorMixin then
+        # takes only the two sub-processors this signature names (the video processor argument is dropped)
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{cls.__name__}ImageOnly"
+    return ImageOnly
+
+
+#: families whose processor is loaded image-only, with the PIL image processor (no torchvision)
+_IMAGE_ONLY = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.processing_qwen2_vl:Qwen2VLProcessor",
+                 "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.processing_qwen2_5_vl:Qwen2_5_VLProcessor",
+                   "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"),
+    "llava_onevision": ("transformers.models.llava_onevision.processing_llava_onevision:LlavaOnevisionProcessor",
+                        "transformers.models.llava_onevision.image_processing_pil_llava_onevision:"
+                        "LlavaOnevisionImageProcessorPil"),
+}
+
+
+def load_processor(path: str, family: str, revision=None, trust: bool = False):
+    """The processor of a checkpoint: `AutoProcessor`, or for the Qwen families the image-only processor
+    with the PIL image processor (same resizing and normalisation as the torchvision one)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if family not in _IMAGE_ONLY:
+        return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
+    import importlib
+
+    (pmod, pcls), (imod, icls) = (x.split(":") for x in _IMAGE_ONLY[family])
+    proc_cls = image_only_processor(getattr(importlib.import_module(pmod), pcls))
+    ip = getattr(importlib.import_module(imod), icls).from_pretrained(path, revision=revision)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+    # the processor's own chat template (chat_template.jinja / .json, as AutoProcessor reads it), else the tokenizer's
+    template = _processor_template(path, revision) or getattr(tok, "chat_template", None)
+    return proc_cls(image_processor=ip, tokenizer=tok, chat_template=template, **_processor_kwargs(path, revision))
+
+
+def _processor_kwargs(path: str, revision=None) -> dict:
+    """The processor's own settings from processor_config.json (e.g. OneVision's num_image_tokens)."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    p = Path(path)
+    f = p / "processor_config.json" if p.is_dir() else try_to_load_from_cache(path, "processor_config.json",
+                                                                             revision=revision)
+    if not (isinstance(f, (str, Path)) and Path(f).is_file()):
+        return {}
+    data = json.loads(Path(f).read_text())
+    keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token", "video_token")
+    return {k: v for k, v in data.items() if k in keep}
+
+
+def _processor_template(path: str, revision=None) -> str | None:
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    p = Path(path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        f = p / name if p.is_dir() else try_to_load_from_cache(path, name, revision=revision)
+        if isinstance(f, (str, Path)) and Path(f).is_file():
+            text = Path(f).read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
 def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
     """Load `(model, processor, adapter)` for a model config. Safetensors only; eval mode."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
     _check_reachable(path, is_local, _get(model_cfg, "revision"))
@@ -191,7 +268,7 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
             output_loading_info=True,
         )
         _check_loading_info(path, info)
-        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust)
+        processor = load_processor(path, family_of(model.config), revision, trust)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load {path!r}: {msg}") from None

@@ -42,13 +42,16 @@ def select_samples(n_total: int, n: int, seed: int) -> list[int]:
 
 
 # ---- Layer Contribution (ShortV) ---------------------------------------------------------------------
-def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+def _model_inputs(batch: Mapping[str, Any], adapter=None) -> dict[str, Any]:
     inputs = dict(batch)
     mask = inputs.get("attention_mask")
     if mask is not None:
         if not bool(mask[:, -1].all()):
             raise MethodError("calibration batches must be left-padded (last position must be a real token)")
-        if "position_ids" not in inputs and not bool(mask.all()):
+        # M-RoPE models (Qwen2-VL) compute their 3-D positions from the ids and the padding mask themselves;
+        # 1-D positions given here would replace them
+        mrope = adapter is not None and getattr(adapter, "position_streams", 1) > 1
+        if "position_ids" not in inputs and not bool(mask.all()) and not mrope:
             # the positions `generate` uses with left padding
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return inputs
@@ -91,7 +94,7 @@ def layer_contribution(model, adapter, batches: Iterable[Mapping[str, Any]], kin
     model.eval()
     try:
         for batch in batches:
-            inputs = _model_inputs(batch)
+            inputs = _model_inputs(batch, adapter)
             logp = _last_logprobs(model, inputs)
             n += logp.shape[0]
             for i, layer in enumerate(layers):

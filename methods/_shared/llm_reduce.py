@@ -20,7 +20,11 @@ How it acts on one model instance (no transformers source is touched):
   cache lengths differ per layer). In decode each shortened layer builds its mask from the validity of
   its own cached prefill tokens plus the decode tokens' columns of the 2-D mask `generate` grows.
 * **Positions.** `"keep"` (FastV): kept tokens keep their RoPE positions (gaps allowed) and decode tokens
-  continue at full-length positions. `"renumber"`: after a removal positions are contiguous per sample
+  continue at full-length positions. M-RoPE (Qwen2-VL) works the same way: the model turns its three
+  position streams (temporal, height, width) into one cos/sin row per token before the layer loop, so
+  slicing cos/sin with the kept indices keeps each kept token's three positions, in prefill, in the
+  KV cache (keys are cached post-RoPE) and in decoding (decode positions come from the model's
+  `rope_deltas`, i.e. full-length positions). `"renumber"` is refused on M-RoPE (one line). `"renumber"`: after a removal positions are contiguous per sample
   (each token's position minus the tokens removed before it); decode tokens are shifted by the number
   removed before the layer.
 * **Scores.** `QKCapture` records a layer's q_proj / k_proj outputs with forward hooks (the layer's SDPA
@@ -490,6 +494,11 @@ def install(model, adapter, plan: ReductionPlan) -> LLMReducer:
     if impl not in SUPPORTED_ATTN:
         raise MethodError(
             f"LLM token reduction supports attention implementations {', '.join(SUPPORTED_ATTN)}, not {impl!r}"
+        )
+    if plan.positions == "renumber" and getattr(adapter, "position_streams", 1) > 1:
+        raise MethodError(
+            f"positions='renumber' is defined for 1-D RoPE; {adapter.family}'s M-RoPE places visual tokens on a "
+            "(temporal, height, width) grid that a renumbering would distort: use positions='keep'"
         )
     red = LLMReducer(model, adapter, plan)
     object.__setattr__(model, _ATTR, red)

@@ -558,6 +558,18 @@ class VisionReductionMethod(Method):
     target without exceeding the prompt's own count, so a prompt ends within crops/2 tokens of it. The
     schedule is then chosen per forward (`tokens = k`)."""
 
+    #: Qwen2-VL: the paper's placement (between attention and MLP of the vision encoder's layers) is not
+    #: well defined there, so these methods refuse it rather than move somewhere else silently
+    refusals = {
+        "qwen2_vl": "its ViT packs images of any size and ends in a 2x2 patch merger that needs every patch of "
+        "the grid, so tokens cannot be merged inside the ViT (the paper's placement); use an LLM-side method",
+        "qwen2_5_vl": "its ViT packs images of any size, attends inside windows and ends in a 2x2 patch merger that "
+        "needs every patch of the grid, so tokens cannot be merged inside the ViT (the paper's placement); use an "
+        "LLM-side method",
+        "llava_onevision": "its anyres_max packing interpolates each image's unpadded feature grid, which merged tokens "
+        "no longer form; use an LLM-side method",
+    }
+
     _geom: VisionGeometry | None = None
     #: a per-prompt target set by a composing method (FiCoCo-VL): n_visual -> visual tokens wanted
     _target_fn = None

@@ -20,7 +20,7 @@ def _config(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b"])
+@pytest.mark.parametrize("name", ["llava15_7b", "llava15_13b", "llava_next_7b", "llava_next_13b", "qwen2_vl_7b", "qwen2_5_vl_7b", "llava_onevision_7b"])
 def test_meta_count_equals_analytic(name):
     t0 = time.perf_counter()
     config = _config(name)

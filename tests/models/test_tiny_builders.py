@@ -60,10 +60,30 @@ def test_batch_left_padding_locates_visual_tokens_per_sample():
 @pytest.mark.bad_input
 def test_unsupported_family_is_not_applicable():
     class Cfg:
-        model_type = "qwen2_vl"
+        model_type = "internvl"  # no adapter (yet)
 
     class M(torch.nn.Module):
         config = Cfg()
 
     with pytest.raises(NotApplicable, match="not supported"):
         get_adapter(M())
+
+
+def test_saved_tiny_qwen2_vl_loads_through_the_runner_loader(tmp_path):
+    """A tiny Qwen2-VL saved as a checkpoint folder loads with `load_model` (safetensors, the image-only
+    processor without torchvision, the saved chat template) and gives the builder's logits."""
+    from harness.models.loading import load_model
+    from harness.models.tiny import build_tiny, save_tiny
+    from tests.efficiency.helpers import image
+
+    save_tiny("qwen2_vl", tmp_path / "q")
+    model, processor, adapter = load_model({"pretrained": str(tmp_path / "q"), "dtype": "float32"})
+    ref, ref_proc = build_tiny("qwen2_vl")
+    assert adapter.family == "qwen2_vl" and processor.chat_template == ref_proc.chat_template
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inp = processor(images=[image(0, (84, 56))], text=[text], return_tensors="pt")
+    ref_inp = ref_proc(images=[image(0, (84, 56))], text=[text], return_tensors="pt")
+    assert torch.equal(inp["input_ids"], ref_inp["input_ids"]) and torch.equal(inp["pixel_values"], ref_inp["pixel_values"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits, ref(**ref_inp).logits)
