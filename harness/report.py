@@ -110,17 +110,44 @@ def flops_unit(values) -> tuple[float, str]:
     return 1.0, "FLOPs"
 
 
+def _method_order() -> list[str]:
+    """Every name a figure can show, in a fixed order: `none`, the registered methods, then the named
+    compositions of conf/method (`shortv+fastv`, ...)."""
+    import functools
+
+    @functools.lru_cache(maxsize=1)
+    def order():
+        import yaml
+
+        import methods
+        from harness.config import CONF_DIR
+
+        names = [n for n in sorted(methods.available()) if n not in ("none", "compose")]
+        combos = []
+        for p in sorted((CONF_DIR / "method").glob("*.yaml")):
+            cfg = yaml.safe_load(p.read_text()) or {}
+            if cfg.get("name") == "compose":
+                label = methods.label("compose", cfg.get("params") or {})
+                if label != "compose" and label not in combos:
+                    combos.append(label)
+        return ["none", *names, *combos]
+
+    return order()
+
+
+#: distinct colours (tab10, then Dark2), one per name of `_method_order`
+_PALETTE = [*[f"C{i}" for i in range(10)], "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
+            "#a6761d", "#666666"]
+
+
 def method_colour(method: str):
-    """One colour per method in every figure (by its place in the method registry)."""
-    import matplotlib
-
-    import methods
-
-    names = sorted(set(methods.available()) | {"none"})
-    order = ["none"] + [n for n in names if n != "none"]
-    cmap = matplotlib.colormaps["tab10" if len(order) <= 10 else "tab20"]
-    i = order.index(method) if method in order else len(order) + sum(map(ord, method))
-    return cmap(i % cmap.N)
+    """One colour per method (or named composition) in every figure, by its place in `_method_order`;
+    any other composition gets a colour of the palette's remainder by its name."""
+    order = _method_order()
+    if method in order:
+        return _PALETTE[order.index(method) % len(_PALETTE)]
+    rest = _PALETTE[len(order):] or _PALETTE
+    return rest[sum(map(ord, method)) % len(rest)]
 
 
 def short_params(method: str, params: dict) -> str:
