@@ -618,7 +618,12 @@ def _latency_figure(t, title: str):
     ax.set_ylim(-0.6, len(t) - 0.4)
     ax.set_xlabel("ms (median over the probe set's repeats)")
     ax.set_title(f"Latency — {title}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="0.35", edgecolor="black", lw=0.4, label="prefill (TTFT), the method's colour"),
+               Patch(facecolor="0.35", alpha=0.35, edgecolor="black", lw=0.4, label="8 decode steps")]
+    handles += [h for h in ax.get_legend_handles_labels()[0] if getattr(h, "get_label", lambda: "")() == "prefill IQR"]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return fig
 
