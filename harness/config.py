@@ -385,6 +385,9 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
             if key not in cache:
                 cache[key] = meta_adapter(cfg.model)
             adapter = cache[key]
+        if cfg.model.get("family") and cfg.model.family != adapter.family:  # the model says what it is
+            raise ConfigError(f"model.family={cfg.model.family}: the model's architecture is a {adapter.family} "
+                              f"model (set model.family={adapter.family})")
         method.validate(adapter)
         method, info = resolve(method, adapter, budget)
     except BudgetError as e:  # name the budget that cannot be met

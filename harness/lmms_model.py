@@ -83,7 +83,7 @@ class VTBenchLMM(_LmmsBase):
         self.max_new_tokens = max_new_tokens
         self.chat_template = chat_template
         self.progress = progress
-        #: called as on_batch(rows) after each batch with rows (task, split, doc_id, answer, nonfinite)
+        #: called as on_batch(rows) after each batch with rows (task, split, doc_id, answer, nonfinite, recall)
         #: of the samples answered without error (per-sample resume store)
         self.on_batch = on_batch
         #: callable (task, split, doc_id) -> cached answer or None (per-sample resume)
@@ -295,8 +295,9 @@ class VTBenchLMM(_LmmsBase):
                         self.n_empty += 1
                 if self.on_batch is not None:
                     failed = {f"{a[4]}/{a[3]}" for a in args} & set(self.failures)
-                    ok = [(a[4], a[5], a[3], t, j in bad) for j, (a, t) in enumerate(zip(args, texts))
-                          if f"{a[4]}/{a[3]}" not in failed]
+                    rec = self.recall or {}
+                    ok = [(a[4], a[5], a[3], t, j in bad, rec.get(f"{a[4]}/{a[3]}"))
+                          for j, (a, t) in enumerate(zip(args, texts)) if f"{a[4]}/{a[3]}" not in failed]
                     if ok:
                         self.on_batch(ok)
                 pbar.update(len(idx))

@@ -335,12 +335,16 @@ class ResultsStore:
         return {(r.task, r.split, r.doc_id): r for r in self._partial_rows(key, code)}
 
     def append_partial(self, key: str, rows: list[tuple], code: str = "") -> None:
-        """Append `(task, split, doc_id, answer[, nonfinite])` rows (one write, fsynced); a new file
-        starts with its header."""
+        """Append `(task, split, doc_id, answer[, nonfinite[, recall]])` rows (one write, fsynced); a new
+        file starts with its header. `recall` is the sample's per-layer asked-cell recall, kept so a resumed
+        cell's record equals an uninterrupted one."""
         p = self.partial_path(key)
         lines = []
-        for t, s, d, a, *flag in rows:
-            row = PartialRow(task=str(t), split=str(s), doc_id=int(d), answer=str(a), nonfinite=bool(flag and flag[0]))
+        for t, s, d, a, *extra in rows:
+            nonfinite = bool(extra[0]) if extra else False
+            recall = [float(x) for x in extra[1]] if len(extra) > 1 and extra[1] is not None else None
+            row = PartialRow(task=str(t), split=str(s), doc_id=int(d), answer=str(a), nonfinite=nonfinite,
+                             recall=recall)
             lines.append(dumps_strict(row.model_dump(exclude_defaults=True)) + "\n")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,9 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     if cfg.benchmark.name == "shapes":
         from harness.recall import track
 
-        lm.recall = {}  # asked-cell recall per sample and LLM layer (harness/recall.py)
+        # asked-cell recall per sample and LLM layer (harness/recall.py); answers resumed from an interrupted
+        # attempt bring their own, so the record equals an uninterrupted run's
+        lm.recall = {f"{t}/{d}": row.recall for (t, _, d), row in done.items() if row.recall is not None}
         track(model, True)  # the vision encoder's merge bookkeeping, off again before anything is timed
 
     from lmms_eval.evaluator import simple_evaluate

@@ -75,7 +75,8 @@ def _key(overrides) -> str:
     (["method=shortv", "method.params.layers=[1,9]"], "shortv"),                          # layer past the model
     (["method=fastv", "budget.kind=tokens", "budget.value=65"], "exceeds the 64 visual tokens"),  # budget > tokens
     (["method=fastv", "method.params.keep=100"], "exceeds the 64 visual tokens"),
-    (["model.family=qwen2_vl"], "model.family 'qwen2_vl' is not supported"),             # unsupported family
+    (["model.family=internvl"], "model.family 'internvl' is not supported"),             # unsupported family
+    (["model.family=qwen2_vl"], "model.family=qwen2_vl: the model's architecture is a llava model"),  # mismatch
     (["model=nosuch"], "unknown model 'nosuch'"),
     (["method=nosuch"], "unknown method 'nosuch'"),
     (["benchmark=nosuch"], "unknown benchmark 'nosuch'"),
@@ -88,15 +89,15 @@ def test_refused_before_loading_in_one_line(extra, message, args, tmp_path, caps
 
 
 def test_method_not_applicable_to_the_family(tiny_checkpoint, tmp_path, args, capsys, no_model_load):
-    """A checkpoint of a family vtbench has no adapter for (its config.json says qwen2_vl)."""
+    """A checkpoint of a family vtbench has no adapter for (its config.json says internvl)."""
     ckpt = tmp_path / "other-family"
     shutil.copytree(tiny_checkpoint, ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model_type"] = "qwen2_vl"
+    cfg["model_type"] = "internvl"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     rc = run_one(args + [f"model.pretrained={ckpt}"])
     line = one_line_error(capsys, rc)
-    assert "qwen2_vl" in line, line
+    assert "internvl" in line and "not supported" in line, line
     nothing_written(tmp_path / "store")
 
 
