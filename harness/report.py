@@ -14,6 +14,7 @@ tables are exactly what this command regenerates.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -110,29 +111,24 @@ def flops_unit(values) -> tuple[float, str]:
     return 1.0, "FLOPs"
 
 
-def _method_order() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _method_order() -> tuple[str, ...]:
     """Every name a figure can show, in a fixed order: `none`, the registered methods, then the named
     compositions of conf/method (`shortv+fastv`, ...)."""
-    import functools
+    import yaml
 
-    @functools.lru_cache(maxsize=1)
-    def order():
-        import yaml
+    import methods
+    from harness.config import CONF_DIR
 
-        import methods
-        from harness.config import CONF_DIR
-
-        names = [n for n in sorted(methods.available()) if n not in ("none", "compose")]
-        combos = []
-        for p in sorted((CONF_DIR / "method").glob("*.yaml")):
-            cfg = yaml.safe_load(p.read_text()) or {}
-            if cfg.get("name") == "compose":
-                label = methods.label("compose", cfg.get("params") or {})
-                if label != "compose" and label not in combos:
-                    combos.append(label)
-        return ["none", *names, *combos]
-
-    return order()
+    names = [n for n in sorted(methods.available()) if n not in ("none", "compose")]
+    combos = []
+    for p in sorted((CONF_DIR / "method").glob("*.yaml")):
+        cfg = yaml.safe_load(p.read_text()) or {}
+        if cfg.get("name") == "compose":
+            label = methods.label("compose", cfg.get("params") or {})
+            if label != "compose" and label not in combos:
+                combos.append(label)
+    return ("none", *names, *combos)
 
 
 #: distinct colours (tab10, then Dark2), one per name of `_method_order`

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import pytest
+import torch
+
 import methods
 from harness.models import get_adapter
 from harness.models.tiny import build_tiny
@@ -68,3 +71,51 @@ def inputs(proc, sizes_per_prompt, texts=None, first: int = 0):
     prompts = [prompt_text(proc, len(s), t) for s, t in zip(sizes_per_prompt, texts)]
     imgs = [image(7 * (b + first) + i, size) for b, sizes in enumerate(sizes_per_prompt) for i, size in enumerate(sizes)]
     return proc(images=imgs, text=prompts, return_tensors="pt", padding=len(prompts) > 1)
+
+
+# ---- the lmms-eval wrapper --------------------------------------------------------------------------------
+class Req:
+    """An lmms-eval request: `args` as the wrapper reads them."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def wrapper(model, proc, batch_size: int):
+    """vtbench's lmms-eval model around a (patched) instance."""
+    from harness.lmms_model import VTBenchLMM
+    from harness.models import get_adapter
+
+    return VTBenchLMM(model=model, processor=proc, adapter=get_adapter(model), batch_size=batch_size, progress=False)
+
+
+class _Force:
+    """Logits processor forcing the continuation tokens (the raw logits are what `output_logits` returns)."""
+
+    def __init__(self, ids):
+        self.ids, self.t = ids, 0
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.ids[self.t]] = 0
+        self.t += 1
+        return out
+
+
+def assert_loglikelihood_equals_generation(model, proc, images, context="How many circles are there?",
+                                           continuation=" two three"):
+    """The wrapper's one-forward log-likelihood of `continuation` equals the log-probs of generating it after
+    `context` (prefill of the context, then cached decode steps), for a prompt with `images`."""
+    from transformers import LogitsProcessorList
+
+    lm = wrapper(model, proc, 1)
+    lm.task_dict = {"t": {"test": [{"images": images}]}}
+    (ll, _), = lm.loglikelihood([Req(context, continuation, lambda d: d["images"], 0, "t", "test")])
+    inputs = lm.encode([context], [images])
+    ids = lm.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=len(ids), min_new_tokens=len(ids),
+                             logits_processor=LogitsProcessorList([_Force(ids)]), output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
+    gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
+    assert ll == pytest.approx(gen, abs=1e-4)

@@ -267,31 +267,17 @@ def test_redundancylens_ranking_runs_on_mrope(family):
 def test_loglikelihood_equals_generation(name, family):
     """The wrapper's one-forward log-likelihood (Qwen: `mm_token_type_ids` extended over the continuation)
     equals generating the continuation after the context."""
-    from transformers import LogitsProcessorList
-
-    from tests.methods.test_prompt_shapes import _Force, _lmm, _Req
+    from tests.methods.prompt_shapes import assert_loglikelihood_equals_generation
 
     model, proc, _ = applied(name, family)
-    lm = _lmm(model, proc, 1)
-    imgs = [image(i, s) for i, s in enumerate(SIZES)]
-    lm.task_dict = {"t": {"test": [{"images": imgs}]}}
-    context, cont = "How many circles are there?", " two three"
-    (ll, _), = lm.loglikelihood([_Req(context, cont, lambda d: d["images"], 0, "t", "test")])
-    inputs = lm.encode([context], [imgs])
-    ids = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=len(ids), min_new_tokens=len(ids),
-                             logits_processor=LogitsProcessorList([_Force(ids)]), output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
-    gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
-    assert ll == pytest.approx(gen, abs=1e-4)
+    assert_loglikelihood_equals_generation(model, proc, [image(i, s) for i, s in enumerate(SIZES)])
 
 
 @fam
 def test_wrapper_batches_by_visual_count(family):
     """Images of different sizes give different visual-token counts: the wrapper never batches them together,
     so a reducing method's batch answers equal batch 1's."""
-    from tests.methods.test_prompt_shapes import _lmm, _Req
+    from tests.methods.prompt_shapes import Req as _Req, wrapper as _lmm
 
     sizes = [[(84, 56)], [(64, 64)], [(84, 56)], [(64, 64)]]
     task = {"t": {"test": [{"images": [image(i, s) for s in ss]} for i, ss in enumerate(sizes)]}}

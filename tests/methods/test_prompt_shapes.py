@@ -84,17 +84,7 @@ def test_layouts_of_multi_image_prompts():
 
 
 # ---- the lmms-eval wrapper: ragged batches and log-likelihood --------------------------------------------
-class _Req:
-    def __init__(self, *args):
-        self.args = args
-
-
-def _lmm(model, proc, batch_size):
-    from harness.lmms_model import VTBenchLMM
-    from harness.models import get_adapter
-
-    lm = VTBenchLMM(model=model, processor=proc, adapter=get_adapter(model), batch_size=batch_size, progress=False)
-    return lm
+_Req, _lmm = S.Req, S.wrapper
 
 
 def _task(sizes):
@@ -128,43 +118,16 @@ def test_ragged_next_batch8_equals_batch1(name):
     assert answers[1] == answers[8]
 
 
-class _Force:
-    """Logits processor forcing the continuation tokens (the raw logits are what `output_logits` returns)."""
-
-    def __init__(self, ids):
-        self.ids, self.t = ids, 0
-
-    def __call__(self, input_ids, scores):
-        out = torch.full_like(scores, float("-inf"))
-        out[:, self.ids[self.t]] = 0
-        self.t += 1
-        return out
-
-
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 @pytest.mark.parametrize("name", S.ALL_METHODS)
 def test_loglikelihood_equals_generation(family, name):
     """Continuation log-probs of the one-forward log-likelihood path equal those of generating the
     continuation after the context (prefill of the context, then cached decode steps)."""
-    from transformers import LogitsProcessorList
+    from tests.efficiency.helpers import image
 
     model, _ = S.applied(name, family, budget=0.3)
-    proc = S.processor(family)
-    lm = _lmm(model, proc, 1)
     sizes = [(64, 128)] if family == "llava_next" else [(64, 64), (64, 64)]
-    task_dict = {"t": {"test": [{"images": [__import__("tests.efficiency.helpers", fromlist=["image"]).image(i, s)
-                                            for i, s in enumerate(sizes)]}]}}
-    lm.task_dict = task_dict
-    context, cont = "How many circles are there?", " two three"
-    (ll, _), = lm.loglikelihood([_Req(context, cont, lambda d: d["images"], 0, "t", "test")])
-    inputs = lm.encode([context], [task_dict["t"]["test"][0]["images"]])
-    ids = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=len(ids), min_new_tokens=len(ids),
-                             logits_processor=LogitsProcessorList([_Force(ids)]), output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
-    gen = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids))
-    assert ll == pytest.approx(gen, abs=1e-4)
+    S.assert_loglikelihood_equals_generation(model, S.processor(family), [image(i, sz) for i, sz in enumerate(sizes)])
 
 
 @pytest.mark.slow
