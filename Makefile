@@ -100,6 +100,10 @@ flops: $(STAMP) ## FLOPs breakdown of a config, e.g. `make flops ARGS="model=lla
 bench: $(STAMP) ## Performance benchmark -> results/bench/<machine>.{md,csv,json} (run on an idle machine)
 	$(VENV)/bin/vtbench-bench --out results/bench $(BENCH_ARGS) $(ARGS)
 
+.PHONY: bench-gpu
+bench-gpu: $(STAMP) ## GPU benchmark (CUDA, < 10 min): full-size random LLaVA-1.5-7B + LLaVA-NeXT-7B, fp16, every method -> results/bench/<gpu>-<arch>.{md,csv,json}
+	$(VENV)/bin/vtbench-bench --gpu-full --out results/bench $(ARGS)
+
 .PHONY: tiny-model
 tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, deterministic; see its model card)
 	$(PY) -m harness.tiny_model.train $(TINY_ARGS) $(ARGS)

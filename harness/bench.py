@@ -7,7 +7,7 @@ Parts (all by default):
 * ``overhead`` — method ``none`` through the harness path (config-style checkpoint loading by
   `harness.models.loading.load_model`, `methods.build('none').apply`, the lmms-eval wrapper
   `VTBenchLMM.generate_batch`: prompt building, processor, `generate`, finiteness check, decoding) versus
-  calling Hugging Face directly (`AutoProcessor` + `LlavaForConditionalGeneration.from_pretrained` of the same
+  calling Hugging Face directly (`AutoProcessor` + `AutoModelForImageTextToText.from_pretrained` of the same
   checkpoint: processor, then a forward / `generate`), same inputs, interleaved repetitions. Prefill = the
   harness asked for 1 new token vs the direct forward with logits for the last position; generate = 16 tokens.
 * ``methods`` — every method at one common budget on a mid-size random LLaVA-1.5-shaped model (vision tower
@@ -25,6 +25,11 @@ Parts (all by default):
 
 Output: ``<out>/<machine>.md`` (the report), ``<machine>.csv`` (the methods table) and ``<machine>.json``
 (everything). ``--quick`` runs a tiny model with 1 repetition (the smoke test); its numbers mean nothing.
+
+``--gpu-full`` (``make bench-gpu``) is the GPU run: the full-size LLaVA-1.5-7B and LLaVA-NeXT-7B architectures
+with random fp16 weights (`build_full`), every method and composition, the methods / scores / batch parts, one
+after the other under a wall-clock budget (`TimeGuard`, `run_gpu_full`); reports
+``<out>/<gpu>-<arch>.{md,csv,json}``. Without a CUDA GPU it prints one line and exits 0.
 """
 from __future__ import annotations
 
@@ -50,6 +55,10 @@ import torch
 
 PARTS = ("overhead", "methods", "scores", "batch", "flops")
 METHODS = ("none", "random", "fastv", "tome", "ficoco_v", "ficoco_l", "ficoco_vl", "shortv", "redundancylens")
+#: the named compositions (conf/method/<name>.yaml, methods/compose.py); the methods part runs them on request
+#: (`--methods`) and the GPU run (`--gpu-full`) always
+COMPOSITIONS = ("shortv_fastv", "redundancylens_fastv")
+ALL_METHODS = METHODS + COMPOSITIONS
 #: measured / predicted prefill speed-up targets (issue 9.2)
 TARGETS = {"fastv": 0.85, "tome": 0.85, "ficoco_v": 0.85, "ficoco_l": 0.85, "ficoco_vl": 0.85,
            "shortv": 0.8, "redundancylens": 0.8}
@@ -82,6 +91,10 @@ class Spec:
     device: str = "cpu"
     dtype: str = "float32"
     model: dict = field(default_factory=dict)
+    #: FLOP counter of the methods part (None: `count_prefill`'s default, fvcore on a real model)
+    counter: str | None = None
+    #: record each method's peak memory growth in its first timed prefill / generate (the GPU run)
+    memory: bool = False
 
     @classmethod
     def make(cls, quick: bool, repeats: int | None, threads: int | None, device: str) -> "Spec":
@@ -113,35 +126,84 @@ def build_model(spec: Spec):
     return model.to(spec.device, dtype).eval(), processor
 
 
-def build_full(name: str, spec: Spec):
-    """Full-size architecture from conf/model/<name>.yaml with random weights (GPU runs), plus the tiny
-    processor re-targeted at its image size and image token."""
-    from harness.config import compose_config
-    from harness.models.loading import config_from_cfg
-    from harness.models.tiny import CHAT_TEMPLATE, make_tokenizer
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+#: model families `build_full` builds (conf/model/<name>.yaml with `family:` one of these)
+FULL_FAMILIES = ("llava", "llava_next")
 
-    cfg = compose_config([f"model={name}"])
+
+def full_config(name: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The transformers config of conf/model/<name>.yaml (its `arch` block), with optional Hydra overrides
+    (e.g. ``model.arch.text_config.num_hidden_layers=2``: the tests build scaled-down copies this way).
+    Refuses a family `build_full` cannot build (one-line ValueError)."""
+    from harness.config import compose_config
+    from harness.models.adapter import family_of
+    from harness.models.loading import config_from_cfg
+
+    cfg = compose_config([f"model={name}", *overrides])
     config = config_from_cfg(cfg.model)
+    family = family_of(config)
+    if family not in FULL_FAMILIES:
+        raise ValueError(f"model={name}: family {family!r} has no full-size bench build "
+                         f"(supported: {', '.join(FULL_FAMILIES)})")
+    return config
+
+
+def build_full(name: str, spec: Spec, overrides: list[str] | tuple[str, ...] = ()):
+    """Full-size architecture from conf/model/<name>.yaml (LLaVA-1.5 or LLaVA-NeXT, dispatched on the
+    config's model type by `AutoModelForImageTextToText`) with random weights created on `spec.device`
+    (seeded; ``meta`` builds it without memory), plus the tiny tokenizer and a processor re-targeted at
+    the config's image size, patch size and (NeXT) grid pinpoints. `overrides`: see `full_config`."""
+    from transformers import AutoModelForImageTextToText
+
+    from harness.models.tiny import make_tokenizer
+
+    config = full_config(name, overrides)
     tok = make_tokenizer()
     config.image_token_id = config.image_token_index = tok.convert_tokens_to_ids("<image>")
     config.text_config.vocab_size = max(config.text_config.vocab_size, len(tok))
     torch.manual_seed(0)
     with torch.device(spec.device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, spec.dtype))
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, spec.dtype))
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():  # keep activations finite in fp16 with random weights
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
+    if spec.device != "meta":
+        with torch.no_grad():  # keep activations finite in fp16 with random weights
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+    return model.eval(), full_processor(model.config, tok)
+
+
+def full_processor(config, tok):
+    """A processor for `config` (LLaVA-1.5: CLIP crop at the tower's image size; LLaVA-NeXT: the anyres
+    image processor on the config's `image_grid_pinpoints`) with `tok` (its `<image>` is the image token)."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from harness.models.adapter import family_of
+    from harness.models.tiny import CHAT_TEMPLATE
+
     vc = config.vision_config
-    ip = CLIPImageProcessorPil(size={"shortest_edge": vc.image_size},
-                               crop_size={"height": vc.image_size, "width": vc.image_size})
-    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    return model.eval(), processor
+    s = int(vc.image_size)
+    common = dict(tokenizer=tok, patch_size=vc.patch_size, num_additional_image_tokens=1,
+                  vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE)
+    if family_of(config) == "llava_next":
+        pins = [[int(h), int(w)] for h, w in config.image_grid_pinpoints]
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                        image_grid_pinpoints=pins)
+        return LlavaNextProcessor(image_processor=ip, **common)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+    return LlavaProcessor(image_processor=ip, **common)
+
+
+def bench_image_size(config) -> int:
+    """Side of the square test image: the tower's input size (LLaVA-1.5: one crop), or for an anyres model
+    the largest square grid pinpoint (LLaVA-NeXT-7B: 672 px -> the base crop + 2x2 crops, about 2,900
+    visual tokens, its largest square case)."""
+    pins = getattr(config, "image_grid_pinpoints", None)
+    if pins:
+        squares = [int(h) for h, w in pins if int(h) == int(w)]
+        return max(squares) if squares else int(config.vision_config.image_size)
+    return int(config.vision_config.image_size)
 
 
 def make_image(seed: int, size: int):
@@ -166,6 +228,16 @@ def share_weights_copy(model):
     instances, never weights, so every method gets its own modules over one set of weights)."""
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of a `DynamicCache` (every layer, as a prefill left them)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def shortv_layers(num_layers: int) -> list[int]:
@@ -205,9 +277,18 @@ def method_settings(adapter, names=METHODS) -> list[tuple[str, Any, dict]]:
         "redundancylens": {"hollow_layers": list(range(L // 2, L)), "ffn_layers": list(range(L // 2, L)),
                            "window": max(1, round(256 / 576 * n_vis))},
     }
+    # the compositions: the same layer-wise settings, then FastV (K=2) whose keep the common budget sets;
+    # FastV's scoring layer K-1 = 1 may not be reduced by the layer-wise member (refused otherwise)
+    params["shortv_fastv"] = {"members": [
+        {"name": "shortv", "params": {"layers": [i for i in params["shortv"]["layers"] if i != 1]}},
+        {"name": "fastv", "params": {"K": 2}}]}
+    params["redundancylens_fastv"] = {"members": [
+        {"name": "redundancylens", "params": {k: ([i for i in v if i != 1] if isinstance(v, list) else v)
+                                              for k, v in params["redundancylens"].items()}},
+        {"name": "fastv", "params": {"K": 2}}]}
     out = []
     for name in names:
-        m = registry.build(name, params[name])
+        m = registry.build("compose" if name in COMPOSITIONS else name, params[name])
         m.validate(adapter)
         info: dict = {}
         if name != "none" and m.budget_tokens_param:
@@ -229,11 +310,14 @@ def _sync(device: str) -> None:
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: str = "cpu",
                 log: Callable[[str], None] | None = None, outputs: dict | None = None,
-                memory: dict | None = None) -> dict[str, list[float]]:
+                memory: dict | None = None,
+                stop: Callable[[int], bool] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function: `warmup` untimed rounds, then `repeats` rounds in which every
     function runs once, the order rotated by one each round (no function always follows the same one).
     `outputs` receives each function's first result; `memory` its peak memory growth in the first call
-    (a warm-up call when there is one)."""
+    (a warm-up call when there is one). `stop(rounds_done)`, asked after every round but the last, ends the
+    timing early (a time budget, `TimeGuard.rounds`): every function then has the same number of rounds,
+    at least one."""
     names = list(fns)
     for w in range(warmup):
         for n in names:
@@ -266,7 +350,60 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
                 outputs.setdefault(n, out)
         if log:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
+        if stop is not None and r + 1 < repeats and stop(r + 1):
+            break
     return times
+
+
+class TimeGuard:
+    """The wall-clock budget of an unattended run (`--gpu-full`). Timing loops ask `rounds(...)` for a stop
+    rule: a loop may use a share of the time left when it starts and ends, after at least one round, before
+    a round that would cross its deadline (judged by the length of the round before). Whole steps ask
+    `allows` with their estimated cost. Every early stop or skip is kept in `events` (the report lists
+    them). `clock` is injectable (tests use a fake one)."""
+
+    def __init__(self, budget_s: float, clock: Callable[[], float] = time.perf_counter, end: float | None = None):
+        self.clock = clock
+        self.budget_s = float(budget_s)
+        self.end = clock() + self.budget_s if end is None else end
+        self.events: list[str] = []
+
+    def remaining(self) -> float:
+        return self.end - self.clock()
+
+    def child(self, share: float) -> "TimeGuard":
+        """A guard over `share` (0-1] of the time left now (one architecture of the run); its events are
+        this guard's."""
+        rem = max(0.0, self.remaining())
+        g = TimeGuard(share * rem, self.clock, end=self.clock() + share * rem)
+        g.events = self.events
+        return g
+
+    def allows(self, what: str, estimate_s: float) -> bool:
+        """Whether a step estimated at `estimate_s` fits in the time left; a step that does not is recorded
+        as skipped."""
+        rem = self.remaining()
+        if estimate_s <= rem:
+            return True
+        self.events.append(f"{what}: skipped (estimated {estimate_s:.0f} s, {max(rem, 0):.0f} s of the time "
+                           "budget left)")
+        return False
+
+    def rounds(self, what: str, planned: int, share: float = 1.0) -> Callable[[int], bool]:
+        """The `stop` rule of `interleaved` for a loop of `planned` rounds that may use `share` of the time
+        left now (and never past this guard's end)."""
+        start = self.clock()
+        deadline = min(self.end, start + share * max(0.0, self.end - start))
+        last = [start]  # the end of the previous round (the first one's start: memory sampling, warm-up)
+
+        def stop(done: int) -> bool:
+            now = self.clock()
+            round_s, last[0] = now - last[0], now
+            if now + round_s <= deadline:
+                return False
+            self.events.append(f"{what}: stopped after {done} of {planned} rounds (time budget)")
+            return True
+        return stop
 
 
 def med(xs: list[float]) -> float:
@@ -352,19 +489,33 @@ class Bench:
         self.arch = arch
         self.log = log or (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
         self._base = None
+        #: the time budget of an unattended run (`run_gpu_full`); None: every loop runs its planned rounds
+        self.guard: TimeGuard | None = None
+        #: Hydra overrides of the `arch` model config (`build_full`)
+        self.overrides: tuple[str, ...] = ()
+        #: the methods part drops a method whose trial generation fails (reported) instead of failing (GPU run)
+        self.tolerate_failures = False
+
+    def _stop(self, what: str, planned: int, share: float = 1.0):
+        """The early-stop rule of a timing loop under the time guard (None without one)."""
+        return None if self.guard is None else self.guard.rounds(self._what(what), planned, share)
+
+    def _what(self, what: str) -> str:
+        return f"{self.arch}: {what}" if self.arch else what
 
     # shared inputs ----------------------------------------------------------------------------------------
     @property
     def base(self):
         if self._base is None:
             t0 = time.perf_counter()
-            self._base = build_full(self.arch, self.spec) if self.arch else build_model(self.spec)
+            self._base = (build_full(self.arch, self.spec, self.overrides) if self.arch
+                          else build_model(self.spec))
             self.log(f"model built in {time.perf_counter() - t0:.1f}s")
         return self._base
 
     @property
     def image_size(self) -> int:
-        return int(self.base[0].config.vision_config.image_size)
+        return bench_image_size(self.base[0].config)
 
     def messages_prompt(self, processor, question: str, chat_template=None) -> str:
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -387,7 +538,7 @@ class Bench:
         """Harness path (`load_model` + method none + VTBenchLMM.generate_batch) vs HF directly."""
         import tempfile
 
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import methods
         from harness.config import compose_config
@@ -404,7 +555,7 @@ class Bench:
             methods.build("none").apply(h_model, adapter)
             lm = VTBenchLMM(model=h_model, processor=h_proc, adapter=adapter, batch_size=1,
                             chat_template=cfg.model.get("chat_template"), progress=False)
-            d_model = LlavaForConditionalGeneration.from_pretrained(
+            d_model = AutoModelForImageTextToText.from_pretrained(
                 d, dtype=getattr(torch, spec.dtype), attn_implementation="sdpa").to(spec.device).eval()
             d_proc = AutoProcessor.from_pretrained(d)
         question = make_question(spec.text_words)
@@ -478,6 +629,25 @@ class Bench:
             out.append((name, method, info, m))
         return out
 
+    def _trial(self, patched, inputs, processor) -> tuple[list, dict[str, str]]:
+        """One 2-token generation per patched model (prefill + a decode step); the ones that raise are
+        dropped and returned with their error line. `none` failing is not survivable: it raises."""
+        kept, failed = [], {}
+        for item in patched:
+            try:
+                with torch.inference_mode():
+                    item[3].generate(**inputs, **self.gen_kwargs(processor, 2))
+                kept.append(item)
+            except Exception as e:  # noqa: BLE001 - reported in the methods part
+                if item[0] == "none":
+                    raise
+                failed[item[0]] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                self.log(f"{item[0]}: failed its trial generation, dropped: {failed[item[0]]}")
+        gc.collect()
+        if str(self.spec.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        return kept, failed
+
     def methods(self, names=METHODS) -> dict:
         from transformers import DynamicCache
 
@@ -490,6 +660,9 @@ class Bench:
         (layout,) = F.layouts_from_inputs(config, inputs)
         patched = self._patched(names)
         gk = self.gen_kwargs(processor, spec.gen_tokens)
+        failed: dict[str, str] = {}
+        if self.tolerate_failures:
+            patched, failed = self._trial(patched, inputs, processor)
 
         def prefill_fn(m):
             @torch.inference_mode()
@@ -506,7 +679,7 @@ class Bench:
         rows = []
         for name, method, info, m in patched:
             t0 = time.perf_counter()
-            pre = F.count_prefill(m, inputs)
+            pre = F.count_prefill(m, inputs, counter=spec.counter)
             ana = F.analytic_prefill(config, layout, None if name == "none" else method)
             # the per-layer KV-cache lengths a real prefill leaves (methods may shrink some layers' cache);
             # decode FLOPs are analytic from them (counted == analytic for decode is tested in tests/efficiency)
@@ -514,6 +687,7 @@ class Bench:
             with torch.inference_mode():
                 m(**inputs, use_cache=True, past_key_values=cache, logits_to_keep=1)
             context, kv_lengths = int(cache.get_seq_length()), F.cache_lengths(cache)
+            kv_bytes = kv_cache_bytes(cache)
             del cache
             # generate(n) = 1 prefill + (n - 1) decode steps; step i attends to the cache + i new tokens
             steps = []
@@ -526,18 +700,22 @@ class Bench:
                 "prefill_flops_analytic": int(sum(ana.values())),
                 "counted_equals_analytic": pre.total == int(sum(ana.values())),
                 "decode_flops_first": steps[0] if steps else 0, "decode_context": context,
-                "kv_lengths": kv_lengths,
+                "kv_lengths": kv_lengths, "kv_cache_bytes": kv_bytes,
                 "generate_flops": pre.total + sum(steps), "unsupported_ops": pre.unsupported_ops,
                 "count_seconds": round(time.perf_counter() - t0, 2),
             })
             self.log(f"counted {name}: prefill {pre.total / 1e9:.2f} GFLOPs ({rows[-1]['count_seconds']}s)")
         self.log("methods: prefill")
         # the counting pass and the cache pass above already warmed every model up
+        pre_mem: dict | None = {} if spec.memory else None
+        gen_mem: dict | None = {} if spec.memory else None
         pre_t = interleaved({n: prefill_fn(m) for n, _, _, m in patched}, spec.repeats, warmup=0,
-                            device=spec.device, log=self.log)
+                            device=spec.device, log=self.log, memory=pre_mem,
+                            stop=self._stop("methods: prefill", spec.repeats, 0.3))
         self.log("methods: generate")
         gen_t = interleaved({n: gen_fn(m) for n, _, _, m in patched}, spec.gen_repeats, warmup=0,
-                            device=spec.device, log=self.log)
+                            device=spec.device, log=self.log, memory=gen_mem,
+                            stop=self._stop("methods: generate", spec.gen_repeats, 0.6))
         ref = rows[0]
         assert ref["method"] == "none"
         t_none, g_none = med(pre_t["none"]), med(gen_t["none"])
@@ -563,9 +741,14 @@ class Bench:
             r["prefill_gflops_per_s"] = r["prefill_flops"] / r["prefill_s"] / 1e9
             r["target"] = TARGETS.get(n)
             r["target_met"] = None if r["target"] is None else bool(r["prefill_ratio"] >= r["target"])
+            if spec.memory:  # peak memory growth during the method's first timed call (CUDA: max allocated)
+                r["prefill_peak_mem_bytes"], r["generate_peak_mem_bytes"] = pre_mem[n], gen_mem[n]
         misses = [r["method"] for r in rows if r["target_met"] is False]
         profiles = {}
-        if misses:
+        # a profile costs about a dozen prefills per method (profiler, component hooks, own-work timing)
+        if misses and (self.guard is None or self.guard.allows(
+                self._what(f"methods: profiles of {', '.join(misses)} (under target)"),
+                12 * (len(misses) + 1) * max(med(v) for v in pre_t.values()))):
             models = {n: m for n, _, _, m in patched}
             for n in ["none"] + misses:
                 self.log(f"profiling {n}" + (" (missed its target)" if n != "none" else ""))
@@ -576,7 +759,9 @@ class Bench:
         del patched
         gc.collect()
         return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "layout": layout.__dict__,
-                "gen_tokens": spec.gen_tokens, "rows": rows, "profiles": profiles}
+                "gen_tokens": spec.gen_tokens, "rows": rows, "profiles": profiles, "failed": failed,
+                "rounds": {"prefill": [len(pre_t["none"]), spec.repeats],
+                           "generate": [len(gen_t["none"]), spec.gen_repeats]}}
 
     # scores ----------------------------------------------------------------------------------------------
     def scores(self, names=("fastv", "ficoco_l")) -> dict:
@@ -631,7 +816,8 @@ class Bench:
                 n_att, returned_bytes = 0, None
             self.log(f"scores: {name}")
             mem: dict[str, int] = {}
-            times = interleaved(fns, spec.gen_repeats, device=spec.device, log=self.log, memory=mem)
+            times = interleaved(fns, spec.gen_repeats, device=spec.device, log=self.log, memory=mem,
+                                stop=self._stop(f"scores: {name}", spec.gen_repeats, 0.5))
             t_ours = med(times["ours (sdpa + rows)"])
             ours_logits = logits["ours (sdpa + rows)"]
             diffs = {k: float((v - ours_logits).abs().max()) for k, v in logits.items() if k != "none (sdpa)"}
@@ -676,8 +862,10 @@ class Bench:
 
             self.log(f"batch: {name}")
             outs: dict = {}
-            times = interleaved({"batch 1": one_by_one, f"batch {B}": batched}, max(1, spec.gen_repeats // 2),
-                                warmup=0, device=spec.device, log=self.log, outputs=outs)
+            rounds = max(1, spec.gen_repeats // 2)
+            times = interleaved({"batch 1": one_by_one, f"batch {B}": batched}, rounds,
+                                warmup=0, device=spec.device, log=self.log, outputs=outs,
+                                stop=self._stop(f"batch: {name}", rounds, 0.5))
             p1, pB = outs["batch 1"], outs[f"batch {B}"]
             t1, tB = med(times["batch 1"]), med(times[f"batch {B}"])
             out["methods"][name] = {
@@ -918,6 +1106,11 @@ def profile_prefill(fn: Callable[[], Any], top: int = 8) -> dict:
 
 
 # ---- report --------------------------------------------------------------------------------------------
+#: how the methods part counted FLOPs (`Spec.counter`), for the report
+COUNTERS = {None: "fvcore", "fvcore": "fvcore",
+            "flop_counter_mode": "torch's FLOP formulas during a real forward (flop_counter_mode)"}
+
+
 def _f(x, nd=2, pct=False) -> str:
     if x is None:
         return "-"
@@ -941,19 +1134,28 @@ def render(res: dict) -> str:
     L = []
     L.append(f"# vtbench performance benchmark — {m['machine']}")
     L.append("")
-    L.append(f"Regenerate: `{m['command']}` (`make bench`). Ratios from one run; medians of interleaved "
+    L.append(f"Regenerate: `{m['command']}` (`{m.get('make', 'make bench')}`). Ratios from one run; medians of interleaved "
              f"repetitions (the order of the contenders rotates every round). {m['note']}")
     L.append("")
-    if m["device"] == "cpu":
-        L.append("This is the CPU part of the benchmark. The GPU part (the full LLaVA-1.5-7B architecture with random "
-                 "fp16 weights) is `python -m harness.bench --device cuda --arch llava15_7b --out results/bench` on a "
-                 "machine with a GPU (it writes its own report, named after the GPU); no GPU was available to this run.")
+    if m["device"] == "cpu" and not m.get("time_guard"):
+        L.append("This is the CPU part of the benchmark. The GPU part (the full LLaVA-1.5-7B and LLaVA-NeXT-7B "
+                 "architectures with random fp16 weights, every method) is `make bench-gpu` (`vtbench-bench "
+                 "--gpu-full`) on a machine with a CUDA GPU (it writes its own reports, named after the GPU and the "
+                 "architecture); no GPU was available to this run.")
         L.append("")
     L.append("| | |\n|---|---|")
     for k in ("date", "cpu", "device", "logical_cpus", "torch_threads", "clock", "dtype", "torch", "transformers",
               "git", "loadavg_start", "loadavg_end", "wall_seconds", "model", "repeats"):
         L.append(f"| {k} | {m.get(k)} |")
     L.append("")
+    if m.get("time_guard"):
+        tg = m["time_guard"]
+        L.append(f"Unattended GPU run (`--gpu-full`): this architecture's share of the run's {tg['budget_s']:.0f} s "
+                 f"time budget was {tg['share_s']:.0f} s; timing loops stop adding rounds (after at least one) and "
+                 "whole steps are skipped when the next one would not fit. "
+                 + ("Cut short by the budget: " + "; ".join(tg["events"]) + "." if tg["events"]
+                    else "Nothing was cut short: every planned round ran."))
+        L.append("")
     L.append("Load average is the 1/5/15-minute system load: a value above the thread count means other "
              "processes shared the CPU, which widens the spreads below (spread = (max-min)/median of the "
              "repetitions).")
@@ -1004,7 +1206,8 @@ def render(res: dict) -> str:
                  "measured = the median over rounds of t(none) / t(method) in the same round (paired, so that a slow "
                  "stretch of the shared machine hits both sides; the ratio of the two medians is beside it, and "
                  "'ratio q1-q3' is the interquartile range of the per-round ratios); predicted = counted FLOPs(none) / FLOPs(method) "
-                 "(fvcore on the patched model, FLOPs = 2 x MACs); ratio = measured / predicted. Generation: "
+                 f"({COUNTERS.get(m.get('counter'), COUNTERS[None])} on the patched model, FLOPs = 2 x MACs); "
+                 "ratio = measured / predicted. Generation: "
                  f"{mm['gen_tokens']} new tokens = 1 prefill + {mm['gen_tokens'] - 1} decode steps, predicted from the "
                  "counted prefill + the analytic decode steps over the per-layer KV-cache lengths a real prefill "
                  "left (counted == analytic for decode is covered by tests/efficiency). GFLOP/s = counted prefill "
@@ -1024,6 +1227,28 @@ def render(res: dict) -> str:
                      f"{_f(r.get('prefill_ratio_rom'))} | {vs} | {r['generate_s']:.3f} | {r['generate_measured']:.2f} | "
                      f"{r['generate_predicted']:.2f} | {r['generate_ratio']:.2f} | {r['prefill_gflops_per_s']:.1f} |")
         L.append("")
+        for name, err in (mm.get("failed") or {}).items():
+            L.append(f"**{name} FAILED** its trial generation on this device and is not in the table: {err}")
+            L.append("")
+        rounds = mm.get("rounds")
+        if rounds and any(d < p for d, p in rounds.values()):
+            L.append("Rounds run / planned: " + ", ".join(f"{k} {d}/{p}" for k, (d, p) in rounds.items())
+                     + " (the time budget stopped the loop early).")
+            L.append("")
+        if any(r.get("kv_cache_bytes") is not None for r in mm["rows"]):
+            L.append("Memory: KV cache = bytes of the keys and values a prefill leaves in the cache (every layer; "
+                     "the generate steps add the new tokens); peak growth = peak memory during the method's first "
+                     "timed call minus the memory in use before it (CUDA: `max_memory_allocated`; CPU: sampled RSS), "
+                     "'-' where not recorded.")
+            L.append("")
+            L.append("| method | KV cache | cached tokens per layer (min-max) | prefill peak growth | "
+                     "generate peak growth |")
+            L.append("|---|---|---|---|---|")
+            for r in mm["rows"]:
+                kv = r.get("kv_lengths") or [0]
+                L.append(f"| {r['method']} | {_mb(r.get('kv_cache_bytes'))} | {min(kv)}-{max(kv)} | "
+                         f"{_mb(r.get('prefill_peak_mem_bytes'))} | {_mb(r.get('generate_peak_mem_bytes'))} |")
+            L.append("")
         if rnd:
             L.append(f"`random` drops tokens at the LLM input with no scoring and no bookkeeping after it: its ratio "
                      f"({rnd['prefill_ratio']:.2f}) is the structural part of the gap on this machine, the costs that do "
@@ -1203,7 +1428,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     cols = ["method", "description", "prefill_flops", "prefill_s", "prefill_spread", "prefill_measured",
             "prefill_predicted", "prefill_ratio", "prefill_ratio_rom", "target", "target_met", "generate_flops", "generate_s",
             "generate_spread", "generate_measured", "generate_predicted", "generate_ratio",
-            "counted_equals_analytic"]
+            "counted_equals_analytic", "kv_cache_bytes", "prefill_peak_mem_bytes", "generate_peak_mem_bytes"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -1212,41 +1437,112 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     path.write_text(buf.getvalue())
 
 
-def run(argv: list[str] | None = None) -> dict:
+def _parser():
     from harness.console import ArgumentParser, positive_int
 
     ap = ArgumentParser(prog="vtbench-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 repetition (smoke test)")
     ap.add_argument("--repeats", type=positive_int, default=None, help="prefill repetitions (default 5; generate: 3/5 of it)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--methods", default=",".join(METHODS), help="methods of the methods part")
-    ap.add_argument("--batch-methods", default="none", help="methods of the batch part")
+    ap.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: all; "
+                    f"with --gpu-full: {','.join(GPU_PARTS)})")
+    ap.add_argument("--methods", default=None, help=f"methods of the methods part (default: {','.join(METHODS)}; "
+                    f"with --gpu-full also {','.join(COMPOSITIONS)})")
+    ap.add_argument("--batch-methods", default=None, help="methods of the batch part (default: none; with "
+                    f"--gpu-full: {','.join(GPU_BATCH_METHODS)})")
     ap.add_argument("--flops-methods", default=None, help="methods of the flops part (default: --methods)")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default 2 on CPU)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (use with --threads 1 on a shared machine)")
-    ap.add_argument("--arch", default=None, help="full architecture from conf/model (e.g. llava15_7b, GPU)")
+    ap.add_argument("--arch", default=None, help="full architecture from conf/model (llava15_7b, llava_next_7b, ...; "
+                    "GPU); with --gpu-full a comma-separated list (default: " + ",".join(GPU_ARCHS) + ")")
     ap.add_argument("--machine", default=None, help="report name (default: the CPU/GPU model)")
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
                     help="override a size of the random model (build_tiny argument), e.g. num_layers=8")
+    ap.add_argument("--gpu-full", action="store_true",
+                    help="the GPU benchmark (`make bench-gpu`): full-size random LLaVA-1.5-7B and LLaVA-NeXT-7B in "
+                         "fp16, every method, methods/scores/batch parts, under a wall-clock budget; one line and "
+                         "exit 0 on a machine without a CUDA GPU")
+    ap.add_argument("--budget-s", type=positive_int, default=None,
+                    help=f"--gpu-full: wall-clock budget of the measurements in seconds (default {GPU_BUDGET_S})")
+    return ap
+
+
+def _names(text: str | None, default, ap, what: str) -> list[str]:
+    """A comma-separated method list with `none` first (the reference); unknown names are bad input."""
+    names = [m.strip() for m in (text or ",".join(default)).split(",") if m.strip()]
+    bad = [n for n in names if n not in ALL_METHODS]
+    if bad:
+        ap.error(f"{what} {','.join(bad)}: unknown method(s); choose from {', '.join(ALL_METHODS)}")
+    return ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
+
+
+def _parts(text: str | None, allowed, ap) -> list[str]:
+    parts = [p.strip() for p in (text or ",".join(allowed)).split(",") if p.strip()]
+    bad = [p for p in parts if p not in allowed]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {', '.join(allowed)}")
+    return parts
+
+
+def bench_meta(spec: Spec, machine: str, command: str, clock: str, model: str) -> dict:
+    """The report's header: machine, software, settings."""
+    import transformers
+
+    from harness.environment import git_state
+
+    git = git_state()
+    return {
+        "machine": machine, "command": command,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(), "device": spec.device if not spec.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "dtype": spec.dtype,
+        "clock": "process CPU time (time.process_time)" if clock == "cpu" else "wall time (time.perf_counter)",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "git": f"{(git.get('sha') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}",
+        "loadavg_start": loadavg(), "quick": spec.quick, "model": model, "counter": spec.counter,
+        "repeats": f"prefill {spec.repeats}, generate / scores {spec.gen_repeats}, batch {max(1, spec.gen_repeats // 2)}",
+        "note": "QUICK MODE (tiny model, smoke test): these numbers mean nothing." if spec.quick else "",
+    }
+
+
+def write_report(res: dict, stem: Path) -> dict:
+    """`<stem>.md` (the report), `.json` (everything) and `.csv` (the methods table, when run); the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(render(res))
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    if "methods" in res:
+        write_csv(stem.with_suffix(".csv"), res["methods"]["rows"])
+    return {"md": str(stem.with_suffix(".md")), "json": str(stem.with_suffix(".json")),
+            "csv": str(stem.with_suffix(".csv")) if "methods" in res else None}
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from harness.console import positive_int
+
+    ap = _parser()
     a = ap.parse_args(argv)
+    command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.gpu_full:
+        return gpu_full_cli(ap, a, command)
     from harness.config import DEVICE_RE, device_error, group_options
 
-    if not DEVICE_RE.match(a.device) or device_error(a.device):
-        ap.error(f"--device {a.device}: {device_error(a.device) if DEVICE_RE.match(a.device) else 'not a device (cpu, cuda, cuda:N, mps)'}")
+    device = a.device or "cpu"
+    if a.budget_s is not None:
+        ap.error("--budget-s applies to --gpu-full only")
+    if not DEVICE_RE.match(device) or device_error(device):
+        ap.error(f"--device {device}: {device_error(device) if DEVICE_RE.match(device) else 'not a device (cpu, cuda, cuda:N, mps)'}")
     if a.arch is not None and a.arch not in group_options("model"):
         ap.error(f"--arch {a.arch}: choose from {', '.join(group_options('model'))}")
-    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        ap.error(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
-    names = [m.strip() for m in a.methods.split(",") if m.strip()]
-    if "none" not in names:
-        names = ["none"] + names
-    names = ["none"] + [n for n in names if n != "none"]
-    spec = Spec.make(a.quick, a.repeats, a.threads, a.device)
+    if a.arch is not None:
+        try:
+            full_config(a.arch)
+        except ValueError as e:
+            ap.error(f"--arch {e}")
+    parts = _parts(a.parts, PARTS, ap)
+    names = _names(a.methods, METHODS, ap, "--methods")
+    spec = Spec.make(a.quick, a.repeats, a.threads, device)
     for kv in a.model_arg:
         k, _, v = kv.partition("=")
         if k not in spec.model:
@@ -1259,28 +1555,13 @@ def run(argv: list[str] | None = None) -> dict:
     CLOCK[0] = time.process_time if a.clock == "cpu" else time.perf_counter
     bench = Bench(spec, arch=a.arch)
     t0 = time.perf_counter()
-    start_load = loadavg()
-    import transformers
-
-    from harness.environment import git_state
-
-    git = git_state()
-    res: dict[str, Any] = {"meta": {
-        "machine": a.machine or machine_name(spec.device),
-        "command": "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "device": spec.device if not spec.device.startswith("cuda") else torch.cuda.get_device_name(),
-        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "dtype": spec.dtype,
-        "clock": "process CPU time (time.process_time)" if a.clock == "cpu" else "wall time (time.perf_counter)",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "git": f"{(git.get('sha') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}",
-        "loadavg_start": start_load, "quick": spec.quick,
-        "model": a.arch or "random LLaVA-1.5-shaped " + ", ".join(f"{k}={v}" for k, v in spec.model.items()),
-        "repeats": f"prefill {spec.repeats}, generate / scores {spec.gen_repeats}, batch {max(1, spec.gen_repeats // 2)}",
-        "note": "QUICK MODE (tiny model, smoke test): these numbers mean nothing." if spec.quick else "",
-    }}
+    res: dict[str, Any] = {"meta": bench_meta(
+        spec, a.machine or machine_name(spec.device), command, a.clock,
+        a.arch or "random LLaVA-1.5-shaped " + ", ".join(f"{k}={v}" for k, v in spec.model.items()))}
     if "flops" in parts:  # first: a command-line tool's speed on the machine before the timing parts load it
-        fm = [m for m in (a.flops_methods or ",".join(names)).split(",") if m]
+        fm = [m.strip() for m in (a.flops_methods or ",".join(n for n in names if n in METHODS)).split(",") if m.strip()]
+        if any(m not in METHODS for m in fm):  # the compositions have no `vtbench-flops` overrides here
+            ap.error(f"--flops-methods {','.join(m for m in fm if m not in METHODS)}: choose from {', '.join(METHODS)}")
         res["flops"] = bench.flops(fm, repeats=1 if spec.quick else 3)
     if "overhead" in parts:
         res["overhead"] = bench.overhead()
@@ -1289,21 +1570,157 @@ def run(argv: list[str] | None = None) -> dict:
     if "scores" in parts:
         res["scores"] = bench.scores()
     if "batch" in parts:
-        res["batch"] = bench.batch(["none"] + [m for m in a.batch_methods.split(",") if m and m != "none"])
+        res["batch"] = bench.batch(_names(a.batch_methods, ("none",), ap, "--batch-methods"))
     CLOCK[0] = time.perf_counter
     res["meta"]["loadavg_end"] = loadavg()
     res["meta"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / res["meta"]["machine"]
-    stem.with_suffix(".md").write_text(render(res))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    if "methods" in res:
-        write_csv(stem.with_suffix(".csv"), res["methods"]["rows"])
-    bench.log(f"wrote {stem}.md ({res['meta']['wall_seconds']}s)")
-    res["paths"] = {"md": str(stem.with_suffix(".md")), "json": str(stem.with_suffix(".json")),
-                    "csv": str(stem.with_suffix(".csv")) if "methods" in res else None}
+    res["paths"] = write_report(res, Path(a.out) / res["meta"]["machine"])
+    bench.log(f"wrote {res['paths']['md']} ({res['meta']['wall_seconds']}s)")
     return res
+
+
+# ---- the GPU run (`make bench-gpu`, `vtbench-bench --gpu-full`) ------------------------------------------
+GPU_ARCHS = ("llava15_7b", "llava_next_7b")
+GPU_PARTS = ("methods", "scores", "batch")
+GPU_BATCH_METHODS = ("none", "fastv")
+#: the wall-clock budget of the measurements (s); interpreter start, imports, CUDA initialisation and the
+#: reports come on top (about 20-40 s), and one round of a loop may end past it: the command stays under 10 min
+GPU_BUDGET_S = 480
+#: planned rounds (upper bounds: the time guard stops a loop early when its share of the budget is spent)
+GPU_REPEATS = 20
+GPU_GEN_REPEATS = 10
+#: relative share of the budget per family (LLaVA-NeXT's prompt has ~5x the visual tokens, but per-call
+#: Python/launch overhead dominates batch-1 decoding on a GPU, so its cost is not 5x)
+GPU_ARCH_WEIGHT = {"llava": 1.0, "llava_next": 1.5}
+NO_GPU_LINE = "vtbench-bench --gpu-full: no CUDA GPU on this machine; nothing run"
+
+
+def gpu_spec(device: str = "cuda", dtype: str = "float16", repeats: int | None = None) -> Spec:
+    """The GPU run's settings: fp16, wall clock, FLOPs counted by torch's formulas during a real forward
+    (`flop_counter_mode`: one forward's time, where fvcore's trace of a 7B model takes far longer), peak
+    memory recorded; `repeats` prefill rounds (generate / scores: half as many)."""
+    r = repeats or GPU_REPEATS
+    return Spec(repeats=r, gen_repeats=max(1, min(GPU_GEN_REPEATS, r // 2)) if repeats else GPU_GEN_REPEATS,
+                device=device, dtype=dtype, threads=torch.get_num_threads(), counter="flop_counter_mode",
+                memory=True)
+
+
+def gpu_full_cli(ap, a, command: str) -> dict:
+    """`--gpu-full` from the command line: checks, then `run_gpu_full`. Without a CUDA GPU: one line, exit 0,
+    nothing written."""
+    from harness.config import device_error
+
+    for flag, bad in (("--quick", a.quick), ("--clock cpu", a.clock == "cpu"), ("--model-arg", a.model_arg),
+                      ("--threads", a.threads), ("--flops-methods", a.flops_methods)):
+        if bad:
+            ap.error(f"{flag} does not apply to --gpu-full")
+    device = a.device or "cuda"
+    if not re.match(r"^cuda(:\d+)?$", device):
+        ap.error(f"--device {device}: --gpu-full runs on a CUDA device (cuda, cuda:N)")
+    archs = [x.strip() for x in (a.arch or ",".join(GPU_ARCHS)).split(",") if x.strip()]
+    for arch in archs:
+        try:
+            full_config(arch)
+        except ValueError as e:
+            ap.error(f"--arch {e}")
+        except Exception as e:  # noqa: BLE001 - an unknown config group option: one line
+            ap.error(f"--arch {arch}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    parts = _parts(a.parts, GPU_PARTS, ap)
+    names = _names(a.methods, ALL_METHODS, ap, "--methods")
+    batch_names = _names(a.batch_methods, GPU_BATCH_METHODS, ap, "--batch-methods")
+    if not torch.cuda.is_available():
+        print(NO_GPU_LINE, flush=True)
+        return {"skipped": NO_GPU_LINE}
+    if device_error(device):
+        ap.error(f"--device {device}: {device_error(device)}")
+    if ":" in device:
+        torch.cuda.set_device(device)
+    return run_gpu_full(out=Path(a.out), device=device, archs=archs, names=names, parts=parts,
+                        batch_names=batch_names, repeats=a.repeats, budget_s=a.budget_s or GPU_BUDGET_S,
+                        machine=a.machine, command=command)
+
+
+def run_gpu_full(*, out: Path, device: str = "cuda", dtype: str = "float16", archs=GPU_ARCHS, names=None,
+                 parts=GPU_PARTS, batch_names=GPU_BATCH_METHODS, repeats: int | None = None,
+                 budget_s: float = GPU_BUDGET_S, machine: str | None = None, command: str = "",
+                 overrides: dict | None = None, clock: Callable[[], float] = time.perf_counter,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Each architecture in turn (built on the device, measured, its report written, then freed): the
+    `parts` of the bench under one `TimeGuard` of `budget_s`. Architecture i gets weight_i / (the weights of
+    it and the ones after it) of the time left when it starts, so time one leaves unused goes to the next.
+    An architecture that fails is reported (one line) and the next one still runs. `overrides`: per-arch
+    Hydra overrides of the model config (the tests run scaled-down copies on CPU)."""
+    names = list(names or ALL_METHODS)
+    overrides = overrides or {}
+    guard = TimeGuard(budget_s, clock)
+    machine = machine or machine_name(device)
+    log = log or (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    CLOCK[0] = time.perf_counter
+    weights = [GPU_ARCH_WEIGHT.get(full_config(x, overrides.get(x, ())).model_type, 1.0) for x in archs]
+    results: dict[str, Any] = {"archs": {}, "failed": []}
+    fixed_prev = None  # build + counting seconds of the previous architecture
+    for i, arch in enumerate(archs):
+        n_events = len(guard.events)
+        spec = gpu_spec(device, dtype, repeats)
+        if fixed_prev is not None and not guard.allows(f"{arch} (model build and FLOP counting)", 2 * fixed_prev):
+            # the report still says what happened (a stub: no parts)
+            res = {"meta": bench_meta(spec, f"{machine}-{arch}", command, "wall", arch)}
+            res["meta"].update(make="make bench-gpu", note=f"NOT RUN: {guard.events[-1]}.",
+                               time_guard={"budget_s": guard.budget_s, "share_s": 0.0, "events": guard.events[n_events:]})
+            res["paths"] = write_report(res, Path(out) / res["meta"]["machine"])
+            results["archs"][arch] = res
+            log(guard.events[-1])
+            continue
+        ag = guard.child(weights[i] / sum(weights[i:]))
+        bench = Bench(spec, log=log, arch=arch)
+        bench.guard = ag
+        bench.overrides = tuple(overrides.get(arch, ()))
+        bench.tolerate_failures = True
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {"meta": bench_meta(spec, f"{machine}-{arch}", command, "wall", arch)}
+        res["meta"]["note"] = ("Full-size architecture with RANDOM weights (speed, memory and FLOPs are the real "
+                               "model's; answers mean nothing).")
+        res["meta"]["make"] = "make bench-gpu"
+        try:
+            log(f"{arch}: building (share of the time budget: {ag.budget_s:.0f} s)")
+            t_build = time.perf_counter()
+            bench.base
+            fixed = time.perf_counter() - t_build
+            if "methods" in parts:
+                res["methods"] = bench.methods(names)
+                fixed += sum(r["count_seconds"] for r in res["methods"]["rows"])
+                results["failed"] += [f"{arch}: {n}: {e}" for n, e in res["methods"]["failed"].items()]
+                none_row = res["methods"]["rows"][0]
+                t_pre, t_gen = none_row["prefill_s"], none_row["generate_s"]
+            else:
+                t_pre = t_gen = 0.0
+            fixed_prev = fixed
+            if "scores" in parts and ag.allows(f"{arch}: scores", 48 * t_pre):
+                res["scores"] = bench.scores()
+            if "batch" in parts and ag.allows(
+                    f"{arch}: batch", 1.5 * len(batch_names) * (spec.batch + 1) * t_gen
+                    * spec.batch_new_tokens / spec.gen_tokens):
+                res["batch"] = bench.batch(batch_names)
+        except Exception as e:  # noqa: BLE001 - reported; the next architecture still runs
+            line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            res["meta"]["error"] = line
+            res["meta"]["note"] += f" FAILED: {line}"
+            results["failed"].append(f"{arch}: {line}")
+            log(f"{arch}: failed: {line}")
+        res["meta"]["time_guard"] = {"budget_s": guard.budget_s, "share_s": ag.budget_s,
+                                     "events": guard.events[n_events:]}
+        res["meta"]["loadavg_end"] = loadavg()
+        res["meta"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        res["paths"] = write_report(res, Path(out) / res["meta"]["machine"])
+        log(f"{arch}: wrote {res['paths']['md']} ({res['meta']['wall_seconds']}s)")
+        results["archs"][arch] = res
+        del bench
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    results["events"] = list(guard.events)
+    results["wall_seconds"] = round(budget_s - guard.remaining(), 1)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1315,7 +1732,10 @@ def main(argv: list[str] | None = None) -> int:
     from harness.console import run_script
 
     def _run(argv):
-        run(argv)
+        res = run(argv)
+        if res.get("failed"):  # --gpu-full: an architecture failed (its report says why)
+            print(f"vtbench-bench: failed: {'; '.join(res['failed'])}", file=sys.stderr, flush=True)
+            return 1
         return 0
 
     return run_script("vtbench-bench", _run, argv, interrupt_note="reports are written only at the end; rerun")
