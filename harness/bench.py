@@ -1268,6 +1268,9 @@ def render(res: dict) -> str:
                  "of the layers (about half, as the paper says; the choice does not change FLOPs), window scaled "
                  "as 256/576 of the visual tokens. FiCoCo-V/VL start merging at half the CLIP depth "
                  "(the paper: 12 of 24).")
+        if any(r["method"] in COMPOSITIONS for r in mm["rows"]):
+            L.append("Compositions (methods/compose.py): the ShortV / RedundancyLens layers above without FastV's "
+                     "scoring layer 1, then FastV (K=2) whose keep the common budget sets.")
         L.append("")
         if mm["profiles"]:
             L.append("### Profile of the methods under target")
@@ -1642,7 +1645,8 @@ def gpu_full_cli(ap, a, command: str) -> dict:
 
 def run_gpu_full(*, out: Path, device: str = "cuda", dtype: str = "float16", archs=GPU_ARCHS, names=None,
                  parts=GPU_PARTS, batch_names=GPU_BATCH_METHODS, repeats: int | None = None,
-                 budget_s: float = GPU_BUDGET_S, machine: str | None = None, command: str = "",
+                 budget_s: float = GPU_BUDGET_S, machine: str | None = None,
+                 command: str = "python -m harness.bench --gpu-full",
                  overrides: dict | None = None, clock: Callable[[], float] = time.perf_counter,
                  log: Callable[[str], None] | None = None) -> dict:
     """Each architecture in turn (built on the device, measured, its report written, then freed): the
@@ -1681,32 +1685,47 @@ def run_gpu_full(*, out: Path, device: str = "cuda", dtype: str = "float16", arc
         res["meta"]["note"] = ("Full-size architecture with RANDOM weights (speed, memory and FLOPs are the real "
                                "model's; answers mean nothing).")
         res["meta"]["make"] = "make bench-gpu"
-        try:
-            log(f"{arch}: building (share of the time budget: {ag.budget_s:.0f} s)")
-            t_build = time.perf_counter()
-            bench.base
-            fixed = time.perf_counter() - t_build
-            if "methods" in parts:
-                res["methods"] = bench.methods(names)
-                fixed += sum(r["count_seconds"] for r in res["methods"]["rows"])
-                results["failed"] += [f"{arch}: {n}: {e}" for n, e in res["methods"]["failed"].items()]
-                none_row = res["methods"]["rows"][0]
-                t_pre, t_gen = none_row["prefill_s"], none_row["generate_s"]
-            else:
-                t_pre = t_gen = 0.0
-            fixed_prev = fixed
+        errors: list[str] = []
+        failed = object()
+
+        def attempt(what: str, fn):
+            """fn()'s result, or `failed`: a failing step (e.g. out of GPU memory in `scores`) is reported
+            and the next step still runs."""
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - reported in the report, the log and the exit code
+                line = f"{what}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                errors.append(line)
+                results["failed"].append(f"{arch}: {line}")
+                log(f"{arch}: failed: {line}")
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                return failed
+
+        log(f"{arch}: building (share of the time budget: {ag.budget_s:.0f} s)")
+        t_build = time.perf_counter()
+        if attempt("model build", lambda: bench.base) is not failed:
+            fixed_prev = time.perf_counter() - t_build
+            t_pre = t_gen = 0.0
+            if "methods" in parts and (mm := attempt("methods", lambda: bench.methods(names))) is not failed:
+                res["methods"] = mm
+                fixed_prev += sum(r["count_seconds"] for r in mm["rows"])
+                results["failed"] += [f"{arch}: {n}: {e}" for n, e in mm["failed"].items()]
+                t_pre, t_gen = mm["rows"][0]["prefill_s"], mm["rows"][0]["generate_s"]  # method none
+            # estimates from `none`'s times: ~48 prefills (2 methods x 4 variants x warm-up + rounds, eager
+            # slower); batch-1 + batched generation of `batch_new_tokens` per method
             if "scores" in parts and ag.allows(f"{arch}: scores", 48 * t_pre):
-                res["scores"] = bench.scores()
+                if (sc := attempt("scores", bench.scores)) is not failed:
+                    res["scores"] = sc
             if "batch" in parts and ag.allows(
                     f"{arch}: batch", 1.5 * len(batch_names) * (spec.batch + 1) * t_gen
                     * spec.batch_new_tokens / spec.gen_tokens):
-                res["batch"] = bench.batch(batch_names)
-        except Exception as e:  # noqa: BLE001 - reported; the next architecture still runs
-            line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            res["meta"]["error"] = line
-            res["meta"]["note"] += f" FAILED: {line}"
-            results["failed"].append(f"{arch}: {line}")
-            log(f"{arch}: failed: {line}")
+                if (bt := attempt("batch", lambda: bench.batch(batch_names))) is not failed:
+                    res["batch"] = bt
+        if errors:
+            res["meta"]["error"] = "; ".join(errors)
+            res["meta"]["note"] += " FAILED: " + "; ".join(errors)
         res["meta"]["time_guard"] = {"budget_s": guard.budget_s, "share_s": ag.budget_s,
                                      "events": guard.events[n_events:]}
         res["meta"]["loadavg_end"] = loadavg()

@@ -170,3 +170,44 @@ def test_gpu_run_time_guard_cuts_and_says_so(tmp_path, monkeypatch):
     second = json.loads((tmp_path / "t-llava_next_7b.json").read_text())
     assert "methods" not in second and second["meta"]["note"].startswith("NOT RUN: llava_next_7b")
     assert res["events"][-1].startswith("llava_next_7b (model build and FLOP counting): skipped")
+
+
+def test_gpu_full_cli_hands_the_run_over_and_a_failure_exits_1(tmp_path, monkeypatch, capsys):
+    """With a CUDA device (faked: the run itself is replaced), `--gpu-full` runs both architectures, every
+    method and composition, the GPU parts, under the default budget; a failure is one line and exit 1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        return {"archs": {}, "failed": ["llava_next_7b: scores: OutOfMemoryError: CUDA out of memory"]}
+    monkeypatch.setattr(bench, "run_gpu_full", fake_run)
+    assert bench.main(["--gpu-full", "--out", str(tmp_path)]) == 1
+    assert seen["device"] == "cuda" and tuple(seen["archs"]) == bench.GPU_ARCHS
+    assert tuple(seen["names"]) == bench.ALL_METHODS and tuple(seen["parts"]) == bench.GPU_PARTS
+    assert seen["budget_s"] == bench.GPU_BUDGET_S and seen["repeats"] is None
+    err = capsys.readouterr().err.strip()
+    assert err == "vtbench-bench: failed: llava_next_7b: scores: OutOfMemoryError: CUDA out of memory"
+
+
+def test_gpu_run_drops_a_failing_method_and_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.gc, "collect", lambda *a: 0)
+    patched = bench.Bench._patched
+
+    def breaking(self, names):
+        out = patched(self, names)
+        for name, _, _, m in out:
+            if name == "fastv":
+                def boom(*a, **k):
+                    raise RuntimeError("boom\nsecond line")
+                m.generate = boom
+        return out
+    monkeypatch.setattr(bench.Bench, "_patched", breaking)
+    res = bench.run_gpu_full(out=tmp_path, device="cpu", dtype="float32", repeats=2, archs=["llava15_7b"],
+                             names=["none", "fastv", "random"], parts=["methods"], machine="t",
+                             overrides=OVERRIDES, log=lambda m: None)
+    assert res["failed"] == ["llava15_7b: fastv: RuntimeError: boom"]
+    data = json.loads((tmp_path / "t-llava15_7b.json").read_text())
+    assert [r["method"] for r in data["methods"]["rows"]] == ["none", "random"]
+    assert "**fastv FAILED** its trial generation" in (tmp_path / "t-llava15_7b.md").read_text()
