@@ -85,15 +85,11 @@ def _one_line(e: Exception, overrides: list[str] | None = None) -> str:
 
 def _refuse_added(overrides: list[str], added: list, config_name: str) -> None:
     """Refuse `+key=value` / `++key=value` overrides whose key the config does not have without them."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     rest = [o for o in overrides if o not in {a for a, _ in added}]
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            base = compose(config_name=config_name, overrides=rest)
+        base = _hydra_compose(rest, config_name)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(_one_line(e, overrides)) from None
     for _, (key, value) in added:
@@ -106,20 +102,50 @@ def _refuse_added(overrides: list[str], added: list, config_name: str) -> None:
             )
 
 
-def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose the root config with Hydra overrides (`key=value`); raise ConfigError."""
+#: Hydra compositions of this process by (config name, overrides, conf/ files and their mtimes): a sweep
+#: composes each cell for validation, progress and the final check; Hydra's compose is the costly part
+_COMPOSED: dict[tuple, DictConfig] = {}
+
+
+def _conf_stamp() -> tuple:
+    """conf/'s YAML files with their sizes and mtimes: any edit or new file composes afresh."""
+    out = []
+    for p in sorted(CONF_DIR.rglob("*.yaml")):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _hydra_compose(overrides: list[str], config_name: str) -> DictConfig:
+    import copy
+
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    key = (config_name, tuple(overrides), _conf_stamp())
+    if key not in _COMPOSED:
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name=config_name, overrides=overrides)
+        except Exception as e:  # hydra raises several exception types, all multi-line
+            raise ConfigError(_one_line(e, overrides)) from None
+        if len(_COMPOSED) > 4096:
+            _COMPOSED.clear()
+        _COMPOSED[key] = cfg
+    # interpolations (${oc.env:...}) stay unresolved in the stored copy, so each caller resolves them now
+    return copy.deepcopy(_COMPOSED[key])
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the root config with Hydra overrides (`key=value`); raise ConfigError."""
     overrides = list(overrides or [])
     _check_group_overrides(overrides)
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
-    except Exception as e:  # hydra raises several exception types, all multi-line
-        raise ConfigError(_one_line(e, overrides)) from None
+    cfg = _hydra_compose(overrides, config_name)
     added = [(o, kv) for o in overrides if (kv := _added_key(o))]
     if added:  # `+` may not add keys to vtbench's own config (a typo would be silently ignored)
         _refuse_added(overrides, added, config_name)
@@ -251,10 +277,11 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
     _bool(cfg, "run.force")
     _int(cfg, "run.max_new_tokens", lo=1, null=True)
     _bool(cfg, "run.efficiency.enabled")
-    _int(cfg, "run.efficiency.probe_size", lo=1, null=True)
+    _int(cfg, "run.efficiency.probe_size", lo=1)
+    _int(cfg, "run.efficiency.flops_docs", lo=1, null=True)
     _int(cfg, "run.efficiency.warmup", lo=0)
-    _int(cfg, "run.efficiency.repeats", lo=1, null=True)
-    _int(cfg, "run.efficiency.decode_tokens", lo=1, null=True)
+    _int(cfg, "run.efficiency.repeats", lo=1)
+    _int(cfg, "run.efficiency.decode_tokens", lo=1)
     _str(cfg, "store.dir", required=True)
     _str(cfg, "data_dir", required=True)
 

@@ -62,3 +62,39 @@ def test_experiment_is_a_named_combination():
     cfg = compose_config(["experiment=quick"])
     assert (cfg.model.name, cfg.benchmark.split, cfg.logger.name, cfg.run.limit) == ("tiny", "val", "none", 64)
     assert compose_config(["experiment=quick", "run.limit=3"]).run.limit == 3
+
+
+def test_compositions_are_memoised_but_never_stale(monkeypatch):
+    """A sweep composes each cell several times (validation, progress, the final check): Hydra composes it
+    once per process; callers get their own copy, and an edited config file composes afresh."""
+    import os
+
+    import hydra
+
+    from harness import config as C
+
+    monkeypatch.setattr(C, "_COMPOSED", {})
+    calls = []
+    real = hydra.compose
+    monkeypatch.setattr(hydra, "compose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = C.compose_config(["method=fastv", "run.limit=3"])
+    b = C.compose_config(["method=fastv", "run.limit=3"])
+    assert len(calls) == 1 and a == b
+    from omegaconf import open_dict
+
+    with open_dict(a):
+        a.run.limit = 99
+    assert C.compose_config(["method=fastv", "run.limit=3"]).run.limit == 3  # a caller's edit stays its own
+    C.compose_config(["method=fastv", "run.limit=4"])
+    assert len(calls) == 2
+    path = C.CONF_DIR / "method" / "fastv.yaml"
+    st = path.stat()
+    try:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        C.compose_config(["method=fastv", "run.limit=3"])
+        assert len(calls) == 3
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # interpolations resolve when read, so an environment change is seen through a memoised composition
+    monkeypatch.setenv("VTBENCH_STORE", "/tmp/elsewhere-store")
+    assert C.compose_config(["method=fastv", "run.limit=3"]).store.dir == "/tmp/elsewhere-store"

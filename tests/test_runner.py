@@ -118,3 +118,34 @@ def test_nonfinite_logits_are_flagged_in_the_record(cell_overrides):
     assert rec["status"] == "complete"
     assert rec["n_nonfinite"] == rec["n_samples"] == 4
     assert sorted(rec["nonfinite"]) == [f"vtbench_shapes/{i}" for i in range(4)]
+
+
+def test_a_forced_cell_reuses_its_flops_counts_and_says_so(cell_overrides):
+    """FLOPs are counted once per (model, method parameters, token layout): a forced re-run of a cell traces
+    nothing and records the same counts; other parameters are counted afresh."""
+    import harness.efficiency.flops as F
+    from harness.efficiency.probe import measure_cell
+
+    eff = ["run.efficiency.enabled=true", "run.efficiency.probe_size=2", "run.efficiency.flops_docs=2",
+           "run.efficiency.repeats=1", "run.efficiency.warmup=0", "run.efficiency.decode_tokens=1",
+           "method=fastv", "method.params.K=1"]
+    first = run_cell(compose_config(cell_overrides + eff), efficiency_fn=measure_cell)["efficiency"]
+    assert first["flops_docs"] == 2 and first["flops_layouts_reused"] == 0
+    n = first["flops_layouts_counted"]
+    assert n >= 1 and first["flops"]["counted_equals_analytic"]
+
+    calls = []
+    real = F.count_prefill
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "count_prefill", counting)
+        again = run_cell(compose_config(cell_overrides + eff + ["run.force=true"]), efficiency_fn=measure_cell)
+        assert calls == [] and again["efficiency"]["flops_layouts_reused"] == n
+        assert again["efficiency"]["flops"] == first["flops"]
+        other = run_cell(compose_config(cell_overrides + eff + ["method.params.R=0.75"]), efficiency_fn=measure_cell)
+        assert len(calls) == n and other["efficiency"]["flops_layouts_counted"] == n
+    assert other["efficiency"]["flops"]["prefill"]["total"] < first["flops"]["prefill"]["total"]

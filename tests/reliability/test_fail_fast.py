@@ -51,6 +51,7 @@ NUMERIC_KEYS = [
     ("run.seed", 0, []),
     ("run.max_new_tokens", 1, []),
     ("run.efficiency.probe_size", 1, []),
+    ("run.efficiency.flops_docs", 1, []),
     ("run.efficiency.warmup", 0, []),
     ("run.efficiency.repeats", 1, []),
     ("run.efficiency.decode_tokens", 1, []),

@@ -1,0 +1,138 @@
+"""The efficiency probe (`harness.efficiency.probe`): FLOPs counted once per (model, method parameters,
+token layout) and kept across cells, FLOPs on the first `flops_docs` probe documents, one warm-up."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from harness.efficiency import probe as P
+from tests.efficiency.helpers import inputs_for, tiny
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "_COUNTS", {})
+    return tmp_path / "cache" / "flops"
+
+
+def _patched(name: str, params: dict):
+    import methods
+    from harness.models.adapter import get_adapter
+
+    model, processor = tiny("llava", "llama")
+    model = copy.deepcopy(model)
+    m = methods.build(name, params)
+    adapter = get_adapter(model)
+    m.validate(adapter)
+    m.apply(model, adapter)
+    return model, processor, m
+
+
+def _inputs(processor):
+    # three prompts, two token layouts (the first two are one prompt)
+    return [inputs_for(processor, texts=(t,)) for t in ("What is shown?", "What is shown?", "Which colour is the big one?")]
+
+
+def _measure(model, m, inputs, cache, **kw):
+    return P.measure_inputs(model, m, inputs, warmup=0, repeats=1, decode_tokens=1, cache=cache, **kw)
+
+
+def test_counts_are_kept_and_reused_across_calls_and_processes(cache_root):
+    model, processor, m = _patched("fastv", {"K": 1, "R": 0.5})
+    inputs = _inputs(processor)
+    base = {"model": "tiny-test", "method": {"name": "fastv", "params": m.params()}}
+    first = _measure(model, m, inputs, P.CountCache(base), flops_docs=None)
+    assert (first["flops_layouts_counted"], first["flops_layouts_reused"]) == (2, 0)
+    assert len(list(cache_root.glob("*.json"))) == 2
+
+    # the same process: served from memory; a new process: from disk (the memory layer emptied)
+    again = _measure(model, m, inputs, P.CountCache(base), flops_docs=None)
+    P._COUNTS.clear()
+    disk = _measure(model, m, inputs, P.CountCache(base), flops_docs=None)
+    for rec in (again, disk):
+        assert (rec["flops_layouts_counted"], rec["flops_layouts_reused"]) == (0, 2)
+        assert rec["flops"] == first["flops"]
+        assert rec["visual_tokens_to_llm"] == first["visual_tokens_to_llm"]
+    assert first["flops"]["counted_equals_analytic"] and first["flops"]["source"] == "counted"
+
+
+def test_other_parameters_or_model_count_again(cache_root):
+    model, processor, m = _patched("fastv", {"K": 1, "R": 0.5})
+    inputs = _inputs(processor)[:1]
+    base = {"model": "tiny-test", "method": {"name": "fastv", "params": m.params()}}
+    a = _measure(model, m, inputs, P.CountCache(base))
+    model2, _, m2 = _patched("fastv", {"K": 1, "R": 0.75})  # drops more
+    b = _measure(model2, m2, inputs, P.CountCache(dict(base, method={"name": "fastv", "params": m2.params()})))
+    c = _measure(model, m, inputs, P.CountCache(dict(base, model="another checkpoint")))
+    assert b["flops_layouts_counted"] == c["flops_layouts_counted"] == 1
+    assert b["flops"]["prefill"]["total"] < a["flops"]["prefill"]["total"] == c["flops"]["prefill"]["total"]
+
+
+@pytest.mark.parametrize("garble", [
+    lambda e: "{not json",
+    lambda e: json.dumps(dict(e, key="0" * 32)),                                     # another entry's key
+    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], total=1))),              # total != sum
+    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], flops={"llm": -5}))),    # negative count
+    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], source="analytic"))),    # not a count
+    lambda e: json.dumps(dict(e, delivered="many")),
+    lambda e: json.dumps(dict(e, decode={"phase": "decode"})),
+], ids=["json", "key", "total", "negative", "source", "delivered", "decode"])
+def test_a_bad_stored_count_is_counted_again(cache_root, garble):
+    model, processor, m = _patched("random", {"keep_ratio": 0.3})
+    inputs = _inputs(processor)[:1]
+    base = {"model": "tiny-test", "method": {"name": "random", "params": m.params()}}
+    good = _measure(model, m, inputs, P.CountCache(base))
+    (path,) = cache_root.glob("*.json")
+    path.write_text(garble(json.loads(path.read_text())))
+    P._COUNTS.clear()
+    again = _measure(model, m, inputs, P.CountCache(base))
+    assert (again["flops_layouts_counted"], again["flops_layouts_reused"]) == (1, 0)
+    assert again["flops"] == good["flops"]
+    assert json.loads(path.read_text())["key"] == path.stem  # rewritten whole
+
+
+def test_no_identity_keeps_nothing(cache_root):
+    model, processor, m = _patched("random", {"keep_ratio": 0.3})
+    rec = _measure(model, m, _inputs(processor)[:1], None)
+    assert rec["flops_layouts_counted"] == 1 and not cache_root.exists()
+
+
+def test_flops_docs_selects_the_counted_documents(cache_root):
+    model, processor, m = _patched("fastv", {"K": 1, "R": 0.5})
+    inputs = _inputs(processor)
+    one = _measure(model, m, inputs, None, flops_docs=1)
+    every = _measure(model, m, inputs, None, flops_docs=None)
+    alone = _measure(model, m, inputs[2:], None, flops_docs=1)
+    assert (one["flops_docs"], every["flops_docs"]) == (1, 3)
+    assert one["flops_layouts_counted"] == 1 and every["flops_layouts_counted"] == 2
+    # the mean over every document lies between the two layouts' own counts
+    lo, hi = sorted([one["flops"]["prefill"]["total"], alone["flops"]["prefill"]["total"]])
+    assert lo < every["flops"]["prefill"]["total"] < hi
+    # latency and memory still cover every probe document
+    assert one["latency"]["prefill_ms"]["n"] == every["latency"]["prefill_ms"]["n"] == 3
+
+
+def test_warmup_runs_once_before_the_first_document(monkeypatch):
+    seen = []
+    real = P.measure
+
+    def spy(model, inputs, **kw):
+        seen.append(kw["warmup"])
+        return real(model, inputs, **kw)
+
+    monkeypatch.setattr(P, "measure", spy)
+    model, processor, m = _patched("random", {"keep_ratio": 0.3})
+    P.measure_inputs(model, m, _inputs(processor), warmup=2, repeats=1, decode_tokens=1)
+    assert seen == [2, 0, 0]
+
+
+def test_calibration_artefacts_enter_the_key_by_content(tmp_path):
+    art = tmp_path / "ranking.json"
+    art.write_text('{"ranking": [1, 0]}')
+    a = P._file_aware({"layers": "auto", "calibration": str(art)})
+    art.write_text('{"ranking": [0, 1]}')
+    b = P._file_aware({"layers": "auto", "calibration": str(art)})
+    assert a["layers"] == "auto" and a["calibration"] != b["calibration"]
