@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,13 @@ def test_quick_bench_writes_report(tmp_path):
     assert 0 < data["flops"]["import_floor_s"] < max(r["seconds"] for r in fl)
     assert "Import floor:" in md
     assert res["paths"]["md"].endswith("test-machine.md")
+
+
+def test_committed_bench_reports_are_rendered_from_their_json():
+    """results/bench/<machine>.md is exactly what the renderer makes of results/bench/<machine>.json."""
+    root = Path(__file__).resolve().parents[1] / "results" / "bench"
+    pairs = [(j, j.with_suffix(".md")) for j in sorted(root.glob("*.json"))]
+    if not pairs:
+        pytest.skip("no committed bench report (run `make bench`)")
+    for js, md in pairs:
+        assert bench.render(json.loads(js.read_text())) == md.read_text(), md.name
