@@ -138,7 +138,8 @@ def test_quick_bench_writes_report(tmp_path):
     assert fl[1]["predicted_speedup"] > 1.0
     assert fl[0]["timing"]["count"] > 0 and fl[0]["source"] == "counted"
     assert fl[1]["timing"]["count"] == 0 and fl[1]["source"] == "analytic"  # fastv is not tried on meta
-    assert 0 < data["flops"]["import_floor_s"] < max(r["seconds"] for r in fl)
+    # timings are reported, never compared in a test (a busy machine reorders them)
+    assert data["flops"]["import_floor_s"] > 0 and all(r["seconds"] > 0 for r in fl)
     assert "Import floor:" in md
     assert res["paths"]["md"].endswith("test-machine.md")
 
