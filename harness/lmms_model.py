@@ -110,7 +110,7 @@ class VTBenchLMM(_LmmsBase):
         the error and exit 0."""
         import sys
 
-        from harness.cli import bad_input_errors, error_line, failure_reason
+        from harness.errors import bad_input_errors, error_line, failure_reason
         from harness.config import compose_config, validate, validate_against_model
         from harness.models.loading import load_model
 

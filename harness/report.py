@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -623,35 +621,3 @@ def _latency_figure(t, title: str):
     ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return fig
-
-
-def main(argv: list[str] | None = None) -> int:
-    from harness.console import run_script
-
-    return run_script("vtbench-report", _main, argv)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    from harness.console import ArgumentParser, choices_list
-
-    ap = ArgumentParser(prog="vtbench-report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
-    ap.add_argument("--out", default="results")
-    ap.add_argument("--formats", default="md,csv,tex", type=choices_list(("md", "csv", "tex")))
-    ap.add_argument("--no-figures", action="store_true")
-    args = ap.parse_args(argv)
-    tables, corrupt = build_tables(args.store)
-    for path, err in corrupt:
-        print(f"vtbench-report: warning: skipped corrupt record {path} ({err})", file=sys.stderr)
-    if not tables:
-        print(f"vtbench-report: no complete records in {args.store}", file=sys.stderr)
-        return 1
-    written = write_outputs(tables, args.out, tuple(args.formats), figures=not args.no_figures)
-    for group, t in tables.items():
-        print(render(t, "md", group.title))
-    print(f"[vtbench-report] wrote {len(written)} files under {args.out}/", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

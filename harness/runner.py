@@ -7,62 +7,19 @@ store, the benchmark data — and nothing is written to the store until the reco
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 from omegaconf import DictConfig
 
 from harness.config import resolved, validate, validate_against_model
+from harness.tasks import _quiet_libraries, load_tasks  # noqa: F401
 from harness.results import ResultsStore, cell_identity, record_key
 
 
 def _log(msg: str) -> None:
     print(f"[vtbench] {msg}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _quiet_libraries():
-    """lmms-eval/datasets/transformers are chatty at INFO level; keep warnings and errors."""
-    from loguru import logger as loguru_logger
-
-    import datasets
-
-    loguru_logger.remove()
-    hid = loguru_logger.add(sys.stderr, level="WARNING")
-    bars = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    old = {n: logging.getLogger(n).level for n in ("datasets", "transformers", "lmms-eval")}
-    for n in old:
-        logging.getLogger(n).setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        loguru_logger.remove(hid)
-        if bars:
-            datasets.enable_progress_bars()
-        for n, lvl in old.items():
-            logging.getLogger(n).setLevel(lvl)
-
-
-def load_tasks(task: str, include_path: str | None):
-    """Build lmms-eval's task objects (this loads the benchmark data: a missing dataset fails here,
-    before any model is loaded)."""
-    from lmms_eval.tasks import TaskManager, get_task_dict
-
-    from harness.benchmarks.prepare import BenchmarkDataError
-
-    tm = TaskManager(verbosity="WARNING", include_path=include_path, include_defaults=include_path is None)
-    if task not in tm.all_tasks:
-        raise BenchmarkDataError(f"lmms-eval has no task {task!r}")
-    try:
-        task_dict = get_task_dict([task], tm)
-    except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BenchmarkDataError(f"cannot load data of task {task!r}: {type(e).__name__}: {first}") from None
-    return tm, task_dict
 
 
 def _read_strict(docs, i: int):
@@ -201,7 +158,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     t_load = time.perf_counter()
     model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
     method.validate(adapter)
-    from harness.calibrate import resolve_auto
+    from harness.calibration import resolve_auto
 
     t_cal = time.perf_counter()
     method, calibration_info = resolve_auto(cfg, method, model, processor, adapter)
@@ -408,3 +365,12 @@ def write_failed(cfg: DictConfig, reason: str) -> None:
         atomic_write_text(store.record_path(key), json.dumps(record, indent=1, default=str))
     except OSError as e:  # a full/unwritable store must not turn one failed cell into a crashed sweep
         _log(f"warning: cannot record the failure of cell {key}: {e.strerror or e}")
+
+
+def efficiency_fn():
+    """The efficiency probe, if the efficiency package is available."""
+    try:
+        from harness.efficiency.probe import measure_cell
+    except ImportError:
+        return None
+    return measure_cell

@@ -187,8 +187,8 @@ def _job_overrides() -> frozenset:
 def _job(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.cli import bad_input_errors, efficiency_fn, error_line, failure_reason
-    from harness.runner import run_cell, write_failed
+    from harness.errors import bad_input_errors, error_line, failure_reason
+    from harness.runner import efficiency_fn, run_cell, write_failed
 
     try:
         num = HydraConfig.get().job.num + 1
@@ -221,9 +221,8 @@ def _job(cfg) -> dict | None:
 def run_multirun(overrides: list[str]) -> int:
     import hydra
 
-    from harness.cli import EXIT_BAD_INPUT, EXIT_FAILED, bad_input_errors, error_line
     from harness.config import CONF_DIR
-    from harness.console import interrupted
+    from harness.errors import EXIT_BAD_INPUT, EXIT_FAILED, bad_input_errors, error_line, interrupted
 
     try:
         combos = validate_sweep(overrides)
@@ -254,7 +253,7 @@ def run_multirun(overrides: list[str]) -> int:
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else EXIT_FAILED
     except Exception as e:  # the sweep machinery itself failed (launcher, sweeper)
-        from harness.cli import failure_reason
+        from harness.errors import failure_reason
 
         print(f"vtbench: error: the sweep could not run: {failure_reason(e)} (rerun the same command to resume)",
               file=sys.stderr)

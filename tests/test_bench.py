@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import bench
+from harness.cli import bench as bench_cli
 
 
 def test_helpers():
@@ -77,8 +78,8 @@ def test_method_work_times_measures_the_plan_and_restores_it():
 
 @pytest.mark.slow
 def test_quick_bench_writes_report(tmp_path):
-    res = bench.run(["--quick", "--out", str(tmp_path), "--threads", "1", "--flops-methods", "none,fastv",
-                     "--batch-methods", "fastv", "--machine", "test-machine"])
+    res = bench_cli.run(["--quick", "--out", str(tmp_path), "--threads", "1", "--flops-methods", "none,fastv",
+                         "--batch-methods", "fastv", "--machine", "test-machine"])
     md = (tmp_path / "test-machine.md").read_text()
     for heading in ("# vtbench performance benchmark", "## Harness overhead", "## Methods at a common budget",
                     "## Attention scores", "## Batched evaluation", "## Counting speed"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness import bench
+from harness.cli import bench as bench_cli
 
 #: the full configs scaled down through Hydra overrides of their `arch` block (the path `build_full` takes)
 SMALL = ["model.arch.text_config.hidden_size=64", "model.arch.text_config.intermediate_size=128",
@@ -26,7 +27,7 @@ CPU = bench.Spec(device="cpu", dtype="float32")
 def test_gpu_full_without_cuda_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "bench"
-    assert bench.main(["--gpu-full", "--out", str(out)]) == 0
+    assert bench_cli.main(["--gpu-full", "--out", str(out)]) == 0
     cap = capsys.readouterr()
     assert cap.out == bench.NO_GPU_LINE + "\n" and cap.err == ""
     assert not out.exists()
@@ -36,7 +37,7 @@ def test_gpu_full_without_cuda_says_so_in_one_line(tmp_path, monkeypatch, capsys
                                   ["--methods", "fastv,nope"], ["--parts", "flops"]])
 def test_gpu_full_bad_input_is_one_line(argv, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse's exit, as the console script exits
-        bench.main(["--gpu-full", "--out", str(tmp_path / "o"), *argv])
+        bench_cli.main(["--gpu-full", "--out", str(tmp_path / "o"), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vtbench-bench: error:") and "\n" not in err
@@ -124,7 +125,7 @@ def test_time_guard_with_a_fake_clock():
 def test_gpu_run_end_to_end_on_scaled_down_models(tmp_path, monkeypatch):
     """`run_gpu_full` as `--gpu-full` runs it, on CPU in fp32 with the scaled-down configs: one report per
     architecture with the methods (memory, KV cache), scores and batch parts."""
-    monkeypatch.setattr(bench.gc, "collect", lambda *a: 0)  # 0.3 s per call in a big test process
+    monkeypatch.setattr(bench.gpu.gc, "collect", lambda *a: 0)  # 0.3 s per call in a big test process
     res = bench.run_gpu_full(out=tmp_path, device="cpu", dtype="float32", repeats=2, budget_s=600,
                              names=["none", "fastv", "shortv_fastv"], batch_names=["none"], machine="t",
                              overrides=OVERRIDES, log=lambda m: None)
@@ -151,7 +152,7 @@ def test_gpu_run_end_to_end_on_scaled_down_models(tmp_path, monkeypatch):
 def test_gpu_run_time_guard_cuts_and_says_so(tmp_path, monkeypatch):
     """With almost no budget: one round per loop, the optional steps skipped, the second architecture not
     built, and every report says what was cut."""
-    monkeypatch.setattr(bench.gc, "collect", lambda *a: 0)
+    monkeypatch.setattr(bench.gpu.gc, "collect", lambda *a: 0)
 
     class Ticking(FakeClock):  # every reading is 0.5 s later: the 1 s budget is spent as soon as work starts
         def __call__(self) -> float:
@@ -182,8 +183,8 @@ def test_gpu_full_cli_hands_the_run_over_and_a_failure_exits_1(tmp_path, monkeyp
     def fake_run(**kw):
         seen.update(kw)
         return {"archs": {}, "failed": ["llava_next_7b: scores: OutOfMemoryError: CUDA out of memory"]}
-    monkeypatch.setattr(bench, "run_gpu_full", fake_run)
-    assert bench.main(["--gpu-full", "--out", str(tmp_path)]) == 1
+    monkeypatch.setattr(bench_cli, "run_gpu_full", fake_run)
+    assert bench_cli.main(["--gpu-full", "--out", str(tmp_path)]) == 1
     assert seen["device"] == "cuda" and tuple(seen["archs"]) == bench.GPU_ARCHS
     assert tuple(seen["names"]) == bench.ALL_METHODS and tuple(seen["parts"]) == bench.GPU_PARTS
     assert seen["budget_s"] == bench.GPU_BUDGET_S and seen["repeats"] is None
@@ -192,7 +193,7 @@ def test_gpu_full_cli_hands_the_run_over_and_a_failure_exits_1(tmp_path, monkeyp
 
 
 def test_gpu_run_drops_a_failing_method_and_reports_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.gc, "collect", lambda *a: 0)
+    monkeypatch.setattr(bench.gpu.gc, "collect", lambda *a: 0)
     patched = bench.Bench._patched
 
     def breaking(self, names):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from harness.calibrate import main
+from harness.cli.calibrate import main
 from harness.config import compose_config
 from harness.runner import run_cell
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness.cli import run_one
+from harness.cli.main import run_one
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_bad_hydra_flags_are_one_line(args, needle, tmp_path):
 def test_single_run_saves_its_config_under_hydra_dir(cell_overrides, tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
-    from harness.cli import run_one
+    from harness.cli.main import run_one
     from harness.config import compose_config
 
     monkeypatch.setenv("VTBENCH_OUTPUTS", str(tmp_path / "outputs"))

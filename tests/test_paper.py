@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import paper
+from harness.cli import paper as paper_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("repro_*.yaml"))
@@ -129,11 +130,11 @@ def test_samples_are_seeded():
 def test_figures_written_and_deterministic(tiny_checkpoint, tmp_path):
     args = ["--part", "figures", "--model", "tiny", "--model-override", f"model.pretrained={tiny_checkpoint}",
             "--store", str(tmp_path / "empty-store"), "--samples", "4"]
-    assert paper.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert paper_cli.main(args + ["--out", str(tmp_path / "a")]) == 0
     names = sorted(p.name for p in (tmp_path / "a" / "figures").iterdir())
     assert names == sorted(f"{n}.{e}" for n in ("shortv_layer_contribution", "fastv_attention_share",
                                                 "redundancylens_reduced_layers") for e in ("png", "pdf"))
-    assert paper.main(args + ["--out", str(tmp_path / "b"), "--figures", "lc,attention"]) == 0
+    assert paper_cli.main(args + ["--out", str(tmp_path / "b"), "--figures", "lc,attention"]) == 0
     for n in ("shortv_layer_contribution", "fastv_attention_share"):
         for e in ("png", "pdf"):
             assert (tmp_path / "a" / "figures" / f"{n}.{e}").read_bytes() == (tmp_path / "b" / "figures" / f"{n}.{e}").read_bytes()
@@ -258,6 +259,7 @@ def test_launcher_presets():
 # ---- sweep-level W&B report run ------------------------------------------------------------------------
 def test_wandb_report_run(cell_overrides, tmp_path):
     from harness import wandb_report
+    from harness.cli import wandb_report as wandb_report_cli
     from harness.config import compose_config
     from harness.runner import run_cell
 
@@ -278,7 +280,7 @@ def test_wandb_report_run(cell_overrides, tmp_path):
     plt.close(fig)
 
     wdir = tmp_path / "wandb-report"
-    rc = wandb_report.main(["--store", str(tmp_path / "store"), "--group", "sweepA", "--dir", str(wdir),
+    rc = wandb_report_cli.main(["--store", str(tmp_path / "store"), "--group", "sweepA", "--dir", str(wdir),
                             "--figures", str(extra)])
     assert rc == 0
     runs = glob.glob(str(wdir / "wandb" / "offline-run-*"))
@@ -299,7 +301,7 @@ def test_wandb_report_run(cell_overrides, tmp_path):
     # the cell runs themselves were logged in their sweep's group
     cell_blobs = [open(p, "rb").read() for p in glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))]
     assert sum(b"sweepA" in b for b in cell_blobs) == 2
-    assert wandb_report.main(["--store", str(tmp_path / "store"), "--group", "nope", "--dir", str(wdir)]) == 1
+    assert wandb_report_cli.main(["--store", str(tmp_path / "store"), "--group", "nope", "--dir", str(wdir)]) == 1
 
 
 def test_redundancylens_qwen2vl_rows(flops_dir):

@@ -49,7 +49,7 @@ def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
 
     import pytest
 
-    from harness.report import main
+    from harness.cli.report import main
 
     root = Path(__file__).resolve().parents[1] / "results"
     committed = sorted((root / "tables").glob("*.*")) if (root / "tables").exists() else []

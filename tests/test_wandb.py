@@ -51,15 +51,16 @@ def test_cell_run_is_typed_named_and_one_per_identity(cell_overrides, tmp_path):
 
 def test_sweep_report_run_has_typed_tables_and_charts(cell_overrides, tmp_path):
     from harness import wandb_report
+    from harness.cli import wandb_report as wandb_report_cli
 
-    from harness.cli import efficiency_fn
+    from harness.runner import efficiency_fn
 
     for m in ("none", "random"):
         run_cell(efficiency_fn=efficiency_fn(), cfg=compose_config(cell_overrides + [f"method={m}", "run.limit=2", "logger.group=sweepB",
                                                   "run.efficiency.enabled=true", "run.efficiency.probe_size=1",
                                                   "run.efficiency.repeats=1", "run.efficiency.warmup=0"]))
     wdir = tmp_path / "report"
-    assert wandb_report.main(["--store", str(tmp_path / "store"), "--group", "sweepB", "--dir", str(wdir)]) == 0
+    assert wandb_report_cli.main(["--store", str(tmp_path / "store"), "--group", "sweepB", "--dir", str(wdir)]) == 0
     (f,) = run_files(wdir)
     run = parse(f)
     logged = {k: v for h in run["history"] for k, v in h.items()}

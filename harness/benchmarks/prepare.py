@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -102,25 +101,3 @@ def prepare(bench_cfg, data_dir) -> tuple[str, str | None]:
         task = "vtbench_shapes" if bench_cfg.get("split", "test") == "test" else "vtbench_shapes_val"
         return task, str(task_dir)
     return bench_cfg.task, bench_cfg.get("include_path")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from harness.console import run_script
-
-    return run_script("vtbench-prepare", _main, argv)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    from harness.config import compose_config, validate
-
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = compose_config(argv)
-    validate(cfg, check_device=False)
-    task, include = prepare(cfg.benchmark, cfg.data_dir)
-    print(include or "")
-    print(f"# lmms-eval task: {task}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

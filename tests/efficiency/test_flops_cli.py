@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from harness.flops_cli import main
+from harness.cli.flops import main
 
 
 @pytest.mark.slow

@@ -258,7 +258,7 @@ def test_text_only_prompt_unchanged():
 
 def test_flops_cli_prints_the_composition_and_its_ratio():
     """`vtbench-flops model=llava15_7b method=shortv_fastv convention=shortv`: ShortV Table 5's 29 % row."""
-    from harness.flops_cli import compute, render_table as render
+    from harness.efficiency.flops_table import compute, render_table as render
 
     r = compute(["model=llava15_7b", "method=shortv_fastv"], convention="shortv")
     conv = r["conventions"]["shortv"]

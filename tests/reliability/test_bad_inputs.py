@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import run_one
+from harness.cli.main import run_one
 from harness.config import compose_config, resolved
 from harness.results import ResultsStore, record_key
 
@@ -277,7 +277,7 @@ def test_corrupt_record_file_is_reported_excluded_and_recomputed(args, tmp_path,
         assert load(store.root).empty  # never aggregated
     tables, corrupt = build_tables(str(store.root))
     assert tables == {} and [c[0] for c in corrupt] == [str(path)]
-    from harness.report import main as report_main
+    from harness.cli.report import main as report_main
 
     capsys.readouterr()
     report_main(["--store", str(store.root), "--out", str(tmp_path / "out"), "--formats", "md"])

@@ -24,7 +24,7 @@ def _cell(tiny_checkpoint, data_dir, store, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=fastv"], ["method=random"]])
 def test_same_config_twice_same_predictions_and_counted_flops(tiny_checkpoint, data_dir, tmp_path, method):
-    from harness.cli import efficiency_fn
+    from harness.runner import efficiency_fn
 
     a = run_cell(_cell(tiny_checkpoint, data_dir, tmp_path / "a", *method), efficiency_fn=efficiency_fn())
     b = run_cell(_cell(tiny_checkpoint, data_dir, tmp_path / "b", *method), efficiency_fn=efficiency_fn())

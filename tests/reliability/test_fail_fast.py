@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import run_one
+from harness.cli.main import run_one
 from tests.reliability.helpers import cell_args, env_for, kill_when, progress, records, start
 from tests.reliability.helpers import our_lines as helper_lines
 from tests.reliability.test_bad_inputs import args, no_model_load, nothing_written, one_line_error  # noqa: F401
@@ -375,7 +375,7 @@ def test_every_console_script_refuses_bad_values_in_one_line(script, argv, needl
 
 
 def test_exit_codes_are_documented_once():
-    from harness import console
+    from harness import errors as console
 
     assert (console.EXIT_OK, console.EXIT_FAILED, console.EXIT_BAD_INPUT, console.EXIT_INTERRUPTED,
             console.EXIT_TERMINATED) == (0, 1, 2, 130, 128 + signal.SIGTERM)

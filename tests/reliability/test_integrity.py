@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import run_one
+from harness.cli.main import run_one
 from harness.config import compose_config, resolved
 from harness.results import ResultsStore, record_key
 from tests.records import make_record
@@ -206,6 +206,7 @@ def test_wrong_shaped_record_is_named_and_reevaluated(cell_overrides, capsys, co
 @pytest.mark.bad_input
 def test_report_names_and_skips_invalid_records(tmp_path, capsys):
     from harness import report
+    from harness.cli import report as report_cli
 
     store = ResultsStore(tmp_path / "store")
     good = make_record("none", (1.0, 0.0))
@@ -214,7 +215,7 @@ def test_report_names_and_skips_invalid_records(tmp_path, capsys):
     bad.write_text(json.dumps({"key": "0" * 16, "status": "complete"}))
     moved = dict(make_record("fastv", (1.0, 1.0)))
     (store.records / ("1" * 16 + ".json")).write_text(json.dumps(dict(moved, key="1" * 16)))  # under another key
-    assert report.main(["--store", str(store.root), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    assert report_cli.main(["--store", str(store.root), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
     out, err = capsys.readouterr()
     assert str(bad) in err and "1" * 16 in err
     assert "nan" not in out and out.count("### ") == 1
@@ -373,6 +374,7 @@ def test_report_compares_only_like_for_like(tmp_path, capsys):
     """val and test cells of one model: two tables, each against its own `none`; a group without `none`
     says so and borrows nothing."""
     from harness import report
+    from harness.cli import report as report_cli
 
     store = ResultsStore(tmp_path / "store")
     store.write(make_record("none", (1.0, 1.0, 1.0, 1.0), split="test", flops=4e9))
@@ -386,7 +388,7 @@ def test_report_compares_only_like_for_like(tmp_path, capsys):
     assert by["batch_size=1, split=test"].loc["fastv", "retention"] == 0.5
     assert by["batch_size=1, split=val"].loc["fastv", "retention"] == 1.0
     assert "retention" not in by["batch_size=8, split=test"].columns
-    assert report.main(["--store", str(store.root), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    assert report_cli.main(["--store", str(store.root), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
     out = capsys.readouterr().out
     assert out.count("### ") == 3 and "has no `none` cell" in out
     names = sorted(p.name for p in (tmp_path / "out" / "tables").glob("*.md"))

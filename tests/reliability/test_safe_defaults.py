@@ -69,7 +69,8 @@ def test_pickle_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("value", ["__import__('os').system('touch PWNED')", "${eval:1+1}",
                                    "\"$(touch PWNED)\"", "${python:system}"])
 def test_config_values_are_never_evaluated(value, tmp_path, monkeypatch, capsys):
-    from harness.cli import bad_input_errors, run_one
+    from harness.cli.main import run_one
+    from harness.errors import bad_input_errors
 
     bad_input_errors()  # import what the command imports before leaving the project directory
     monkeypatch.chdir(tmp_path)

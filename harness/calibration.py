@@ -16,7 +16,6 @@ validation metric of `methods.redundancylens.kl_evaluator` (see the method's doc
 """
 from __future__ import annotations
 
-import sys
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,7 +39,7 @@ def calibration_batches(cfg: DictConfig, model, processor) -> tuple[list[dict], 
     """Left-padded model-input batches of the calibration samples, their data id and count."""
     from harness.benchmarks.prepare import prepare
     from harness.lmms_model import VTBenchLMM
-    from harness.runner import _quiet_libraries, load_tasks
+    from harness.tasks import _quiet_libraries, load_tasks
     from methods._shared.calibration import select_samples
 
     cal = cfg.calibration
@@ -151,37 +150,3 @@ def resolve_auto(cfg, method, model, processor, adapter):
     resolved.validate(adapter)
     info = {k: {"path": a["path"], "key": a["key"], "ranking": a["ranking"]} for k, a in arts.items()}
     return resolved, info
-
-
-def main(argv: list[str] | None = None) -> int:
-    from harness.console import run_script
-
-    return run_script("vtbench-calibrate", _main, argv,
-                      interrupt_note="finished artefacts are kept; rerun the same command to compute the rest")
-
-
-def _main(argv: list[str] | None = None) -> int:
-    from harness.config import ConfigError, compose_config, validate
-    from harness.models.loading import check_available, load_model
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = compose_config(argv)
-    method = validate(cfg)
-    if method.name not in ("shortv", "redundancylens"):
-        raise ConfigError(f"method={method.name}: method {method.name!r} needs no calibration (shortv, redundancylens do)")
-    check_available(cfg.model)
-    model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
-    if method.name == "shortv":
-        arts = shortv_artefacts(cfg, model, processor, adapter)
-    else:
-        arts = redundancylens_artefacts(cfg, model, processor, adapter, method)
-    for kind, art in arts.items():
-        print(f"{method.name} {kind}: ranking (least effective first) {art['ranking']}")
-        if method.name == "shortv":
-            print("  LC per layer: " + " ".join(f"{i}:{s:.3g}" for i, s in enumerate(art["scores"])))
-        print(f"  artefact: {art['path']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,55 +1,12 @@
-"""What every console script shares: exit codes, one-line errors, and SIGTERM handled like Ctrl-C.
-
-Exit codes (all `vtbench*` scripts):
-
-* 0 — done (for a sweep: every cell complete);
-* 1 — a run-time failure (a failed cell; for a sweep: at least one failed cell, named in the last line);
-* 2 — bad input (one line `<prog>: error: <key>=<value>: why`; nothing ran, nothing was written);
-* 130 — interrupted by Ctrl-C / SIGINT (one line; completed work is kept, the cell resumes);
-* 143 — terminated by SIGTERM (128 + 15; what SLURM sends on a time-out or pre-emption): handled
-  exactly like Ctrl-C.
-"""
+"""What the console scripts share: argparse with vtbench's one-line errors, `run_script` (signal handlers,
+bad input as one line and exit 2, interruptions as 130/143) and argparse value types. Exit codes and
+error classification live in `harness.errors`."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (so every `except
-    KeyboardInterrupt` clean-up path runs and partial answers stay on disk)."""
-
-
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    # later SIGTERMs while unwinding are ignored: the first one already stops the work
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
-
-
-def install_signal_handlers() -> None:
-    """Ctrl-C / SIGINT always interrupts cleanly (even when started from a non-interactive shell that runs
-    background jobs with SIGINT ignored) and SIGTERM does the same (exit 143 instead of 130)."""
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (e.g. called from a test runner's worker thread)
-        pass
-
-
-def interrupted(prog: str, e: BaseException, what: str = "completed work is kept and the cell resumes on the next run") -> int:
-    """Print the one line of an interruption and return its exit code (130 Ctrl-C, 143 SIGTERM)."""
-    if isinstance(e, Terminated):
-        print(f"{prog}: terminated (SIGTERM); {what}", file=sys.stderr, flush=True)
-        return EXIT_TERMINATED
-    print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
+from harness.errors import EXIT_BAD_INPUT, install_signal_handlers, interrupted
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,7 +23,7 @@ def run_script(prog: str, fn, argv=None, *, interrupt_note: str = "nothing is lo
     """Run a console script's `fn(argv) -> int` with vtbench's conventions: signal handlers installed,
     bad-input errors (including a ValueError from a malformed number) as one line and exit 2,
     interruptions as one line and 130/143."""
-    from harness.cli import bad_input_errors
+    from harness.errors import bad_input_errors
 
     install_signal_handlers()
     try:
@@ -74,7 +31,7 @@ def run_script(prog: str, fn, argv=None, *, interrupt_note: str = "nothing is lo
     except KeyboardInterrupt as e:
         return interrupted(prog, e, interrupt_note)
     except bad_input_errors() as e:
-        from harness.cli import error_line
+        from harness.errors import error_line
 
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -33,14 +33,10 @@ Compositions:           method=shortv_fastv | redundancylens_fastv (one layer-wi
                         {{name: fastv, params: {{K: 2, R: 0.5}}}}]'   (README, "Compositions")
 """
 
-#: exit codes (see harness.console)
-from harness.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED  # noqa: E402,F401
-
-
-def failure_reason(e: BaseException) -> str:
-    """One line naming a run-time failure (`OutOfMemoryError: CUDA out of memory ...`)."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+#: exit codes and errors (see harness.errors)
+from harness.errors import (  # noqa: E402,F401
+    EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, bad_input_errors, error_line, failure_reason,
+)
 
 
 def _usage() -> str:
@@ -54,38 +50,6 @@ def _usage() -> str:
         loggers=opts["logger"],
         experiments=opts["experiment"] or "-",
     )
-
-
-def bad_input_errors() -> tuple[type[BaseException], ...]:
-    from harness.benchmarks.prepare import BenchmarkDataError
-    from harness.config import ConfigError
-    from harness.models.adapter import NotApplicable
-    from harness.models.loading import ModelLoadError
-    from harness.results import StoreError
-    from methods import MethodError
-    from omegaconf.errors import OmegaConfBaseException  # e.g. an unknown ${resolver:...} in a value
-
-    return (ConfigError, MethodError, NotApplicable, ModelLoadError, BenchmarkDataError, StoreError,
-            OmegaConfBaseException)
-
-
-def error_line(e: BaseException) -> str:
-    """The one line shown for a bad-input error (OmegaConf's own messages span several lines)."""
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    key = getattr(e, "full_key", None)
-    if key and key not in line:
-        line += f" (in {key})"
-    return line
-
-
-def efficiency_fn():
-    """The efficiency probe, if the efficiency package is available."""
-    try:
-        from harness.efficiency.probe import measure_cell
-    except ImportError:
-        return None
-    return measure_cell
 
 
 def format_record(rec: dict) -> str:
@@ -204,7 +168,7 @@ def save_hydra_dir(overrides: list[str]) -> str | None:
 
 def run_one(overrides: list[str]) -> int:
     from harness.config import compose_config
-    from harness.runner import run_cell
+    from harness.runner import efficiency_fn, run_cell
 
     errors = bad_input_errors()
     cfg = None
@@ -215,7 +179,7 @@ def run_one(overrides: list[str]) -> int:
         print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
-        from harness.console import interrupted
+        from harness.errors import interrupted
 
         save_hydra_dir(overrides)
         return interrupted("vtbench", e)
@@ -243,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C / SIGINT always interrupts cleanly (exit 130, cell resumable), even when started from a
     # non-interactive shell that runs background jobs with SIGINT ignored; SIGTERM likewise (exit 143)
-    from harness.console import install_signal_handlers
+    from harness.errors import install_signal_handlers
 
     install_signal_handlers()
     if any(a in ("-h", "--help") for a in argv):

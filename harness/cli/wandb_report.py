@@ -1,0 +1,40 @@
+"""`vtbench-wandb-report`: one W&B report run with a sweep's comparison tables and figures (`harness.wandb_report`)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from harness import wandb_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.cli.common import run_script
+
+    return run_script("vtbench-wandb-report", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from harness.cli.common import ArgumentParser
+
+    ap = ArgumentParser(prog="vtbench-wandb-report", description=wandb_report.__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
+    ap.add_argument("--group", default=None, help="the sweep's W&B group (its cells' logger.group); default: all")
+    ap.add_argument("--figures", action="append", default=[], metavar="DIR", help="also log the PNGs of DIR")
+    ap.add_argument("--project", default="vtbench")
+    ap.add_argument("--entity", default=None)
+    ap.add_argument("--mode", default="offline", choices=("offline", "online", "disabled"))
+    ap.add_argument("--dir", default=os.environ.get("VTBENCH_WANDB_DIR", "runs"))
+    args = ap.parse_args(argv)
+    info = wandb_report.log_report(args.store, args.group, args.figures, project=args.project, entity=args.entity,
+                      mode=args.mode, wandb_dir=args.dir)
+    if info is None:
+        what = f" in group {args.group!r}" if args.group else ""
+        print(f"vtbench-wandb-report: no complete records{what} in {args.store}", file=sys.stderr)
+        return 1
+    print(f"[vtbench-wandb-report] {info['mode']} run {info['run_id']}: {len(info['tables'])} tables, "
+          f"{len(info['figures'])} figures ({info['dir']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
