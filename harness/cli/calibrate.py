@@ -23,6 +23,9 @@ def _main(argv: list[str] | None = None) -> int:
     from harness.models.loading import check_available, load_model
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):  # Hydra-style overrides; --help is the usage
+        print(__doc__)
+        return 0
     cfg = compose_config(argv)
     method = validate(cfg)
     if method.name not in ("shortv", "redundancylens"):

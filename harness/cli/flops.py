@@ -29,8 +29,9 @@ def _split_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         key, sep, value = a.partition("=")
         if sep and key in OWN_KEYS:
             own[key] = value
-        elif a in ("-h", "--help"):
-            raise SystemExit(__doc__)
+        elif a in ("-h", "--help"):  # the usage on stdout, exit 0 (as every vtbench script)
+            print(__doc__)
+            raise SystemExit(0)
         else:
             rest.append(a)
     return own, rest
