@@ -31,8 +31,12 @@ TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 -
 BENCH_ARGS ?= --threads 1 --clock cpu --repeats 11 --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
 # `make paper`: seeded shapes val samples behind the motivating figures of the tiny model
 PAPER_SAMPLES ?= 48
-# pytest selection, e.g. `make test PYTEST_ARGS="-m 'not slow'"`
+# extra pytest arguments, e.g. `make test PYTEST_ARGS="-k fastv --durations=20"`
 PYTEST_ARGS ?=
+# pytest-xdist workers (`make test PYTEST_WORKERS=0` runs in one process); worksteal rebalances the long
+# subprocess tests at the end. Every process uses one torch/OpenMP thread (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 .DEFAULT_GOAL := help
 
@@ -81,12 +85,20 @@ calibrate: $(STAMP) ## Calibration artefacts, e.g. `make calibrate ARGS="method=
 	$(VENV)/bin/vtbench-calibrate $(ARGS)
 
 .PHONY: test
-test: $(STAMP) ## Run the test suite (offline, CPU)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) ## Run the test suite without the `slow` tests (offline, CPU, 2 workers); CI also runs test-slow
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
+
+.PHONY: test-slow
+test-slow: $(STAMP) ## Run the `slow` tests (subprocess kill/resume, lmms-eval's CLI, fvcore counts on many shapes)
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m slow $(PYTEST_ARGS)
+
+.PHONY: test-all
+test-all: $(STAMP) ## Run the whole suite in one pytest session (= test + test-slow)
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 .PHONY: test-bad-input
 test-bad-input: $(STAMP) ## Run only the bad-input catalogue
-	$(PY) -m pytest -q -m bad_input
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m bad_input
 
 .PHONY: flops
 flops: $(STAMP) ## FLOPs breakdown of a config, e.g. `make flops ARGS="model=llava15_7b method=fastv"`

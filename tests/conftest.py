@@ -9,6 +9,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# one intra-op thread per process, for the console scripts the tests start too: `make test` runs two pytest
+# workers (pytest-xdist) on a 2-core machine, and OpenMP threads on busy cores spin instead of working
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # file digests and data verifications are cached here, not in the user's ~/.cache
 os.environ.setdefault("VTBENCH_CACHE", __import__("tempfile").mkdtemp(prefix="vtbench-cache-"))
 os.environ.setdefault("WANDB_DATA_DIR", __import__("tempfile").mkdtemp(prefix="vtbench-wandb-data-"))  # W&B staging
@@ -23,6 +27,14 @@ import torch  # noqa: E402
 
 # Tiny models run fastest on one thread (and the suite must not oversubscribe a 2-core CI machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Entry points called in-process may set their own thread count (`--threads`): each test starts with one."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,19 @@ def _lmms(args, tmp_path, env):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="session")
+def lmms_include(data_dir):
+    """`vtbench-prepare` (the documented way to get lmms-eval's --include_path), run once per session."""
+    env = dict(os.environ, VTBENCH_DATA=data_dir, WANDB_MODE="offline")
+    return subprocess.run([os.path.join(BIN, "vtbench-prepare")], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @pytest.fixture
-def lmms_env(data_dir, tmp_path):
+def lmms_env(lmms_include, data_dir, tmp_path):
     env = dict(os.environ, VTBENCH_DATA=data_dir, WANDB_MODE="offline", WANDB_DIR=str(tmp_path),
                VTBENCH_STORE=str(tmp_path / "store"))
-    include = subprocess.run([os.path.join(BIN, "vtbench-prepare")], env=env, capture_output=True, text=True,
-                             check=True).stdout.strip()
-    return env, include
+    return env, lmms_include
 
 
 @pytest.mark.slow

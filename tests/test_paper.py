@@ -209,6 +209,7 @@ def test_recipe_composes_and_every_cell_validates(name):
             assert len(shortv.params.layers) == 19 and (fastv.params.K, fastv.params.R) == (2, 0.6)
 
 
+@pytest.mark.slow
 def test_shortv_table5_composition_flops():
     """ShortV Table 5's 29 %: the composition with FastV K=2, R=60% (R=50% gives 34 %)."""
     config = paper.full_config("llava15_7b")

@@ -158,7 +158,7 @@ def test_vision_merges_without_content_bookkeeping_are_not_measured():
 
 
 def S_model():
-    from tests.methods.prompt_shapes import fresh_model, processor
+    from tests.methods.helpers import fresh_model, processor
 
     return fresh_model("llava"), processor("llava")
 

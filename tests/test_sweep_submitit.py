@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_submitit_local_two_parallel_cells(tiny_checkpoint, data_dir, tmp_path):
     store = tmp_path / "store"
     env = dict(os.environ, VTBENCH_OUTPUTS=str(tmp_path / "multirun"), OMP_NUM_THREADS="1",

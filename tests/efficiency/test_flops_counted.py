@@ -191,6 +191,7 @@ def test_formula_mode_total_equals_flop_counter_mode(family, lm):
     assert ours.total == fcm.get_total_flops() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_counts_depend_on_the_token_layout_only(family):
     """The efficiency probe counts each token layout once (`measure_inputs`): for every method, two prompts

@@ -7,28 +7,26 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import methods
 from harness.models.adapter import get_adapter
-from harness.models.tiny import build_tiny
 from methods._shared.calibration import (
     config_hash, greedy_layer_ranking, layer_contribution, layer_contribution_artefact, load_or_compute,
     rank_layers, ranking_objective, select_samples,
 )
 from methods.base import MethodError
-
-QUESTIONS = ["What is shown?", "How many circles are there in the image?", "Which letter?"]
+from tests.methods import helpers as H
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_tiny("llava", "llama", num_layers=4)
+    return H.tiny("llava", "llama", num_layers=4)
 
 
 def batch(proc, idx):
-    imgs = [Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")) for i in idx]
-    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}],
+    """Left-padded processor inputs of samples `idx` (the first three questions of the helpers)."""
+    imgs = [H.image(i, (64, 64)) for i in idx]
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": H.QUESTIONS[i]}]}],
                                       add_generation_prompt=True) for i in idx]
     return dict(proc(images=imgs, text=texts, return_tensors="pt", padding=True))
 

@@ -17,7 +17,7 @@ from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context, install_context
 from methods._shared.reduced_layer import patch_simulation
 from methods.base import MethodError
-from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
+from tests.methods.helpers import check_decode_consistency, forward, make_inputs, tiny
 
 SHORTV = {"name": "shortv", "params": {"layers": [3, 0]}}
 RLENS = {"name": "redundancylens", "params": {"hollow_layers": [0, 2], "ffn_layers": [2, 3], "window": 12,

@@ -20,6 +20,7 @@ from harness.models import get_adapter
 from harness.models.tiny import build_tiny
 from methods._shared import llm_reduce as LR
 from tests.efficiency.helpers import image
+from tests.methods.helpers import greedy_uncached
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
 FAMILIES = QWEN + ["llava_onevision"]
@@ -91,26 +92,6 @@ def test_documented_noop_gives_identical_logits(name, family):
         assert torch.equal(model(**inp).logits[:, -1], ref)
 
 
-def _greedy_uncached(model, inp, steps):
-    ids, am, mm = inp["input_ids"], inp["attention_mask"], inp.get("mm_token_type_ids")
-    extra = {k: v for k, v in inp.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
-    reducer = LR.get_reducer(model)
-    if reducer is not None:
-        LR.pin_prompt_length(model, ids.shape[1])
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            kw = dict(extra, **({"mm_token_type_ids": mm} if mm is not None else {}))
-            logits = model(input_ids=ids, attention_mask=am, use_cache=False, **kw).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(nxt)
-            ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
-            mm = None if mm is None else torch.cat([mm, torch.zeros_like(nxt)], 1)
-    if reducer is not None:
-        LR.pin_prompt_length(model, None)
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("name", list(ACTING))
 @fam
 def test_cached_greedy_equals_uncached(name, family):
@@ -118,7 +99,7 @@ def test_cached_greedy_equals_uncached(name, family):
     inp = batch(proc, ["What is shown?"])
     with torch.no_grad():
         cached = model.generate(**inp, max_new_tokens=5, do_sample=False)[:, inp["input_ids"].shape[1]:]
-    assert torch.equal(cached, _greedy_uncached(model, inp, 5))
+    assert torch.equal(cached, greedy_uncached(model, inp, 5))
 
 
 @pytest.mark.parametrize("name", list(ACTING))
@@ -141,8 +122,13 @@ def test_padded_batch_equals_single_prompts(name, family):
         torch.testing.assert_close(first_logits[b], logits[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(ACTING))
-@fam
+#: the one counting case that takes ~25 s (OneVision's grid crops through RedundancyLens' reduced layers)
+_SLOW_COUNT = {("llava_onevision", "redundancylens")}
+
+
+@pytest.mark.parametrize("name, family", [
+    pytest.param(n, f, marks=[pytest.mark.slow] if (f, n) in _SLOW_COUNT else [], id=f"{f}-{n}")
+    for n in ACTING for f in FAMILIES])
 def test_counted_flops_equal_analytic(name, family):
     model, proc, m = applied(name, family)
     inp = batch(proc, ["What is shown?"])
@@ -267,7 +253,7 @@ def test_redundancylens_ranking_runs_on_mrope(family):
 def test_loglikelihood_equals_generation(name, family):
     """The wrapper's one-forward log-likelihood (Qwen: `mm_token_type_ids` extended over the continuation)
     equals generating the continuation after the context."""
-    from tests.methods.prompt_shapes import assert_loglikelihood_equals_generation
+    from tests.methods.helpers import assert_loglikelihood_equals_generation
 
     model, proc, _ = applied(name, family)
     assert_loglikelihood_equals_generation(model, proc, [image(i, s) for i, s in enumerate(SIZES)])
@@ -277,7 +263,7 @@ def test_loglikelihood_equals_generation(name, family):
 def test_wrapper_batches_by_visual_count(family):
     """Images of different sizes give different visual-token counts: the wrapper never batches them together,
     so a reducing method's batch answers equal batch 1's."""
-    from tests.methods.prompt_shapes import Req as _Req, wrapper as _lmm
+    from tests.methods.helpers import Req as _Req, wrapper as _lmm
 
     sizes = [[(84, 56)], [(64, 64)], [(84, 56)], [(64, 64)]]
     task = {"t": {"test": [{"images": [image(i, s) for s in ss]} for i, ss in enumerate(sizes)]}}

@@ -17,7 +17,7 @@ from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context
 from methods.base import MethodError
 from methods.fastv import fastv_paper_flops
-from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
+from tests.methods.helpers import check_decode_consistency, forward, make_inputs, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

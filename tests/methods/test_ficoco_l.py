@@ -20,7 +20,7 @@ from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context
 from methods.base import MethodError
 from methods.ficoco_l import final_count, merge_schedule, ratio_final_tokens
-from test_llm_reduce import check_decode_consistency, forward, make_inputs, tiny
+from tests.methods.helpers import check_decode_consistency, forward, make_inputs, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,6 @@
 """FiCoCo-V in the CLIP tower (methods/ficoco_v.py)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,13 @@ from harness.models.tiny import build_tiny
 from methods._shared.vision_reduce import VisionState, last_vision_state
 from methods.base import MethodError
 from methods.ficoco_v import FiCoCoV, FiCoCoVReducer, ficoco_paper_tflops
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_vision_reduce import (  # noqa: E402
+from tests.methods.helpers import (
     check_batch_equals_single,
-    check_decode_consistency,
+    check_recomputed as check_decode_consistency,
     check_flops,
     check_meta_flops,
     llm_visual_tokens,
-    make_inputs,
+    vision_inputs as make_inputs,
 )
 
 # tiny CLIP: 4 layers, 8x8 patches; feature layer -2 -> layers start_layer..2 reduce

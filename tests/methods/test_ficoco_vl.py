@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,11 @@ from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context
 from methods.base import MethodError
 from methods.ficoco_l import merge_schedule
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_vision_reduce import (  # noqa: E402
+from tests.methods.helpers import (
     check_batch_equals_single,
-    check_decode_consistency,
+    check_recomputed as check_decode_consistency,
     check_flops,
-    make_inputs,
+    vision_inputs as make_inputs,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,105 +1,19 @@
 """Shared in-LLM token-reduction machinery (`methods._shared.llm_reduce`): slicing with every token kept
 reproduces the model (SDPA and eager, left padding, generation); dropping in place equals the
 "mask variant" (dropped tokens masked as keys, positions unchanged) computed independently; per-layer
-cache lengths and the visual-token log; errors. The helpers at the top are reused by the FastV,
-`random` and FiCoCo-L tests."""
+cache lengths and the visual-token log; errors. (Helpers: tests/methods/helpers.py.)"""
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness.models.adapter import get_adapter
-from harness.models.tiny import build_tiny
 from methods._shared import llm_reduce as LR
 from methods._shared.context import get_context
 from methods.base import MethodError
-
-QUESTIONS = [
-    "What is shown?",
-    "How many circles are there in the image?",
-    "Which letter?",
-    "Is there a red square left of the blue star?",
-]
-_CACHE: dict = {}
-
-
-# ---- helpers (imported by the method tests) ---------------------------------------------------------
-def tiny(family="llava", lm="llama", gqa=False, attn="sdpa", num_layers=4):
-    key = (family, lm, gqa, attn, num_layers)
-    if key not in _CACHE:
-        _CACHE[key] = build_tiny(family, lm, gqa=gqa, attn_implementation=attn, num_layers=num_layers)
-    model, proc = _CACHE[key]
-    return copy.deepcopy(model), proc
-
-
-def make_inputs(proc, idx=(0,), size=(64, 64)):
-    """Processor inputs for samples `idx` (batch > 1: left padded). size=(w, h) of every image."""
-    imgs, texts = [], []
-    for i in idx:
-        w, h = size[i] if isinstance(size, dict) else size
-        rs = np.random.RandomState(i)
-        imgs.append(Image.fromarray((rs.rand(h, w, 3) * 255).astype("uint8")))
-        texts.append(proc.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}],
-            add_generation_prompt=True))
-    if len(idx) == 1:
-        return proc(images=imgs[0], text=texts[0], return_tensors="pt")
-    return proc(images=imgs, text=texts, return_tensors="pt", padding=True)
-
-
-def forward(model, inputs, **kw):
-    with torch.no_grad():
-        return model(**inputs, **kw)
-
-
-def generate(model, inputs, steps):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
-
-
-def check_uncached(model, inputs, seqs, logits, pin=True):
-    """Each greedy step recomputed without cache (full forward over prompt + generated prefix, the
-    scoring token pinned to the prompt's last token) agrees with the cached generation."""
-    P = inputs["input_ids"].shape[1]
-    if pin and LR.get_reducer(model) is not None:
-        LR.pin_prompt_length(model, P)
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    try:
-        for j in range(logits.shape[1]):
-            ids = seqs[:, : P + j]
-            mask = torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], j, dtype=torch.long)], 1)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = forward(model, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **extra},
-                          use_cache=False).logits[:, -1]
-            torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
-            assert torch.equal(out.argmax(-1), seqs[:, P + j])
-    finally:
-        if LR.get_reducer(model) is not None:
-            LR.pin_prompt_length(model, None)
-
-
-def check_decode_consistency(model, proc, steps=3, size=(64, 64)):
-    """Cached == uncached greedy decoding at batch 4 (left padded) and batch 1, and the batch result per
-    sample equals the batch-1 result."""
-    idx = (0, 1, 2, 3)
-    inp4 = make_inputs(proc, idx, size=size)
-    assert int((inp4["attention_mask"] == 0).sum()) > 0  # really padded
-    seqs4, logits4, _ = generate(model, inp4, steps)
-    check_uncached(model, inp4, seqs4, logits4)
-    for b in idx:
-        one = make_inputs(proc, (b,), size=size)
-        s1, l1, _ = generate(model, one, steps)
-        if b == 0:
-            check_uncached(model, one, s1, l1)
-        torch.testing.assert_close(l1[0], logits4[b], atol=1e-4, rtol=1e-4)
-        assert torch.equal(s1[0, -steps:], seqs4[b, -steps:])
-    return seqs4, logits4
+from tests.methods.helpers import check_decode_consistency, check_uncached, forward, generate, make_inputs, tiny
 
 
 # ---- test plans -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import methods
 from harness.models import get_adapter
 from harness.models.tiny import build_tiny
 from tests.efficiency.helpers import inputs_for
-from tests.methods import prompt_shapes as S
+from tests.methods import helpers as S
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 

@@ -18,7 +18,7 @@ import torch
 from harness.budget import prompt_count
 from harness.efficiency import flops as F
 from methods._shared.context import get_context
-from tests.methods import prompt_shapes as S
+from tests.methods import helpers as S
 
 # (family, lm, images per prompt): 1-3 images on LLaVA-1.5; NeXT images of different sizes, 1 or 2 per prompt
 SHAPES = [
@@ -139,7 +139,6 @@ def test_cached_equals_uncached_on_multi_image_batches(name, family, sizes):
     every step without a cache (the generated tokens marked as continuation, so methods select from the
     last prompt token), and each sample equals its batch-1 run."""
     from methods._shared import llm_reduce as LR
-    from tests.methods.test_llm_reduce import generate
 
     model, _ = S.applied(name, family, budget=0.3)
     proc = S.processor(family)
@@ -147,7 +146,7 @@ def test_cached_equals_uncached_on_multi_image_batches(name, family, sizes):
     batch = S.inputs(proc, [sizes, sizes], texts)
     assert int((batch["attention_mask"] == 0).sum()) > 0
     steps = 3
-    seqs, logits, _ = generate(model, batch, steps)
+    seqs, logits, _ = S.generate(model, batch, steps)
     P = batch["input_ids"].shape[1]
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     for j in range(steps):
@@ -158,6 +157,6 @@ def test_cached_equals_uncached_on_multi_image_batches(name, family, sizes):
         torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
     for b in range(2):
         one = S.inputs(proc, [sizes], [texts[b]], first=b)
-        s1, l1, _ = generate(model, one, steps)
+        s1, l1, _ = S.generate(model, one, steps)
         torch.testing.assert_close(l1[0], logits[b], atol=1e-4, rtol=1e-4)
         assert torch.equal(s1[0, -steps:], seqs[b, -steps:])

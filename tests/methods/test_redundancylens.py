@@ -7,86 +7,20 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import methods
 from harness.models.adapter import get_adapter
-from harness.models.tiny import build_tiny
 from methods.base import MethodError
 from methods._shared.context import install_context
 from methods.redundancylens import hollow_visual_pairs, kl_evaluator
+from tests.methods.helpers import check_uncached, forward, generate, llm_layout, make_inputs, sizes_of, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-QUESTIONS = ["What is shown?", "How many circles are there in the image?", "Which letter?", "Is there a red square left of the blue star?"]
-SIZES = [(64, 64), (128, 64), (64, 128), (96, 80)]
 PARAMS = {"hollow_layers": [0, 2], "ffn_layers": [2, 3], "window": 12, "hollow_block": 8, "ffn_keep": 0.25}
 
 
-@pytest.fixture(scope="module")
-def tiny_cache():
-    return {}
-
-
-def tiny(cache, family="llava", lm="llama", gqa=False):
-    key = (family, lm, gqa)
-    if key not in cache:
-        cache[key] = build_tiny(family, lm, gqa=gqa, num_layers=4)
-    model, proc = cache[key]
-    return copy.deepcopy(model), proc
-
-
-def make_inputs(proc, idx=(0,), family="llava"):
-    imgs, texts = [], []
-    for i in idx:
-        w, h = SIZES[i] if family == "llava_next" else (64, 64)
-        imgs.append(Image.fromarray((np.random.RandomState(i).rand(h, w, 3) * 255).astype("uint8")))
-        texts.append(proc.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}],
-            add_generation_prompt=True))
-    if len(idx) == 1:
-        return proc(images=imgs[0], text=texts[0], return_tensors="pt")
-    return proc(images=imgs, text=texts, return_tensors="pt", padding=True)
-
-
-def generate(model, inputs, steps):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    return out.sequences, torch.stack(out.logits, 1)
-
-
-def llm_layout(model, inputs):
-    """TokenLayout of a batch-1 prompt with one contiguous visual span (LLM side only)."""
-    from harness.efficiency.analytic import TokenLayout
-
-    vis = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
-    T = inputs["input_ids"].shape[1]
-    assert len(vis) and int(vis[-1] - vis[0]) + 1 == len(vis)
-    return TokenLayout(before=int(vis[0]), visual=len(vis), after=T - int(vis[-1]) - 1)
-
-
-def forward(model, inputs, **kw):
-    with torch.no_grad():
-        return model(**inputs, **kw)
-
-
-def check_uncached(model, inputs, seqs, logits):
-    P = inputs["input_ids"].shape[1]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for j in range(logits.shape[1]):
-        ids = seqs[:, : P + j]
-        mask = torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], j, dtype=torch.long)], 1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = forward(model, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **extra},
-                      use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
-        assert torch.equal(out.argmax(-1), seqs[:, P + j])
-
-
-# ---- the simulation reference: stock layers, dense compute, masks / zeroed channels ---------------------
 def simulation_model(model, method):
     """Hollow layers run the stock forward with a 4-D hollow mask; FFN layers run the full MLP and zero the
     non-selected channels of visual rows (channels chosen from the full intermediate of the probes)."""
@@ -140,9 +74,9 @@ def simulation_model(model, method):
 
 # ---- equivalence -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_noop_identical(tiny_cache, family):
-    model, proc = tiny(tiny_cache, family)
-    inputs = make_inputs(proc, (0, 1), family)
+def test_noop_identical(family):
+    model, proc = tiny(family)
+    inputs = make_inputs(proc, (0, 1), sizes_of(family))
     ref = forward(model, inputs).logits
     for params in ({}, {"hollow_layers": [0, 1, 2, 3], "ffn_layers": [1, 3], "window": 100000, "ffn_keep": 1.0}):
         m = copy.deepcopy(model)
@@ -152,42 +86,42 @@ def test_noop_identical(tiny_cache, family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,lm,gqa", [("llava", "llama", False), ("llava_next", "qwen2", True)])
-def test_fast_equals_simulation(tiny_cache, family, lm, gqa):
-    model, proc = tiny(tiny_cache, family, lm, gqa)
+def test_fast_equals_simulation(family, lm, gqa):
+    model, proc = tiny(family, lm, gqa)
     method = methods.build("redundancylens", PARAMS)
     sim = simulation_model(copy.deepcopy(model), method)
     method.apply(model, get_adapter(model))
-    dense = forward(copy.deepcopy(tiny(tiny_cache, family, lm, gqa)[0]), make_inputs(proc, (1,), family)).logits
+    dense = forward(copy.deepcopy(tiny(family, lm, gqa)[0]), make_inputs(proc, (1,), sizes_of(family))).logits
     for idx in ((1,), (0, 1, 2, 3)):
-        inputs = make_inputs(proc, idx, family)
+        inputs = make_inputs(proc, idx, sizes_of(family))
         a = forward(model, inputs, use_cache=True)
         b = forward(sim, inputs, use_cache=True)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
         real = inputs["attention_mask"].bool()
         for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
             torch.testing.assert_close(la.keys.transpose(1, 2)[real], lb.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
-        sa, la_ = generate(model, inputs, 8)
-        sb, lb_ = generate(sim, inputs, 8)
+        sa, la_, _ = generate(model, inputs, 8)
+        sb, lb_, _ = generate(sim, inputs, 8)
         assert torch.equal(sa, sb)
         torch.testing.assert_close(la_, lb_, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(forward(model, make_inputs(proc, (1,), family)).logits, dense)  # it does reduce
+    assert not torch.allclose(forward(model, make_inputs(proc, (1,), sizes_of(family))).logits, dense)  # it does reduce
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,lm,gqa", [("llava", "llama", False), ("llava", "mistral", True),
                                            ("llava", "qwen2", True), ("llava_next", "llama", False),
                                            ("llava_next", "mistral", True)])
-def test_cached_equals_uncached_and_batch(tiny_cache, family, lm, gqa):
-    model, proc = tiny(tiny_cache, family, lm, gqa)
+def test_cached_equals_uncached_and_batch(family, lm, gqa):
+    model, proc = tiny(family, lm, gqa)
     methods.build("redundancylens", PARAMS).apply(model, get_adapter(model))
     steps = 5
-    batch = make_inputs(proc, (0, 1, 2, 3), family)
-    seqs, logits = generate(model, batch, steps)
+    batch = make_inputs(proc, (0, 1, 2, 3), sizes_of(family))
+    seqs, logits, _ = generate(model, batch, steps)
     check_uncached(model, batch, seqs, logits)
     P = batch["input_ids"].shape[1]
     for b in range(4):
-        single = make_inputs(proc, (b,), family)
-        s1, l1 = generate(model, single, steps)
+        single = make_inputs(proc, (b,), sizes_of(family))
+        s1, l1, _ = generate(model, single, steps)
         if b == 1:
             check_uncached(model, single, s1, l1)
         assert torch.equal(s1[0, -steps:], seqs[b, P:])
@@ -200,12 +134,12 @@ def test_cached_equals_uncached_and_batch(tiny_cache, family, lm, gqa):
     ("flop_counter_mode", "llava_next", "qwen2", True),
     pytest.param("fvcore", "llava_next", "qwen2", True, marks=pytest.mark.slow),
 ])
-def test_counted_flops_equal_analytic(tiny_cache, counter, family, lm, gqa):
+def test_counted_flops_equal_analytic(counter, family, lm, gqa):
     from harness.efficiency.analytic import ModelShapes
     from harness.efficiency.flops import count_prefill
 
-    model, proc = tiny(tiny_cache, family, lm, gqa)
-    inputs = make_inputs(proc, (1,), family)
+    model, proc = tiny(family, lm, gqa)
+    inputs = make_inputs(proc, (1,), sizes_of(family))
     method = methods.build("redundancylens", PARAMS)
     method.apply(model, get_adapter(model))
     counted = count_prefill(model, dict(inputs), counter=counter)
@@ -248,26 +182,26 @@ def test_hollow_pairs():
         assert hollow_visual_pairs(v, p, W, 8) >= exact
 
 
-def test_probes_reproducible_and_batch_invariant(tiny_cache):
+def test_probes_reproducible_and_batch_invariant():
     m = methods.build("redundancylens", {**PARAMS, "probe_ratio": 0.3})
     assert torch.equal(m.probe_ranks(50, 2), m.probe_ranks(50, 2))
     assert len(m.probe_ranks(50, 2)) == 15 and not torch.equal(m.probe_ranks(50, 2), m.probe_ranks(50, 3))
     assert methods.build("redundancylens", {"probe_sampling": "strided", "probe_ratio": 0.1}).probe_ranks(50, 0).tolist() == [5, 15, 25, 35, 45]
-    model, proc = tiny(tiny_cache, "llava_next")
+    model, proc = tiny("llava_next")
     m.apply(model, get_adapter(model))
     ctx = install_context(model, get_adapter(model))
-    forward(model, make_inputs(proc, (0, 1, 2), "llava_next"))
+    forward(model, make_inputs(proc, (0, 1, 2), sizes_of("llava_next")))
     batch_ch = ctx.scratch["redundancylens_channels_3"]
-    forward(model, make_inputs(proc, (2,), "llava_next"))
+    forward(model, make_inputs(proc, (2,), sizes_of("llava_next")))
     assert torch.equal(ctx.scratch["redundancylens_channels_3"][0], batch_ch[2])
     assert batch_ch.shape[1] == m.ffn_channels(model.config.text_config.intermediate_size) == 32
 
 
 @pytest.mark.slow
-def test_greedy_ranking_with_kl_evaluator(tiny_cache, tmp_path):
+def test_greedy_ranking_with_kl_evaluator(tmp_path):
     from methods._shared.calibration import greedy_layer_ranking
 
-    model, proc = tiny(tiny_cache)
+    model, proc = tiny()
     ad = get_adapter(model)
     batches = [dict(make_inputs(proc, (0, 1))), dict(make_inputs(proc, (2,)))]
     ref = forward(model, batches[1]).logits
@@ -307,8 +241,8 @@ def test_bad_params(params, msg):
     assert "\n" not in str(e.value)
 
 
-def test_validate_against_model(tiny_cache, tmp_path):
-    model, _ = tiny(tiny_cache)
+def test_validate_against_model(tmp_path):
+    model, _ = tiny()
     ad = get_adapter(model)
     with pytest.raises(MethodError, match="out of range"):
         methods.build("redundancylens", {"ffn_layers": [4]}).validate(ad)

@@ -7,84 +7,17 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import methods
 from harness.models.adapter import get_adapter
-from harness.models.tiny import build_tiny
 from methods.base import MethodError
 from methods._shared.context import install_context
 from methods._shared.reduced_layer import patch_simulation
+from tests.methods.helpers import check_uncached, forward, generate, llm_layout, make_inputs, sizes_of, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-QUESTIONS = ["What is shown?", "How many circles are there in the image?", "Which letter?", "Is there a red square left of the blue star?"]
-SIZES = [(64, 64), (128, 64), (64, 128), (96, 80)]
-
-
-@pytest.fixture(scope="module")
-def tiny_cache():
-    return {}
-
-
-def tiny(cache, family="llava", lm="llama", gqa=False, num_layers=4):
-    key = (family, lm, gqa, num_layers)
-    if key not in cache:
-        cache[key] = build_tiny(family, lm, gqa=gqa, num_layers=num_layers)
-    model, proc = cache[key]
-    return copy.deepcopy(model), proc
-
-
-def make_inputs(proc, idx=(0,), family="llava"):
-    imgs, texts = [], []
-    for i in idx:
-        w, h = SIZES[i] if family == "llava_next" else (64, 64)
-        rs = np.random.RandomState(i)
-        imgs.append(Image.fromarray((rs.rand(h, w, 3) * 255).astype("uint8")))
-        texts.append(proc.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}],
-            add_generation_prompt=True))
-    if len(idx) == 1:
-        return proc(images=imgs[0], text=texts[0], return_tensors="pt")
-    return proc(images=imgs, text=texts, return_tensors="pt", padding=True)
-
-
-def generate(model, inputs, steps):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
-
-
-def llm_layout(model, inputs):
-    """TokenLayout of a batch-1 prompt with one contiguous visual span (LLM side only)."""
-    from harness.efficiency.analytic import TokenLayout
-
-    vis = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
-    T = inputs["input_ids"].shape[1]
-    assert len(vis) and int(vis[-1] - vis[0]) + 1 == len(vis)
-    return TokenLayout(before=int(vis[0]), visual=len(vis), after=T - int(vis[-1]) - 1)
-
-
-def forward(model, inputs, **kw):
-    with torch.no_grad():
-        return model(**inputs, **kw)
-
-
-def check_uncached(model, inputs, seqs, logits):
-    """Each greedy step recomputed without cache (full forward on prompt + generated prefix)."""
-    P = inputs["input_ids"].shape[1]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for j in range(logits.shape[1]):
-        ids = seqs[:, : P + j]
-        mask = torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], j, dtype=torch.long)], 1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = forward(model, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **extra},
-                      use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out, logits[:, j], atol=1e-4, rtol=1e-4)
-        assert torch.equal(out.argmax(-1), seqs[:, P + j])
 
 
 def simulation_model(model, layers):
@@ -97,9 +30,9 @@ def simulation_model(model, layers):
 
 # ---- equivalence -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_noop_identical(tiny_cache, family):
-    model, proc = tiny(tiny_cache, family)
-    inputs = make_inputs(proc, (0, 1), family)
+def test_noop_identical(family):
+    model, proc = tiny(family)
+    inputs = make_inputs(proc, (0, 1), sizes_of(family))
     ref = forward(model, inputs).logits
     for params in ({"layers": []}, {"layers": [0, 2], "N": 0}):
         m = copy.deepcopy(model)
@@ -110,13 +43,13 @@ def test_noop_identical(tiny_cache, family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,lm,gqa", [("llava", "llama", False), ("llava", "qwen2", True),
                                            ("llava_next", "mistral", True)])
-def test_fast_equals_simulation(tiny_cache, family, lm, gqa):
+def test_fast_equals_simulation(family, lm, gqa):
     layers = [3, 0, 1]
-    model, proc = tiny(tiny_cache, family, lm, gqa)
+    model, proc = tiny(family, lm, gqa)
     sim = simulation_model(copy.deepcopy(model), layers)
     methods.build("shortv", {"layers": layers}).apply(model, get_adapter(model))
     for idx in ((0,), (0, 1, 2, 3)):
-        inputs = make_inputs(proc, idx, family)
+        inputs = make_inputs(proc, idx, sizes_of(family))
         a = forward(model, inputs, use_cache=True)
         b = forward(sim, inputs, use_cache=True)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
@@ -136,16 +69,16 @@ def test_fast_equals_simulation(tiny_cache, family, lm, gqa):
 @pytest.mark.parametrize("family,lm,gqa", [("llava", "llama", False), ("llava", "mistral", True),
                                            ("llava", "qwen2", True), ("llava_next", "llama", False),
                                            ("llava_next", "qwen2", True)])
-def test_cached_equals_uncached_and_batch(tiny_cache, family, lm, gqa):
-    model, proc = tiny(tiny_cache, family, lm, gqa)
+def test_cached_equals_uncached_and_batch(family, lm, gqa):
+    model, proc = tiny(family, lm, gqa)
     methods.build("shortv", {"layers": [3, 1, 0]}).apply(model, get_adapter(model))
     steps = 6
-    batch = make_inputs(proc, (0, 1, 2, 3), family)
+    batch = make_inputs(proc, (0, 1, 2, 3), sizes_of(family))
     seqs, logits, _ = generate(model, batch, steps)
     check_uncached(model, batch, seqs, logits)
     P = batch["input_ids"].shape[1]
     for b in range(4):
-        single = make_inputs(proc, (b,), family)
+        single = make_inputs(proc, (b,), sizes_of(family))
         s1, l1, _ = generate(model, single, steps)
         if b == 0:
             check_uncached(model, single, s1, l1)
@@ -153,8 +86,8 @@ def test_cached_equals_uncached_and_batch(tiny_cache, family, lm, gqa):
         torch.testing.assert_close(l1[0], logits[b], atol=1e-4, rtol=1e-4)
 
 
-def test_text_only_prompt_unchanged(tiny_cache):
-    model, proc = tiny(tiny_cache)
+def test_text_only_prompt_unchanged():
+    model, proc = tiny()
     inputs = proc(text=["USER: What is shown? ASSISTANT:", "USER: Which letter is written in the square? ASSISTANT:"],
                   return_tensors="pt", padding=True)
     ref = forward(model, inputs).logits
@@ -162,9 +95,9 @@ def test_text_only_prompt_unchanged(tiny_cache):
     assert torch.equal(forward(model, inputs).logits, ref)
 
 
-def test_decode_runs_original_layers(tiny_cache):
+def test_decode_runs_original_layers():
     """Decode steps call the stock forward: a one-token step gives the dense model's logits."""
-    model, proc = tiny(tiny_cache)
+    model, proc = tiny()
     dense = copy.deepcopy(model)
     methods.build("shortv", {"layers": [1, 2]}).apply(model, get_adapter(model))
     inputs = make_inputs(proc)
@@ -179,12 +112,12 @@ def test_decode_runs_original_layers(tiny_cache):
 # ---- FLOPs -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("counter", ["flop_counter_mode", "fvcore"])
 @pytest.mark.parametrize("family,lm,gqa", [("llava", "llama", False), ("llava_next", "qwen2", True)])
-def test_counted_flops_equal_analytic(tiny_cache, counter, family, lm, gqa):
+def test_counted_flops_equal_analytic(counter, family, lm, gqa):
     from harness.efficiency.analytic import ModelShapes
     from harness.efficiency.flops import count_prefill
 
-    model, proc = tiny(tiny_cache, family, lm, gqa)
-    inputs = make_inputs(proc, (1,), family)
+    model, proc = tiny(family, lm, gqa)
+    inputs = make_inputs(proc, (1,), sizes_of(family))
     method = methods.build("shortv", {"layers": [3, 0, 2]})
     method.apply(model, get_adapter(model))
     counted = count_prefill(model, dict(inputs), counter=counter)
@@ -250,8 +183,8 @@ def test_bad_params(params, msg):
     assert "\n" not in str(e.value)
 
 
-def test_validate_against_model(tiny_cache, tmp_path):
-    model, _ = tiny(tiny_cache)
+def test_validate_against_model(tmp_path):
+    model, _ = tiny()
     ad = get_adapter(model)
     with pytest.raises(MethodError, match="out of range"):
         methods.build("shortv", {"layers": [0, 4]}).validate(ad)

@@ -1,17 +1,12 @@
-"""Shared vision-encoder reduction machinery (methods/_shared/vision_reduce.py).
-
-Also holds the checks the ToMe / FiCoCo-V test files reuse (`make_inputs`, `check_decode_consistency`,
-`check_batch_equals_single`, `check_flops`)."""
+"""Shared vision-encoder reduction machinery (methods/_shared/vision_reduce.py). The vision-side checks
+the ToMe / FiCoCo-V / FiCoCo-VL tests reuse live in tests/methods/helpers.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness.models.adapter import get_adapter
 from harness.models.tiny import build_tiny
-from methods._shared.context import get_context
 from methods._shared.vision_reduce import (
     VisionReducer,
     install_placeholder_shrink,
@@ -20,96 +15,8 @@ from methods._shared.vision_reduce import (
     shrink_placeholders,
     split_evenly,
 )
-
-QUESTIONS = ["What colour?", "How many circles are there in the top left?", "Which letter?", "Is it red?"]
-IMAGE_SIZES = [(64, 64), (64, 128), (128, 64), (64, 64)]
-
-
-# ---- helpers reused by test_tome.py / test_ficoco_v.py ------------------------------------------------
-def image(i: int, size=(64, 64)) -> Image.Image:
-    rng = np.random.RandomState(i)
-    return Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8"))
-
-
-def make_inputs(processor, idx: list[int], family: str = "llava"):
-    """Processor inputs for samples `idx` (different questions -> different lengths -> left padding)."""
-    prompts, images = [], []
-    for i in idx:
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}]
-        prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
-        images.append(image(i, IMAGE_SIZES[i] if family == "llava_next" else (64, 64)))
-    if len(idx) == 1:
-        return processor(images=images[0], text=prompts[0], return_tensors="pt")
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def _image_kwargs(inputs):
-    return {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
-
-
-def generate(model, inputs, n_new):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=n_new, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-    T = inputs["input_ids"].shape[1]
-    return out.sequences[:, T:], torch.stack(out.logits, dim=1)  # [B, n], [B, n, V]
-
-
-def check_decode_consistency(model, inputs, n_new=4, eos=2, recompute_ctx=None):
-    """Greedy generation with KV cache == step-by-step recomputation without cache (same method
-    applied). `recompute_ctx(inputs)`, if given, is a context manager entered around the uncached
-    forwards (e.g. pinning an LLM-side method's scoring to the prompt). Returns tokens and logits."""
-    import contextlib
-
-    new, logits = generate(model, inputs, n_new)
-    ids, am = inputs["input_ids"], inputs["attention_mask"]
-    for t in range(n_new):
-        x = torch.cat([ids, new[:, :t]], dim=1)
-        m = torch.cat([am, torch.ones_like(new[:, :t])], dim=1)
-        with torch.no_grad(), (recompute_ctx(inputs) if recompute_ctx else contextlib.nullcontext()):
-            ref = model(input_ids=x, attention_mask=m, use_cache=False, **_image_kwargs(inputs)).logits[:, -1]
-        for b in range(x.shape[0]):
-            if (new[b, :t] == eos).any():
-                continue  # finished sample: generate pads it
-            assert torch.allclose(ref[b], logits[b, t], atol=1e-4, rtol=1e-4), (b, t)
-            assert int(ref[b].argmax()) == int(new[b, t]), (b, t)
-    return new, logits
-
-
-def check_batch_equals_single(model, processor, family="llava", n_new=4, eos=2, idx=(0, 1, 2, 3), recompute_ctx=None):
-    """Batch of 4 with left padding: each sample's greedy tokens/logits == its batch-1 run."""
-    batch = make_inputs(processor, list(idx), family)
-    new_b, logits_b = check_decode_consistency(model, batch, n_new, eos, recompute_ctx)
-    for j, i in enumerate(idx):
-        new_1, logits_1 = generate(model, make_inputs(processor, [i], family), n_new)
-        stop = n_new
-        hits = (new_1[0] == eos).nonzero()
-        if len(hits):
-            stop = int(hits[0]) + 1
-        assert torch.equal(new_b[j, :stop], new_1[0, :stop]), (i, new_b[j], new_1[0])
-        assert torch.allclose(logits_b[j, :stop], logits_1[0, :stop], atol=1e-4, rtol=1e-4), i
-
-
-def check_flops(model, method, inputs):
-    """Counted (fvcore, per component) == the method's analytic formula, all four components."""
-    from harness.efficiency.flops import analytic_prefill, count_prefill, layouts_from_inputs
-
-    layout = layouts_from_inputs(model, inputs)[0]
-    counted = count_prefill(model, inputs)
-    analytic = analytic_prefill(model.config, layout, method)
-    assert counted.flops == analytic, (counted.flops, analytic)
-    return counted
-
-
-def llm_visual_tokens(model, inputs) -> int:
-    """Visual tokens the LLM received in one prefill (from the visual-token context)."""
-    with torch.no_grad():
-        model(**inputs)
-    ctx = get_context(model)
-    per_layer = ctx.visual_tokens_per_layer
-    assert per_layer is not None and len(set(per_layer)) == 1
-    return per_layer[0]
+from tests.methods.helpers import llm_visual_tokens
+from tests.methods.helpers import vision_inputs as make_inputs
 
 
 # ---- tests of the machinery ------------------------------------------------------------------------------
@@ -223,23 +130,3 @@ def test_positional_calls_are_shrunk_too():
         assert torch.equal(model(ids, pv, am).logits, model(**inputs).logits)
     g = model.generate(ids, pixel_values=pv, attention_mask=am, max_new_tokens=2, do_sample=False)
     assert torch.equal(g, model.generate(**inputs, max_new_tokens=2, do_sample=False))
-
-
-def check_meta_flops(name: str, params: dict, model: str = "llava15_7b"):
-    """Full-size architecture on the meta device (no weights): counted prefill == analytic."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    import methods
-    from harness.efficiency import flops as F
-    from harness.models.loading import config_from_cfg, meta_model
-
-    root = Path(__file__).resolve().parents[2]
-    config = config_from_cfg(OmegaConf.load(root / f"conf/model/{model}.yaml"))
-    meta = meta_model(config)
-    method = methods.build(name, params)
-    method.apply(meta, get_adapter(meta))
-    layout = F.synthetic_layout(config)
-    counted = F.count_prefill(meta, F.synthetic_inputs(config))
-    assert counted.flops == F.analytic_prefill(config, layout, method)

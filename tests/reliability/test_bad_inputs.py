@@ -175,6 +175,7 @@ def test_unwritable_data_dir(args, tmp_path, capsys, no_model_load):
     nothing_written(tmp_path / "store")
 
 
+@pytest.mark.slow
 def test_missing_lmms_eval_benchmark_data_offline(args, tmp_path, capsys, monkeypatch, no_model_load):
     """A hub benchmark (POPE) that is not in the local datasets cache while offline."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

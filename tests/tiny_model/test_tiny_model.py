@@ -23,8 +23,7 @@ def tiny():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from harness.tiny_model.evaluate import load
 
-    torch.set_num_threads(2)
-    return load(ASSET)
+    return load(ASSET)  # on the one torch thread of every test (tests/conftest.py)
 
 
 @needs_weights
@@ -59,6 +58,7 @@ def test_architecture(tiny):
     assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == n_img
 
 
+@pytest.mark.slow
 @needs_weights
 def test_answers_test_questions_and_needs_the_image(tiny):
     """The committed weights answer well above the answer prior, not without the image, and lose
