@@ -375,10 +375,10 @@ def test_every_console_script_refuses_bad_values_in_one_line(script, argv, needl
 
 
 def test_exit_codes_are_documented_once():
-    from harness import errors as console
+    from harness import errors
 
-    assert (console.EXIT_OK, console.EXIT_FAILED, console.EXIT_BAD_INPUT, console.EXIT_INTERRUPTED,
-            console.EXIT_TERMINATED) == (0, 1, 2, 130, 128 + signal.SIGTERM)
+    assert (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_BAD_INPUT, errors.EXIT_INTERRUPTED,
+            errors.EXIT_TERMINATED) == (0, 1, 2, 130, 128 + signal.SIGTERM)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for code in ("130", "143"):
         assert f"**{code}**" in readme or f"`{code}`" in readme
