@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +177,10 @@ class CountCache:
         entry = {"key": key, "prefill": c.to_dict(), "decode": d.to_dict() if d is not None else None,
                  "decode_source": decode_source, "delivered": delivered}
         _COUNTS[key] = entry
-        path = self._path(key)
+        from harness.results import atomic_write_text
+
         try:  # atomic: a concurrent reader sees the old file or the new one
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(entry, f)
-            os.replace(tmp, path)
+            atomic_write_text(self._path(key), json.dumps(entry))
         except OSError:  # a read-only cache costs time, never correctness
             pass
 
