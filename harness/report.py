@@ -453,14 +453,29 @@ def render(t, fmt: str, title: str) -> str:
     raise ValueError(fmt)
 
 
+#: LaTeX's special characters in text; `~`, `^` and `\\` become words, which swallow a following space
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde ", "^": r"\textasciicircum ", "\\": r"\textbackslash "}
+
+
+def latex_escape(text: str) -> str:
+    """`text` safe in LaTeX's text mode (the escaping of pandas' `Styler.format(escape="latex")`): the ten
+    special characters replaced, and `\\space` kept after a word-like replacement that a space follows."""
+    out = []
+    for i, ch in enumerate(text):
+        rep = _LATEX_SPECIAL.get(ch, ch)
+        if ch in "~^\\" and text[i + 1 : i + 2] == " ":
+            rep += r"\space"
+        out.append(rep)
+    return "".join(out)
+
+
 def _latex(d, title: str, notes: list[str]) -> str:
     """LaTeX through pandas' Styler (booktabs rules, escaped cells and headers)."""
-    from pandas.io.formats.style_render import _escape_latex
-
     tex = {"→": r"$\to$", "Δ": r"$\Delta$", "–": "--", "†": r"$^\dagger$"}
 
     def esc(s: str) -> str:
-        s = _escape_latex(str(s))
+        s = latex_escape(str(s))
         for a, b in tex.items():
             s = s.replace(a, b)
         return s

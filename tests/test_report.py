@@ -59,3 +59,23 @@ def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
     for f in committed:
         assert (tmp_path / "tables" / f.name).read_text() == f.read_text(), f.name
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [f.name for f in committed]
+
+
+def test_latex_escape_is_pandas_latex_escaping_without_its_private_api():
+    from harness.report import latex_escape
+
+    assert latex_escape("50% of a_b & {c} #1 $x") == r"50\% of a\_b \& \{c\} \#1 \$x"
+    # ~, ^ and \ become words; a following space is kept with \space (a word would swallow it)
+    assert latex_escape("~ ^ \\ ~x") == r"\textasciitilde \space \textasciicircum \space \textbackslash \space \textasciitilde x"
+    assert latex_escape("→ plain") == "→ plain"
+    # the same text as pandas' own LaTeX escaping (the public Styler.format(escape="latex")) on random strings
+    import random
+
+    import pandas as pd
+
+    random.seed(0)
+    alphabet = "ab&%$#_{}~^\\ →"
+    texts = ["x" + "".join(random.choice(alphabet) for _ in range(random.randint(0, 10))) + "x" for _ in range(300)]
+    tex = pd.DataFrame({"t": texts}).style.format(escape="latex").hide(axis="index").hide(axis="columns").to_latex()
+    rows = [line.removesuffix(" \\\\") for line in tex.splitlines()[1:-1]]
+    assert [latex_escape(t) for t in texts] == rows
