@@ -55,12 +55,10 @@ setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with -
 
 .PHONY: eval
 eval: $(STAMP) ## The default sweep: none + every method and composition x 3 budgets on tiny/shapes (resumable), then the report
-	@echo "== [1/3] reference: method none"
+	@echo "== [1/2] reference: method none"
 	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [2/3] token methods, RedundancyLens (layers from its greedy ranking, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens)"
-	$(VTB) -m method=$(EVAL_TOKEN_METHODS),redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [3/3] ShortV (layers from its Layer Contribution calibration) at the matching FLOPs"
-	$(VTB) -m method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [2/2] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens), one process"
+	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 	$(VENV)/bin/vtbench-report
 	@# the records behind results/tables (`vtbench-report --store results/store` regenerates them exactly)
 	@rm -rf results/store && mkdir -p results/store/records && cp $${VTBENCH_STORE:-runs/store}/records/*.json results/store/records/

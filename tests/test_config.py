@@ -98,3 +98,22 @@ def test_compositions_are_memoised_but_never_stale(monkeypatch):
     # interpolations resolve when read, so an environment change is seen through a memoised composition
     monkeypatch.setenv("VTBENCH_STORE", "/tmp/elsewhere-store")
     assert C.compose_config(["method=fastv", "run.limit=3"]).store.dir == "/tmp/elsewhere-store"
+
+
+@pytest.mark.parametrize("extra", [
+    ["budget.kind=tokens", "budget.value=0.33"],
+    ["budget.kind=flops", "budget.value=0.6", "model=llava15_7b"],
+    ["budget.kind=tokens", "budget.value=96", "model=llava_next_13b", "run.limit=20"],
+    [],
+])
+def test_shortv_auto_preset_is_the_same_cell_as_its_overrides(extra):
+    """`method=shortv_auto` (make eval's ShortV) is `method=shortv method.params.layers=auto
+    method.params.N=0`: the same composed method, the same record key, the same validated method."""
+    from harness.results import record_key
+    from harness.config import resolved
+
+    preset = compose_config(["method=shortv_auto", *extra])
+    long = compose_config(["method=shortv", "method.params.layers=auto", "method.params.N=0", *extra])
+    assert preset.method == long.method
+    assert record_key(resolved(preset)) == record_key(resolved(long))
+    assert validate(preset).params() == validate(long).params()
