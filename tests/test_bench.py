@@ -76,6 +76,38 @@ def test_method_work_times_measures_the_plan_and_restores_it():
     assert "after_attention" not in vars(plan) and plan.after_attention == orig
 
 
+def test_timings_synchronise_the_device_at_every_clock_read(monkeypatch):
+    """On CUDA kernels run asynchronously: component and own-work times read the clock only after the
+    device has finished (a synchronisation before every read), and the operator profile counts kernel time.
+    Checked here by recording the synchronisations the CUDA path asks for (no GPU needed)."""
+    import torch
+
+    from harness.bench import measure
+    from harness.models import get_adapter
+
+    synced = []
+    monkeypatch.setattr(measure, "_sync", lambda device: synced.append(str(device)))
+    spec = bench.Spec.make(True, None, 1, "cpu")
+    model, _ = bench.build_model(spec)
+    copy = bench.share_weights_copy(model)
+    (_, m, _), = bench.method_settings(get_adapter(copy), ["ficoco_l"])
+    m.apply(copy, get_adapter(copy))
+
+    def fn():
+        with torch.no_grad():
+            copy(input_ids=torch.randint(5, 100, (1, 8)))
+    out = measure.component_times(copy, fn, device="cuda:0")
+    # 2 reads per hooked module call (vision and projector do not run on text) + 2 around the call
+    assert synced and set(synced) == {"cuda:0"} and len(synced) == 2 + 2 * 2 and out["total"] >= out["llm"] > 0
+    synced.clear()
+    measure.component_times(copy, fn, device="cpu")
+    assert set(synced) == {"cpu"}  # _sync is a no-op on CPU (it synchronises CUDA devices only)
+    synced.clear()
+    assert measure.method_work_times(copy, fn, repeats=1, device="cuda:0")["own_s"] > 0 and len(synced) > 2
+    prof = measure.profile_prefill(fn, device="cpu")
+    assert prof["time"] == "self CPU time" and abs(sum(prof["groups_ms"].values()) - prof["total_ms"]) < 1e-9
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_report(tmp_path):
     res = bench_cli.run(["--quick", "--out", str(tmp_path), "--threads", "1", "--flops-methods", "none,fastv",

@@ -208,11 +208,18 @@ class RssPeak:
             self.peak_delta = int(max(0, self._s.peak - self.before))
 
 
-def method_work_times(model, fn: Callable[[], Any], repeats: int = 3) -> dict[str, float] | None:
+def _now(device: str) -> float:
+    """The bench's clock after the device's queued work is done (CUDA kernels run asynchronously: a host
+    clock read without a synchronisation times their launches, not their work)."""
+    _sync(device)
+    return CLOCK[0]()
+
+
+def method_work_times(model, fn: Callable[[], Any], repeats: int = 3, device: str = "cpu") -> dict[str, float] | None:
     """Seconds of `fn()` spent in an in-LLM method's own work -- the reduction plan's scoring and
     merging calls (`before_layer`, `after_attention`: attention rows, softmax, top-k, quantiles,
-    weighted merges) -- and in total (the bench's clock, median over `repeats`). None when the
-    model has no LLM reducer."""
+    weighted merges) -- and in total (the bench's clock, median over `repeats`; on CUDA synchronised at
+    every boundary). None when the model has no LLM reducer."""
     from methods._shared.llm_reduce import get_reducer
 
     red = get_reducer(model)
@@ -224,11 +231,11 @@ def method_work_times(model, fn: Callable[[], Any], repeats: int = 3) -> dict[st
 
     def timed(f):
         def g(*a, **k):
-            t0 = CLOCK[0]()
+            t0 = _now(device)
             try:
                 return f(*a, **k)
             finally:
-                acc[0] += CLOCK[0]() - t0
+                acc[0] += _now(device) - t0
         return g
 
     own, totals = [], []
@@ -237,9 +244,9 @@ def method_work_times(model, fn: Callable[[], Any], repeats: int = 3) -> dict[st
     try:
         for _ in range(repeats):
             acc[0] = 0.0
-            t0 = CLOCK[0]()
+            t0 = _now(device)
             fn()
-            totals.append(CLOCK[0]() - t0)
+            totals.append(_now(device) - t0)
             own.append(acc[0])
     finally:
         for n in originals:
@@ -247,9 +254,9 @@ def method_work_times(model, fn: Callable[[], Any], repeats: int = 3) -> dict[st
     return {"own_s": med(own), "total_s": med(totals)}
 
 
-def component_times(model, fn: Callable[[], Any], repeats: int = 1) -> dict[str, float]:
+def component_times(model, fn: Callable[[], Any], repeats: int = 1, device: str = "cpu") -> dict[str, float]:
     """Seconds spent in the vision tower, projector, language model and lm_head during `fn()` (forward
-    hooks, the bench's clock; median over `repeats` calls)."""
+    hooks, the bench's clock, on CUDA synchronised at every hook; median over `repeats` calls)."""
     from harness.models import get_adapter
 
     ad = get_adapter(model)
@@ -259,10 +266,10 @@ def component_times(model, fn: Callable[[], Any], repeats: int = 1) -> dict[str,
     handles = []
     for c, mod in mods.items():
         def pre(_m, _i, c=c):
-            cur[c] = CLOCK[0]()
+            cur[c] = _now(device)
 
         def post(_m, _i, _o, c=c):
-            acc[c][-1] += CLOCK[0]() - cur.pop(c)
+            acc[c][-1] += _now(device) - cur.pop(c)
 
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     totals = []
@@ -270,9 +277,9 @@ def component_times(model, fn: Callable[[], Any], repeats: int = 1) -> dict[str,
         for _ in range(repeats):
             for c in acc:
                 acc[c].append(0.0)
-            t0 = CLOCK[0]()
+            t0 = _now(device)
             fn()
-            totals.append(CLOCK[0]() - t0)
+            totals.append(_now(device) - t0)
     finally:
         for h in handles:
             h.remove()
@@ -282,20 +289,32 @@ def component_times(model, fn: Callable[[], Any], repeats: int = 1) -> dict[str,
     return out
 
 
-def profile_prefill(fn: Callable[[], Any], top: int = 8) -> dict:
-    """One profiled call: self CPU time per operator, grouped into matmul / attention / gather-index-copy /
-    other."""
+def profile_prefill(fn: Callable[[], Any], top: int = 8, device: str = "cpu") -> dict:
+    """One profiled call: self time per operator, grouped into matmul / attention / gather-index-copy /
+    other. On CPU the operators' self CPU time; on CUDA their kernels' self device time (the host-side
+    CPU time of a CUDA operator is only its launch), recorded as `time`."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = str(device).startswith("cuda")
     fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
+        _sync(device)
     ev = prof.key_averages()
-    ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ev), key=lambda x: -x[1])
+
+    def self_us(e) -> float:
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    ops = sorted(((e.key, self_us(e) / 1e3, e.count) for e in ev), key=lambda x: -x[1])
+    ops = [o for o in ops if o[1] > 0 or not cuda]  # on CUDA: operators that ran kernels
     groups = {"matmul": 0.0, "attention": 0.0, "gather/index/copy": 0.0, "other": 0.0}
     for k, ms, _ in ops:
         g = ("matmul" if k in MATMUL_OPS else "attention" if k in ATTN_OPS else
              "gather/index/copy" if k in GATHER_OPS else "other")
         groups[g] += ms
     return {"total_ms": sum(groups.values()), "groups_ms": groups,
+            "time": "self CUDA kernel time" if cuda else "self CPU time",
             "top": [{"op": k, "self_ms": round(ms, 2), "calls": c} for k, ms, c in ops[:top]]}

@@ -151,10 +151,10 @@ class MethodsPart:
             models = {n: m for n, _, _, m in patched}
             for n in ["none"] + misses:
                 self.log(f"profiling {n}" + (" (missed its target)" if n != "none" else ""))
-                profiles[n] = profile_prefill(prefill_fn(models[n]))
-                profiles[n]["components_s"] = component_times(models[n], prefill_fn(models[n]))
+                profiles[n] = profile_prefill(prefill_fn(models[n]), device=spec.device)
+                profiles[n]["components_s"] = component_times(models[n], prefill_fn(models[n]), device=spec.device)
                 if n != "none":
-                    profiles[n]["own_work"] = method_work_times(models[n], prefill_fn(models[n]))
+                    profiles[n]["own_work"] = method_work_times(models[n], prefill_fn(models[n]), device=spec.device)
         del patched
         gc.collect()
         return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "layout": layout.__dict__,

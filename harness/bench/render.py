@@ -184,7 +184,8 @@ def render(res: dict) -> str:
         if mm["profiles"]:
             L.append("### Profile of the methods under target")
             L.append("")
-            L.append("One prefill under torch.profiler per method beside one of `none`; self CPU time by operator "
+            clock = next(iter(mm["profiles"].values())).get("time", "self CPU time")
+            L.append(f"One prefill under torch.profiler per method beside one of `none`; {clock} by operator "
                      "class (matmul = linear/mm/bmm/conv; attention = SDPA/softmax; gather/index/copy = the "
                      "bookkeeping of reductions: index, gather, scatter, cat, sort/topk, copies).")
             L.append("")
