@@ -40,7 +40,8 @@ Conventions of the numbers:
 
 * prefill = one forward over the prompt with a KV cache, logits for the **last position only**
   (`logits_to_keep=1`, what `generate` does), so `lm_head` = B x hidden x vocab MACs;
-* decode = one single-token forward after a prefill (the cache holds the prompt), `lm_head` for 1 token;
+* decode = one single-token forward after a prefill (the cache holds the prompt), `lm_head` for 1 token:
+  on real weights `generate`'s own first decode step (its inputs and cache, see `count_decode`);
 * all numbers are for the whole batch given (padding tokens included: the model computes them).
 """
 from __future__ import annotations
@@ -712,31 +713,81 @@ def _prefill_for_decode(model, tensors: dict):
     return cache, nxt, am
 
 
+def _pad_id(model) -> int | None:
+    """The pad id `generate` needs (generation config, text config, else the first EOS id)."""
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(model.config, "text_config", model.config), "pad_token_id", None)
+    if pad is None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return pad
+
+
+def _generate_decode_step(model, tensors: dict) -> tuple[dict, Any]:
+    """The keyword inputs `generate` gives the model's forward for its first decode step after a prefill
+    of `tensors`, and the KV cache as that step receives it (prefill entries only), captured by a forward
+    pre-hook on a real two-token greedy `generate`. Family-specific decode inputs (Qwen2-VL's 3D M-RoPE
+    positions from its stored rope deltas, `cache_position`, the extended attention mask) are therefore
+    exactly `generate`'s, and the prefill is the one `generate` runs (a method's patched `generate`
+    included)."""
+    seen: dict[str, Any] = {"calls": 0}
+
+    def grab(_module, _args, kwargs):
+        seen["calls"] += 1
+        if seen["calls"] == 2:  # the first decode step: copy its inputs before the forward appends to the cache
+            seen["kwargs"] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()
+                              if k != "past_key_values"}
+            seen["cache"] = copy.deepcopy(kwargs.get("past_key_values"))
+
+    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, num_beams=1, use_cache=True)
+    pad = _pad_id(model)
+    if pad is not None:
+        gen["pad_token_id"] = pad
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**tensors, **gen)
+    finally:
+        handle.remove()
+    if "kwargs" not in seen or seen["cache"] is None:
+        raise RuntimeError("count_decode: generate ran no decode step with a KV cache")
+    return seen["kwargs"], seen["cache"]
+
+
 def count_decode(model, inputs: dict, *, counter: str | None = None) -> FlopsCount:
     """FLOPs of one decode step (a single new token per sample) after a prefill of `inputs`.
 
-    The prefill runs for real first (not counted) to fill the KV cache; the counted forward is the
-    next-token step with that cache, no pixel values (as in `generate`).
+    fvcore (real weights): the counted forward is `generate`'s own first decode step -- its keyword inputs
+    and its KV cache, captured from a real greedy `generate` (`_generate_decode_step`), so families whose
+    decode needs more than the new token and the mask (Qwen2-VL's M-RoPE positions) are counted as they
+    run. On the meta device (`flop_counter_mode`) the prefill runs first (not counted) and the step is the
+    new token with the extended mask and that cache, no pixel values.
     """
     adapter = _adapter(model)
     tensors = _tensor_inputs(inputs, model)
     meta = is_meta(model)
     counter = counter or ("flop_counter_mode" if meta else "fvcore")
-    with _meta_env(model) if meta else contextlib.nullcontext(), _quiet():
-        cache, nxt, am = _prefill_for_decode(model, tensors)
-    context = int(cache.get_seq_length())
-    kv_lengths = cache_lengths(cache)
-    step = {"input_ids": nxt}
-    if am is not None:
-        step["attention_mask"] = am
     if counter == "fvcore":
         if meta:
             raise ValueError("fvcore cannot trace a meta-device model; use counter='flop_counter_mode'")
-        flops, unsupported = _fvcore_count(
-            model, adapter, step, {"use_cache": True, "logits_to_keep": 1},
-            cache_factory=lambda: copy.deepcopy(cache),
-        )
+        with _quiet():
+            kwargs, cache = _generate_decode_step(model, tensors)
+        step = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        extra = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and v is not None}
+        extra.setdefault("use_cache", True)
+        nxt = step["input_ids"]
+        context = int(cache.get_seq_length())
+        kv_lengths = cache_lengths(cache)
+        flops, unsupported = _fvcore_count(model, adapter, step, extra, cache_factory=lambda: copy.deepcopy(cache))
     elif counter == "flop_counter_mode":
+        with _meta_env(model) if meta else contextlib.nullcontext(), _quiet():
+            cache, nxt, am = _prefill_for_decode(model, tensors)
+        context = int(cache.get_seq_length())
+        kv_lengths = cache_lengths(cache)
+        step = {"input_ids": nxt}
+        if am is not None:
+            step["attention_mask"] = am
         kwargs = dict(step, use_cache=True, logits_to_keep=1, past_key_values=copy.deepcopy(cache))
         with _meta_env(model) if meta else contextlib.nullcontext():
             flops, _ = _flop_counter_count(model, adapter, kwargs)
