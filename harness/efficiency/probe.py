@@ -108,13 +108,23 @@ def _count_from_dict(d) -> F.FlopsCount | None:
                         context=d["context"], note=d["note"], kv_lengths=list(kv))
 
 
-def _file_aware(value):
-    """Method parameters with every existing file (a calibration artefact) replaced by its content digest."""
+def _artefact_fields() -> frozenset[str]:
+    """The parameter names that hold calibration artefact paths (`calibration_fields` of every method)."""
+    import methods
+
+    return frozenset(f for n in methods.available() for f in getattr(methods.get(n), "calibration_fields", ()))
+
+
+def _file_aware(value, fields: frozenset[str] | None = None, key: str | None = None):
+    """Method parameters with every calibration artefact (a parameter named in a method's
+    `calibration_fields`, at any depth: composition members included) replaced by its content digest, so
+    a count is keyed by what the artefact says, not where it lies. Other strings stay as they are."""
+    fields = _artefact_fields() if fields is None else fields
     if isinstance(value, dict):
-        return {k: _file_aware(v) for k, v in value.items()}
+        return {k: _file_aware(v, fields, k) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_file_aware(v) for v in value]
-    if isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
+        return [_file_aware(v, fields) for v in value]
+    if key in fields and isinstance(value, str) and os.path.isfile(value):
         from harness.fingerprint import file_digest
 
         return {"file_sha256": file_digest(value)}

@@ -136,3 +136,10 @@ def test_calibration_artefacts_enter_the_key_by_content(tmp_path):
     art.write_text('{"ranking": [0, 1]}')
     b = P._file_aware({"layers": "auto", "calibration": str(art)})
     assert a["layers"] == "auto" and a["calibration"] != b["calibration"]
+    # at any depth (a composition's members), and only in calibration fields: a string parameter that
+    # happens to name a file (a method option, a relative path in the working directory) stays as it is
+    nested = {"members": [{"name": "shortv", "params": {"calibration": str(art)}},
+                          {"name": "x", "params": {"probe_sampling": str(art)}}]}
+    got = P._file_aware(nested)
+    assert got["members"][0]["params"]["calibration"] == b["calibration"]
+    assert got["members"][1]["params"]["probe_sampling"] == str(art)
