@@ -36,7 +36,9 @@ Three pieces, all installed on one loaded model instance (nothing global, no tra
    `image_newline` layout needs full 24x24 grids, so the patched `pack_image_features` of the instance
    packs each image as `[base crop k tokens, crop 1 k tokens, ..., crop c k tokens, image_newline]`
    (crops in the processor's row-major order, one newline closing the image). The placeholder run of
-   an image shrinks from the processor's count to `crops * k + 1`.
+   an image is resized from the processor's count to `crops * k + 1`: usually a cut, but a run grows
+   where the processor's count (unpadded grid + one newline per row) is smaller, e.g. a mild fixed
+   budget (ToMe `r`, `tokens`) on a small or non-square image; per-prompt budgets never exceed it.
 
 4. **Method plumbing** (`VisionReductionMethod`): fixed per-layer schedules, validation against the
    model, `apply`, `visual_tokens_to_llm` and the analytic FLOPs (per pass: patch embedding +
@@ -219,6 +221,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 # ---- placeholder shrinking ----------------------------------------------------------------------------
+def _placeholder_runs(is_img: torch.Tensor) -> list[int]:
+    """Lengths of the contiguous placeholder runs, sample by sample (batch order)."""
+    runs = []
+    for row in is_img.long():
+        edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        runs += (ends - starts).tolist()
+    return runs
+
+
 def shrink_placeholders(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -227,29 +239,41 @@ def shrink_placeholders(
     image_token_id: int,
     pad_token_id: int,
 ):
-    """Cut each image's placeholder run (in batch order) from its full count to its reduced count.
+    """Resize each image's placeholder run (in batch order) from its full count to its reduced count.
 
+    Usually a cut; a run grows (placeholder ids inserted after the image's last one) where the reduced
+    count exceeds the processor's: LLaVA-NeXT images packed as `crops * k + 1` tokens without the
+    unpadding, whose unpadded processor count is smaller (a mild reduction of a small or non-square image).
     Returns `(input_ids, attention_mask, changed)`. If the ids already carry the reduced counts they are
-    returned unchanged; any other placeholder total is an error. Samples are re-left-padded when they
-    lose different numbers of tokens."""
+    returned unchanged; any other placeholder total is an error. Samples are re-left-padded when their
+    lengths change by different amounts."""
     if input_ids.device.type == "meta":
-        # shapes only (FLOPs counting without weights): drop the removed count per sample, assuming the
-        # images are spread evenly over the batch and the ids carry the full counts
-        B = input_ids.shape[0]
+        # shapes only (FLOPs counting without weights): drop (or add) the removed count per sample,
+        # assuming the images are spread evenly over the batch and the ids carry the full counts
+        B, T = input_ids.shape
         removed = (sum(full_counts) - sum(reduced_counts)) // max(B, 1)
-        mask = None if attention_mask is None else attention_mask[:, removed:]
-        return input_ids[:, removed:], mask, removed > 0
+        if removed >= 0:
+            mask = None if attention_mask is None else attention_mask[:, removed:]
+            return input_ids[:, removed:], mask, removed > 0
+        ids = torch.empty((B, T - removed), dtype=input_ids.dtype, device="meta")
+        mask = None if attention_mask is None else torch.empty(
+            (B, T - removed), dtype=attention_mask.dtype, device="meta"
+        )
+        return ids, mask, True
     is_img = input_ids == image_token_id
     total = int(is_img.sum())
-    if sum(full_counts) == sum(reduced_counts) or total == sum(reduced_counts):
+    full_sum, red_sum = sum(full_counts), sum(reduced_counts)
+    if list(full_counts) == list(reduced_counts):
         return input_ids, attention_mask, False
-    if total != sum(full_counts):
+    if total == red_sum and (total != full_sum or _placeholder_runs(is_img) == list(reduced_counts)):
+        return input_ids, attention_mask, False  # already reduced (equal totals: told apart by the runs)
+    if total != full_sum:
         raise ValueError(
-            f"found {total} image placeholder tokens; expected {sum(full_counts)} (full) or "
-            f"{sum(reduced_counts)} (already reduced) for {len(full_counts)} image(s)"
+            f"found {total} image placeholder tokens; expected {full_sum} (full) or "
+            f"{red_sum} (already reduced) for {len(full_counts)} image(s)"
         )
     B, T = input_ids.shape
-    keep = torch.ones_like(is_img)
+    reps = torch.ones(B, T, dtype=torch.long, device=input_ids.device)  # copies of each position
     image = 0
     for b in range(B):
         where = torch.nonzero(is_img[b]).flatten().tolist()
@@ -259,12 +283,15 @@ def shrink_placeholders(
             run = where[start : start + f]
             if len(run) < f:
                 raise ValueError(f"sample {b}: image {image} has fewer than {f} placeholder tokens")
-            keep[b, run[c:]] = False
+            if c < f:
+                reps[b, run[c:]] = 0
+            elif c > f:
+                reps[b, run[-1]] += c - f
             start += f
             image += 1
     if attention_mask is not None:
-        keep &= attention_mask.bool()  # old padding is dropped and rebuilt
-    lengths = keep.sum(1)
+        reps = reps * attention_mask.bool()  # old padding is dropped and rebuilt
+    lengths = reps.sum(1)
     L = int(lengths.max())
     new_ids = torch.full((B, L), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     new_mask = None
@@ -274,7 +301,7 @@ def shrink_placeholders(
         new_mask = torch.zeros((B, L), dtype=torch.long, device=input_ids.device)
     for b in range(B):
         n = int(lengths[b])
-        new_ids[b, L - n :] = input_ids[b][keep[b]]
+        new_ids[b, L - n :] = input_ids[b].repeat_interleave(reps[b])
         if new_mask is not None:
             new_mask[b, L - n :] = 1
     return new_ids, new_mask, True
@@ -294,7 +321,8 @@ def _as_kwargs(fn, args, kwargs) -> dict:
 def install_placeholder_shrink(model, adapter, tokens_per_crop, on_tokens=None):
     """Wrap this instance's `forward` / `generate` (and NeXT packing) so each image contributes
     `tokens_per_crop` visual tokens per CLIP pass (LLaVA: one pass per image; NeXT: per crop, plus one
-    `image_newline` per image).
+    `image_newline` per image; that count may exceed the processor's unpadded one, and the run then
+    grows, see `shrink_placeholders`).
 
     `tokens_per_crop` is an int, or a per-prompt budget: a callable `(n_visual, crops, images) -> k`
     giving the count per crop for a prompt whose processor inserted `n_visual` visual tokens for
@@ -408,12 +436,7 @@ def install_placeholder_shrink(model, adapter, tokens_per_crop, on_tokens=None):
         if feats is None or ids is None:
             return None
         red = [int(f.shape[0]) for f in feats.pooler_output]
-        is_img = (ids == image_token_id).long()
-        full = []
-        for b in range(ids.shape[0]):
-            edges = torch.diff(is_img[b], prepend=is_img.new_zeros(1), append=is_img.new_zeros(1))
-            starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
-            full += (ends - starts).tolist()
+        full = _placeholder_runs(ids == image_token_id)
         if len(full) != len(red):
             return None
         return full, red

@@ -1,6 +1,7 @@
 """ToMe in the CLIP tower (methods/tome.py)."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,24 @@ def test_front_loaded_schedule_for_shallow_towers():
     assert n == 19  # 18 visual tokens + CLS
     # already feasible: unchanged (the CLIP-L/24-layer LLaVA-1.5 budgets)
     assert front_load(split_evenly(384, list(range(23))), list(range(23)), 577) == split_evenly(384, list(range(23)))
+
+
+@pytest.mark.slow
+def test_full_size_next_meta_fixed_r_counts_equal_analytic():
+    """LLaVA-NeXT-7B on meta, r=4 (k = 576 - 23*4 = 484 per crop): a 480x640 image packs into 5*484 + 1 =
+    2421 visual tokens, more than the processor's 2340 (the placeholder run grows); 672x672 (2928) is cut."""
+    from omegaconf import OmegaConf
+
+    from harness.efficiency import flops as F
+    from harness.models.loading import config_from_cfg, meta_model
+
+    root = Path(__file__).resolve().parents[2]
+    config = config_from_cfg(OmegaConf.load(root / "conf/model/llava_next_7b.yaml"))
+    meta = meta_model(config)
+    m = _apply(meta, r=4)
+    for hw, full in [((480, 640), 2340), ((672, 672), 2928)]:
+        layout = F.synthetic_layout(config, image_hw=hw)
+        assert (layout.visual, layout.images) == (full, 5)
+        assert m.visual_tokens_kept(layout) == 2421
+        counted = F.count_prefill(meta, F.synthetic_inputs(config, image_hw=hw))
+        assert counted.flops == F.analytic_prefill(config, layout, m)
