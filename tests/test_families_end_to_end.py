@@ -32,4 +32,8 @@ def test_family_runs_end_to_end(family, method, data_dir, tmp_path, capsys):
     for rec in recs.values():
         assert rec["status"] == "complete" and rec["n_samples"] == 4 and rec["n_failed"] == 0
         assert rec["efficiency"]["flops"]["counted_equals_analytic"], rec["efficiency"]["flops"]
+        # the decode step is counted on every family (Qwen's M-RoPE decode inputs come from generate)
+        fl = rec["efficiency"]["flops"]
+        assert fl["decode_source"] == "counted", fl["decode_source"]
+        assert fl["decode_per_token"]["total"] == fl["analytic_decode_per_token"]["total"] > 0
     assert recs[method]["efficiency"]["flops"]["prefill"]["total"] < recs["none"]["efficiency"]["flops"]["prefill"]["total"]
