@@ -48,6 +48,11 @@ def check(budget: dict | None) -> None:
         raise BudgetError(f"budget.value={value}: must be a positive finite number")
     if kind == "flops" and value > 1:
         raise BudgetError(f"budget.value for a FLOPs budget is a ratio in (0, 1], got {value}")
+    if kind == "tokens" and value > 1 and value != int(value):
+        raise BudgetError(
+            f"budget.value={value}: a token budget above 1 is a count of visual tokens and must be a whole "
+            f"number (a share is a value in (0, 1])"
+        )
 
 
 def layout_for(adapter, text_tokens: int) -> A.TokenLayout:
@@ -80,6 +85,38 @@ def tokens_to_count(value: float, n_visual: int) -> int:
             f"budget of {k} visual tokens exceeds the {n_visual} visual tokens of the model's reference prompt"
         )
     return max(k, 0)
+
+
+def budget_keys(method, budget: dict | None) -> dict[str, Any]:
+    """The method parameters a budget sets or clears, as `{dotted key under method.params: value}`; the
+    value is what the budget sets whatever its size (None, "auto") or `VARIES` (the budget's solution).
+    Compositions name their token-dropping member's keys (`members.<i>.params.<key>`). Empty without a
+    budget or for a method the budget cannot act on."""
+    if not budget or budget.get("kind") is None or method.name == "none":
+        return {}
+    if method.name == "compose":
+        drop = method.drop_member
+        i = [m.get("name") for m in method.members].index(drop.name)
+        return {f"members.{i}.params.{k}": v for k, v in budget_keys(drop, budget).items()}
+    kind, value = budget.get("kind"), budget.get("value")
+    if kind == "tokens" and method.budget_tokens_param:
+        probes = [method.budget_token_params(v) for v in (value, 0.5, 2)]
+    elif method.budget_param:
+        probes = [method.budget_params(v) for v in (1, 2)]
+    else:
+        return {}
+    out: dict[str, Any] = {}
+    for p in probes:
+        for k, v in p.items():
+            out[k] = v if k not in out or out[k] == v else VARIES
+    for k in out:
+        if any(k not in p for p in probes):
+            out[k] = VARIES
+    return out
+
+
+#: `budget_keys`' value of a parameter the budget solves for (it depends on the budget's size)
+VARIES = object()
 
 
 def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
