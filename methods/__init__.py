@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import math
 import pkgutil
+import re
 import types
 import typing
 from typing import Any
@@ -82,8 +83,8 @@ def build(name: str, params: dict[str, Any] | None = None) -> Method:
         raise MethodError(f"method {name!r}: {e}") from None
     try:
         method.check_params()
-    except MethodError:
-        raise
+    except MethodError as e:
+        raise MethodError(keyed(name, params, str(e))) from None
     except Exception as e:  # the method's own check tripped over a value of the wrong type
         err = type_error()
         if err is not None:
@@ -93,6 +94,32 @@ def build(name: str, params: dict[str, Any] | None = None) -> Method:
     if err is not None:
         raise err
     return method
+
+
+SEED_MAX = 2**32 - 1  # seeds are unsigned 32-bit (numpy's, lmms-eval's); the README's range [0, 2^32-1]
+
+
+def check_seed(method_name: str, pname: str, value: Any) -> None:
+    """A method's seed parameter: an integer in [0, 2^32-1] (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise MethodError(f"{method_name}: {pname} must be an integer in [0, {SEED_MAX}], got {value!r}")
+
+
+def keyed(name: str, params: dict | None, message: str, prefix: str = "method.params.") -> str:
+    """`message` (a method's one-line error) led by the parameter it is about, `<prefix><key>=<value>: `,
+    like every other bad-input line. The key is the given parameter the message names first (after the
+    method's name); messages already led by a key, or naming none of the parameters, stay as they are."""
+    if message.startswith(("method.params.", "budget.")) or not params:
+        return message
+    body = message.split(": ", 1)[1] if message.startswith(f"{name}: ") else message
+    best = None
+    for pname in params:
+        m = re.search(rf"(?<![\w.]){re.escape(str(pname))}(?![\w\[])", body)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), pname)
+    if best is None:
+        return message
+    return f"{prefix}{best[1]}={show(params[best[1]])}: {message}"
 
 
 def label(name: str, params: dict | None = None) -> str:

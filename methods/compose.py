@@ -35,6 +35,7 @@ member's parameters stay as given; calibration ('auto' layers) is done per membe
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from methods import register
@@ -93,7 +94,13 @@ class Compose(Method):
             try:
                 out.append(methods.build(name, params))
             except MethodError as e:
-                raise MethodError(f"compose: members[{i}] ({name}): {e}") from None
+                msg = str(e)
+                key = re.match(r"method\.params\.([^=]+)=", msg)
+                if key:  # name the member's key: method.params.members.<i>.params.<key>=<value>
+                    head, _, rest = msg.partition(": ")
+                    raise MethodError(f"method.params.members.{i}.params.{head[len('method.params.'):]}: "
+                                      f"compose: members[{i}] ({name}): {rest}") from None
+                raise MethodError(f"compose: members[{i}] ({name}): {msg}") from None
         names = [m.name for m in out]
         layer = [n for n in names if n in LAYER_WISE]
         drop = [n for n in names if n in TOKEN_DROPPING]

@@ -99,12 +99,12 @@ class FastV(Method):
     positions: str = "keep"
 
     def check_params(self) -> None:
-        if not isinstance(self.K, int) or self.K < 1:
+        if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 1:
             raise MethodError(f"fastv: K must be an integer >= 1 (scores need layer K-1), got {self.K!r}")
         if not (0.0 <= float(self.R) < 1.0):
             raise MethodError(f"fastv: R must be in [0, 1), got {self.R!r}")
-        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 0):
-            raise MethodError(f"fastv: keep must be a non-negative integer, got {self.keep!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise MethodError(f"fastv: keep must be an integer >= 1 (visual tokens kept), got {self.keep!r}")
         if self.positions not in ("keep", "renumber"):
             raise MethodError(f"fastv: positions must be 'keep' or 'renumber', got {self.positions!r}")
         kr = self.keep_ratio

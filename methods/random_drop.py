@@ -77,10 +77,11 @@ class RandomDrop(Method):
     def check_params(self) -> None:
         if not (0.0 < float(self.keep_ratio) <= 1.0):
             raise MethodError(f"random: keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
-        if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 0):
-            raise MethodError(f"random: keep must be a non-negative integer, got {self.keep!r}")
-        if not isinstance(self.seed, int):
-            raise MethodError(f"random: seed must be an integer, got {self.seed!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise MethodError(f"random: keep must be an integer >= 1 (visual tokens kept), got {self.keep!r}")
+        from methods import check_seed
+
+        check_seed("random", "seed", self.seed)
         if self.positions not in ("keep", "renumber"):
             raise MethodError(f"random: positions must be 'keep' or 'renumber', got {self.positions!r}")
 

@@ -109,8 +109,9 @@ class RedundancyLens(Method):
                 raise MethodError(f"redundancylens: {name} must be a positive integer, got {val!r}")
         if self.probe_sampling not in PROBE_SAMPLING:
             raise MethodError(f"redundancylens: probe_sampling must be one of {PROBE_SAMPLING}, got {self.probe_sampling!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MethodError(f"redundancylens: seed must be an integer, got {self.seed!r}")
+        from methods import check_seed
+
+        check_seed("redundancylens", "seed", self.seed)
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
