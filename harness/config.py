@@ -153,7 +153,54 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
         raise ConfigError(_one_line(e)) from None
+    _check_budget_conflicts(cfg, overrides, config_name)
     return cfg
+
+
+def _is_param_override(ov: str) -> bool:
+    key = ov.lstrip("+~").partition("=")[0].strip()
+    return key == "method.params" or key.startswith("method.params.")
+
+
+def _check_budget_conflicts(cfg: DictConfig, overrides: list[str], config_name: str) -> None:
+    """Refuse a method parameter set on the command line (to something other than its default:
+    conf/method/<name>.yaml with conf/model_method/<model>_<method>.yaml) that the budget sets or clears:
+    the budget would silently override it while the cell key keeps it (one cell under two keys)."""
+    given = [o for o in overrides if _is_param_override(o)]
+    budget = cfg.get("budget")
+    if not given or budget is None or budget.get("kind") is None:
+        return
+    import methods
+    from harness.budget import VARIES, budget_keys
+
+    try:
+        user = OmegaConf.to_container(cfg.method.params, resolve=True) if cfg.method.get("params") is not None else {}
+        method = methods.build(cfg.method.name, user)
+        keys = budget_keys(method, OmegaConf.to_container(budget, resolve=True))
+    except Exception:  # bad parameters or budget: validate() names them
+        return
+    if not keys:
+        return
+    base = _hydra_compose([o for o in overrides if not _is_param_override(o)], config_name)
+    unset = getattr(type(method), "budget_unset", {})
+    if method.name == "compose":
+        unset = {}
+        for i, spec in enumerate(user.get("members") or []):
+            for k, vals in getattr(methods.get(spec["name"]), "budget_unset", {}).items():
+                unset[f"members.{i}.params.{k}"] = vals
+    missing = object()
+    for key, set_to in keys.items():
+        value = OmegaConf.select(cfg, f"method.params.{key}", default=missing)
+        default = OmegaConf.select(base, f"method.params.{key}", default=missing)
+        if value is missing:
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        default = OmegaConf.to_container(default, resolve=True) if OmegaConf.is_config(default) else default
+        if value == default or (set_to is not VARIES and value == set_to) or value in unset.get(key, ()):
+            continue
+        what = "/".join(k.rpartition(".")[2] for k in keys)
+        raise _bad(f"method.params.{key}", value,
+                   f"conflicts with budget.kind={budget.kind} (the budget sets {what}); drop one")
 
 
 # ---- value checks ---------------------------------------------------------------------------------------
@@ -422,7 +469,16 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
         if budget and not msg.startswith("budget."):
             msg = f"budget.kind={budget.get('kind')} budget.value={_show(budget.get('value'))}: {msg}"
         raise ConfigError(msg) from None
-    except (MethodError, NotApplicable) as e:
+    except MethodError as e:  # name the parameter, like validate()'s errors
+        import methods as registry
+
+        msg = str(e)
+        if msg.startswith(f"{method.name}: "):
+            params = cfg.method.get("params")
+            params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+            msg = registry.keyed(method.name, params, msg)
+        raise ConfigError(msg) from None
+    except NotApplicable as e:
         raise ConfigError(str(e)) from None
     return method, adapter, info
 

@@ -118,8 +118,8 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         _note_code_change(existing)
         existing["_reused"] = True
         return existing
+    method, _, budget_info = validate_against_model(cfg, method)  # bad input: before the store is touched
     store.check_writable()
-    method, _, budget_info = validate_against_model(cfg, method)
     from harness.models.loading import check_available
 
     check_available(cfg.model)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from methods import register
 from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
@@ -44,6 +44,9 @@ class ShortV(Method):
     calibration: str | None = None
 
     budget_param = "N"
+    #: values of N a budget may replace: N=0 with layers=auto (conf/method/shortv_auto.yaml) is the documented
+    #: "let the budget choose N" (harness.config's budget-conflict check treats it as unset)
+    budget_unset: ClassVar[dict] = {"N": (0, None)}
     calibration_fields = ("calibration",)
 
     def budget_candidates(self, adapter) -> list:
