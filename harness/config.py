@@ -464,6 +464,7 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
                               f"model (set model.family={adapter.family})")
         method.validate(adapter)
         method, info = resolve(method, adapter, budget)
+        check_calibration(cfg, method)
     except BudgetError as e:  # name the budget that cannot be met
         msg = str(e)
         if budget and not msg.startswith("budget."):
@@ -481,6 +482,42 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
     except NotApplicable as e:
         raise ConfigError(str(e)) from None
     return method, adapter, info
+
+
+def check_calibration(cfg: DictConfig, method) -> None:
+    """For a cell that takes layers from a calibration computed on first use (`layers=auto` without an
+    artefact path): `calibration.dir` can hold the artefact (a directory, or creatable, and writable)
+    and `calibration.n` fits the calibration split when its size is known without loading data (the
+    built-in benchmarks). Found here, before the model loads, not when the artefact is written."""
+    import os
+
+    from harness.calibration import needs_calibration
+
+    if cfg.get("calibration") is None or not needs_calibration(method):
+        return
+    cal = cfg.calibration
+    d = Path(str(cal.dir)).expanduser()
+    bad = lambda why: _bad("calibration.dir", cal.dir, why)  # noqa: E731
+    if d.exists():
+        if not d.is_dir():
+            raise bad("not a directory (the calibration artefacts are written there)")
+        if not os.access(d, os.W_OK | os.X_OK) and not any(d.glob("*.json")):
+            raise bad("the directory is not writable (the calibration artefacts are written there)")
+    else:
+        parent = d.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise bad(f"cannot be created: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise bad(f"cannot be created: {parent} is not writable")
+    bench = OmegaConf.load(CONF_DIR / "benchmark" / f"{cal.benchmark}.yaml")
+    if bench.get("builtin") and bench.get("name") == "shapes":
+        from harness.benchmarks.shapes import SPLIT_SIZES
+
+        size = SPLIT_SIZES.get(str(cal.split))
+        if size is not None and int(cal.n) > size:
+            raise _bad("calibration.n", cal.n, f"the calibration split {cal.benchmark}:{cal.split} has only {size} samples")
 
 
 def resolved(cfg: DictConfig) -> dict:
