@@ -175,7 +175,12 @@ def _check_budget_conflicts(cfg: DictConfig, overrides: list[str], config_name: 
 
     try:
         user = OmegaConf.to_container(cfg.method.params, resolve=True) if cfg.method.get("params") is not None else {}
-        method = methods.build(cfg.method.name, user)
+        try:
+            method = methods.build(cfg.method.name, user)
+        except methods.MethodError:  # parameters bad on their own: what the budget sets is the method's
+            if cfg.method.name == "compose":
+                return
+            method = methods.get(cfg.method.name)()
         keys = budget_keys(method, OmegaConf.to_container(budget, resolve=True))
     except Exception:  # bad parameters or budget: validate() names them
         return

@@ -73,3 +73,123 @@ def test_impossible_budgets_fail_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
         _resolve(*overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- the count rule, conflicts with explicit parameters, make eval's cells ----------------------------------
+@pytest.mark.bad_input
+@pytest.mark.parametrize("method", sorted(COUNT) + ["shortv_auto", "shortv_fastv"])
+@pytest.mark.parametrize("value", ["1.5", "64.25"])
+def test_token_count_must_be_whole(method, value):
+    """value > 1 is a count of visual tokens: 1.5 was truncated to keep=1 while the record said 1.5."""
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["model=tiny", f"method={method}", "budget.kind=tokens", f"budget.value={value}"]))
+    assert str(e.value).startswith(f"budget.value={value}:") and "whole number" in str(e.value)
+
+
+@pytest.mark.parametrize("method", sorted(COUNT))
+def test_token_count_as_a_whole_float_is_the_count(method):
+    m = _resolve(f"method={method}", "budget.kind=tokens", "budget.value=64.0")[0]
+    assert m.params()[COUNT[method]] == 64 and isinstance(m.params()[COUNT[method]], int)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("method, param, value, kind", [
+    ("fastv", "keep", "10", "tokens"),
+    ("fastv", "keep_ratio", "0.5", "tokens"),
+    ("fastv", "keep", "10", "flops"),
+    ("random", "keep", "10", "tokens"),
+    ("random", "keep_ratio", "0.5", "tokens"),
+    ("ficoco_l", "final_tokens", "64", "tokens"),
+    ("ficoco_l", "final_ratio", "0.5", "tokens"),
+    ("tome", "prompt_tokens", "64", "tokens"),
+    ("tome", "tokens", "64", "flops"),
+    ("ficoco_v", "prompt_tokens", "0.5", "tokens"),
+    ("ficoco_vl", "prompt_tokens", "64", "tokens"),
+    ("ficoco_vl", "vision_tokens", "300", "tokens"),
+    ("shortv", "N", "3", "tokens"),
+    ("shortv_auto", "N", "3", "flops"),
+    ("redundancylens", "hollow_ratio", "0.3", "tokens"),
+    ("shortv_fastv", "members.1.params.keep", "10", "tokens"),
+    ("redundancylens_fastv", "members.1.params.keep_ratio", "0.5", "tokens"),
+])
+def test_explicit_parameter_the_budget_sets_is_refused(method, param, value, kind):
+    """The budget would silently override it while the cell key keeps it (one cell under two keys)."""
+    extra = ["method.params.layers=auto"] if method == "shortv" else []
+    bv = "0.33" if kind == "tokens" else "0.5"
+    with pytest.raises(ConfigError) as e:
+        compose_config(["model=tiny", f"method={method}", *extra, f"method.params.{param}={value}",
+                        f"budget.kind={kind}", f"budget.value={bv}"])
+    msg = str(e.value)
+    assert msg.startswith(f"method.params.{param}={value}: conflicts with budget.kind={kind}"), msg
+    assert "drop one" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=shortv", "method.params.layers=auto", "method.params.N=0"],   # N=0: the budget chooses N
+    ["method=shortv_auto"],
+    ["method=shortv_auto", "method.params.N=0"],
+    ["method=redundancylens", "method.params.hollow_layers=auto", "method.params.ffn_layers=auto"],
+    ["method=fastv", "method.params.K=3"],                                  # not a budget parameter
+    ["method=fastv", "method.params.keep=null"],                            # the default
+    ["method=shortv_fastv", "method.params.members.1.params.K=3"],
+    ["method=tome", "method.params.order=spatial"],
+])
+def test_parameters_the_budget_does_not_set_are_accepted(overrides):
+    cfg = compose_config(["model=tiny", *overrides, "budget.kind=tokens", "budget.value=0.33"])
+    validate_against_model(cfg, validate(cfg))
+
+
+#: the record keys of `make eval`'s cells (EVAL_SETTINGS x EVAL_TOKEN_METHODS, shortv_auto, redundancylens,
+#: EVAL_COMPOSITIONS x EVAL_BUDGETS) and the equivalent spelled-out ShortV cells, as before the budget checks
+MAKE_EVAL_KEYS = {
+    'method=none model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '6cd71d5d86ad86f9',
+    'method=random budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '7f963a33cedf24ee',
+    'method=random budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '56e33ee569c359c0',
+    'method=random budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '7ac9cf66c950146f',
+    'method=fastv budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '9ec022f1b9bba4f5',
+    'method=fastv budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '81bffd45e6440f2a',
+    'method=fastv budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '578619c1e3190724',
+    'method=ficoco_l budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '2f18db9ce6246691',
+    'method=ficoco_l budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '644f0809dd10064e',
+    'method=ficoco_l budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'd5ab6017f0fe66ca',
+    'method=tome budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'bf21a3a221b8c37e',
+    'method=tome budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '23afacb924f13688',
+    'method=tome budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'db3620adda63286a',
+    'method=ficoco_v budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'a92301b221a1e20b',
+    'method=ficoco_v budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '4698d62c68ba4c54',
+    'method=ficoco_v budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'e1246aa8ff096e24',
+    'method=ficoco_vl budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '55d8faa83bc03b94',
+    'method=ficoco_vl budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '8c8339088e3063b0',
+    'method=ficoco_vl budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'd2008fb8b523cfc8',
+    'method=shortv_auto budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '95fabf198eff9c51',
+    'method=shortv_auto budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '0caf102fd819fd45',
+    'method=shortv_auto budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'c44117cf39a08ad6',
+    'method=redundancylens budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '865ebd61f6bba55c',
+    'method=redundancylens budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '3d9944c61e6eff3d',
+    'method=redundancylens budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '2117413dbf96411b',
+    'method=shortv_fastv budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'f6bc1489ddd41584',
+    'method=shortv_fastv budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '1e656bc80aad5104',
+    'method=shortv_fastv budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'ba467e9c7d2852bc',
+    'method=redundancylens_fastv budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '6c84c47c84b3fa91',
+    'method=redundancylens_fastv budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '47193bd324ca3b6d',
+    'method=redundancylens_fastv budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '05539beec53fff4d',
+    'method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '95fabf198eff9c51',
+    'method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '0caf102fd819fd45',
+    'method=shortv method.params.layers=auto method.params.N=0 budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'c44117cf39a08ad6',
+}
+
+
+def test_make_eval_cells_stay_valid_with_their_keys():
+    from harness.sweep import validate_sweep
+
+    for cell, key in MAKE_EVAL_KEYS.items():
+        cfg = compose_config(cell.split())
+        validate(cfg)
+        assert record_key(resolved(cfg)) == key, cell
+    settings = "model=tiny benchmark=shapes run.limit=200 run.batch_size=8".split()
+    cells = validate_sweep(["method=random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl,shortv_auto,redundancylens,"
+                            "shortv_fastv,redundancylens_fastv", "budget.kind=tokens", "budget.value=0.33,0.22,0.125",
+                            *settings])
+    assert len(cells) == 30
+    assert len(validate_sweep(["method=shortv", "method.params.layers=auto", "method.params.N=0", "budget.kind=tokens",
+                               "budget.value=0.33,0.22,0.125", *settings])) == 3
