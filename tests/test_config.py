@@ -117,3 +117,40 @@ def test_shortv_auto_preset_is_the_same_cell_as_its_overrides(extra):
     assert preset.method == long.method
     assert record_key(resolved(preset)) == record_key(resolved(long))
     assert validate(preset).params() == validate(long).params()
+
+
+# ---- calibration settings of cells that calibrate on first use -----------------------------------------------
+def _calibrating(*extra):
+    from harness.config import validate_against_model
+
+    cfg = compose_config(["model=tiny", "method=shortv", "method.params.layers=auto", "method.params.N=2", *extra])
+    return validate_against_model(cfg, validate(cfg))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("extra, key", [
+    (["calibration.dir={file}"], "calibration.dir={file}: not a directory"),
+    (["calibration.dir={file}/sub"], "calibration.dir={file}/sub: cannot be created"),
+    (["calibration.n=100000000"], "calibration.n=100000000: the calibration split shapes:val has only 500"),
+    (["calibration.n=501"], "calibration.n=501:"),
+    (["calibration.split=test", "calibration.n=501"], "calibration.n=501: the calibration split shapes:test"),
+])
+def test_calibration_settings_are_checked_before_the_model_loads(extra, key, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as e:
+        _calibrating(*[x.format(file=f) for x in extra])
+    assert str(e.value).startswith(key.format(file=f)), str(e.value)
+    assert f.read_text() == "x" and not (tmp_path / "afile" / "sub").exists()
+
+
+def test_calibration_settings_matter_only_for_cells_that_calibrate(tmp_path):
+    from harness.config import validate_against_model
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _calibrating("calibration.n=500", f"calibration.dir={tmp_path / 'new' / 'dir'}")  # creatable, fits
+    assert not (tmp_path / "new").exists()
+    for method in (["method=fastv"], ["method=shortv", "method.params.layers=[1,2]", "method.params.N=2"]):
+        cfg = compose_config(["model=tiny", *method, f"calibration.dir={f}", "calibration.n=100000000"])
+        validate_against_model(cfg, validate(cfg))

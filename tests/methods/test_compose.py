@@ -266,3 +266,14 @@ def test_flops_cli_prints_the_composition_and_its_ratio():
     assert "2.53 TFLOPs = 29.7 % of 8.50 (none)" in render(r)
     r = compute(["model=llava15_7b", "method=shortv_fastv", "method.params.members.1.params.R=0.5"], convention="shortv")
     assert round(100 * r["conventions"]["shortv"]["ratio"]) == 34
+
+
+@pytest.mark.bad_input
+def test_member_parameter_errors_name_the_member_key():
+    import methods
+    from methods.base import MethodError
+
+    members = [{"name": "shortv", "params": {"layers": [3], "N": 1}}, {"name": "fastv", "params": {"keep": 0}}]
+    with pytest.raises(MethodError) as e:
+        methods.build("compose", {"members": members})
+    assert str(e.value).startswith("method.params.members.1.params.keep=0: compose: members[1] (fastv): fastv: keep")

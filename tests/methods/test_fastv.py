@@ -116,7 +116,7 @@ def test_paper_flops_baseline():
 @pytest.mark.parametrize(
     "params,match",
     [({"K": 0}, "K must be an integer >= 1"), ({"R": 1.0}, r"R must be in \[0, 1\)"),
-     ({"R": -0.1}, "R must be in"), ({"keep": -1}, "keep must be a non-negative"),
+     ({"R": -0.1}, "R must be in"), ({"keep": -1}, "keep must be an integer >= 1"),
      ({"positions": "shift"}, "positions must be"), ({"foo": 1}, "has no parameter")],
 )
 def test_bad_params(params, match):
@@ -138,3 +138,18 @@ def test_config_file_builds():
     assert cfg["name"] == "fastv"
     m = methods.build(cfg["name"], cfg["params"])
     assert (m.K, m.R) == (2, 0.5)
+
+
+# ---- ranges: every integer parameter, errors led by the key -----------------------------------------------
+@pytest.mark.bad_input
+@pytest.mark.parametrize("param, value", [("keep", 0), ("keep", -1), ("keep", 2.5), ("keep", True),
+                                          ("K", 0), ("K", -1), ("K", 2.5), ("K", True)])
+def test_integer_parameters_out_of_range_are_named(param, value):
+    with pytest.raises(MethodError) as e:
+        methods.build("fastv", {param: value})
+    shown = methods.show(value)
+    assert str(e.value).startswith(f"method.params.{param}={shown}: fastv: "), str(e.value)
+
+
+def test_keep_of_one_is_valid():
+    assert methods.build("fastv", {"keep": 1}).keep == 1

@@ -83,7 +83,7 @@ def test_counted_flops_equal_analytic(params):
 @pytest.mark.parametrize(
     "params,match",
     [({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"), ({"keep_ratio": 1.5}, "keep_ratio must be"),
-     ({"keep": -2}, "keep must be a non-negative"), ({"seed": "a"}, "seed must be an integer"),
+     ({"keep": -2}, "keep must be an integer >= 1"), ({"seed": "a"}, "seed must be an integer"),
      ({"positions": "x"}, "positions must be")],
 )
 def test_bad_params(params, match):
@@ -101,3 +101,23 @@ def test_config_file_builds():
     cfg = yaml.safe_load((ROOT / "conf/method/random.yaml").read_text())
     m = methods.build(cfg["name"], cfg["params"])
     assert (m.name, m.keep_ratio, m.seed) == ("random", 0.1, 0)
+
+
+# ---- ranges: seeds in [0, 2^32-1], keep >= 1, errors led by the key --------------------------------------
+@pytest.mark.bad_input
+@pytest.mark.parametrize("param, value", [("seed", -1), ("seed", 2**32), ("seed", 2.5), ("seed", True),
+                                          ("keep", 0), ("keep", -3), ("keep", 2.5), ("keep", True)])
+def test_integer_parameters_out_of_range_are_named(param, value):
+    import methods
+    from methods.base import MethodError
+
+    with pytest.raises(MethodError) as e:
+        methods.build("random", {param: value})
+    assert str(e.value).startswith(f"method.params.{param}={methods.show(value)}: random: "), str(e.value)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_range_ends_are_valid(seed):
+    import methods
+
+    assert methods.build("random", {"seed": seed, "keep": 1}).seed == seed

@@ -256,3 +256,15 @@ def test_method_yaml_builds():
     cfg = OmegaConf.load(ROOT / "conf" / "method" / "redundancylens.yaml")
     m = methods.build(cfg.name, OmegaConf.to_container(cfg.params))
     assert m.resolved_layers(32) == ([], [])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", [-1, 2**32, True, 2.5])
+def test_seed_out_of_range_is_named(value):
+    import methods
+    from methods.base import MethodError
+
+    with pytest.raises(MethodError) as e:
+        methods.build("redundancylens", {"seed": value})
+    assert str(e.value).startswith(f"method.params.seed={methods.show(value)}: redundancylens: "), str(e.value)
+    assert methods.build("redundancylens", {"seed": 2**32 - 1}).seed == 2**32 - 1

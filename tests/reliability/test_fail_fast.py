@@ -167,6 +167,33 @@ def test_nested_method_parameters_refuse_non_finite_values(args, tmp_path, capsy
     (["run.force=maybe"], "run.force", "maybe"),
     (["calibration.benchmark=nosuch"], "calibration.benchmark", "nosuch"),
     (["model.arch.text_config.rms_norm_eps=nan", "model=llava15_7b"], "model.arch", ""),
+    # the budget audit: counts must be whole, explicit parameters a budget sets are refused, ranges, keys
+    (["method=fastv", "budget.kind=tokens", "budget.value=1.5"], "budget.value", "1.5"),
+    (["method=tome", "budget.kind=tokens", "budget.value=2.5"], "budget.value", "2.5"),
+    (["method=tome", "method.params.prompt_tokens=1.5"], "method.params.prompt_tokens", "1.5"),
+    (["method=fastv", "method.params.keep=10", "budget.kind=tokens", "budget.value=0.33"], "method.params.keep", "10"),
+    (["method=random", "method.params.keep_ratio=0.5", "budget.kind=tokens", "budget.value=8"],
+     "method.params.keep_ratio", "0.5"),
+    (["method=shortv_fastv", "method.params.members.1.params.keep=10", "budget.kind=tokens", "budget.value=0.33"],
+     "method.params.members.1.params.keep", "10"),
+    (["method=random", "method.params.seed=-1"], "method.params.seed", "-1"),
+    (["method=random", "method.params.seed=4294967296"], "method.params.seed", "4294967296"),
+    (["method=redundancylens", "method.params.seed=-1"], "method.params.seed", "-1"),
+    (["method=fastv", "method.params.keep=0"], "method.params.keep", "0"),
+    (["method=random", "method.params.keep=0"], "method.params.keep", "0"),
+    (["method=fastv", "method.params.keep=2.5"], "method.params.keep", "2.5"),
+    (["method=ficoco_l", "method.params.final_tokens=1.5"], "method.params.final_tokens", "1.5"),
+    (["method=fastv", "method.params.K=0"], "method.params.K", "0"),
+    (["method=fastv", "method.params.K=8"], "method.params.K", "8"),                # past the model's 8 layers
+    (["method=ficoco_v", "method.params.tokens=0"], "method.params.tokens", "0"),
+    (["method=shortv", "method.params.layers=auto", "method.params.N=2", "calibration.dir=/etc/hostname"],
+     "calibration.dir", "/etc/hostname"),
+    (["method=shortv", "method.params.layers=auto", "method.params.N=2", "calibration.dir=/etc/hostname/sub"],
+     "calibration.dir", "/etc/hostname/sub"),
+    (["method=shortv", "method.params.layers=auto", "method.params.N=2", "calibration.n=100000000"],
+     "calibration.n", "100000000"),
+    (["method=redundancylens_fastv", "calibration.n=501", "budget.kind=tokens", "budget.value=0.33"],
+     "calibration.n", "501"),
 ])
 def test_named_bad_inputs(extra, key, value, args, tmp_path, capsys, no_model_load):
     rc = run_one(args + extra)
@@ -256,7 +283,12 @@ def test_sweep_with_a_bad_cell_runs_nothing(args, tmp_path, capsys, monkeypatch,
     monkeypatch.setenv("VTBENCH_OUTPUTS", str(tmp_path / "hydra"))
     for bad in (["method=fastv", "method.params.K=2,8"], ["method=fastv", "method.params.R=0.5,nan"],
                 ["method=none,fastv", "run.seed=0,-1"], ["method=none", "run.device=cpu,cuda:99"],
-                ["method=fastv", "budget.kind=tokens", "budget.value=0.5,65"]):
+                ["method=fastv", "budget.kind=tokens", "budget.value=0.5,65"],
+                ["method=fastv,random", "budget.kind=tokens", "budget.value=0.5,1.5"],
+                ["method=fastv", "method.params.keep=null,10", "budget.kind=tokens", "budget.value=0.5"],
+                ["method=random", "method.params.seed=0,-1"], ["method=fastv,random", "method.params.keep=1,0"],
+                ["method=shortv", "method.params.layers=auto", "method.params.N=2", "calibration.n=40,100000000"],
+                ["method=fastv,shortv_auto", "budget.kind=tokens", "budget.value=0.5", "calibration.dir=/etc/hostname"]):
         rc = run_multirun(args + bad)
         line = one_line_error(capsys, rc)
         assert "=" in line, line
