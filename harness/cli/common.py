@@ -108,25 +108,9 @@ def creatable_dir(text: str) -> str:
 
 
 def dir_problem(path: str) -> str | None:
-    """Why `path` cannot be used as an output directory (None when it can): a file in its place or on its
-    way, or a nearest existing ancestor that is not writable."""
-    import os
+    from harness.paths import dir_problem as problem
 
-    p = os.path.abspath(path)
-    if os.path.exists(p):
-        if not os.path.isdir(p):
-            return "exists and is not a directory"
-        return None if os.access(p, os.W_OK | os.X_OK) else "directory is not writable"
-    parent = os.path.dirname(p)
-    while parent and not os.path.exists(parent):
-        if os.path.dirname(parent) == parent:
-            break
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: {parent} is not writable"
-    return None
+    return problem(path)
 
 
 def plain_name(text: str) -> str:
