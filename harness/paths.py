@@ -11,14 +11,14 @@ def dir_problem(path: str) -> str | None:
     if os.path.exists(p):
         if not os.path.isdir(p):
             return "exists and is not a directory"
-        return None if os.access(p, os.W_OK | os.X_OK) else "directory is not writable"
+        return None if os.access(p, os.W_OK | os.X_OK) else "a directory that is not writable (Permission denied)"
     parent = os.path.dirname(p)
     while parent and not os.path.exists(parent):
         if os.path.dirname(parent) == parent:
             break
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is not a directory"
+        return f"cannot be created: {parent}: Not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: {parent} is not writable"
+        return f"cannot be created: {parent}: Permission denied"
     return None
