@@ -43,6 +43,43 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
+def parse_model_args(text: str) -> dict[str, str]:
+    """`key=value,key=value` (lmms-eval's `--model_args`) as {key: raw value}; commas inside quotes,
+    brackets or braces do not split. A malformed item (no `=`, empty key, empty item) or a key given twice
+    raises ValueError naming it."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    items, cur, depth, quote = [], [], 0, None
+    for i, ch in enumerate(text):
+        if ch in ("'", '"') and (i == 0 or text[i - 1] != "\\"):
+            quote = ch if quote is None else (None if ch == quote else quote)
+        elif quote is None and ch in "[{":
+            depth += 1
+        elif quote is None and ch in "]}":
+            depth -= 1
+        elif quote is None and depth == 0 and ch == ",":
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur))
+    out: dict[str, str] = {}
+    for item in items:
+        if not item.strip():
+            raise ValueError(f"--model_args {text!r}: empty item (a stray comma)")
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"--model_args {item.strip()!r}: expected key=value")
+        if not key:
+            raise ValueError(f"--model_args {item.strip()!r}: empty key")
+        if key in out:
+            raise ValueError(f"--model_args {key}: given twice ({key}={out[key]}, {key}={value.strip()})")
+        out[key] = value.strip()
+    return out
+
+
 class VTBenchLMM(_LmmsBase):
     is_simple = True
 
@@ -99,6 +136,36 @@ class VTBenchLMM(_LmmsBase):
         self.n_generated = 0
 
     # ---- construction from the lmms-eval CLI ------------------------------------------------------
+    #: constructor arguments that `--model_args` may set (typed as lmms-eval types them); any other key is
+    #: a vtbench config override, passed on as written (`model.pretrained=007` stays `007`)
+    _INIT_ARGS = ("max_new_tokens", "chat_template", "progress")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lmms-eval's public constructor hook (`--model_args`), parsed strictly: every comma-separated item
+        (commas inside quotes, brackets or braces do not split) is `key=value` with a non-empty key given
+        once, and not one lmms-eval passes itself (`--batch_size`; `--device`, `--max_batch_size` when given). Bad input is one
+        `vtbench: error:` line and exit 2 (lmms-eval's parser would end in a ValueError and exit 0)."""
+        import sys
+
+        from lmms_eval.utils import handle_arg_string
+
+        try:
+            kwargs = parse_model_args(arg_string)
+            extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+            for k in kwargs:
+                if k in extra:  # e.g. batch_size, which lmms-eval always passes (`--batch_size`, default 1)
+                    raise ValueError(f"--model_args {k}={kwargs[k]}: also set by lmms-eval's --{k} ({extra[k]}); "
+                                     f"give it once, with --{k}")
+                if k in ("processor", "adapter", "on_batch"):
+                    raise ValueError(f"--model_args {k}={kwargs[k]}: not a command-line argument")
+        except ValueError as e:
+            print(f"vtbench: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        typed = {k: (handle_arg_string(v) if k in cls._INIT_ARGS + ("max_batch_size",) else v)
+                 for k, v in kwargs.items()}
+        return cls(**typed, **extra)
+
     @staticmethod
     def _build_from_overrides(overrides: dict, device: str | None, batch_size, max_batch_size):
         """Model, processor, adapter and batch size from the lmms-eval CLI's `--model_args` (vtbench config
@@ -108,6 +175,7 @@ class VTBenchLMM(_LmmsBase):
         batch size is a setting of the cell, not searched for), capped by `--max_batch_size`. Bad input
         ends lmms-eval in one line with exit 2 and a failed load with exit 1: lmms-eval itself would log
         the error and exit 0."""
+        import re
         import sys
 
         from harness.errors import bad_input_errors, error_line, failure_reason
@@ -122,12 +190,13 @@ class VTBenchLMM(_LmmsBase):
             method = validate(cfg)
             method, _, budget = validate_against_model(cfg, method)
             bs = str(batch_size).strip()
-            if bs.startswith("auto"):
+            auto = re.fullmatch(r"auto(?::(\d+))?", bs)
+            if auto and (auto.group(1) is None or int(auto.group(1)) >= 1):
                 bs = cfg.run.batch_size if max_batch_size is None else min(cfg.run.batch_size, int(max_batch_size))
             elif not bs.isdigit() or int(bs) < 1:
                 from harness.config import ConfigError
 
-                raise ConfigError(f"--batch_size={batch_size!r}: a positive integer, auto or auto:N")
+                raise ConfigError(f"--batch_size={batch_size!r}: a positive integer, auto or auto:N with N >= 1")
             model, processor, adapter = load_model(cfg.model, cfg.run.device, cfg.run.dtype)
             method.validate(adapter)
             method.apply(model, adapter)

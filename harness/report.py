@@ -258,8 +258,10 @@ def build_tables(store_dir: str):
 
     import pandas as pd
 
-    from harness.results import comparison_group, load
+    from harness.results import StoreError, comparison_group, load
 
+    if not str(store_dir).strip():  # `load("")` would read $VTBENCH_STORE, the records the current directory
+        raise StoreError("store: empty path")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         df = load(store_dir)
@@ -271,7 +273,7 @@ def build_tables(store_dir: str):
     for gid, g in df.groupby("group", sort=False):
         g = _one_per_setting(g)
         first = g.iloc[0]
-        gkey = Group(*(str(first[c]) for c in ("model", "benchmark", "limit", "seed")), variants[gid])
+        gkey = Group(*(num_label(first[c]) for c in ("model", "benchmark", "limit", "seed")), variants[gid])
         base = g[g["method"] == "none"]
         base_row = base.iloc[0] if len(base) else None
         base_rec = recs.get(base_row["key"]) if base_row is not None else None
@@ -374,7 +376,26 @@ def _budget_label(raw) -> str:
         return "-"
     unit = "tokens" if b["kind"] == "tokens" else "FLOPs"
     v = b["value"]
-    return f"{v:g} {unit}" if v > 1 else f"{100 * v:g}% {unit}"
+    return f"{num_label(v)} {unit}" if v > 1 else f"{num_label(100 * v)}% {unit}"
+
+
+def num_label(v, digits: int = 4) -> str:
+    """A number as a label or file-name part: integers as integers (`8`, never `8.0` from a pandas float
+    column), others with `digits` significant digits and no exponent (`1e-07` -> `0.0000001`); NaN and
+    None as `None`, anything else as `str`."""
+    if v is None or isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if v != v:
+            return "None"
+        if np.isinf(v):
+            return str(float(v))
+        if float(v).is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return np.format_float_positional(float(v), precision=digits, unique=True, fractional=False, trim="-")
+    return str(v)
 
 
 def _budget_value(label: str) -> float:

@@ -46,5 +46,9 @@ def load_tasks(task: str, include_path: str | None):
         task_dict = get_task_dict([task], tm)
     except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BenchmarkDataError(f"cannot load data of task {task!r}: {type(e).__name__}: {first}") from None
+        import os
+
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
+        hint = f" (offline: {'/'.join(offline)} set and the data is not in the Hugging Face cache)" if offline else ""
+        raise BenchmarkDataError(f"cannot load data of task {task!r}{hint}: {type(e).__name__}: {first}") from None
     return tm, task_dict

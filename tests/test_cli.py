@@ -54,3 +54,34 @@ def test_hub_id_while_offline(tmp_path):
 def test_help_lists_groups(tmp_path):
     out, _ = _run(["--help"], tmp_path)
     assert out.returncode == 0 and "method=" in out.stdout and "shapes" in out.stdout
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("sweep", [False, True])
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_unusable_wandb_dir_is_bad_input_before_the_model_loads(where, sweep, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    args = ["model=tiny", "logger=wandb", "logger.mode=offline", f"logger.dir={tmp_path / where}", "run.limit=2"]
+    if sweep:
+        args = ["-m", *args, "method=none,fastv"]
+    env = dict(os.environ, WANDB_MODE="offline")
+    t = time.perf_counter()
+    out = subprocess.run([VTBENCH, *args, f"store.dir={tmp_path / 'store'}"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=env)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("vtbench: error: logger.dir=") and where in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and time.perf_counter() - t < 30
+    assert not (tmp_path / "store").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.bad_input
+def test_hydra_flag_error_has_the_vtbench_prefix(tmp_path):
+    out = subprocess.run([VTBENCH, "--cfg", "job", "-p", "nonexist.key"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(lines) == 1 and lines[0].startswith("vtbench: error: --package=nonexist.key"), out.stderr
+    good = subprocess.run([VTBENCH, "--cfg", "job", "-p", "run"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert good.returncode == 0 and "limit" in good.stdout and good.stderr == "", good.stderr

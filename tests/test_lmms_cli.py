@@ -71,3 +71,36 @@ def test_a_failed_load_fails_lmms_eval(lmms_env, tmp_path, model_args, code, mes
                 tmp_path, env)
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("vtbench:")]
     assert out.returncode == code and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["--model_args", "model"], "--model_args 'model': expected key=value"),
+    (["--model_args", "=tiny"], "--model_args '=tiny': empty key"),
+    (["--model_args", "model=tiny,,method=fastv"], "empty item"),
+    (["--model_args", "model=tiny,model=tiny"], "--model_args model: given twice"),
+    (["--model_args", "model=tiny,batch_size=2"], "--model_args batch_size=2"),
+    (["--model_args", "model=tiny", "--batch_size", "auto:0"], "--batch_size='auto:0'"),
+    (["--model_args", "model=tiny", "--batch_size", "autox"], "--batch_size='autox'"),
+], ids=["no-equals", "empty-key", "empty-item", "duplicate", "batch-size-twice", "auto-0", "auto-junk"])
+def test_malformed_model_args_and_batch_size_are_one_line_exit_2(lmms_env, tmp_path, args, message):
+    env, include = lmms_env
+    out = _lmms([*args, "--include_path", include, "--tasks", "vtbench_shapes", "--limit", "4",
+                 "--output_path", str(tmp_path / "out")], tmp_path, env)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("vtbench:")]
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert lines[0].startswith("vtbench: error:") and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def test_model_args_parsing():
+    from harness.lmms_model import parse_model_args
+
+    assert parse_model_args("") == {}
+    assert parse_model_args("model=tiny, method=fastv,model.pretrained=007") == \
+        {"model": "tiny", "method": "fastv", "model.pretrained": "007"}
+    assert parse_model_args("method.params.layers=[1,2],x='a,b'") == {"method.params.layers": "[1,2]", "x": "'a,b'"}
+    for bad in ("model", "=x", "a=1,a=2", "a=1,", ",a=1"):
+        with pytest.raises(ValueError, match="--model_args"):
+            parse_model_args(bad)

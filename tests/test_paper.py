@@ -128,6 +128,7 @@ def test_samples_are_seeded():
 
 
 def test_figures_written_and_deterministic(tiny_checkpoint, tmp_path):
+    (tmp_path / "empty-store").mkdir()  # a store given explicitly must exist (a missing one is bad input)
     args = ["--part", "figures", "--model", "tiny", "--model-override", f"model.pretrained={tiny_checkpoint}",
             "--store", str(tmp_path / "empty-store"), "--samples", "4"]
     assert paper_cli.main(args + ["--out", str(tmp_path / "a")]) == 0

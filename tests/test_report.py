@@ -79,3 +79,26 @@ def test_latex_escape_is_pandas_latex_escaping_without_its_private_api():
     tex = pd.DataFrame({"t": texts}).style.format(escape="latex").hide(axis="index").hide(axis="columns").to_latex()
     rows = [line.removesuffix(" \\\\") for line in tex.splitlines()[1:-1]]
     assert [latex_escape(t) for t in texts] == rows
+
+
+def test_integers_print_as_integers_in_titles_file_names_and_budgets(tmp_path):
+    """A pandas float column made `run.limit=8` "first 8.0 samples" / `tiny_shapes_limit8.0.*`, and a 1e-9
+    FLOPs budget "1e-07% FLOPs"."""
+    from harness.report import _budget_label, num_label
+
+    store = ResultsStore(tmp_path / "store")
+    store.write(_rec("k0", "none", [1, 1, 1, 0], ["a", "b", "c", "d"], 4e9, limit=8))
+    store.write(_rec("k1", "fastv", [1, 0, 1, 0], ["a", "x", "c", "d"], 2e9, {"R": 0.5}, limit=8))
+    store.write(_rec("k2", "none", [1, 1], ["a", "b"], 4e9))  # a group without limit: a NaN in the column
+    tables, _ = build_tables(str(tmp_path / "store"))
+    limited = [g for g in tables if g.limit != "None"]
+    assert [g.title for g in limited] == ["shapes on tiny (first 8 samples)"]
+    assert limited[0].stem == "tiny_shapes_limit8"
+    names = {p.name for p in write_outputs(tables, str(tmp_path / "out"), ("md",), figures=False)}
+    assert "tiny_shapes_limit8.md" in names and not any("8.0" in n for n in names)
+    assert _budget_label({"kind": "flops", "value": 1e-9}) == "0.0000001% FLOPs"
+    assert _budget_label({"kind": "flops", "value": 0.07}) == "7% FLOPs"
+    assert _budget_label({"kind": "tokens", "value": 64}) == "64 tokens"
+    assert _budget_label({"kind": "tokens", "value": 0.333333}) == "33.33% tokens"
+    assert [num_label(x) for x in (8.0, np.float64(3), np.int64(5), float("nan"), None, 0.5, "tiny")] == \
+        ["8", "3", "5", "None", "None", "0.5", "tiny"]

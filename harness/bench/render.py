@@ -372,11 +372,15 @@ def bench_meta(spec: Spec, machine: str, command: str, clock: str, model: str) -
 
 
 def write_report(res: dict, stem: Path) -> dict:
-    """`<stem>.md` (the report), `.json` (everything) and `.csv` (the methods table, when run); the paths."""
+    """`<stem>.md` (the report), `.json` (everything) and `.csv` (the methods table, when run); the paths.
+    The suffixes are appended, never substituted (a machine named `v1.2` keeps its `.2`)."""
+    stem = Path(stem)
+    if stem.name in ("", ".", ".."):
+        raise ValueError(f"bench report name {str(stem)!r}: not a file name")
+    path = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("md", "json", "csv")}
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(render(res))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    path["md"].write_text(render(res))
+    path["json"].write_text(json.dumps(res, indent=1, default=str))
     if "methods" in res:
-        write_csv(stem.with_suffix(".csv"), res["methods"]["rows"])
-    return {"md": str(stem.with_suffix(".md")), "json": str(stem.with_suffix(".json")),
-            "csv": str(stem.with_suffix(".csv")) if "methods" in res else None}
+        write_csv(path["csv"], res["methods"]["rows"])
+    return {"md": str(path["md"]), "json": str(path["json"]), "csv": str(path["csv"]) if "methods" in res else None}

@@ -21,26 +21,27 @@ from harness.bench.setup import ALL_METHODS, COMPOSITIONS, METHODS, PARTS, Spec,
 
 
 def _parser():
-    from harness.cli.common import ArgumentParser, positive_int
+    from harness.cli.common import ArgumentParser, creatable_dir, name_list, nonempty, plain_name, positive_int
 
     ap = ArgumentParser(prog="vtbench-bench", description=harness.bench.__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default="results/bench", type=creatable_dir)
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 repetition (smoke test)")
     ap.add_argument("--repeats", type=positive_int, default=None, help="prefill repetitions (default 5; generate: 3/5 of it)")
-    ap.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: all; "
+    ap.add_argument("--parts", default=None, type=name_list, help=f"comma-separated subset of {','.join(PARTS)} (default: all; "
                     f"with --gpu-full: {','.join(GPU_PARTS)})")
-    ap.add_argument("--methods", default=None, help=f"methods of the methods part (default: {','.join(METHODS)}; "
+    ap.add_argument("--methods", default=None, type=name_list, help=f"methods of the methods part (default: {','.join(METHODS)}; "
                     f"with --gpu-full also {','.join(COMPOSITIONS)})")
-    ap.add_argument("--batch-methods", default=None, help="methods of the batch part (default: none; with "
+    ap.add_argument("--batch-methods", default=None, type=name_list, help="methods of the batch part (default: none; with "
                     f"--gpu-full: {','.join(GPU_BATCH_METHODS)})")
-    ap.add_argument("--flops-methods", default=None, help="methods of the flops part (default: --methods)")
+    ap.add_argument("--flops-methods", default=None, type=name_list, help="methods of the flops part (default: --methods)")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default 2 on CPU)")
-    ap.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    ap.add_argument("--device", default=None, type=nonempty, help="cpu (default), cuda, cuda:N")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (use with --threads 1 on a shared machine)")
-    ap.add_argument("--arch", default=None, help="full architecture from conf/model (llava15_7b, llava_next_7b, ...; "
+    ap.add_argument("--arch", default=None, type=nonempty, help="full architecture from conf/model (llava15_7b, llava_next_7b, ...; "
                     "GPU); with --gpu-full a comma-separated list (default: " + ",".join(GPU_ARCHS) + ")")
-    ap.add_argument("--machine", default=None, help="report name (default: the CPU/GPU model)")
+    ap.add_argument("--machine", default=None, type=plain_name,
+                    help="report name, a folder under --out (default: the CPU/GPU model)")
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
                     help="override a size of the random model (build_tiny argument), e.g. num_layers=8")
     ap.add_argument("--gpu-full", action="store_true",
@@ -52,20 +53,20 @@ def _parser():
     return ap
 
 
-def _names(text: str | None, default, ap, what: str) -> list[str]:
-    """A comma-separated method list with `none` first (the reference); unknown names are bad input."""
-    names = [m.strip() for m in (text or ",".join(default)).split(",") if m.strip()]
+def _names(given: list[str] | None, default, ap, what: str) -> list[str]:
+    """A method list (`--methods a,b`) with `none` first (the reference); unknown names are bad input."""
+    names = list(given) if given is not None else list(default)
     bad = [n for n in names if n not in ALL_METHODS]
     if bad:
         ap.error(f"{what} {','.join(bad)}: unknown method(s); choose from {', '.join(ALL_METHODS)}")
     return ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
 
 
-def _parts(text: str | None, allowed, ap) -> list[str]:
-    parts = [p.strip() for p in (text or ",".join(allowed)).split(",") if p.strip()]
+def _parts(given: list[str] | None, allowed, ap) -> list[str]:
+    parts = list(given) if given is not None else list(allowed)
     bad = [p for p in parts if p not in allowed]
     if bad:
-        ap.error(f"unknown part(s) {bad}; choose from {', '.join(allowed)}")
+        ap.error(f"--parts {','.join(bad)}: unknown part(s); choose from {', '.join(allowed)}")
     return parts
 
 
@@ -93,6 +94,10 @@ def run(argv: list[str] | None = None) -> dict:
             ap.error(f"--arch {e}")
     parts = _parts(a.parts, PARTS, ap)
     names = _names(a.methods, METHODS, ap, "--methods")
+    batch_names = _names(a.batch_methods, ("none",), ap, "--batch-methods")  # every list checked up front
+    fm = list(a.flops_methods) if a.flops_methods is not None else [n for n in names if n in METHODS]
+    if any(m not in METHODS for m in fm):  # the compositions have no `vtbench-flops` overrides here
+        ap.error(f"--flops-methods {','.join(m for m in fm if m not in METHODS)}: choose from {', '.join(METHODS)}")
     spec = Spec.make(a.quick, a.repeats, a.threads, device)
     for kv in a.model_arg:
         k, _, v = kv.partition("=")
@@ -110,9 +115,6 @@ def run(argv: list[str] | None = None) -> dict:
         spec, a.machine or machine_name(spec.device), command, a.clock,
         a.arch or "random LLaVA-1.5-shaped " + ", ".join(f"{k}={v}" for k, v in spec.model.items()))}
     if "flops" in parts:  # first: a command-line tool's speed on the machine before the timing parts load it
-        fm = [m.strip() for m in (a.flops_methods or ",".join(n for n in names if n in METHODS)).split(",") if m.strip()]
-        if any(m not in METHODS for m in fm):  # the compositions have no `vtbench-flops` overrides here
-            ap.error(f"--flops-methods {','.join(m for m in fm if m not in METHODS)}: choose from {', '.join(METHODS)}")
         res["flops"] = bench.flops(fm, repeats=1 if spec.quick else 3)
     if "overhead" in parts:
         res["overhead"] = bench.overhead()
@@ -121,7 +123,7 @@ def run(argv: list[str] | None = None) -> dict:
     if "scores" in parts:
         res["scores"] = bench.scores()
     if "batch" in parts:
-        res["batch"] = bench.batch(_names(a.batch_methods, ("none",), ap, "--batch-methods"))
+        res["batch"] = bench.batch(batch_names)
     CLOCK[0] = time.perf_counter
     res["meta"]["loadavg_end"] = loadavg()
     res["meta"]["wall_seconds"] = round(time.perf_counter() - t0, 1)

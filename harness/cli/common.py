@@ -72,3 +72,61 @@ def choices_list(allowed) -> callable:
         return items
 
     return parse
+
+
+# ---- path and name options: an empty value is never "the default" or "the current directory" ----------
+def nonempty(text: str) -> str:
+    """Any non-empty text (an empty value of an option is bad input, never a silent default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: empty value")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A directory that exists (a store to read, a folder of figures): missing or a file is bad input."""
+    import os
+
+    nonempty(text)
+    path = os.path.expanduser(text)
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such directory")
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a directory")
+    return text
+
+
+def creatable_dir(text: str) -> str:
+    """An output directory: non-empty, a directory if it exists, otherwise creatable (its nearest existing
+    ancestor is a writable directory)."""
+    import os
+
+    nonempty(text)
+    problem = dir_problem(os.path.expanduser(text))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+def dir_problem(path: str) -> str | None:
+    from harness.paths import dir_problem as problem
+
+    return problem(path)
+
+
+def plain_name(text: str) -> str:
+    """A single path component (a report name under --out): not empty, no separator, not '.' or '..'."""
+    import os
+
+    nonempty(text)
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(s in text for s in seps) or text.strip() in (".", "..") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a plain name (no path separator, not '.' or '..')")
+    return text
+
+
+def name_list(text: str) -> list[str]:
+    """A comma-separated, non-empty list of names (checked against what is allowed by the caller)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty list")
+    return items

@@ -119,15 +119,30 @@ def run_hydra_flags(argv: list[str]) -> int:
     def _entry(cfg):  # pragma: no cover - these flags never run the task
         raise RuntimeError("a Hydra flag ran the task")
 
+    import contextlib
+    import io
+
     old = sys.argv
     sys.argv = [old[0] if old and old[0] else "vtbench", *argv]
+    err = io.StringIO()  # Hydra writes its own errors (e.g. `package 'x' not found in config`) unprefixed
+    code = 0
     try:
-        _entry()
+        with contextlib.redirect_stderr(err):
+            _entry()
     except SystemExit as e:  # Hydra reports its own errors and exits 1
-        return EXIT_BAD_INPUT if e.code not in (0, None) else 0
+        code = EXIT_BAD_INPUT if e.code not in (0, None) else 0
     finally:
         sys.argv = old
-    return 0
+    text = err.getvalue()
+    if code:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = lines[0] if lines else "Hydra refused the flags"
+        if args.package is not None and "package" in why:
+            why = f"--package={args.package}: {why}"
+        print(f"vtbench: error: {why}", file=sys.stderr, flush=True)
+    elif text:
+        sys.stderr.write(text)
+    return code
 
 
 def save_hydra_dir(overrides: list[str]) -> str | None:

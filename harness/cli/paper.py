@@ -16,15 +16,17 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     import os
 
-    from harness.cli.common import ArgumentParser, choices_list, non_negative_int, positive_int
+    from harness.cli.common import (ArgumentParser, choices_list, creatable_dir, existing_dir, non_negative_int,
+                                    nonempty, positive_int)
 
     ap = ArgumentParser(prog="vtbench-paper", description=paper.__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="results/paper")
+    ap.add_argument("--out", default="results/paper", type=creatable_dir)
     ap.add_argument("--part", choices=("flops", "figures", "all"), default="all")
-    ap.add_argument("--model", default="tiny", help="model config for the figures (conf/model/<name>.yaml)")
-    ap.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--model", default="tiny", type=nonempty, help="model config for the figures (conf/model/<name>.yaml)")
+    ap.add_argument("--model-override", action="append", default=[], type=nonempty, metavar="KEY=VALUE",
                     help="extra vtbench overrides for the figure model, e.g. model.pretrained=DIR")
-    ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
+    ap.add_argument("--store", default=None, type=existing_dir,
+                    help="results store of the FiCoCo figure (default: $VTBENCH_STORE or runs/store)")
     ap.add_argument("--samples", type=positive_int, default=8)
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads for the figures (tiny models: 1 is fastest)")
@@ -32,6 +34,11 @@ def _main(argv: list[str] | None = None) -> int:
                     type=choices_list(("lc", "attention", "ficoco", "redundancylens")),
                     help="comma list of figures (lc, attention, ficoco, redundancylens)")
     args = ap.parse_args(argv)
+    args.store = args.store or os.environ.get("VTBENCH_STORE") or "runs/store"
+    if args.part in ("figures", "all"):  # the figure model's overrides, checked as `vtbench` does, before writing
+        from harness.config import validate
+
+        validate(paper.load_cfg(args.model, args.model_override))
     out = Path(args.out)
     written = []
     if args.part in ("flops", "all"):

@@ -1,5 +1,6 @@
 """`vtbench-prepare`: make a benchmark's lmms-eval task ready offline and print its include path
-(`harness.benchmarks.prepare`).
+(`harness.benchmarks.prepare`); an lmms-eval task's data is loaded (downloaded into the Hugging Face cache), so
+data that cannot be had (offline and not cached) is one line and exit 2, with nothing on stdout.
 
     vtbench-prepare [benchmark=shapes] [data_dir=PATH]      # Hydra-style overrides, as `vtbench`
 """
@@ -25,9 +26,19 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     cfg = compose_config(argv)
     validate(cfg, check_device=False)
-    task, include = prepare.prepare(cfg.benchmark, cfg.data_dir)
-    print(include or "")
-    print(f"# lmms-eval task: {task}", file=sys.stderr)
+    try:
+        task, include = prepare.prepare(cfg.benchmark, cfg.data_dir)
+        if not cfg.benchmark.get("builtin"):  # an lmms-eval task: its data must load (download or cache) now
+            from harness.tasks import _quiet_libraries, load_tasks
+
+            with _quiet_libraries():
+                load_tasks(task, include)
+    except prepare.BenchmarkDataError as e:
+        raise prepare.BenchmarkDataError(f"benchmark={cfg.benchmark.name}: {e}") from None
+    if include:  # nothing on stdout when the task needs no include path (built into lmms-eval)
+        print(include)
+    print(f"# lmms-eval task: {task}" + ("" if include else " (built into lmms-eval: no --include_path needed)"),
+          file=sys.stderr)
     return 0
 
 

@@ -14,14 +14,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from harness.cli.common import ArgumentParser, choices_list
+    from harness.cli.common import ArgumentParser, choices_list, creatable_dir, existing_dir
 
     ap = ArgumentParser(prog="vtbench-report", description=report.__doc__.split("\n\n")[0])
-    ap.add_argument("--store", default=os.environ.get("VTBENCH_STORE", "runs/store"))
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--store", default=None, type=existing_dir,
+                    help="results store (default: $VTBENCH_STORE or runs/store)")
+    ap.add_argument("--out", default="results", type=creatable_dir)
     ap.add_argument("--formats", default="md,csv,tex", type=choices_list(("md", "csv", "tex")))
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
+    args.store = args.store or os.environ.get("VTBENCH_STORE") or "runs/store"
     tables, corrupt = report.build_tables(args.store)
     for path, err in corrupt:
         print(f"vtbench-report: warning: skipped corrupt record {path} ({err})", file=sys.stderr)
