@@ -8,6 +8,7 @@ model's architecture on the meta device (seconds, no weights).
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -411,6 +412,12 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
         _str(cfg, "logger.dir", required=True)
         _str(cfg, "logger.group", null=True)
         _bool(cfg, "logger.log_samples")
+        if (os.environ.get("WANDB_MODE") or logger.mode) != "disabled":  # the W&B folder, before any model loads
+            from harness.paths import dir_problem
+
+            problem = dir_problem(os.path.expanduser(str(logger.dir)))
+            if problem:
+                raise ConfigError(f"logger.dir={logger.dir}: {problem}")
 
     # budget
     from harness.budget import BudgetError, check

@@ -109,9 +109,6 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     """Evaluate one cell and return its record (reusing a complete one unless `run.force`)."""
     t_start = time.perf_counter()
     method = validate(cfg)
-    from harness.wandb_log import check_dir
-
-    check_dir(cfg.get("logger"))  # (belongs in `validate`): a W&B folder that cannot be made, before the model loads
     conf = resolved(cfg)
     key = record_key(conf)
     store = ResultsStore(cfg.store.dir)

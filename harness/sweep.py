@@ -115,9 +115,6 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
     for combo in combos:
         cfg = compose_config(combo)
         method = validate(cfg, check_device=not elsewhere)
-        from harness.wandb_log import check_dir
-
-        check_dir(cfg.get("logger"))  # every cell's W&B folder, before any cell runs
         validate_against_model(cfg, method, cache=adapters)
         model_key = repr(sorted((k, str(v)) for k, v in cfg.model.items() if k in ("pretrained", "revision")))
         if not elsewhere and model_key not in checked_models:  # a missing checkpoint is bad input too

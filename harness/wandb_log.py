@@ -20,22 +20,6 @@ def _has_credentials() -> bool:
         return False
 
 
-def check_dir(logger_cfg) -> None:
-    """Bad input at validation, before any model loads: a W&B logger (not disabled) whose `logger.dir`
-    cannot be used as a folder (a file in its place or on its way, not writable). Raises ConfigError."""
-    if not logger_cfg or logger_cfg.get("name") != "wandb":
-        return
-    if (os.environ.get("WANDB_MODE") or logger_cfg.get("mode") or "offline") == "disabled":
-        return
-    from harness.config import ConfigError
-    from harness.paths import dir_problem
-
-    d = str(logger_cfg.get("dir") or "runs")
-    problem = dir_problem(os.path.expanduser(d))
-    if problem:
-        raise ConfigError(f"logger.dir={d}: {problem}")
-
-
 def effective_mode(mode: str) -> str:
     env = os.environ.get("WANDB_MODE")
     mode = env or mode or "offline"
