@@ -106,7 +106,7 @@ def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dic
             )
             return {"ranking": res["ranking"], "scores": res["rounds"], "base": res["base"]}
 
-        out[reduction] = load_or_compute(key_parts, compute, cfg.calibration.dir)
+        out[reduction] = load_or_compute(key_parts, compute, cfg.calibration.dir, num_layers=adapter.num_llm_layers)
     return out
 
 

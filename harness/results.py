@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from harness.schema import (PartialHeader, PartialRow, SchemaError, dumps_strict, identity_hash, loads_strict,
-                            parse_partial_line, validate_record)
+from harness.schema import (RECORD_SCHEMA, PartialHeader, PartialRow, SchemaError, dumps_sealed, dumps_strict,
+                            identity_hash, loads_sealed, parse_partial_line, validate_record)
 
 SCHEMA = 2
 
@@ -184,6 +184,7 @@ class ResultsStore:
         self.records = self.root / "records"
         self.partial = self.root / "partial"
         self.locks = self.root / "locks"
+        self._warned: set[str] = set()  # invalid record files already named (one warning per file)
 
     # ---- checks ------------------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -202,26 +203,28 @@ class ResultsStore:
         return self.records / f"{key}.json"
 
     def read(self, path: Path) -> dict:
-        """A validated record file; raises SchemaError (one line) for anything else."""
+        """A validated record file: sealed JSON (`harness.schema.loads_sealed`) that is a well-formed,
+        self-consistent record of its file name's key; raises SchemaError (one line) for anything else."""
         try:
-            rec = loads_strict(path.read_bytes())
+            data = path.read_bytes()
         except OSError as e:
             raise SchemaError(f"unreadable: {e.strerror or e}") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SchemaError(f"not valid JSON: {str(e).splitlines()[0]}") from None
-        return validate_record(rec, path.stem)
+        return validate_record(loads_sealed(data), path.stem)
 
     def get(self, key: str) -> dict | None:
         """The record of `key`, or None if absent. A file that is not a valid record of `key` is named
-        on stderr and treated as absent, so the cell is evaluated again (and the file replaced)."""
+        on stderr (once per store object) and treated as absent, so the cell is evaluated again (and the
+        file replaced)."""
         p = self.record_path(key)
         if not p.is_file():
             return None
         try:
             return self.read(p)
         except SchemaError as e:
-            print(f"[vtbench] warning: ignoring invalid record {p} ({e}); the cell is evaluated again",
-                  file=sys.stderr, flush=True)
+            if str(p) not in self._warned:
+                self._warned.add(str(p))
+                print(f"[vtbench] warning: ignoring invalid record {p} ({e}); the cell is evaluated again",
+                      file=sys.stderr, flush=True)
             return None
 
     def is_complete(self, key: str) -> bool:
@@ -231,12 +234,13 @@ class ResultsStore:
     def write(self, record: dict) -> Path:
         key = record["key"]
         path = self.record_path(key)
-        text = dumps_strict(record, indent=1, sort_keys=False)
-        validate_record(loads_strict(text), key)  # never write what no reader would accept
+        text = dumps_sealed({**record, "schema": RECORD_SCHEMA}, indent=1)
+        validate_record(loads_sealed(text), key)  # never write what no reader would accept
         try:
             atomic_write_text(path, text)
         except OSError as e:
             raise StoreError(f"cannot write record {path}: {e.strerror or e}") from None
+        self._warned.discard(str(path))
         self.clear_partial(key)
         return path
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from harness.config import resolved, validate, validate_against_model
 from harness.tasks import _quiet_libraries, load_tasks  # noqa: F401
 from harness.results import ResultsStore, cell_identity, record_key
+from harness.schema import RECORD_SCHEMA
 
 
 def _log(msg: str) -> None:
@@ -246,7 +247,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         first = next(iter(lm.failures.values()), "")
         status, error = "failed", f"all {len(samples)} samples failed (first: {first})"
     record = {
-        "schema": 1,
+        "schema": RECORD_SCHEMA,
         "key": key,
         "status": status,
         "error": error,
@@ -349,7 +350,7 @@ def write_failed(cfg: DictConfig, reason: str) -> None:
         return
     # the per-sample answers in partial/ are kept, so a retry resumes where the failure happened
     record = {
-        "schema": 1,
+        "schema": RECORD_SCHEMA,
         "key": key,
         "status": "failed",
         "error": reason,
@@ -357,12 +358,11 @@ def write_failed(cfg: DictConfig, reason: str) -> None:
         "cell": cell_identity(conf),
         "config": conf,
     }
-    import json
-
     from harness.results import atomic_write_text
+    from harness.schema import dumps_sealed
 
     try:
-        atomic_write_text(store.record_path(key), json.dumps(record, indent=1, default=str))
+        atomic_write_text(store.record_path(key), dumps_sealed(record, indent=1))
     except OSError as e:  # a full/unwritable store must not turn one failed cell into a crashed sweep
         _log(f"warning: cannot record the failure of cell {key}: {e.strerror or e}")
 

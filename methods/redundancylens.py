@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -143,7 +142,7 @@ class RedundancyLens(Method):
             self.require_full_attention(adapter)
 
     # ---- layers -------------------------------------------------------------------------------------------
-    def _ranking(self, path: str | None, num_layers: int) -> list[int]:
+    def _ranking(self, path: str | None, num_layers: int, field: str = "calibration") -> list[int]:
         if not path:
             raise MethodError(
                 "redundancylens: an 'auto' layer list needs a layer-ranking artefact: run through vtbench "
@@ -152,13 +151,18 @@ class RedundancyLens(Method):
         p = Path(path)
         if not p.is_file():
             raise MethodError(f"redundancylens: ranking artefact {p} not found (run vtbench-calibrate first)")
-        try:
-            ranking = [int(i) for i in json.loads(p.read_text())["ranking"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise MethodError(f"redundancylens: ranking artefact {p} is unreadable ({type(e).__name__}: {e})") from None
-        if sorted(ranking) != list(range(num_layers)):
-            raise MethodError(f"redundancylens: ranking artefact {p} ranks {len(ranking)} layers, the model has {num_layers}")
-        return ranking
+        from methods._shared.calibration import ArtefactError, read_artefact
+
+        try:  # sealed, untouched, rounds consistent with the ranking, for a model of this depth
+            art = read_artefact(p, num_layers=num_layers)
+        except ArtefactError as e:
+            raise MethodError(f"method.params.{field}={p}: invalid calibration artefact: {e}") from None
+        kind = field.rsplit("_", 1)[-1]
+        if (art["key_parts"].get("method"), art["key_parts"].get("kind")) != ("redundancylens", kind):
+            raise MethodError(f"method.params.{field}={p}: invalid calibration artefact: it is not a RedundancyLens "
+                              f"{kind} ranking (method={art['key_parts'].get('method')!r}, "
+                              f"kind={art['key_parts'].get('kind')!r})")
+        return list(art["ranking"])
 
     def budget_candidates(self, adapter) -> list:
         L = adapter.num_llm_layers
@@ -171,10 +175,11 @@ class RedundancyLens(Method):
     def resolved_layers(self, num_layers: int) -> tuple[list[int], list[int]]:
         """(hollow layers, FFN layers) for a model with `num_layers` LLM layers."""
         out = []
-        for layers, ratio, cal in ((self.hollow_layers, self.hollow_ratio, self.calibration_hollow),
-                                   (self.ffn_layers, self.ffn_ratio, self.calibration_ffn)):
+        for layers, ratio, cal, field in ((self.hollow_layers, self.hollow_ratio, self.calibration_hollow,
+                                           "calibration_hollow"),
+                                          (self.ffn_layers, self.ffn_ratio, self.calibration_ffn, "calibration_ffn")):
             if layers == "auto":
-                out.append(self._ranking(cal, num_layers)[: int(round(ratio * num_layers))])
+                out.append(self._ranking(cal, num_layers, field)[: int(round(ratio * num_layers))])
             else:
                 out.append(list(layers))
         return out[0], out[1]

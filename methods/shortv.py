@@ -19,7 +19,6 @@ with the paper's convention (t = 64 text tokens, v = 576 / 2880).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,15 +111,17 @@ class ShortV(Method):
         path = Path(self.calibration)
         if not path.is_file():
             raise MethodError(f"shortv: calibration artefact {path} not found (run vtbench-calibrate first)")
-        try:
-            ranking = [int(i) for i in json.loads(path.read_text())["ranking"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise MethodError(f"shortv: calibration artefact {path} is unreadable ({type(e).__name__}: {e})") from None
-        if sorted(ranking) != list(range(num_layers)):
-            raise MethodError(
-                f"shortv: calibration artefact {path} ranks {len(ranking)} layers, the model has {num_layers}"
-            )
-        return ranking
+        from methods._shared.calibration import ArtefactError, read_artefact
+
+        try:  # sealed, untouched, consistent with its scores, and for a model of this depth
+            art = read_artefact(path, num_layers=num_layers)
+        except ArtefactError as e:
+            raise MethodError(f"method.params.calibration={path}: invalid calibration artefact: {e}") from None
+        if (art["key_parts"].get("method"), art["key_parts"].get("kind")) != ("shortv", "visual"):
+            raise MethodError(f"method.params.calibration={path}: invalid calibration artefact: it is not a "
+                              f"ShortV visual Layer Contribution (method={art['key_parts'].get('method')!r}, "
+                              f"kind={art['key_parts'].get('kind')!r})")
+        return list(art["ranking"])
 
     # ---- layers ------------------------------------------------------------------------------------
     def frozen_layers(self, num_layers: int | None = None) -> list[int]:

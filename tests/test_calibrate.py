@@ -45,3 +45,27 @@ def test_auto_layers_calibrate_inside_a_cell(cell_overrides, tmp_path):
     art = rec["calibration"]["visual"]
     assert os.path.isfile(art["path"]) and rec["method_params"]["calibration"] == art["path"]
     assert rec["cell"]["calibration"]["n"] == 4
+
+
+@pytest.mark.parametrize("how", ["resealed_ranking", "truncated", "unsealed"])
+def test_a_corrupt_cached_artefact_is_named_and_recomputed(tiny_checkpoint, data_dir, tmp_path, capsys, how):
+    from harness.schema import SEAL_FIELD, dumps_sealed
+
+    args = _args(tiny_checkpoint, data_dir, tmp_path, "method=shortv")
+    assert main(args) == 0
+    (path,) = tmp_path.glob("shortv-visual-*.json")
+    good = json.loads(path.read_text())
+    data = {k: v for k, v in good.items() if k != SEAL_FIELD}
+    if how == "resealed_ranking":
+        path.write_text(dumps_sealed(dict(data, ranking=sorted(data["ranking"]) if data["ranking"] != [0, 1, 2, 3]
+                                          else [3, 2, 1, 0])))
+    elif how == "truncated":
+        path.write_text(path.read_text()[:50])
+    else:
+        path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "invalid calibration artefact" in line] == [
+        line for line in err.splitlines() if str(path) in line] and err.count(str(path)) == 1
+    assert json.loads(path.read_text()) == good  # computed again, the same

@@ -140,8 +140,8 @@ class CountCache:
     the token layout only (tests/efficiency/test_flops_counted.py checks that two prompts of one layout
     count the same for every method). The key covers all of them plus the model's full identity (its
     checkpoint digest: nothing is assumed about weights), vtbench's own code and the counting packages'
-    versions, so a stale count is never served. Entries are validated when read; a bad one is counted
-    again. `base=None` keeps counts in this call only (no identity known)."""
+    versions, so a stale count is never served. Entries are sealed JSON (`harness.schema.dumps_sealed`) and
+    validated when read (seal, then fields); a bad one is counted again, silently. `base=None` keeps counts in this call only (no identity known)."""
 
     def __init__(self, base: dict | None):
         self.base = None if base is None else json.dumps(base, sort_keys=True, default=str)
@@ -165,9 +165,11 @@ class CountCache:
             return None
         entry = _COUNTS.get(key)
         if entry is None:
-            try:
-                entry = json.loads(self._path(key).read_text())
-            except (OSError, ValueError):
+            from harness.schema import SchemaError, loads_sealed
+
+            try:  # sealed JSON: a hand-edited, truncated or unsealed entry is counted again (it is a cache)
+                entry = loads_sealed(self._path(key).read_bytes())
+            except (OSError, SchemaError):
                 return None
         if not isinstance(entry, dict) or entry.get("key") != key:
             return None
@@ -188,9 +190,10 @@ class CountCache:
                  "decode_source": decode_source, "delivered": delivered}
         _COUNTS[key] = entry
         from harness.results import atomic_write_text
+        from harness.schema import dumps_sealed
 
         try:  # atomic: a concurrent reader sees the old file or the new one
-            atomic_write_text(self._path(key), json.dumps(entry))
+            atomic_write_text(self._path(key), dumps_sealed(entry))
         except OSError:  # a read-only cache costs time, never correctness
             pass
 

@@ -10,14 +10,16 @@ calibration artefacts.
   `tail` layers pre-assigned in descending order, then each round adds the layer whose reduction (on top
   of the already ranked ones) degrades the validation objective least, `g = mean_d(D_d if D_d >= 0 else
   alpha * D_d)` with `D_d` the relative change of metric `d` against the unreduced model.
-* `load_or_compute(key_parts, compute_fn, cache_dir)`: JSON artefacts keyed by a sha256 of the key parts
-  (model id + config hash, data id, sample count, seed, method, kind), written atomically, reused on the
-  next call.
+* `load_or_compute(key_parts, compute_fn, cache_dir)`: sealed JSON artefacts keyed by a sha256 of the key
+  parts (model id + config hash, data id, sample count, seed, method, kind), written atomically, reused on
+  the next call if valid (`read_artefact`: seal, key, ranking a permutation consistent with the scores);
+  an invalid one is named in one warning line and computed again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -178,11 +180,14 @@ def artefact_key(key_parts: Mapping[str, Any]) -> str:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
+    """Write `data` as sealed JSON (`harness.schema.dumps_sealed`), atomically."""
+    from harness.schema import dumps_sealed
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            f.write(dumps_sealed(data, indent=1, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -199,27 +204,123 @@ def artefact_path(key_parts: Mapping[str, Any], cache_dir: str | os.PathLike) ->
     return Path(cache_dir) / f"{stem}-{key[:16]}.json"
 
 
+class ArtefactError(MethodError):
+    """A calibration artefact that is not valid; the message is the one-line reason."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_artefact(data: Any, *, key_parts: Mapping[str, Any] | None = None, num_layers: int | None = None) -> dict:
+    """`data` (an unsealed artefact) if it agrees with itself, with the key parts asked for and with a model
+    of `num_layers` LLM layers; raise ArtefactError (one line) otherwise.
+
+    The key is the hash of its key parts; the ranking is a permutation of the layers; scores are finite.
+    ShortV (method 'shortv'): one Layer Contribution per layer, and the ranking is `rank_layers(scores)`
+    (ascending LC, ties: lower index). RedundancyLens: the rounds' layers follow the `tail` pre-assigned
+    layers (descending from the last) in the ranking, their objectives and the base metrics are finite."""
+    if not isinstance(data, dict):
+        raise ArtefactError(f"not a calibration artefact (a JSON {type(data).__name__})")
+    missing = [k for k in ("key", "key_parts", "ranking", "scores") if k not in data]
+    if missing:
+        raise ArtefactError(f"lacks {', '.join(missing)}")
+    parts = data["key_parts"]
+    if not isinstance(parts, dict) or data["key"] != artefact_key(parts):
+        raise ArtefactError("its key is not the hash of its key_parts")
+    if key_parts is not None and data["key"] != artefact_key(key_parts):
+        raise ArtefactError("it was computed for other settings (its key_parts differ from the ones asked for)")
+    ranking = data["ranking"]
+    if not isinstance(ranking, list) or not all(_is_int(i) for i in ranking):
+        raise ArtefactError(f"ranking is not a list of layer indices: {str(ranking)[:60]}")
+    n = len(ranking) if num_layers is None else int(num_layers)
+    if sorted(ranking) != list(range(n)):
+        raise ArtefactError(f"ranking is not a permutation of the {n} layers: {str(ranking)[:60]}")
+    scores = data["scores"]
+    if not isinstance(scores, list):
+        raise ArtefactError("scores is not a list")
+    if parts.get("method") == "shortv":
+        if len(scores) != n or not all(_is_finite(x) for x in scores):
+            raise ArtefactError(f"scores are not {n} finite Layer Contributions")
+        if ranking != rank_layers(scores):
+            raise ArtefactError("ranking does not follow its scores (ascending Layer Contribution, ties: lower layer)")
+    elif parts.get("method") == "redundancylens":
+        tail = parts.get("tail", 0)
+        if not _is_int(tail) or not 0 <= tail <= n:
+            raise ArtefactError(f"key_parts.tail={tail!r} is out of range")
+        if ranking[:tail] != list(range(n - 1, n - 1 - tail, -1)):
+            raise ArtefactError(f"ranking does not start with the {tail} pre-assigned last layers")
+        if not all(isinstance(r, dict) and _is_int(r.get("layer")) and _is_finite(r.get("objective")) for r in scores):
+            raise ArtefactError("scores are not rounds of a layer and a finite objective")
+        if [r["layer"] for r in scores] != ranking[tail : tail + len(scores)]:
+            raise ArtefactError("the rounds' layers are not the ranking's (after the pre-assigned tail)")
+        base = data.get("base")
+        if not isinstance(base, dict) or not base or not all(_is_finite(v) for v in base.values()):
+            raise ArtefactError("base metrics are missing or not finite")
+    elif not all(_is_finite(x) for x in _flat_numbers(scores)):
+        raise ArtefactError("scores are not finite")
+    return data
+
+
+def _flat_numbers(obj: Any):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flat_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _flat_numbers(v)
+    elif obj is not None and not isinstance(obj, str):
+        yield obj
+
+
+def read_artefact(path: str | os.PathLike, *, key_parts: Mapping[str, Any] | None = None,
+                  num_layers: int | None = None) -> dict:
+    """A calibration artefact file, validated: sealed JSON (`harness.schema.loads_sealed`) that passes
+    `check_artefact`. Raises ArtefactError (one line) for a missing, unreadable, truncated, unsealed,
+    edited or inconsistent file. The returned dict adds "path"."""
+    from harness.schema import SchemaError, loads_sealed
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtefactError(f"unreadable: {e.strerror or e}") from None
+    try:
+        data = loads_sealed(raw)
+    except SchemaError as e:
+        raise ArtefactError(str(e)) from None
+    check_artefact(data, key_parts=key_parts, num_layers=num_layers)
+    data["path"] = str(path)
+    return data
+
+
 def load_or_compute(
-    key_parts: Mapping[str, Any], compute_fn: Callable[[], Mapping[str, Any]], cache_dir: str | os.PathLike
+    key_parts: Mapping[str, Any], compute_fn: Callable[[], Mapping[str, Any]], cache_dir: str | os.PathLike,
+    num_layers: int | None = None,
 ) -> dict[str, Any]:
     """Return the artefact for `key_parts` from `cache_dir`, computing (and atomically writing) it first
     if absent. `compute_fn()` returns a dict with at least "ranking" (full permutation) and "scores".
-    The returned dict adds "key", "key_parts" and "path"."""
+    The returned dict adds "key", "key_parts" and "path". A cached file that is not valid (`read_artefact`:
+    truncated, unsealed, edited, inconsistent) is named in one warning line and computed again."""
+    import sys
+
     key = artefact_key(key_parts)
     path = artefact_path(key_parts, cache_dir)
-    if path.is_file():
+    if path.exists():
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, dict) and data.get("key") == key:
-            data["path"] = str(path)
-            return data
+            return read_artefact(path, key_parts=key_parts, num_layers=num_layers)
+        except ArtefactError as e:
+            print(f"[vtbench] warning: invalid calibration artefact {path} ({e}); computing it again",
+                  file=sys.stderr, flush=True)
     result = dict(compute_fn())
     missing = [k for k in ("ranking", "scores") if k not in result]
     if missing:
         raise MethodError(f"calibration result lacks {', '.join(missing)}")
     record = {"key": key, "key_parts": dict(key_parts), **result}
+    check_artefact(json.loads(json.dumps(record, default=str)), key_parts=key_parts, num_layers=num_layers)
     _atomic_write_json(path, record)
     record["path"] = str(path)
     return record
@@ -254,4 +355,4 @@ def layer_contribution_artefact(
         scores = layer_contribution(model, adapter, batches, kind=kind)
         return {"scores": scores, "ranking": rank_layers(scores)}
 
-    return load_or_compute(key_parts, compute, cache_dir)
+    return load_or_compute(key_parts, compute, cache_dir, num_layers=len(adapter.llm_layers))

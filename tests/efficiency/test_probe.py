@@ -71,27 +71,78 @@ def test_other_parameters_or_model_count_again(cache_root):
     assert b["flops"]["prefill"]["total"] < a["flops"]["prefill"]["total"] == c["flops"]["prefill"]["total"]
 
 
-@pytest.mark.parametrize("garble", [
-    lambda e: "{not json",
-    lambda e: json.dumps(dict(e, key="0" * 32)),                                     # another entry's key
-    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], total=1))),              # total != sum
-    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], flops={"llm": -5}))),    # negative count
-    lambda e: json.dumps(dict(e, prefill=dict(e["prefill"], source="analytic"))),    # not a count
-    lambda e: json.dumps(dict(e, delivered="many")),
-    lambda e: json.dumps(dict(e, decode={"phase": "decode"})),
-], ids=["json", "key", "total", "negative", "source", "delivered", "decode"])
-def test_a_bad_stored_count_is_counted_again(cache_root, garble):
+def _llm_1000(e):  # a plausible hand edit: the LLM's FLOPs and a total that agrees with them
+    flops = dict(e["prefill"]["flops"], llm=1000)
+    return dict(e, prefill=dict(e["prefill"], flops=flops, total=sum(flops.values())))
+
+
+#: edits of a stored entry (a dict without its seal)
+EDITS = {
+    "key": lambda e: dict(e, key="0" * 32),                                          # another entry's key
+    "total": lambda e: dict(e, prefill=dict(e["prefill"], total=1)),                  # total != sum
+    "negative": lambda e: dict(e, prefill=dict(e["prefill"], flops={"llm": -5})),     # negative count
+    "source": lambda e: dict(e, prefill=dict(e["prefill"], source="analytic")),       # not a count
+    "delivered": lambda e: dict(e, delivered="many"),
+    "decode": lambda e: dict(e, decode={"phase": "decode"}),
+    "llm_1000": _llm_1000,
+}
+#: edits only the seal can catch (the entry still agrees with itself)
+SEAL_ONLY = ("llm_1000",)
+
+
+def _unseal(text):
+    from harness.schema import SEAL_FIELD
+
+    return {k: v for k, v in json.loads(text).items() if k != SEAL_FIELD}
+
+
+def _garbles():
+    from harness.schema import SEAL_FIELD, dumps_sealed
+
+    out = {"json": lambda t: "{not json", "truncated": lambda t: t[: len(t) // 2],
+           "unsealed": lambda t: json.dumps(_unseal(t)),
+           "duplicate_key": lambda t: t.replace('"delivered": ', '"delivered": 0, "delivered": ', 1)}
+    for name, edit in EDITS.items():  # edited in place, the old seal kept
+        out[f"{name}_old_seal"] = lambda t, edit=edit: json.dumps({**edit(_unseal(t)), SEAL_FIELD: json.loads(t)[SEAL_FIELD]})
+        if name not in SEAL_ONLY:  # edited and sealed again: the field checks refuse it
+            out[f"{name}_resealed"] = lambda t, edit=edit: dumps_sealed(edit(_unseal(t)))
+    return out
+
+
+GARBLES = _garbles()
+
+
+@pytest.mark.parametrize("name", sorted(GARBLES))
+def test_a_bad_stored_count_is_counted_again(cache_root, name, capsys):
     model, processor, m = _patched("random", {"keep_ratio": 0.3})
     inputs = _inputs(processor)[:1]
     base = {"model": "tiny-test", "method": {"name": "random", "params": m.params()}}
     good = _measure(model, m, inputs, P.CountCache(base))
     (path,) = cache_root.glob("*.json")
-    path.write_text(garble(json.loads(path.read_text())))
+    text = path.read_text()
+    path.write_text(GARBLES[name](text))
+    assert path.read_text() != text
     P._COUNTS.clear()
+    capsys.readouterr()
     again = _measure(model, m, inputs, P.CountCache(base))
     assert (again["flops_layouts_counted"], again["flops_layouts_reused"]) == (1, 0)
     assert again["flops"] == good["flops"]
-    assert json.loads(path.read_text())["key"] == path.stem  # rewritten whole
+    assert path.read_text() == text  # rewritten whole, sealed
+    assert "warning" not in capsys.readouterr().err  # a cache: counted again silently
+
+
+def test_a_stored_count_is_sealed_and_reused(cache_root):
+    from harness.schema import loads_sealed
+
+    model, processor, m = _patched("random", {"keep_ratio": 0.3})
+    inputs = _inputs(processor)[:1]
+    base = {"model": "tiny-test", "method": {"name": "random", "params": m.params()}}
+    _measure(model, m, inputs, P.CountCache(base))
+    (path,) = cache_root.glob("*.json")
+    assert loads_sealed(path.read_text())["key"] == path.stem
+    P._COUNTS.clear()
+    again = _measure(model, m, inputs, P.CountCache(base))
+    assert (again["flops_layouts_counted"], again["flops_layouts_reused"]) == (0, 1)
 
 
 def test_no_identity_keeps_nothing(cache_root):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.artefacts import redundancylens_artefact, write_sealed
 import methods
 from harness.models.adapter import get_adapter
 from methods.base import MethodError
@@ -211,7 +212,7 @@ def test_greedy_ranking_with_kl_evaluator(tmp_path):
     assert out["ranking"][0] == 3 and sorted(out["ranking"]) == [0, 1, 2, 3]
     assert torch.equal(forward(model, batches[1]).logits, ref)  # unpatched afterwards
     art = tmp_path / "rank.json"
-    art.write_text(json.dumps(out))
+    write_sealed(art, dict(redundancylens_artefact(out["ranking"], tail=1, rounds=out["rounds"]), base=out["base"]))
     m = methods.build("redundancylens", {"ffn_layers": "auto", "ffn_ratio": 0.5, "calibration_ffn": str(art)})
     m.validate(ad)
     assert m.resolved_layers(4) == ([], out["ranking"][:2])

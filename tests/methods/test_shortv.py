@@ -16,6 +16,7 @@ from methods.base import MethodError
 from methods._shared.context import install_context
 from methods._shared.reduced_layer import patch_simulation
 from tests.methods.helpers import check_uncached, forward, generate, llm_layout, make_inputs, sizes_of, tiny
+from tests.artefacts import shortv_artefact, write_sealed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +192,7 @@ def test_validate_against_model(tmp_path):
     with pytest.raises(MethodError, match="not found"):
         methods.build("shortv", {"layers": "auto", "N": 2, "calibration": str(tmp_path / "nope.json")}).validate(ad)
     art = tmp_path / "lc.json"
-    art.write_text(json.dumps({"ranking": [3, 0, 2, 1], "scores": [0.1, 0.3, 0.2, 0.0]}))
+    write_sealed(art, shortv_artefact([0.1, 0.3, 0.2, 0.0]))  # ranking [3, 0, 2, 1]
     with pytest.raises(MethodError, match="exceeds"):
         methods.build("shortv", {"layers": "auto", "N": 5, "calibration": str(art)}).validate(ad)
     # 'auto' without an artefact validates (vtbench calibrates first) but cannot be applied as it is
@@ -202,8 +203,8 @@ def test_validate_against_model(tmp_path):
     m = methods.build("shortv", {"layers": "auto", "N": 2, "calibration": str(art)})
     m.validate(ad)
     assert m.frozen_layers(4) == [3, 0]
-    art.write_text(json.dumps({"ranking": [0, 1], "scores": [0, 0]}))
-    with pytest.raises(MethodError, match="ranks 2 layers"):
+    write_sealed(art, shortv_artefact([0.0, 0.0]))  # a 2-layer model's
+    with pytest.raises(MethodError, match="calibration=.*invalid calibration artefact: ranking is not a permutation of the 4"):
         m.validate(ad)
 
 

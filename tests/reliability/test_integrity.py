@@ -393,3 +393,79 @@ def test_report_compares_only_like_for_like(tmp_path, capsys):
     assert out.count("### ") == 3 and "has no `none` cell" in out
     names = sorted(p.name for p in (tmp_path / "out" / "tables").glob("*.md"))
     assert len(names) == 3 and len(set(names)) == 3
+
+
+# ---- sealed files: an edited record or artefact is never served -----------------------------------------------
+def _unsealed(text: str) -> dict:
+    from harness.schema import SEAL_FIELD
+
+    return {k: v for k, v in json.loads(text).items() if k != SEAL_FIELD}
+
+
+@pytest.mark.bad_input
+def test_an_edited_record_is_evaluated_again_with_one_warning(cell_overrides, capsys):
+    from harness.schema import dumps_sealed
+
+    args = _quiet(cell_overrides, "run.limit=2")
+    assert run_one(args) == 0
+    capsys.readouterr()
+    cfg = compose_config(args)
+    store = ResultsStore(cfg.store.dir)
+    path = store.record_path(record_key(resolved(cfg)))
+    good = store.read(path)
+    edits = {
+        "accuracy, old seal kept": lambda t: json.dumps({**json.loads(t), "accuracy": 0.99}),
+        "accuracy, sealed again": lambda t: dumps_sealed({**_unsealed(t), "accuracy": 0.99}),
+        "n_empty, sealed again": lambda t: dumps_sealed({**_unsealed(t), "n_empty": 99}),
+        "unsealed (earlier vtbench)": lambda t: json.dumps(_unsealed(t)),
+        "duplicate key": lambda t: t.replace('\n "accuracy": ', '\n "accuracy": 0.99, "accuracy": ', 1),
+    }
+    for name, edit in edits.items():
+        text = path.read_text()
+        assert edit(text) != text, name
+        path.write_text(edit(text))
+        assert run_one(args) == 0, name
+        err = capsys.readouterr().err
+        assert err.count(f"ignoring invalid record {path}") == 1, (name, err)
+        assert "reusing it" not in err, name
+        again = store.read(path)
+        assert again["accuracy"] == good["accuracy"] and again["samples"] == good["samples"], name
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("how", ["ranking_contradicts_scores", "ranking_99", "ranking_short", "wrong_key",
+                                 "unsealed", "truncated", "edited_old_seal"])
+def test_an_invalid_artefact_given_by_path_is_bad_input(cell_overrides, tmp_path, capsys, monkeypatch, how):
+    import harness.models.loading as loading
+    from harness.schema import dumps_sealed
+    from tests.artefacts import shortv_artefact, write_sealed
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    art = shortv_artefact([0.3, 0.1, 0.2, 0.0])
+    path = write_sealed(tmp_path / "lc.json", art)
+    if how == "ranking_contradicts_scores":
+        write_sealed(path, dict(art, ranking=[0, 1, 2, 3]))
+    elif how == "ranking_99":
+        write_sealed(path, dict(art, ranking=[99, 1, 2, 0]))
+    elif how == "ranking_short":
+        write_sealed(path, dict(art, ranking=[3, 1]))
+    elif how == "wrong_key":
+        write_sealed(path, dict(art, key="0" * 64))
+    elif how == "unsealed":
+        path.write_text(json.dumps(art))
+    elif how == "truncated":
+        path.write_text(dumps_sealed(art)[:40])
+    else:
+        path.write_text(path.read_text().replace('"ranking": [\n  3,\n  1', '"ranking": [\n  1,\n  3', 1))
+        assert json.loads(path.read_text())["ranking"] == [1, 3, 2, 0]
+    args = _quiet(cell_overrides, "run.limit=2", "method=shortv", "method.params.layers=auto", "method.params.N=2",
+                  f"method.params.calibration={path}")
+    assert run_one(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vtbench: error: method.params.calibration="), err
+    assert "invalid calibration artefact" in err[0]
+    store = Path(compose_config(args).store.dir)
+    assert not list(store.rglob("*.json")) and not list(store.rglob("*.jsonl"))
