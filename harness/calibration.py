@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import CONF_DIR
+from harness.config import CONF_DIR, needs_calibration
 
 
 def _bench_cfg(cfg: DictConfig) -> DictConfig:
@@ -108,19 +108,6 @@ def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dic
 
         out[reduction] = load_or_compute(key_parts, compute, cfg.calibration.dir, num_layers=adapter.num_llm_layers)
     return out
-
-
-def needs_calibration(method) -> bool:
-    if method.name == "compose":
-        return any(needs_calibration(m) for m in method._build_members())
-    p = method.params()
-    if method.name == "shortv":
-        return p.get("layers") == "auto" and not p.get("calibration")
-    if method.name == "redundancylens":
-        return (p.get("hollow_layers") == "auto" and not p.get("calibration_hollow")) or (
-            p.get("ffn_layers") == "auto" and not p.get("calibration_ffn")
-        )
-    return False
 
 
 def resolve_auto(cfg, method, model, processor, adapter):

@@ -496,15 +496,25 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
     return method, adapter, info
 
 
+def needs_calibration(method) -> bool:
+    """Whether `method` takes layers from a calibration computed on first use (`auto` without an artefact)."""
+    if method.name == "compose":
+        return any(needs_calibration(m) for m in method._build_members())
+    p = method.params()
+    if method.name == "shortv":
+        return p.get("layers") == "auto" and not p.get("calibration")
+    if method.name == "redundancylens":
+        return (p.get("hollow_layers") == "auto" and not p.get("calibration_hollow")) or (
+            p.get("ffn_layers") == "auto" and not p.get("calibration_ffn")
+        )
+    return False
+
+
 def check_calibration(cfg: DictConfig, method) -> None:
     """For a cell that takes layers from a calibration computed on first use (`layers=auto` without an
     artefact path): `calibration.dir` can hold the artefact (a directory, or creatable, and writable)
     and `calibration.n` fits the calibration split when its size is known without loading data (the
     built-in benchmarks). Found here, before the model loads, not when the artefact is written."""
-    import os
-
-    from harness.calibration import needs_calibration
-
     if cfg.get("calibration") is None or not needs_calibration(method):
         return
     cal = cfg.calibration
