@@ -112,11 +112,15 @@ def budget_keys(method, budget: dict | None) -> dict[str, Any]:
     for k in out:
         if any(k not in p for p in probes):
             out[k] = VARIES
+    for k in getattr(method, "budget_ignores", ()):
+        out.setdefault(k, IGNORED)
     return out
 
 
 #: `budget_keys`' value of a parameter the budget solves for (it depends on the budget's size)
 VARIES = object()
+#: `budget_keys`' value of a parameter the budget does not set but makes unused (`Method.budget_ignores`)
+IGNORED = object()
 
 
 def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:

@@ -172,7 +172,7 @@ def _check_budget_conflicts(cfg: DictConfig, overrides: list[str], config_name: 
     if not given or budget is None or budget.get("kind") is None:
         return
     import methods
-    from harness.budget import VARIES, budget_keys
+    from harness.budget import IGNORED, VARIES, budget_keys
 
     try:
         user = OmegaConf.to_container(cfg.method.params, resolve=True) if cfg.method.get("params") is not None else {}
@@ -202,11 +202,12 @@ def _check_budget_conflicts(cfg: DictConfig, overrides: list[str], config_name: 
             continue
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         default = OmegaConf.to_container(default, resolve=True) if OmegaConf.is_config(default) else default
-        if value == default or (set_to is not VARIES and value == set_to) or value in unset.get(key, ()):
+        if value == default or (set_to not in (VARIES, IGNORED) and value == set_to) or value in unset.get(key, ()):
             continue
-        what = "/".join(k.rpartition(".")[2] for k in keys)
-        raise _bad(f"method.params.{key}", value,
-                   f"conflicts with budget.kind={budget.kind} (the budget sets {what}); drop one")
+        what = "/".join(k.rpartition(".")[2] for k, v in keys.items() if v is not IGNORED)
+        why = f"the budget sets {what}" + (f", which take precedence over {key.rpartition('.')[2]}: it would be unused"
+                                           if set_to is IGNORED else "")
+        raise _bad(f"method.params.{key}", value, f"conflicts with budget.kind={budget.kind} ({why}); drop one")
 
 
 # ---- value checks ---------------------------------------------------------------------------------------

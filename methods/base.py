@@ -40,6 +40,9 @@ class Method:
     #: and the parameter a FLOPs budget is solved over (its candidates from `budget_candidates`)
     budget_tokens_param: ClassVar[str | None] = None
     budget_param: ClassVar[str | None] = None
+    #: parameters that any budget makes unused (the budget's own parameters take precedence over them):
+    #: set by the user together with a budget they would be silently ignored, so that is refused
+    budget_ignores: ClassVar[tuple[str, ...]] = ()
     #: parameters naming a calibration artefact (layer rankings) for "auto" layer lists; a cell of such a
     #: method carries its calibration settings and the artefacts' content in its identity
     calibration_fields: ClassVar[tuple[str, ...]] = ()

@@ -86,6 +86,8 @@ class FastV(Method):
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"
+    #: a budget sets keep or keep_ratio, which take precedence over R (`kept_visual`)
+    budget_ignores = ("R",)
 
     #: first pruned decoder layer (0-based); scores come from layer K-1's attention
     K: int = 2

@@ -111,6 +111,10 @@ def test_token_count_as_a_whole_float_is_the_count(method):
     ("redundancylens", "hollow_ratio", "0.3", "tokens"),
     ("shortv_fastv", "members.1.params.keep", "10", "tokens"),
     ("redundancylens_fastv", "members.1.params.keep_ratio", "0.5", "tokens"),
+    # parameters a budget makes unused (FastV's R: keep / keep_ratio take precedence)
+    ("fastv", "R", "0.3", "tokens"),
+    ("fastv", "R", "0.7", "flops"),
+    ("shortv_fastv", "members.1.params.R", "0.3", "tokens"),
 ])
 def test_explicit_parameter_the_budget_sets_is_refused(method, param, value, kind):
     """The budget would silently override it while the cell key keeps it (one cell under two keys)."""
