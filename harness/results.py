@@ -127,9 +127,14 @@ def _bench_source(bench: dict) -> dict:
 
 
 def _budget(budget: dict | None) -> dict | None:
+    """The budget of a cell, its value in one spelling per meaning: a share (<= 1) as a float, a count (> 1)
+    as an int, so `budget.value=64.0` and `64` (or `1` and `1.0`) are one cell, not two."""
     if not budget or budget.get("kind") is None:
         return None
-    return {"kind": budget["kind"], "value": budget["value"], "text_tokens": budget.get("text_tokens")}
+    value = budget["value"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = int(value) if value > 1 and float(value).is_integer() else float(value) if value <= 1 else value
+    return {"kind": budget["kind"], "value": value, "text_tokens": budget.get("text_tokens")}
 
 
 def _calibration(cfg: dict, registry, name: str, params: dict) -> dict | None:

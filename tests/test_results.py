@@ -109,3 +109,15 @@ def test_record_key_changes_with_local_weights(tmp_path):
     data[-1] ^= 1  # one weight bit
     (ckpt / "model.safetensors").write_bytes(bytes(data))
     assert record_key(cfg) != k1
+
+
+@pytest.mark.parametrize("a, b", [("64", "64.0"), ("1", "1.0"), ("0.5", "0.50")])
+def test_one_budget_value_is_one_cell_however_it_is_written(a, b):
+    from harness.config import compose_config, resolved
+    from harness.results import record_key
+
+    def key(v):
+        return record_key(resolved(compose_config(["model=tiny", "method=fastv", "budget.kind=tokens",
+                                                   f"budget.value={v}"])))
+    assert key(a) == key(b)
+    assert key("0.33") != key("0.22") and key("64") != key("65")
