@@ -202,12 +202,28 @@ def _check_budget_conflicts(cfg: DictConfig, overrides: list[str], config_name: 
             continue
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         default = OmegaConf.to_container(default, resolve=True) if OmegaConf.is_config(default) else default
-        if value == default or (set_to not in (VARIES, IGNORED) and value == set_to) or value in unset.get(key, ()):
+        if (value == default or value == _class_default(method, user, key)
+                or (set_to not in (VARIES, IGNORED) and value == set_to) or value in unset.get(key, ())):
             continue
         what = "/".join(k.rpartition(".")[2] for k, v in keys.items() if v is not IGNORED)
         why = f"the budget sets {what}" + (f", which take precedence over {key.rpartition('.')[2]}: it would be unused"
                                            if set_to is IGNORED else "")
         raise _bad(f"method.params.{key}", value, f"conflicts with budget.kind={budget.kind} ({why}); drop one")
+
+
+def _class_default(method, user: dict, key: str):
+    """The method's own default of a parameter (`key` under method.params; a composition's
+    `members.<i>.params.<k>`: that member method's default), or a sentinel when there is none."""
+    import methods
+
+    none = object()
+    try:
+        if key.startswith("members."):
+            _, i, _, k = key.split(".", 3)
+            return methods.get(user["members"][int(i)]["name"])().params().get(k, none)
+        return methods.get(method.name)().params().get(key, none)
+    except Exception:  # no defaults to compare with
+        return none
 
 
 # ---- value checks ---------------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ def test_explicit_parameter_the_budget_sets_is_refused(method, param, value, kin
     ["method=fastv", "method.params.keep=null"],                            # the default
     ["method=shortv_fastv", "method.params.members.1.params.K=3"],
     ["method=tome", "method.params.order=spatial"],
+    # an inline composition spelling out a member's own default (FastV's R=0.5) sets nothing the budget owns
+    ["method=compose", "method.params.members=[{name: shortv, params: {layers: [3, 0]}}, {name: fastv, params: {K: 2, R: 0.5}}]"],
 ])
 def test_parameters_the_budget_does_not_set_are_accepted(overrides):
     cfg = compose_config(["model=tiny", *overrides, "budget.kind=tokens", "budget.value=0.33"])
@@ -197,3 +199,12 @@ def test_make_eval_cells_stay_valid_with_their_keys():
     assert len(cells) == 30
     assert len(validate_sweep(["method=shortv", "method.params.layers=auto", "method.params.N=0", "budget.kind=tokens",
                                "budget.value=0.33,0.22,0.125", *settings])) == 3
+
+
+@pytest.mark.bad_input
+def test_inline_composition_member_parameter_the_budget_makes_unused_is_refused():
+    members = "[{name: shortv, params: {layers: [3, 0]}}, {name: fastv, params: {K: 2, R: 0.3}}]"
+    with pytest.raises(ConfigError) as e:
+        compose_config(["model=tiny", "method=compose", f"method.params.members={members}",
+                        "budget.kind=tokens", "budget.value=0.25"])
+    assert str(e.value).startswith("method.params.members.1.params.R=0.3: conflicts with budget.kind=tokens")
