@@ -185,6 +185,7 @@ MAKE_EVAL_KEYS = {
 }
 
 
+@pytest.mark.slow  # validates the whole make eval sweep (about 8 s)
 def test_make_eval_cells_stay_valid_with_their_keys():
     from harness.sweep import validate_sweep
 

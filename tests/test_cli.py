@@ -56,6 +56,7 @@ def test_help_lists_groups(tmp_path):
     assert out.returncode == 0 and "method=" in out.stdout and "shapes" in out.stdout
 
 
+@pytest.mark.slow  # four vtbench subprocesses
 @pytest.mark.bad_input
 @pytest.mark.parametrize("sweep", [False, True])
 @pytest.mark.parametrize("where", ["afile", "afile/sub"])

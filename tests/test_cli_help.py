@@ -130,6 +130,7 @@ def test_wandb_dir_from_the_environment_is_checked_like_the_option(places, monke
     assert rc == 2 and err.count("\n") == 1 and "--dir" in err and places["file"] in err, err
 
 
+@pytest.mark.slow  # lmms-eval retries the offline download (about 17 s)
 def test_prepare_unavailable_data_is_one_line_exit_2_nothing_on_stdout(places, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rc, out, err = _call("vtbench-prepare", ["benchmark=gqa"], capsys)
