@@ -713,17 +713,6 @@ def _prefill_for_decode(model, tensors: dict):
     return cache, nxt, am
 
 
-def _pad_id(model) -> int | None:
-    """The pad id `generate` needs (generation config, text config, else the first EOS id)."""
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(getattr(model.config, "text_config", model.config), "pad_token_id", None)
-    if pad is None:
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
-    return pad
-
-
 def _generate_decode_step(model, tensors: dict) -> tuple[dict, Any]:
     """The keyword inputs `generate` gives the model's forward for its first decode step after a prefill
     of `tensors`, and the KV cache as that step receives it (prefill entries only), captured by a forward
@@ -741,7 +730,9 @@ def _generate_decode_step(model, tensors: dict) -> tuple[dict, Any]:
             seen["cache"] = copy.deepcopy(kwargs.get("past_key_values"))
 
     gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, num_beams=1, use_cache=True)
-    pad = _pad_id(model)
+    from harness.efficiency.latency import pad_token_id
+
+    pad = pad_token_id(model)
     if pad is not None:
         gen["pad_token_id"] = pad
     handle = model.register_forward_pre_hook(grab, with_kwargs=True)

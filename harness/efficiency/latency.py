@@ -154,6 +154,17 @@ def visual_tokens_per_layer(model, inputs: dict) -> tuple[list[float], str]:
     return [n] * adapter.num_llm_layers, "dense"
 
 
+def pad_token_id(model) -> int | None:
+    """The pad id `generate` needs: the generation config's, the text config's, else the first EOS id."""
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(model.config, "text_config", model.config), "pad_token_id", None)
+    if pad is None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return pad
+
+
 def measure(model, inputs: dict, *, warmup: int = 1, repeats: int = 3, decode_tokens: int = 8) -> dict[str, Any]:
     """Prefill latency, decode latency per token, peak memory, KV-cache bytes and visual tokens per
     layer of `model` on processor `inputs` (one batch). Times in milliseconds, sizes in bytes."""
@@ -169,12 +180,7 @@ def measure(model, inputs: dict, *, warmup: int = 1, repeats: int = 3, decode_to
         max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False,
         num_beams=1, use_cache=True,
     )
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config.text_config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = pad_token_id(model)
     if pad is not None:
         gen_kwargs["pad_token_id"] = pad
 
