@@ -535,21 +535,13 @@ def check_calibration(cfg: DictConfig, method) -> None:
     if cfg.get("calibration") is None or not needs_calibration(method):
         return
     cal = cfg.calibration
+    from harness.paths import dir_problem
+
     d = Path(str(cal.dir)).expanduser()
-    bad = lambda why: _bad("calibration.dir", cal.dir, why)  # noqa: E731
-    if d.exists():
-        if not d.is_dir():
-            raise bad("not a directory (the calibration artefacts are written there)")
-        if not os.access(d, os.W_OK | os.X_OK) and not any(d.glob("*.json")):
-            raise bad("the directory is not writable (the calibration artefacts are written there)")
-    else:
-        parent = d.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise bad(f"cannot be created: {parent} is not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise bad(f"cannot be created: {parent} is not writable")
+    problem = dir_problem(str(d))
+    # an unwritable folder that already holds artefacts may still serve the cached one
+    if problem and not (d.is_dir() and any(d.glob("*.json"))):
+        raise _bad("calibration.dir", cal.dir, f"{problem} (the calibration artefacts are written there)")
     bench = OmegaConf.load(CONF_DIR / "benchmark" / f"{cal.benchmark}.yaml")
     if bench.get("builtin") and bench.get("name") == "shapes":
         from harness.benchmarks.shapes import SPLIT_SIZES

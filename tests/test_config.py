@@ -129,7 +129,7 @@ def _calibrating(*extra):
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("extra, key", [
-    (["calibration.dir={file}"], "calibration.dir={file}: not a directory"),
+    (["calibration.dir={file}"], "calibration.dir={file}: exists and is not a directory"),
     (["calibration.dir={file}/sub"], "calibration.dir={file}/sub: cannot be created"),
     (["calibration.n=100000000"], "calibration.n=100000000: the calibration split shapes:val has only 500"),
     (["calibration.n=501"], "calibration.n=501:"),
