@@ -151,6 +151,14 @@ def vit_macs(v: ViTShape, layers_run: int | None = None) -> int:
     return vit_embed_macs(v) + L * vit_layer_macs(v, v.tokens)
 
 
+def vit_resized_macs(v: ViTShape, patches: int, layers_run: int | None = None) -> int:
+    """The vision tower run on an image resized to `patches` patches (position embeddings interpolated to
+    the smaller grid, `downsample`): patch embedding of those patches + `layers_run` layers over
+    `patches` + CLS tokens. `vit_macs` is the case `patches = v.patches`."""
+    L = v.layers if layers_run is None else layers_run
+    return patches * v.channels * v.patch_size**2 * v.hidden + L * vit_layer_macs(v, patches + v.cls)
+
+
 def projector_macs(vision_hidden: int, text_hidden: int, n_tokens: int) -> int:
     """LLaVA's 2-layer MLP projector."""
     return n_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)

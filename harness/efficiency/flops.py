@@ -76,6 +76,7 @@ _UNCOUNTED_OPS = (
     "aten::zeros_like", "aten::le", "aten::lt", "aten::ne", "aten::cos", "aten::sin", "aten::cumsum",
     "aten::layer_norm", "aten::group_norm", "aten::batch_norm", "aten::instance_norm", "aten::norm",
     "aten::linalg_vector_norm", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
+    "aten::upsample_bicubic2d", "aten::_upsample_bicubic2d_aa",
     "aten::adaptive_avg_pool2d", "aten::grid_sampler", "aten::any", "aten::all", "aten::abs",
     "aten::where", "aten::logical_and", "aten::logical_or", "aten::logical_not", "aten::clone",
     "aten::type_as", "aten::triu", "aten::tril", "aten::argmax", "aten::topk", "aten::sort",
