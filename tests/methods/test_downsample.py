@@ -1,0 +1,265 @@
+"""`downsample` (methods/downsample.py): the grid rule, the patched model against a plain reference (PIL resize
+of the processor's image + a plain processor call for the prompt + CLIP with interpolated positions), the
+documented no-op, the kept count on every sample, counted FLOPs == analytic (the vision tower's share
+falls), cached == uncached, padded batch == single prompts, refusals, bad parameters."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import methods
+from harness.budget import prompt_count
+from harness.efficiency import flops as F
+from harness.models import get_adapter
+from methods._shared.grid import downsample_grid
+from methods.base import MethodError
+from tests.methods.helpers import (
+    VISION_QUESTIONS,
+    check_batch_equals_single,
+    check_flops,
+    fresh_model,
+    llm_visual_tokens,
+    processor,
+    vision_inputs,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plain_grid(k: int, side: int) -> tuple[int, int]:
+    """The largest of g+1 x g+1, g x g+1, g x g (g = floor(sqrt(k))) with at most k patches, by enumeration."""
+    if k >= side * side:
+        return side, side
+    best = None
+    for rows in range(1, side + 1):
+        for cols in range(rows, min(rows + 1, side) + 1):
+            if rows * cols <= k and (best is None or rows * cols > best[0] * best[1]):
+                best = (rows, cols)
+    return best
+
+
+@pytest.mark.parametrize("side", [8, 24])
+def test_grid_is_the_largest_near_square_at_most_k(side):
+    for k in range(1, side * side + 1):
+        rows, cols = downsample_grid(k, side, side)
+        assert (rows, cols) == plain_grid(k, side), k
+        assert rows * cols <= k and cols - rows in (0, 1)
+        g = math.isqrt(k)
+        assert k - rows * cols <= 2 * g  # never more than 2 sqrt(k) under the target
+    assert downsample_grid(64, 24, 24) == (8, 8) and downsample_grid(190, 24, 24) == (13, 14)
+
+
+# ---- the plain reference -----------------------------------------------------------------------------------
+def plain_logits(model, proc, i: int, rows: int, cols: int) -> torch.Tensor:
+    """Sample i through the unpatched model at rows x cols patches: the processor's image resized with PIL
+    (float mode per channel, bicubic: PIL's antialiased kernel), the prompt from a plain processor call on
+    an image of that size (the processor counts the placeholders), CLIP run with interpolated positions."""
+    full = vision_inputs(proc, [i])
+    p = model.config.vision_config.patch_size
+    chans = [np.asarray(Image.fromarray(full["pixel_values"][0, c].numpy(), mode="F")
+                        .resize((cols * p, rows * p), Image.BICUBIC)) for c in range(3)]
+    pixels = torch.from_numpy(np.stack(chans))[None]
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                      "text": VISION_QUESTIONS[i]}]}], add_generation_prompt=True)
+    plain = proc(images=np.zeros((rows * p, cols * p, 3), dtype=np.uint8), text=prompt, do_resize=False,
+                 do_center_crop=False, return_tensors="pt")
+    assert tuple(plain["pixel_values"].shape[-2:]) == (rows * p, cols * p)
+    base = model.model
+    with torch.no_grad():
+        hs = base.vision_tower(pixels, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+        feats = base.multi_modal_projector(hs[-2][:, 1:])
+        ids = plain["input_ids"]
+        emb = model.get_input_embeddings()(ids)
+        emb = emb.masked_scatter((ids == model.config.image_token_id)[..., None], feats)
+        return model(inputs_embeds=emb, attention_mask=plain["attention_mask"]).logits[:, -1], feats
+
+
+@pytest.mark.parametrize("tokens", [16, 20, 9])
+def test_logits_equal_the_plain_reference(tokens, capsys):
+    proc = processor("llava")
+    rows, cols = plain_grid(tokens, 8)
+    ref, ref_feats = plain_logits(fresh_model("llava"), proc, 1, rows, cols)
+    model = fresh_model("llava")
+    methods.build("downsample", {"tokens": tokens}).apply(model, get_adapter(model))
+    seen = []
+    h = get_adapter(model).projector.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        out = model(**vision_inputs(proc, [1])).logits[:, -1]
+    h.remove()
+    assert seen[0].shape[1] == rows * cols == ref_feats.shape[1]
+    torch.testing.assert_close(seen[0], ref_feats, rtol=1e-4, atol=1e-4)
+    delta = float((out - ref).abs().max())
+    with capsys.disabled():
+        print(f"\ndownsample tokens={tokens} ({rows}x{cols}): max |dlogit| vs plain reference = {delta:.2e}")
+    assert delta < 1e-4
+
+
+# ---- the properties every method passes ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_documented_noop_is_identical(family):
+    proc = processor(family)
+    inputs = vision_inputs(proc, [0, 1], family)
+    model = fresh_model(family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    for params in (methods.get("downsample").noop, {"tokens": 64}, {"tokens": 70}):
+        m = fresh_model(family)
+        if params.get("tokens") == 70:
+            with pytest.raises(MethodError, match="exceeds"):
+                methods.build("downsample", params).apply(m, get_adapter(m))
+            continue
+        methods.build("downsample", params).apply(m, get_adapter(m))
+        with torch.no_grad():
+            assert torch.equal(m(**inputs).logits, ref), params
+
+
+def test_full_size_through_the_patched_tower_is_identical():
+    """The resize hook and the interpolated positions at the full size change nothing (a per-prompt budget
+    of the whole prompt takes that path on LLaVA-1.5)."""
+    proc = processor("llava")
+    inputs = vision_inputs(proc, [0, 1])
+    model = fresh_model("llava")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    m = fresh_model("llava")
+    methods.build("downsample", {"prompt_tokens": 1.0}).apply(m, get_adapter(m))
+    with torch.no_grad():
+        assert torch.equal(m(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_example_really_reduces_and_the_tower_runs_smaller(family):
+    m = fresh_model(family)
+    methods.build("downsample", methods.get("downsample").example).apply(m, get_adapter(m))
+    inputs = vision_inputs(processor(family), [0], family)
+    seen = []
+    h = get_adapter(m).vision_tower.register_forward_hook(lambda mod, a, out: seen.append(out.last_hidden_state))
+    n_full = int((inputs["input_ids"] == m.config.image_token_id).sum())
+    assert llm_visual_tokens(m, inputs) < n_full
+    h.remove()
+    assert seen[0].shape[1] == 16 + 1  # 4x4 patches + CLS through every CLIP layer
+
+
+@pytest.mark.parametrize("value", [0.33, 0.22, 0.125, 16])
+def test_kept_count_on_every_sample(value):
+    """LLaVA-1.5, 1-3 images per prompt: every image gets the grid of the per-image target; the prompt gets
+    what `visual_tokens_kept` says, at most the budget and within 2 sqrt(k) per image of it."""
+    from tests.methods.helpers import inputs as prompt_inputs
+
+    m = fresh_model("llava")
+    meth = methods.build("downsample", {"prompt_tokens": value})
+    meth.apply(m, get_adapter(m))
+    proc = processor("llava")
+    for sizes in ([(64, 64)], [(64, 64), (48, 80)], [(64, 64)] * 3):
+        inp = prompt_inputs(proc, [sizes])
+        (layout,) = F.layouts_from_inputs(m, inp)
+        got = llm_visual_tokens(m, inp)
+        assert got == meth.visual_tokens_kept(layout), (value, sizes)
+        k = round(prompt_count(value, layout.visual) / len(sizes))
+        rows, cols = plain_grid(k, 8)
+        assert got == len(sizes) * rows * cols
+
+
+def test_kept_count_on_every_llava_next_sample():
+    m = fresh_model("llava_next")
+    meth = methods.build("downsample", {"prompt_tokens": 0.33})
+    meth.apply(m, get_adapter(m))
+    proc = processor("llava_next")
+    for i in range(4):
+        inp = vision_inputs(proc, [i], "llava_next")
+        (layout,) = F.layouts_from_inputs(m, inp)
+        got = llm_visual_tokens(m, inp)
+        assert got == meth.visual_tokens_kept(layout) <= prompt_count(0.33, layout.visual), i
+
+
+@pytest.mark.parametrize("family, params", [("llava", {"tokens": 20}), ("llava_next", {"tokens": 16}),
+                                            ("llava_next", {"prompt_tokens": 0.33})])
+def test_counted_flops_equal_analytic_and_the_vision_tower_shrinks(family, params):
+    m = fresh_model(family, "qwen2", gqa=True)
+    meth = methods.build("downsample", params)
+    meth.apply(m, get_adapter(m))
+    inputs = vision_inputs(processor(family), [1], family)
+    counted = check_flops(m, meth, inputs)
+    assert counted.unsupported_ops == {}
+    dense = F.analytic_prefill(m.config, F.layouts_from_inputs(m, inputs)[0])
+    assert counted.flops["vision"] < dense["vision"] / 2
+
+
+def test_cached_equals_uncached_and_batch_equals_single_llava():
+    m = fresh_model("llava")
+    methods.build("downsample", {"prompt_tokens": 0.33}).apply(m, get_adapter(m))
+    check_batch_equals_single(m, processor("llava"), "llava")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm", ["llama", "mistral"])
+def test_cached_equals_uncached_and_batch_equals_single_llava_next(lm):
+    m = fresh_model("llava_next", lm, gqa=lm == "mistral")
+    methods.build("downsample", {"tokens": 20}).apply(m, get_adapter(m))
+    check_batch_equals_single(m, processor("llava_next"), "llava_next")
+
+
+@pytest.mark.slow
+def test_full_size_meta_count_equals_analytic():
+    from tests.methods.helpers import check_meta_flops
+
+    check_meta_flops("downsample", {"tokens": 64})
+    check_meta_flops("downsample", {"prompt_tokens": 0.33}, model="llava_next_7b")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+def test_refuses_families_without_a_fixed_crop_grid_in_one_line(family):
+    from harness.models.tiny import build_tiny
+
+    model, _ = build_tiny(family, gqa=True, vision_layers=3)
+    with pytest.raises(MethodError, match=f"refuses model family '{family}'") as e:
+        methods.build("downsample", {"tokens": 4}).apply(model, get_adapter(model))
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_builds_the_noop():
+    cfg = yaml.safe_load((ROOT / "conf/method/downsample.yaml").read_text())
+    assert methods.build(cfg["name"], cfg["params"]).params() == methods.get("downsample").noop
+
+
+# ---- bad parameters -------------------------------------------------------------------------------------
+@pytest.mark.bad_input
+@pytest.mark.parametrize("param, value", [
+    ("tokens", 0), ("tokens", -1), ("tokens", 3.5), ("tokens", True), ("tokens", "a"), ("tokens", float("nan")),
+    ("tokens", float("inf")), ("prompt_tokens", 0), ("prompt_tokens", 1.5), ("prompt_tokens", float("nan")),
+    ("prompt_tokens", float("inf")), ("prompt_tokens", "x"), ("prompt_tokens", True),
+])
+def test_bad_parameters_are_named_in_one_line(param, value):
+    with pytest.raises(MethodError) as e:
+        methods.build("downsample", {param: value})
+    msg = str(e.value)
+    assert msg.startswith(f"method.params.{param}={methods.show(value)}: "), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("extra, message", [
+    (["method.params.tokens=inf"], "method.params.tokens=inf"),
+    (["method.params.tokens=65"], "exceeds the 64 visual tokens per crop"),
+    (["method.params.tokens=4", "method.params.prompt_tokens=0.5"], "either prompt_tokens or tokens"),
+    (["budget.kind=flops", "budget.value=nan"], "budget.value"),
+])
+def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys,
+                                            monkeypatch):
+    import harness.models.loading as loading
+    from harness.cli.main import run_one
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    rc = run_one([f"model.pretrained={tiny_checkpoint}", f"data_dir={data_dir}", f"store.dir={tmp_path / 's'}",
+                  "logger=none", "run.limit=3", "method=downsample"] + extra)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vtbench:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
