@@ -263,3 +263,22 @@ def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, dat
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0], lines[0]
     assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+
+
+# ---- both budget kinds reach it ----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_token_and_flops_budgets_reach_it(family):
+    from harness.budget import layout_for, resolve
+
+    m = fresh_model(family)
+    adapter = get_adapter(m)
+    layout = layout_for(adapter, 64)
+    tok, info = resolve(methods.build("downsample", {}), adapter, {"kind": "tokens", "value": 0.25})
+    assert tok.prompt_tokens == 0.25 and info["visual_tokens_to_llm"] == tok.visual_tokens_kept(layout)
+    assert info["visual_tokens_to_llm"] <= prompt_count(0.25, layout.visual)
+    dense = sum(F.analytic_prefill(m.config, layout).values())
+    for target in (0.6, 0.4):
+        fl, info = resolve(methods.build("downsample", {}), adapter, {"kind": "flops", "value": target})
+        assert isinstance(fl.tokens, int) and 1 <= fl.tokens < 64
+        ratio = sum(F.analytic_prefill(m.config, layout, fl).values()) / dense
+        assert ratio == pytest.approx(info["predicted_flops_ratio"]) and abs(ratio - target) < 0.1, (target, ratio)
