@@ -16,6 +16,10 @@ of each original patch in every token, updated by each reducer with its own merg
 size-weighted average, so a token of size s holding one asked patch carries 1/s of it; FiCoCo-V: the
 compress weights alpha of eq. 3, the kept token's own share 1/(1 + sum alpha)).
 
+The signal-free baselines keep the same bookkeeping without patching CLIP (`methods/_shared/grid.py`): a
+`pool` token holds 1/|cell| of each patch of its cell, a `downsample` patch the overlapping area of each
+original patch over its footprint, and `blind` delivers no token (recall 0).
+
 Tokens merged inside the LLM by FiCoCo-L (and FiCoCo-VL's LLM stage) count the same way: the reducer logs
 each merge's discarded tokens, targets and weights (`ReduceState.merges`), and a target holds
 1 / (1 + sum of its weights) of itself and each weight's share of a discarded token, from the next layer on.

@@ -88,8 +88,11 @@ class Blind(Method):
         from methods._shared.context import announce_prompt_visual, install_context
         from methods._shared.vision_reduce import _as_kwargs
 
+        from methods._shared.grid import content_holder, record_content
+
         self.validate(adapter)
         ctx = install_context(model, adapter)
+        holder = content_holder(model)  # asked-cell recall (harness/recall.py): no content reaches the LLM
         image_token_id = adapter.image_token_id
         pad = adapter.text_config.pad_token_id
         pad = getattr(adapter.config, "pad_token_id", None) if pad is None else pad
@@ -101,6 +104,8 @@ class Blind(Method):
             if ids is None or not bool((ids == image_token_id).any()):
                 return kwargs, False
             announce_prompt_visual(model, (ids == image_token_id).sum(1).cpu())
+            if holder.track and adapter.family == "llava":
+                record_content(holder, torch.zeros(0, adapter.visual_tokens_per_image), int(ids.shape[0]))
             names = [k for k in TOKEN_INPUTS if kwargs.get(k) is not None]
             new_ids, mask, cut = strip_image_tokens(ids, kwargs.get("attention_mask"), image_token_id, pad,
                                                     [kwargs[k] for k in names])

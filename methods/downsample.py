@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import register
-from methods._shared.grid import GridReductionMethod, downsample_grid
+from methods._shared.grid import GridReductionMethod, content_holder, downsample_grid, record_content, resize_share
 
 
 def resize_pixels(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -78,6 +78,7 @@ class Downsample(GridReductionMethod):
     def install(self, model, adapter, geom, state) -> None:
         side = self.side(geom)
         patch = int(adapter.vision_config.patch_size)
+        holder = content_holder(model)
 
         def resize(module, args, kwargs):
             k = state["k"]
@@ -85,6 +86,8 @@ class Downsample(GridReductionMethod):
                 return None
             rows, cols = downsample_grid(k, side, side)
             pv = args[0] if args else kwargs["pixel_values"]
+            if holder.track:
+                record_content(holder, resize_share(rows, cols, side, side), pv.shape[0])
             pv = resize_pixels(pv, rows * patch, cols * patch)
             kwargs = dict(kwargs, interpolate_pos_encoding=True)
             if args:

@@ -33,7 +33,7 @@ import dataclasses
 from typing import ClassVar
 
 from methods import register
-from methods._shared.grid import GridReductionMethod, pool_grid
+from methods._shared.grid import GridReductionMethod, content_holder, pool_grid, pool_share, record_content
 
 
 @register
@@ -55,11 +55,13 @@ class Pool(GridReductionMethod):
 
     def install(self, model, adapter, geom, state) -> None:
         side = self.side(geom)
+        holder = content_holder(model)
 
         def pool(module, args, out):
             k = state["k"]
             if k is None or out.dim() != 3 or out.shape[1] != side * side or k >= side * side:
                 return out
+            record_content(holder, pool_share(k, side, side), out.shape[0])
             return pool_grid(out, side, side, k)
 
         adapter.projector.register_forward_hook(pool)

@@ -6,7 +6,8 @@ and deliver a per-crop count k fixed by the budget rule every vision-side method
 reached:
 
 * **pooling** (`pool_cells`, `pool_grid`) averages rectangular cells of the H x W grid. The cells follow
-  PyTorch's adaptive pooling bins (bin i of n over a side of length L covers [floor(i L / n), ceil((i+1) L / n))).
+  PyTorch's adaptive pooling bins (bin i of n over a side of length L covers [floor(i L / n), ceil((i+1) L / n)),
+  so neighbouring cells share a row or column of patches where n does not divide L).
   When k is a perfect square g^2 (or any rows x cols product the rule below picks) this *is*
   `adaptive_avg_pool2d(grid, (rows, cols))`. Otherwise the grid is cut into `rows = round(sqrt(k H / W))`
   bands of rows (adaptive bins), and band i into `w_i = floor((i+1) k / rows) - floor(i k / rows)` column bins
@@ -204,3 +205,58 @@ class GridReductionMethod(VisionReductionMethod):
             "llm": llm_prefill_macs(shapes.llm, layout.text + visual),
             "lm_head": lm_head_macs(shapes.llm, 1),
         }
+
+
+# ---- content bookkeeping (asked-cell recall on `shapes`, harness/recall.py) ----------------------------------
+def content_holder(model):
+    """The vision-side bookkeeping holder of this model instance (`vision_reduce._PATCHED`, what
+    `harness.recall` reads), created for methods that reduce without patching CLIP layers."""
+    from methods._shared.vision_reduce import _PATCHED, _Holder
+
+    holder = getattr(model, _PATCHED, None)
+    if holder is None:
+        holder = _Holder()
+        object.__setattr__(model, _PATCHED, holder)
+    return holder
+
+
+def record_content(holder, share: torch.Tensor, batch: int) -> None:
+    """Record what the last vision call delivered: `share` [k, n] (row t: the share of each of the crop's n
+    original patches in delivered token t, rows summing to 1; k = 0 for none), the same for each of the
+    `batch` crops. Stored as a `VisionState` with the CLS token at index 0 (as the CLIP reducers keep it).
+    Only while `holder.track` is on (recall measurement), like the reducers' own bookkeeping."""
+    from methods._shared.vision_reduce import VisionState
+
+    if not holder.track:
+        return
+    k, n = share.shape
+    source = torch.zeros(batch, k + 1, n + 1)
+    source[:, 0, 0] = 1.0
+    source[:, 1:, 1:] = share.float()
+    holder.last = VisionState(size=torch.ones(batch, k + 1), pos=torch.zeros(batch, k + 1, dtype=torch.long),
+                              source=source, track=True)
+
+
+def pool_share(k: int, height: int, width: int) -> torch.Tensor:
+    """[k, height*width]: pooled token t is the mean of its cell's patches (1 / |cell| each)."""
+    share = torch.zeros(k, height * width)
+    for t, (r0, r1, c0, c1) in enumerate(pool_cells(k, height, width)):
+        for r in range(r0, r1):
+            share[t, r * width + c0:r * width + c1] = 1.0 / ((r1 - r0) * (c1 - c0))
+    return share
+
+
+def resize_share(rows: int, cols: int, height: int, width: int) -> torch.Tensor:
+    """[rows*cols, height*width]: a patch of the image resized to rows x cols patches covers a rectangle of
+    the original height x width patch grid; its share of each original patch is the overlapping area over the
+    rectangle's area (the footprint the resampling averages, rows summing to 1)."""
+    def overlaps(n_new, n_old):
+        step = n_old / n_new
+        out = torch.zeros(n_new, n_old)
+        for i in range(n_new):
+            lo, hi = i * step, (i + 1) * step
+            for j in range(n_old):
+                out[i, j] = max(0.0, min(hi, j + 1) - max(lo, j)) / step
+        return out
+
+    return torch.einsum("ar,bc->abrc", overlaps(rows, height), overlaps(cols, width)).reshape(rows * cols, -1)

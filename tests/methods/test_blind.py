@@ -177,3 +177,18 @@ def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, dat
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0], lines[0]
     assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+
+
+def test_asked_cell_recall_is_zero():
+    from harness.recall import layer_recall, track
+
+    model, proc = build_tiny("llava")
+    methods.build("blind", {}).apply(model, get_adapter(model))
+    track(model, True)
+    q = "What colour is the shape in row 2, column 3?"
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                    add_generation_prompt=True)
+    inputs = proc(images=image(0, (64, 64)), text=text, return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert layer_recall(model, get_adapter(model), inputs["input_ids"], [q]) == [[0.0] * 4]

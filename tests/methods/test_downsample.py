@@ -282,3 +282,28 @@ def test_token_and_flops_budgets_reach_it(family):
         assert isinstance(fl.tokens, int) and 1 <= fl.tokens < 64
         ratio = sum(F.analytic_prefill(m.config, layout, fl).values()) / dense
         assert ratio == pytest.approx(info["predicted_flops_ratio"]) and abs(ratio - target) < 0.1, (target, ratio)
+
+
+# ---- asked-cell recall on `shapes` (harness/recall.py) -----------------------------------------------------
+@pytest.mark.parametrize("tokens", [16, 20])
+def test_asked_cell_recall_is_the_resolution_share(tokens):
+    """Each new patch's footprint covers (64 / k) original patches; a patch of the asked cell is spread over
+    the new patches covering it, 1 / footprint of it each, so the recall is k / 64 wherever the cell lies."""
+    from harness.recall import layer_recall, track
+    from tests.efficiency.helpers import image
+
+    m = fresh_model("llava")
+    methods.build("downsample", {"tokens": tokens}).apply(m, get_adapter(m))
+    track(m, True)
+    proc = processor("llava")
+    recs = []
+    for q in ("What colour is the shape in row 2, column 3?", "Which letter is in row 1, column 1?"):
+        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                        add_generation_prompt=True)
+        inputs = proc(images=image(0, (64, 64)), text=text, return_tensors="pt")
+        with torch.no_grad():
+            m.generate(**inputs, max_new_tokens=1, do_sample=False)
+        recs += layer_recall(m, get_adapter(m), inputs["input_ids"], [q])
+    rows, cols = plain_grid(tokens, 8)
+    for rec in recs:
+        assert rec == pytest.approx([rows * cols / 64] * 4, rel=1e-5)

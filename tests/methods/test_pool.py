@@ -313,3 +313,31 @@ def test_token_and_flops_budgets_reach_it(family):
         assert isinstance(fl.tokens, int) and 1 <= fl.tokens < 64
         ratio = sum(F.analytic_prefill(m.config, layout, fl).values()) / dense
         assert ratio == pytest.approx(info["predicted_flops_ratio"]) and abs(ratio - target) < 0.05, (target, ratio)
+
+
+# ---- asked-cell recall on `shapes` (harness/recall.py) -----------------------------------------------------
+@pytest.mark.parametrize("tokens", [16, 21])
+def test_asked_cell_recall_counts_each_patch_by_its_cell(tokens):
+    """A pooled token holds 1/|cell| of each patch of its cell (the ToMe convention for a merged token), so the
+    recall is sum over cells c of sum_{p in c} w_p / |c|, over sum_p w_p (computed here with the plain cells)."""
+    from harness.recall import cell_patch_weights, layer_recall, track
+
+    m = fresh_model("llava")
+    methods.build("pool", {"tokens": tokens}).apply(m, get_adapter(m))
+    track(m, True)
+    proc = processor("llava")
+    q = "What colour is the shape in row 2, column 3?"
+    inputs = proc(images=__import__("tests.efficiency.helpers", fromlist=["image"]).image(0, (64, 64)),
+                  text=proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                                add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        m.generate(**inputs, max_new_tokens=1, do_sample=False)
+    (rec,) = layer_recall(m, get_adapter(m), inputs["input_ids"], [q])
+    w = cell_patch_weights(6, SIDE)
+    carried = 0.0  # adaptive cells may overlap: a patch in two cells counts in each
+    for r0, r1, c0, c1 in plain_cells(tokens, SIDE, SIDE):
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                carried += w.get(r * SIDE + c, 0.0) / ((r1 - r0) * (c1 - c0))
+    want = carried / sum(w.values())
+    assert rec == pytest.approx([want] * 4, rel=1e-5)
