@@ -307,3 +307,22 @@ def test_asked_cell_recall_is_the_resolution_share(tokens):
     rows, cols = plain_grid(tokens, 8)
     for rec in recs:
         assert rec == pytest.approx([rows * cols / 64] * 4, rel=1e-5)
+
+
+def test_llava_next_every_crop_resized_like_the_plain_reference():
+    """LLaVA-NeXT: each anyres crop the tower sees is that crop resized with PIL (float mode, bicubic), and the
+    LLM input holds [crop 1 tokens, ..., crop c tokens, image_newline]."""
+    proc = processor("llava_next")
+    inputs = vision_inputs(proc, [1], "llava_next")
+    model = fresh_model("llava_next")
+    methods.build("downsample", {"tokens": 20}).apply(model, get_adapter(model))
+    seen = []
+    h = get_adapter(model).vision_tower.register_forward_hook(lambda m, a, out: seen.append(a[0]))
+    n = llm_visual_tokens(model, inputs)
+    h.remove()
+    crops = inputs["pixel_values"][0]
+    assert seen[0].shape == (crops.shape[0], 3, 32, 40) and n == crops.shape[0] * 20 + 1
+    for c in range(crops.shape[0]):
+        ref = np.stack([np.asarray(Image.fromarray(crops[c, ch].numpy(), mode="F").resize((40, 32), Image.BICUBIC))
+                        for ch in range(3)])
+        torch.testing.assert_close(seen[0][c], torch.from_numpy(ref), rtol=0, atol=2e-5)

@@ -341,3 +341,26 @@ def test_asked_cell_recall_counts_each_patch_by_its_cell(tokens):
                 carried += w.get(r * SIDE + c, 0.0) / ((r1 - r0) * (c1 - c0))
     want = carried / sum(w.values())
     assert rec == pytest.approx([want] * 4, rel=1e-5)
+
+
+def test_llava_next_every_crop_pooled_like_the_plain_reference():
+    """LLaVA-NeXT: each anyres crop's projected grid is pooled on its own (the plain loop per crop), and the
+    LLM input holds [crop 1 k tokens, ..., crop c k tokens, image_newline] per image."""
+    proc = processor("llava_next")
+    inputs = vision_inputs(proc, [1], "llava_next")
+    ref_model = fresh_model("llava_next")
+    full = []
+    h = get_adapter(ref_model).projector.register_forward_hook(lambda m, a, out: full.append(out))
+    with torch.no_grad():
+        ref_model(**inputs)
+    h.remove()
+    model = fresh_model("llava_next")
+    methods.build("pool", {"tokens": 21}).apply(model, get_adapter(model))
+    seen = []
+    h = get_adapter(model).projector.register_forward_hook(lambda m, a, out: seen.append(out))
+    n = llm_visual_tokens(model, inputs)
+    h.remove()
+    crops = full[0].shape[0]
+    assert crops > 1 and seen[0].shape == (crops, 21, full[0].shape[2]) and n == crops * 21 + 1
+    for c in range(crops):
+        torch.testing.assert_close(seen[0][c], plain_pool(full[0][c], 21, SIDE, SIDE), rtol=1e-5, atol=1e-6)
