@@ -192,3 +192,18 @@ def test_asked_cell_recall_is_zero():
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert layer_recall(model, get_adapter(model), inputs["input_ids"], [q]) == [[0.0] * 4]
+
+
+def test_meta_countable_flag_is_true():
+    """blind reads the image tokens' positions from input_ids values: a meta forward cannot run (so
+    `vtbench-flops` gives its analytic numbers without trying), as `meta_countable=False` says."""
+    from omegaconf import OmegaConf
+
+    from harness.models.loading import config_from_cfg, meta_model
+
+    config = config_from_cfg(OmegaConf.load(ROOT / "conf/model/llava15_7b.yaml"))
+    meta = meta_model(config)
+    methods.build("blind", {}).apply(meta, get_adapter(meta))
+    assert methods.get("blind").meta_countable is False
+    with pytest.raises(RuntimeError, match="meta"):
+        F.count_prefill(meta, F.synthetic_inputs(config))
