@@ -161,7 +161,6 @@ def test_has_no_parameters(params):
 @pytest.mark.bad_input
 @pytest.mark.parametrize("extra, message", [
     (["budget.kind=tokens", "budget.value=0.33"], "method 'blind' has no budget parameter"),
-    (["budget.kind=flops", "budget.value=0.5"], "method 'blind' has no budget parameter"),
     (["method.params.keep=3"], "unknown config key 'method.params.keep'"),
 ])
 def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys,
