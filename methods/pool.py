@@ -18,8 +18,8 @@ before it would be another method (and save its small cost); here it is not save
 
 Budgets: `tokens` (k per crop) or `prompt_tokens` (a count > 1 or a share <= 1 of the prompt's visual
 tokens, what `budget.kind=tokens` sets): every crop of a prompt gets the same k, the nearest to the target
-(`VisionReductionMethod.crop_tokens`), so LLaVA-1.5 prompts meet it exactly and LLaVA-NeXT prompts land
-within crops/2 of it. LLaVA-NeXT images are packed as [crop 1 k tokens, ..., crop c k tokens, image_newline]
+(`VisionReductionMethod.crop_tokens`), so one-image LLaVA-1.5 prompts meet it exactly and prompts of several
+images or crops land within crops/2 of it (the rule of every vision-side method). LLaVA-NeXT images are packed as [crop 1 k tokens, ..., crop c k tokens, image_newline]
 (the 2-D unpadding needs full grids; as ToMe / FiCoCo-V do). The image placeholder run is shrunk to
 match (`methods/_shared/vision_reduce.install_placeholder_shrink`), so prefill and decode see one
 consistent, shorter sequence with contiguous positions.
