@@ -278,12 +278,17 @@ class ReductionPlan:
 
     first_layer: int = 0
     positions: str = "keep"  # or "renumber"
+    #: True for a multi-stage method whose token budget is the count at its first drop (the context's
+    #: `visual_tokens_final` then records that count, not the last stage's)
+    count_first_drop: bool = False
 
     def score_layers(self) -> list[int]:
         """Layers whose q/k projections must be captured during prefill."""
         return []
 
-    def before_layer(self, view: LayerView) -> torch.Tensor | None:
+    def before_layer(self, view: LayerView) -> torch.Tensor | tuple | None:
+        """Keep indices [B, n'] (or None: keep all), or `(hidden [B, n, d], keep)` when the plan also
+        changes rows of the layer input before the drop (a merged token written into a kept row)."""
         return None
 
     def merges_at(self, layer: int) -> bool:
@@ -377,11 +382,14 @@ class LLMReducer:
         keep = plan.before_layer(
             LayerView(i, ctx, st, hidden, self._cur_pe(hidden, full_pe, kwargs), st.current())
         )
+        if isinstance(keep, tuple):  # (updated hidden, keep): rows changed before the drop (merged tokens)
+            hidden, keep = keep
         if keep is not None:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
+            if not (plan.count_first_drop and st.removed_any):
+                ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
             st.removed_any = True
-            ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         if st.cur is not None:
             ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
 
