@@ -24,11 +24,14 @@ Algorithm (paper §3; v1.5 code where the paper leaves a detail open):
      The v1 code kept `min(int(13.5 * rank), L_v - 1)` instead; v1.5 dropped the rank for fixed lists.
    * `mode="fixed"` (the reconciliation with a fixed budget, as the v1.5 code's fixed-budget configs do,
      e.g. `keep=[300, 200, 110]` for its "192 tokens" on LLaVA-1.5-7B): `keep` gives the top-k kept at
-     each stage (the recycled tokens come on top); or `keep_ratio` / `tokens` give T1, the visual tokens
+     each stage (the recycled tokens come on top); or `tokens` / `keep_ratio` (precedence in this order)
+     give T1, the visual tokens
      after the FIRST stage *including* the recycled ones (the project's token budget for a multi-stage
      method), and stage s keeps `round(schedule[s] * T1)` in all (default schedule 1 : 0.667 : 0.367,
      the v1.5 192-token list 300 : 200 : 110). A stage whose target is not below the tokens alive does
-     nothing (no scores computed).
+     nothing (no scores computed). Top-k + clusters meets every target exactly (each step of k changes the
+     cluster count by 0 or 1); a target below the cluster count at k = 0 keeps no top-k token and that many
+     clusters (the candidates are clustered into fewer centres).
 4. **Recycling** (paper §3.4; v1.5 `cluster_and_merge`): of the N deleted tokens, the `floor(tau * N) + 1`
    with the highest scores (tau = `recycle_share`, 0.3) are clustered by DPC-kNN on their hidden states
    (the output of layer l) into `floor(candidates / cluster_size) + 1` clusters (cluster_size 10):
@@ -212,6 +215,7 @@ class _SparseVLMPlan(LR.ReductionPlan):
         w = (is_rater.gather(1, rows.clamp(min=0)) & (rows >= 0)).float()  # [B, M] rater rows
         vcols = _padded_index(visual)  # [B, nv]
         P = probs.gather(2, vcols[:, None, :].expand(-1, probs.shape[1], -1))  # [B, M, nv]
+        P = P.masked_fill(w[:, :, None] == 0, 0.0)  # non-rater rows (padding rows may be NaN: no key allowed)
         scores = (P * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # [B, nv]
         if m.mode == "rank":
             ks = []
@@ -233,6 +237,8 @@ class _SparseVLMPlan(LR.ReductionPlan):
         hidden = view.hidden
         pruned = nv - top_k
         n_cand, n_clu = recycled_count(pruned, m.recycle_share, m.cluster_size) if m.recycle else (0, 0)
+        if m.mode == "fixed":
+            n_clu = m.stage_plan(self.nv0)[s][2] - top_k  # the rule's count, or fewer to meet a small target
         if n_clu:
             hidden = hidden.clone()
             cand_ord = order[:, top_k : top_k + n_cand]  # the deleted tokens with the highest scores
@@ -272,14 +278,18 @@ class SparseVLM(Method):
     layers: list[int] = dataclasses.field(default_factory=lambda: [2, 6, 15])
     #: "fixed" (counts from keep / keep_ratio / tokens) or "rank" (the paper's rank-adaptive count)
     mode: str = "fixed"
-    #: fixed: top-k visual tokens kept at each stage (the v1.5 lists; recycled tokens come on top)
+    #: fixed: top-k visual tokens kept at each stage (the v1.5 lists; recycled tokens come on top);
+    #: takes precedence over tokens / keep_ratio
     keep: list[int] | None = None
-    #: fixed: visual tokens after the first stage (recycled included) as a share of the prompt's
+    #: fixed: visual tokens after the first stage (recycled included) as a share of the prompt's (used when
+    #: keep and tokens are unset; mode=rank ignores it)
     keep_ratio: float | None = 0.333
-    #: fixed: visual tokens after the first stage (recycled included), a count
+    #: fixed: visual tokens after the first stage (recycled included), a count (takes precedence over
+    #: keep_ratio)
     tokens: int | None = None
-    #: fixed with keep_ratio / tokens: each stage's visual tokens as a share of the first stage's
-    schedule: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_SCHEDULE))
+    #: fixed with keep_ratio / tokens: each stage's visual tokens as a share of the first stage's (None:
+    #: 1 : 0.667 : 0.367 for three stages, else evenly spaced from 1 to 0.367)
+    schedule: list[float] | None = None
     #: rank: the scaling factor lambda of N = floor(lam * (L_v - rank(P)))
     lam: float = 0.5
     #: recycle the best-scored deleted tokens (cluster and merge them back)
@@ -299,16 +309,17 @@ class SparseVLM(Method):
             raise MethodError(f"{p}: layers must be >= 0 and strictly increasing, got {list(L)!r}")
         if self.mode not in ("fixed", "rank"):
             raise MethodError(f"{p}: mode must be 'fixed' or 'rank', got {self.mode!r}")
-        given = [n for n in ("keep", "keep_ratio", "tokens") if getattr(self, n) is not None]
         if self.mode == "rank":
-            if given:
-                raise MethodError(f"{p}: mode=rank sets the counts from the attention rank; drop {given[0]} "
-                                  "(or use mode=fixed)")
+            for n in ("keep", "tokens"):
+                if getattr(self, n) is not None:
+                    raise MethodError(f"{p}: {n} is a fixed count; mode=rank sets the counts from the attention "
+                                      "rank (drop it, or use mode=fixed)")
             if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < float(self.lam) <= 1.0:
                 raise MethodError(f"{p}: lam must be a number in (0, 1], got {self.lam!r}")
-        elif len(given) != 1:
-            raise MethodError(f"{p}: mode=fixed needs exactly one of keep, keep_ratio, tokens (got "
-                              f"{', '.join(given) or 'none'})")
+        elif self.keep is not None and self.tokens is not None:
+            raise MethodError(f"{p}: keep (top-k per stage) and tokens (the first stage's total) both set; give one")
+        elif self.keep is None and self.tokens is None and self.keep_ratio is None:
+            raise MethodError(f"{p}: mode=fixed needs one of keep, tokens, keep_ratio")
         if self.keep is not None:
             k = self.keep
             if not isinstance(k, (list, tuple)) or len(k) != len(L) or any(
@@ -322,7 +333,7 @@ class SparseVLM(Method):
         t = self.tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise MethodError(f"{p}: tokens must be an integer >= 1, got {t!r}")
-        sc = self.schedule
+        sc = self.shares()
         if not isinstance(sc, (list, tuple)) or len(sc) != len(L) or any(
                 isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0 for x in sc):
             raise MethodError(f"{p}: schedule must list one number in (0, 1] per layer ({len(L)}), got {sc!r}")
@@ -347,15 +358,25 @@ class SparseVLM(Method):
             raise MethodError(f"sparsevlm: layer {self.layers[-1]} leaves no layer to drop at (the drop is at "
                               f"layer l + 1; this language model has {L} layers)")
 
+    def shares(self) -> list[float]:
+        """`schedule`, or its default for this many stages."""
+        if self.schedule is not None:
+            return self.schedule
+        n = len(self.layers)
+        if n == len(DEFAULT_SCHEDULE):
+            return list(DEFAULT_SCHEDULE)
+        last = DEFAULT_SCHEDULE[-1]
+        return [1.0] + [round(1.0 - (1.0 - last) * i / (n - 1), 4) for i in range(1, n)]
+
     def _noop(self) -> bool:
-        return self.mode == "fixed" and self.keep is None and self.tokens is None and \
-            float(self.keep_ratio) >= 1.0 and all(float(x) >= 1.0 for x in self.schedule)
+        return self.mode == "fixed" and self.keep is None and self.tokens is None and self.keep_ratio is not None and \
+            float(self.keep_ratio) >= 1.0 and all(float(x) >= 1.0 for x in self.shares())
 
     # ---- counts -------------------------------------------------------------------------------------
     def stage_targets(self, nv: int) -> list[int]:
         """fixed mode with keep_ratio / tokens: each stage's target visual tokens for `nv` entering."""
-        t1 = min(nv, int(round(nv * float(self.keep_ratio))) if self.keep_ratio is not None else int(self.tokens))
-        return [max(1, int(round(float(f) * t1))) for f in self.schedule]
+        t1 = min(nv, int(self.tokens) if self.tokens is not None else int(round(nv * float(self.keep_ratio))))
+        return [max(1, int(round(float(f) * t1))) for f in self.shares()]
 
     def stage_plan(self, nv: int) -> list[tuple[int, int | None, int]]:
         """fixed mode, per stage: (visual tokens alive before it, its top-k or None if it does nothing,
@@ -370,6 +391,8 @@ class SparseVLM(Method):
                 k = top_k_for_total(alive, targets[s], self.recycle, self.recycle_share, self.cluster_size) \
                     if targets[s] < alive else None
             after = alive if k is None else stage_total(alive, k, self.recycle, self.recycle_share, self.cluster_size)
+            if targets is not None and k is not None:
+                after = min(after, targets[s])  # below the rule's cluster count at k = 0: fewer clusters
             out.append((alive, k, after))
             alive = after
         return out
@@ -428,8 +451,8 @@ class SparseVLM(Method):
             if k is None:
                 continue
             extra += s.heads * M * (text + before) * s.head_dim  # the text rows' QK^T
-            cand, clu = recycled_count(before - k, self.recycle_share, self.cluster_size) if self.recycle else (0, 0)
-            if clu:
+            cand = recycled_count(before - k, self.recycle_share, self.cluster_size)[0] if self.recycle else 0
+            if after > k:  # clusters
                 extra += cand * cand * s.hidden  # the clustering's Gram matrix
             for j in range(l + 1, s.layers):
                 per_layer[j] = after
