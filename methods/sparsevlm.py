@@ -275,7 +275,7 @@ class SparseVLM(Method):
     example: ClassVar[dict | None] = {"layers": [0, 1, 2], "keep_ratio": 0.5}
 
     #: sparsification layers (0-based): scores from layer l's attention, the drop at layer l + 1's input
-    layers: list[int] = dataclasses.field(default_factory=lambda: [2, 6, 15])
+    layers: list[int] | None = dataclasses.field(default_factory=lambda: [2, 6, 15])  # None is refused
     #: "fixed" (counts from keep / keep_ratio / tokens) or "rank" (the paper's rank-adaptive count)
     mode: str = "fixed"
     #: fixed: top-k visual tokens kept at each stage (the v1.5 lists; recycled tokens come on top);

@@ -9,7 +9,10 @@ How it acts on one model instance (no transformers source is touched):
   wrapped layer slices them with the indices of the tokens still alive, which `ReduceState` keeps per
   sample as indices into the prefill sequence (so no offset is ever hard-coded, and left padding works).
 * **Two reduction points.** A `ReductionPlan` may drop tokens at a layer's input (`before_layer`: FastV,
-  `random`) and/or merge tokens between a layer's attention and its MLP (`after_attention`: FiCoCo-L).
+  `random`; it may also rewrite rows of the layer input before the drop, e.g. SparseVLM's recycled
+  tokens written into their cluster centres' rows) and/or merge tokens between a layer's attention and
+  its MLP (`after_attention`: FiCoCo-L). A multi-stage plan with `count_first_drop` has the context's
+  `visual_tokens_final` record its first drop (the token budget's count), not the last.
   The second one runs the layer composed from its own submodules (pre-norm Llama/Mistral/Qwen2 layout).
 * **Masks.** A layer running on a shortened sequence gets a mask built here from the per-sample 2-D
   padding mask (causal AND key valid; kept tokens stay in original order, so causality in the shortened

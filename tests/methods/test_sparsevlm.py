@@ -217,7 +217,7 @@ def test_equals_plain_reference(family, lm, gqa, params, samples):
             kw["targets"] = [after for _, _, after in m.stage_plan(64)]
         ref, stages = reference(base, inp, m.layers, recycle=m.recycle, **kw)
         assert patched_stages(model, m.layers) == stages
-        assert (got - ref).abs().max() < 1e-4
+        assert (got - ref).abs().max() < 1e-5  # measured: <= 2.4e-7 (float32)
         assert len(stages[-1]) < inp["input_ids"].shape[1]  # it really dropped
 
 
@@ -233,7 +233,7 @@ def test_equals_plain_reference_on_mrope(family):
     got = forward(model, inp).logits[0, -1]
     ref, stages = reference(base, inp, [0, 1], keep=[6, 3])
     assert patched_stages(model, [0, 1]) == stages
-    assert (got - ref).abs().max() < 1e-4
+    assert (got - ref).abs().max() < 1e-5
 
 
 # ---- the shared properties -------------------------------------------------------------------------------
