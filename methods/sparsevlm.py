@@ -439,7 +439,8 @@ class SparseVLM(Method):
         stage's text attention rows and clustering Gram matrix); None when nothing is dropped."""
         if self.mode == "rank":
             raise MethodError("sparsevlm mode=rank has no analytic FLOPs (the counts depend on each prompt's "
-                              "attention rank); use mode=fixed")
+                              "attention rank); use mode=fixed, or run it without the efficiency probe "
+                              "(run.efficiency.enabled=false, run.batch_size=1)")
         s, nv = shapes.llm, layout.visual
         if not self.acts(nv):
             return None
