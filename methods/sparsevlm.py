@@ -22,6 +22,9 @@ Algorithm (paper §3; v1.5 code where the paper leaves a detail open):
      float32). It depends on the image and the question, so it cannot meet a fixed budget, its FLOPs have
      no analytic formula, and samples of a batch may disagree (refused in one line: use batch size 1).
      The v1 code kept `min(int(13.5 * rank), L_v - 1)` instead; v1.5 dropped the rank for fixed lists.
+     Caveat: the paper's full text was not retrievable here (only its abstract: "a rank-based strategy to
+     adaptively determine the sparsification ratio for each layer"); the deletion rule above is the
+     paper's as recalled, to be checked against §3.3 before `mode=rank` numbers are published.
    * `mode="fixed"` (the reconciliation with a fixed budget, as the v1.5 code's fixed-budget configs do,
      e.g. `keep=[300, 200, 110]` for its "192 tokens" on LLaVA-1.5-7B): `keep` gives the top-k kept at
      each stage (the recycled tokens come on top); or `tokens` / `keep_ratio` (precedence in this order)
