@@ -242,11 +242,13 @@ class _SparseVLMPlan(LR.ReductionPlan):
         n_cand, n_clu = recycled_count(pruned, m.recycle_share, m.cluster_size) if m.recycle else (0, 0)
         if m.mode == "fixed":
             n_clu = m.stage_plan(self.nv0)[s][2] - top_k  # the rule's count, or fewer to meet a small target
+        B = hidden.shape[0]
+        members = [[] for _ in range(B)]  # (member ordinal, centre ordinal) of each recycled token
         if n_clu:
             hidden = hidden.clone()
             cand_ord = order[:, top_k : top_k + n_cand]  # the deleted tokens with the highest scores
             centres = []
-            for b in range(hidden.shape[0]):
+            for b in range(B):
                 cols = vcols[b, cand_ord[b]]
                 x = hidden[b, cols]
                 cen, assign = dpc_knn(x, n_clu)
@@ -256,11 +258,34 @@ class _SparseVLMPlan(LR.ReductionPlan):
                 merged /= size.index_add_(0, assign, torch.ones_like(assign, dtype=torch.float64))[:, None]
                 hidden[b, cols[cen]] = merged.to(hidden.dtype)
                 centres.append(cand_ord[b, cen])
+                members[b] = list(zip(cand_ord[b].tolist(), cand_ord[b, cen][assign].tolist()))
             keep_ord = torch.cat([keep_ord, torch.stack(centres)], dim=1)
+        self._log_merges(view, nv, keep_ord, members)
         kept_vis = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
         kept_vis = kept_vis.scatter(1, vcols.gather(1, keep_ord), torch.ones_like(keep_ord)).bool()
         keep = (kept_vis | ~visual).nonzero()[:, 1].view(visual.shape[0], -1)
         return hidden, keep
+
+
+    @staticmethod
+    def _log_merges(view, nv, keep_ord, members):
+        """Bookkeeping for `harness.recall` (`ReduceState.merges`, FiCoCo-L's format): at the input of
+        layer l + 1 the kept visual tokens (ordinals among the nv alive, ascending) are the targets; a
+        recycled token has weight 1 on its cluster's centre (which then holds 1 / cluster size of each
+        member, itself included: the mean); the other deleted tokens have no weight (dropped)."""
+        B = keep_ord.shape[0]
+        tgt = torch.sort(keep_ord, dim=1).values
+        is_kept = torch.zeros(B, nv, dtype=torch.bool, device=keep_ord.device)
+        is_kept.scatter_(1, tgt, torch.ones_like(tgt, dtype=torch.bool))
+        disc = (~is_kept).nonzero()[:, 1].view(B, -1)
+        alpha = torch.zeros(B, disc.shape[1], tgt.shape[1])
+        for b in range(B):
+            d_pos = {int(o): i for i, o in enumerate(disc[b].tolist())}
+            t_pos = {int(o): j for j, o in enumerate(tgt[b].tolist())}
+            for member, centre in members[b]:
+                if member != centre:
+                    alpha[b, d_pos[member], t_pos[centre]] = 1.0
+        view.state.merges[view.layer - 1] = (disc, tgt, alpha)
 
 
 @register

@@ -260,6 +260,26 @@ def test_example_really_reduces_and_caches_the_kept_tokens():
     assert model.config.text_config._attn_implementation == "sdpa"  # SDPA kept; scores computed aside
 
 
+def test_recycling_is_logged_for_recall():
+    """`ReduceState.merges` (read by harness.recall): per stage, targets = the kept visual tokens, every
+    recycled member has weight 1 on exactly one centre (a target), the other deleted tokens none; a
+    centre's cluster size matches the tokens merged into its row."""
+    model, proc = tiny("llava", "llama")
+    _, m = apply(model, **EXAMPLE)
+    forward(model, make_inputs(proc, (0, 1)))
+    merges = LR.get_reducer(model).state.merges
+    assert sorted(merges) == list(m.layers)
+    for (before, k, after), layer in zip(m.stage_plan(64), m.layers):
+        disc, tgt, alpha = merges[layer]
+        assert tgt.shape[1] == after and disc.shape[1] == before - after
+        for b in range(2):
+            assert sorted(disc[b].tolist() + tgt[b].tolist()) == list(range(before))
+        n_cand = int(0.3 * (before - k)) + 1
+        rows = alpha.sum(2)
+        assert bool(((rows == 0) | (rows == 1)).all())
+        assert rows.sum(1).tolist() == [n_cand - (after - k)] * 2  # members other than the centres
+
+
 def test_kept_count_per_sample_in_a_padded_batch():
     model, proc = tiny("llava", "qwen2", gqa=True)
     apply(model, **EXAMPLE)
