@@ -54,8 +54,12 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
     layout_kw = dict(text_before=1, text_after=text_tokens - 1, image_hw=image)
     layout = F.synthetic_layout(config, **layout_kw)
     inputs = F.synthetic_inputs(config, **layout_kw)
-    analytic = F.analytic_prefill(config, layout, None if method.name == "none" else method)
+    try:
+        analytic = F.analytic_prefill(config, layout, None if method.name == "none" else method)
+    except methods.MethodError as e:  # e.g. counts that depend on the data (SparseVLM mode=rank)
+        raise CliError(str(e)) from None
     context = layout.total  # dense cache length after the prefill
+    per_layer = _visual_per_layer(config, layout, method)
 
     notes: list[str] = []
     prefill = decode = None
@@ -109,8 +113,12 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
         "layout": {"before": layout.before, "visual": layout.visual, "after": layout.after,
                    "images": layout.images, "total": layout.total,
                    "image_hw": list(image or F.default_image_hw(config))},
-        # visual tokens reaching the LLM for this prompt (after the method's last reduction)
+        # visual tokens reaching the LLM for this prompt (the budget count: after the method's reduction, a
+        # multi-stage method's first drop), the visual tokens alive at each decoder layer's input and their
+        # layer average (the papers' "equivalent tokens")
         "visual_tokens_to_llm": method.visual_tokens_kept(layout),
+        "visual_tokens_per_layer": per_layer,
+        "visual_tokens_mean_per_layer": round(sum(per_layer) / len(per_layer), 2) if per_layer else None,
         "method_params": method.params(),
         "budget": budget_info or None,
         "unit": "FLOPs (= 2 x MACs)",
@@ -159,6 +167,22 @@ def _fmt(x) -> str:
     return f"{x:.4e}"
 
 
+def _visual_per_layer(config, layout, method) -> list[int] | None:
+    """Visual tokens at each decoder layer's input for an in-LLM method (`Method.llm_visual_schedule`),
+    the visual tokens reaching the LLM at every layer otherwise; None for a method whose schedule has no
+    analytic form (it says why in its FLOPs notes)."""
+    from harness.efficiency import analytic as A
+    from methods.base import MethodError
+
+    shapes = A.ModelShapes.from_config(config)
+    try:
+        schedule = method.llm_visual_schedule(shapes, layout) if method.name != "none" else None
+        visual = method.visual_tokens_to_llm(layout.visual) if method.name != "none" else layout.visual
+    except MethodError:
+        return None
+    return list(schedule[0]) if schedule is not None else [int(visual)] * shapes.llm.layers
+
+
 def render_table(r: dict) -> str:
     lay = r["layout"]
     lines = [
@@ -166,6 +190,16 @@ def render_table(r: dict) -> str:
         f"prompt: {lay['before']} text + {lay['visual']} image + {lay['after']} text = {lay['total']} tokens; "
         f"{lay['images']} vision-encoder pass(es) of a {lay['image_hw'][0]}x{lay['image_hw'][1]} image; "
         f"{r['visual_tokens_to_llm']} visual tokens reach the LLM",
+    ]
+    per_layer = r.get("visual_tokens_per_layer")
+    if per_layer and len(set(per_layer)) > 1:
+        runs, start = [], 0
+        for i in range(1, len(per_layer) + 1):
+            if i == len(per_layer) or per_layer[i] != per_layer[start]:
+                runs.append(f"layers {start}-{i - 1}: {per_layer[start]}" if i - 1 > start else f"layer {start}: {per_layer[start]}")
+                start = i
+        lines.append(f"visual tokens per layer: {'; '.join(runs)} (mean {r['visual_tokens_mean_per_layer']})")
+    lines += [
         "",
         f"{'component':<11}{'prefill counted':>17}{'prefill analytic':>18}{'decode/token counted':>22}"
         f"{'decode analytic':>17}",

@@ -9,7 +9,10 @@ How it acts on one model instance (no transformers source is touched):
   wrapped layer slices them with the indices of the tokens still alive, which `ReduceState` keeps per
   sample as indices into the prefill sequence (so no offset is ever hard-coded, and left padding works).
 * **Two reduction points.** A `ReductionPlan` may drop tokens at a layer's input (`before_layer`: FastV,
-  `random`) and/or merge tokens between a layer's attention and its MLP (`after_attention`: FiCoCo-L).
+  `random`; it may also rewrite rows of the layer input before the drop, e.g. SparseVLM's recycled
+  tokens written into their cluster centres' rows) and/or merge tokens between a layer's attention and
+  its MLP (`after_attention`: FiCoCo-L). A multi-stage plan with `count_first_drop` has the context's
+  `visual_tokens_final` record its first drop (the token budget's count), not the last.
   The second one runs the layer composed from its own submodules (pre-norm Llama/Mistral/Qwen2 layout).
 * **Masks.** A layer running on a shortened sequence gets a mask built here from the per-sample 2-D
   padding mask (causal AND key valid; kept tokens stay in original order, so causality in the shortened
@@ -278,12 +281,17 @@ class ReductionPlan:
 
     first_layer: int = 0
     positions: str = "keep"  # or "renumber"
+    #: True for a multi-stage method whose token budget is the count at its first drop (the context's
+    #: `visual_tokens_final` then records that count, not the last stage's)
+    count_first_drop: bool = False
 
     def score_layers(self) -> list[int]:
         """Layers whose q/k projections must be captured during prefill."""
         return []
 
-    def before_layer(self, view: LayerView) -> torch.Tensor | None:
+    def before_layer(self, view: LayerView) -> torch.Tensor | tuple | None:
+        """Keep indices [B, n'] (or None: keep all), or `(hidden [B, n, d], keep)` when the plan also
+        changes rows of the layer input before the drop (a merged token written into a kept row)."""
         return None
 
     def merges_at(self, layer: int) -> bool:
@@ -377,11 +385,14 @@ class LLMReducer:
         keep = plan.before_layer(
             LayerView(i, ctx, st, hidden, self._cur_pe(hidden, full_pe, kwargs), st.current())
         )
+        if isinstance(keep, tuple):  # (updated hidden, keep): rows changed before the drop (merged tokens)
+            hidden, keep = keep
         if keep is not None:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
+            if not (plan.count_first_drop and st.removed_any):
+                ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
             st.removed_any = True
-            ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         if st.cur is not None:
             ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
 
