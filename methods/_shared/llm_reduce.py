@@ -278,6 +278,9 @@ class ReductionPlan:
 
     first_layer: int = 0
     positions: str = "keep"  # or "renumber"
+    #: the layer whose drop the token budget counts (`VisualContext.visual_tokens_final`): None = every
+    #: removal updates it (the last one wins); a multi-stage method (PyramidDrop) names its first drop
+    budget_layer: int | None = None
 
     def score_layers(self) -> list[int]:
         """Layers whose q/k projections must be captured during prefill."""
@@ -381,7 +384,8 @@ class LLMReducer:
             hidden = take(hidden, keep)
             st.cur = st.current().gather(1, keep)
             st.removed_any = True
-            ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
+            if plan.budget_layer is None or plan.budget_layer == i:
+                ctx.visual_tokens_final = int(st.visual.gather(1, st.cur).sum(1).max())
         if st.cur is not None:
             ctx.visual_tokens_per_layer[i] = int(st.visual.gather(1, st.cur)[0].sum())
 
