@@ -95,6 +95,15 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
                       "match": (total_c == total_a) if total_c is not None else None},
         }
 
+    # visual tokens alive at each LLM layer's input (a method that drops inside the LLM: its schedule) and
+    # their layer average, the "equivalent tokens" of the papers (the tables' "visual tokens/layer")
+    from harness.efficiency.analytic import ModelShapes
+
+    schedule = None if method.name == "none" else method.llm_visual_schedule(ModelShapes.from_config(config), layout)
+    per_layer = list(schedule[0]) if schedule is not None else None  # (methods without a schedule: not tabulated)
+    if method.name == "none":
+        per_layer = [layout.visual] * config.text_config.num_hidden_layers
+
     conv = {}
     for name in C.CONVENTIONS:
         try:
@@ -109,8 +118,12 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
         "layout": {"before": layout.before, "visual": layout.visual, "after": layout.after,
                    "images": layout.images, "total": layout.total,
                    "image_hw": list(image or F.default_image_hw(config))},
-        # visual tokens reaching the LLM for this prompt (after the method's last reduction)
+        # visual tokens reaching the LLM for this prompt: the token budget's count (after the method's last
+        # reduction; a multi-stage method (PyramidDrop): after its first drop)
         "visual_tokens_to_llm": method.visual_tokens_kept(layout),
+        "visual_tokens_per_layer": per_layer,
+        "visual_tokens_layer_mean": sum(per_layer) / len(per_layer) if per_layer else None,
+        "selection_macs": schedule[1] if schedule is not None else 0,
         "method_params": method.params(),
         "budget": budget_info or None,
         "unit": "FLOPs (= 2 x MACs)",
@@ -153,6 +166,17 @@ def _apply_budget(cfg, method, adapter, text_tokens: int) -> dict:
     return dict(info, _method=m)
 
 
+def _runs(xs: list) -> str:
+    """[576, 576, 288, 288] -> '576 x2, 288 x2' (layers in order)."""
+    out = []
+    for x in xs:
+        if out and out[-1][0] == x:
+            out[-1][1] += 1
+        else:
+            out.append([x, 1])
+    return ", ".join(f"{x} x{n}" for x, n in out)
+
+
 def _fmt(x) -> str:
     if x is None:
         return "-"
@@ -170,6 +194,9 @@ def render_table(r: dict) -> str:
         f"{'component':<11}{'prefill counted':>17}{'prefill analytic':>18}{'decode/token counted':>22}"
         f"{'decode analytic':>17}",
     ]
+    if r.get("visual_tokens_per_layer"):
+        lines.insert(2, f"visual tokens at the LLM layers' inputs: {_runs(r['visual_tokens_per_layer'])} "
+                        f"(mean {r['visual_tokens_layer_mean']:.1f})")
     pre, dec = r["prefill"], r["decode"]
     comps = list(dict.fromkeys(list(pre["components"]) + list(dec["components"])))
     for c in comps + ["total"]:
