@@ -7,7 +7,8 @@ Algorithm (paper §3, "Duplication-Aware Reduction of Tokens"; defaults of the r
 * Layers 0..K-1 run on every token (K = 2).
 * **Pivots** (paper: "pivot tokens" chosen by K-norm): the `pivot_image` visual tokens and the
   `pivot_text` instruction tokens (prompt tokens after the last visual token) whose keys at layer K-1
-  have the largest L1 norm (all heads concatenated, after RoPE; 4 + 4 in the released scripts).
+  have the largest L1 norm (all heads concatenated, after RoPE at the positions counted from the prompt's
+  first token, as in the released code's batch-1 runs; 4 + 4 in the released scripts).
 * **Duplication**: cosine similarity between each pivot and every visual token, on the hidden states
   entering layer K passed through the LLM's final norm (the released code's features).
 * For each pivot in turn, the not yet chosen visual tokens **least** similar to it are kept; visual
@@ -80,6 +81,15 @@ def dart_select(feats: torch.Tensor, key_norm: torch.Tensor, visual: torch.Tenso
     return torch.sort(torch.cat(chosen)).values
 
 
+def rope_at(rotary, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [B, n, d_h] of a 1-D rotary embedding module at positions pos [B, n] (the module's own
+    inv_freq and attention scaling; an outer product by broadcasting, so no matrix product is counted)."""
+    freqs = pos[..., None].float() * rotary.inv_freq.float()[None, None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
 class _DARTPlan(LR.ReductionPlan):
     def __init__(self, K, keep, keep_ratio, pivot_image, pivot_text, norm):
         self.first_layer = K
@@ -88,6 +98,18 @@ class _DARTPlan(LR.ReductionPlan):
 
     def score_layers(self):
         return [self.K - 1]
+
+    def _key_rope(self, view, dtype):
+        """RoPE for the pivot keys at positions counted from each prompt's first real token, as the released
+        code's batch-1 runs see them: a key's L1 norm after RoPE depends on its absolute position, so a
+        left-padded prompt given positions that count the padding would otherwise pick other pivots. M-RoPE
+        families derive their positions from the mask already (their own cos/sin are used)."""
+        red = self.reducer
+        if getattr(red.adapter, "position_streams", 1) > 1 or red.rotary is None:
+            return view.position_embeddings
+        pos = view.state.pos.gather(1, view.index)
+        first = torch.where(view.valid, pos, torch.iinfo(pos.dtype).max).min(dim=1).values
+        return rope_at(red.rotary, pos - first[:, None], dtype)
 
     def before_layer(self, view):
         if view.layer != self.K:
@@ -100,7 +122,7 @@ class _DARTPlan(LR.ReductionPlan):
         if n_keep >= nv:
             return None
         attn = red.layers[self.K - 1].self_attn
-        cos, sin = view.position_embeddings
+        cos, sin = self._key_rope(view, k.dtype)
         k = LR.post_rope(attn, LR.heads(k, attn.head_dim), cos, sin)  # [B, H_kv, n, d_h]
         key_norm = k.float().abs().sum(dim=(1, 3))  # [B, n]: L1 norm over heads and channels
         feats = self.norm(view.hidden)

@@ -159,9 +159,8 @@ def test_family_cached_uncached_batch_single_and_flops(family):
     assert not bool(both["attention_mask"].all())
     with torch.no_grad():
         gen = model.generate(**both, max_new_tokens=3, do_sample=False)[:, both["input_ids"].shape[1]:]
-        pos = {} if family in ("qwen2_vl", "qwen2_5_vl") else {"position_ids": (both["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
-        first = model(**both, **pos).logits[:, -1]  # (the positions generate gives a left-padded prompt)
-    assert torch.equal(gen, greedy_uncached_family(model, both, 3, family))
+        first = model(**both).logits[:, -1]  # (positions counting the padding: the selection must not care)
+    assert torch.equal(gen, greedy_uncached(model, both, 3))
     for b, t in enumerate(TEXTS):
         one = _single(family, proc, t, b)
         with torch.no_grad():
@@ -177,29 +176,6 @@ def test_family_cached_uncached_batch_single_and_flops(family):
     with torch.no_grad():
         model(**one)
     assert get_context(model).visual_tokens_per_layer == m.llm_visual_schedule(ModelShapes.from_config(model.config), layout)[0]
-
-
-def greedy_uncached_family(model, inp, steps, family):
-    """`greedy_uncached` (each token from a full forward without cache, the scoring pinned to the prompt),
-    with the positions `generate` gives a left-padded prompt (mask cumsum) on the 1-D RoPE families: DART's
-    key norms are taken after RoPE, so they see absolute positions (the Qwen families derive theirs)."""
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return greedy_uncached(model, inp, steps)
-    ids, am = inp["input_ids"], inp["attention_mask"]
-    extra = {k: v for k, v in inp.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
-    LR.pin_prompt_length(model, ids.shape[1])
-    out = []
-    try:
-        with torch.no_grad():
-            for _ in range(steps):
-                pos = (am.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, **extra).logits[:, -1]
-                nxt = logits.argmax(-1, keepdim=True)
-                out.append(nxt)
-                ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
-    finally:
-        LR.pin_prompt_length(model, None)
-    return torch.cat(out, 1)
 
 
 def _single(family, proc, text, b):
