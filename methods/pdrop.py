@@ -110,7 +110,7 @@ class PyramidDrop(Method):
     example = {"layers": [1, 2, 3], "lam": 0.5}
 
     #: decoder layers at whose input a stage ends and visual tokens are dropped (0-based, increasing)
-    layers: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 24])
+    layers: list[int] | tuple[int, ...] = dataclasses.field(default_factory=lambda: [8, 16, 24])
     #: the paper's λ: share of the alive visual tokens each drop keeps, in (0, 1]; 1 = no-op
     lam: float = 0.5
     #: visual tokens kept at the first drop (token budgets); later drops keep floor(keep * lam^(s-1))
