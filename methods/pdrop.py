@@ -104,8 +104,8 @@ class PyramidDrop(Method):
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
-    budget_param = "keep"
     #: a budget sets keep or keep_ratio (the first drop); lam still sets the later stages
+    budget_param = "keep"
     noop = {"lam": 1.0}
     example = {"layers": [1, 2, 3], "lam": 0.5}
 
