@@ -78,8 +78,9 @@ def plain_dart(model, inputs, K, keep, pivot_image, pivot_text):
 
 @pytest.mark.parametrize("lm,gqa,params", [
     ("llama", False, {"K": 2, "keep": 16, "pivot_image": 4, "pivot_text": 4}),
-    ("qwen2", True, {"K": 1, "keep": 21, "pivot_image": 3, "pivot_text": 2}),
-    ("llama", True, {"K": 3, "keep": 10, "pivot_image": 2, "pivot_text": 50}),  # fewer text tokens than pivots
+    pytest.param("qwen2", True, {"K": 1, "keep": 21, "pivot_image": 3, "pivot_text": 2}, marks=pytest.mark.slow),
+    # fewer text tokens than pivots
+    pytest.param("llama", True, {"K": 3, "keep": 10, "pivot_image": 2, "pivot_text": 50}, marks=pytest.mark.slow),
 ])
 def test_kept_sets_and_logits_equal_the_plain_reference(lm, gqa, params):
     model, proc = tiny("llava", lm, gqa=gqa)
@@ -132,9 +133,10 @@ def test_cached_equals_uncached_and_batch_equals_single_llava():
     check_decode_consistency(model, proc, steps=2)
 
 
-#: ~4 s each: two families in `make test`, the other three with the slow tests (CI runs them)
-FAMILY = pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"] + [
-    pytest.param(f, marks=pytest.mark.slow) for f in ("llava", "qwen2_vl", "llava_onevision")])
+#: ~3 s each: one family in `make test` (left padding with positions that count it), the other four with the
+#: slow tests (CI runs them)
+FAMILY = pytest.mark.parametrize("family", ["llava_next"] + [
+    pytest.param(f, marks=pytest.mark.slow) for f in ("llava", "qwen2_vl", "qwen2_5_vl", "llava_onevision")])
 
 
 @FAMILY
@@ -167,7 +169,8 @@ def test_family_cached_uncached_batch_single_and_flops(family):
 
 # ---- FLOPs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [{"K": 2, "keep": 16}, {"K": 1, "keep": 3, "pivot_image": 4},
-                                    {"K": 3, "keep_ratio": 0.5, "pivot_image": 1, "pivot_text": 60}])
+                                    pytest.param({"K": 3, "keep_ratio": 0.5, "pivot_image": 1, "pivot_text": 60},
+                                                 marks=pytest.mark.slow)])
 def test_counted_flops_equal_analytic(params):
     model, proc = tiny("llava", "qwen2", gqa=True)
     _, m = apply(model, **params)

@@ -65,8 +65,8 @@ def plain_pdrop(model, inputs, layers, lam, keep=None):
 
 @pytest.mark.parametrize("lm,gqa,params", [
     ("llama", False, {"layers": [1, 2, 3], "lam": 0.5}),
-    ("qwen2", True, {"layers": [1, 3], "lam": 0.6}),
-    ("llama", True, {"layers": [2, 3], "lam": 0.5, "keep": 20}),
+    pytest.param("qwen2", True, {"layers": [1, 3], "lam": 0.6}, marks=pytest.mark.slow),
+    pytest.param("llama", True, {"layers": [2, 3], "lam": 0.5, "keep": 20}, marks=pytest.mark.slow),
 ])
 def test_kept_sets_and_logits_equal_the_plain_reference(lm, gqa, params):
     model, proc = tiny("llava", lm, gqa=gqa)
@@ -145,9 +145,10 @@ def _family_batch(family, proc, texts):
     return batch(proc, texts)
 
 
-#: ~4 s each: two families in `make test`, the other three with the slow tests (CI runs them)
-FAMILY = pytest.mark.parametrize("family", ["llava", "qwen2_vl"] + [
-    pytest.param(f, marks=pytest.mark.slow) for f in ("llava_next", "qwen2_5_vl", "llava_onevision")])
+#: ~4 s each: one family in `make test`, the other four with the slow tests (CI runs them); test_dart.py
+#: runs another one fast
+FAMILY = pytest.mark.parametrize("family", ["qwen2_vl"] + [
+    pytest.param(f, marks=pytest.mark.slow) for f in ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")])
 TEXTS = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
 
 
@@ -225,8 +226,9 @@ def test_kept_tokens_keep_their_mrope_positions():
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("params", [{"layers": STAGES, "lam": 0.5}, {"layers": [2], "lam": 0.3},
-                                    {"layers": [1, 3], "lam": 0.7, "keep": 40, "positions": "renumber"}])
+@pytest.mark.parametrize("params", [{"layers": [1, 3], "lam": 0.7, "keep": 40, "positions": "renumber"},
+                                    pytest.param({"layers": STAGES, "lam": 0.5}, marks=pytest.mark.slow),
+                                    pytest.param({"layers": [2], "lam": 0.3}, marks=pytest.mark.slow)])
 def test_counted_flops_equal_analytic(params):
     model, proc = tiny("llava", "llama", gqa=True)
     _, m = apply(model, **params)
