@@ -249,6 +249,13 @@ def test_paper_flops(model_name, lam, printed):
     assert round(pdrop_paper_tflops(model_name, lam), digits) == printed
 
 
+@pytest.mark.parametrize("model_name,printed", [("llava15_7b", 2.01), ("llava_next_7b", 10.6)])
+def test_paper_flops_of_its_fastv_rows(model_name, printed):
+    """Table 5's FastV rows (K=2, R=50 %) in the same convention: one drop at layer 2 keeping half."""
+    digits = len(str(printed).split(".")[1])
+    assert round(pdrop_paper_tflops(model_name, 0.5, layers=(2,)), digits) == printed
+
+
 # ---- budgets -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [0.33, 20])
 def test_token_budget_counts_the_first_drop(value):
