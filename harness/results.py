@@ -77,6 +77,12 @@ def cell_identity(cfg: dict) -> dict:
 
     model, method, bench, run = cfg["model"], cfg["method"], cfg["benchmark"], cfg["run"]
     params = method.get("params") or {}
+    try:  # a parameter added later, at the value that reproduces the earlier behaviour, keeps old keys
+        from methods.base import drop_key_defaults
+
+        params = drop_key_defaults(registry.get(method["name"]), params)
+    except registry.MethodError:
+        pass  # an unknown method is refused elsewhere, in one line
     ident = {
         "schema": SCHEMA,
         "model": {

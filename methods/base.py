@@ -11,6 +11,18 @@ import dataclasses
 from typing import Any, ClassVar
 
 
+def drop_key_defaults(cls, params: dict) -> dict:
+    """`params` without the entries that sit at their `Method.key_defaults` value."""
+    kd = getattr(cls, "key_defaults", None) or {}
+    return {k: v for k, v in params.items() if not (k in kd and _same(v, kd[k]))}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b  # `layer: false` is not `layer: 0`
+    return a == b
+
+
 class MethodError(ValueError):
     """A method parameter is invalid, or invalid for the loaded model. Message is one line."""
 
@@ -46,6 +58,16 @@ class Method:
     #: parameters naming a calibration artefact (layer rankings) for "auto" layer lists; a cell of such a
     #: method carries its calibration settings and the artefacts' content in its identity
     calibration_fields: ClassVar[tuple[str, ...]] = ()
+    #: parameter values that make the method a documented no-op (logits identical to the unpatched
+    #: model), or None if it has none (the conformance contract)
+    noop: ClassVar[dict | None] = None
+    #: parameter values at which it really reduces on the project's tiny random models (64 visual tokens
+    #: per image/crop, 4 LLM layers, 5 CLIP layers), or None
+    example: ClassVar[dict | None] = None
+    #: parameters added after cells were recorded, with the value that reproduces the earlier behaviour:
+    #: at that value they are left out of `params()` and of the cell key (`harness.results.cell_identity`),
+    #: so existing records keep their keys and rows
+    key_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def calibration_given(cls, params: dict) -> dict[str, Any]:
@@ -58,7 +80,7 @@ class Method:
         return bool(cls.calibration_fields)
 
     def params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return drop_key_defaults(type(self), dataclasses.asdict(self))
 
     def check_params(self) -> None:
         """Model-independent range checks; raise MethodError."""

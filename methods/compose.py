@@ -14,7 +14,7 @@ Defined compositions (anything else is refused in one line, naming the rule):
   `random`: `methods._shared.llm_reduce` drops visual tokens between decoder layers), listed in that
   order (the layer-wise member first, as in the papers' "ShortV + FastV").
 * Interaction: the token-dropping member drops visual tokens at its layer (FastV: at layer K, scored at
-  layer K-1; random: before layer 0); a layer-wise layer before that point acts on all visual tokens, a
+  layer K-1; random: before layer `layer`, 0 by default); a layer-wise layer before that point acts on all visual tokens, a
   layer-wise layer at or after it acts on the *kept* visual tokens only (its reduced layer runs inside the
   dropping machinery, which narrows the visual-token bookkeeping to the kept tokens:
   `methods._shared.context.narrowed`). ShortV's frozen layers then freeze the kept visual tokens,

@@ -1,12 +1,14 @@
-"""`random` — drop a seeded random subset of visual tokens at the LLM input.
+"""`random` — drop a seeded random subset of visual tokens at the LLM input, or at any decoder layer.
 
 A control baseline (FastV paper §4.1 / Table 7 "random drop"; FiCoCo v1 Table 3 "Random Sampling"): the
 kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`), drawn
 from a generator seeded with `seed`, the same relative subset for every sample (so a batch gives the
 same result per sample as batch 1, and every forward of one generation picks the same subset). Tokens
-are removed before decoder layer 0 through the shared LLM-reduction machinery (`methods._shared.
-llm_reduce`): every layer runs on, and caches, the kept tokens only; kept tokens keep their positions
-(`positions="keep"`) or are renumbered. A method that cannot beat it at equal budget is not selecting
+are removed before decoder layer `layer` (0: the LLM input, the default and the earlier behaviour)
+through the shared LLM-reduction machinery (`methods._shared.llm_reduce`): layers before it run on all
+tokens, it and every later layer run on, and cache, the kept tokens only (UniPruneBench's in-LLM random
+control; "All You Need Are Random Visual Tokens?" drops at deeper layers); kept tokens keep their
+positions (`positions="keep"`) or are renumbered. A method that cannot beat it at equal budget is not selecting
 anything useful; a benchmark on which it scores like the full model does not need the image much.
 """
 from __future__ import annotations
@@ -64,6 +66,10 @@ class RandomDrop(Method):
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"
+    noop = {"keep_ratio": 1.0}
+    example = {"keep": 16, "layer": 1}
+    #: `layer` came later; at 0 (the LLM input) it is the earlier method, and cells keep their keys
+    key_defaults = {"layer": 0}
 
     #: fraction of visual tokens kept, in (0, 1]; 1.0 is the no-op
     keep_ratio: float = 0.1
@@ -73,6 +79,8 @@ class RandomDrop(Method):
     seed: int = 0
     #: "keep" original RoPE positions or "renumber" them contiguously
     positions: str = "keep"
+    #: decoder layer at whose input the tokens are dropped (0 = the LLM input)
+    layer: int = 0
 
     def check_params(self) -> None:
         if not (0.0 < float(self.keep_ratio) <= 1.0):
@@ -84,11 +92,17 @@ class RandomDrop(Method):
         check_seed("random", "seed", self.seed)
         if self.positions not in ("keep", "renumber"):
             raise MethodError(f"random: positions must be 'keep' or 'renumber', got {self.positions!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise MethodError(f"random: layer must be an integer >= 0 (the decoder layer the drop happens at), got {self.layer!r}")
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
         if self.keep is not None or float(self.keep_ratio) < 1.0:
             self.require_full_attention(adapter)
+            if self.layer >= adapter.num_llm_layers:
+                raise MethodError(
+                    f"random: layer={self.layer} must be < the number of LLM layers ({adapter.num_llm_layers})"
+                )
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
             raise MethodError(
                 f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"
@@ -106,15 +120,17 @@ class RandomDrop(Method):
         self.validate(adapter)
         if self.keep is None and float(self.keep_ratio) == 1.0:
             return model
-        LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions))
+        LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions,
+                                               self.layer))
         return model
 
     def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:
-        """The kept visual tokens at every layer's input (dropped before layer 0); no selection cost."""
+        """All visual tokens at the input of layers < `layer`, the kept ones from `layer` on; no
+        selection cost."""
         kept = kept_visual(layout.visual, float(self.keep_ratio), self.keep)
         if kept >= layout.visual:
             return None
-        return [kept] * shapes.llm.layers, 0
+        return [layout.visual] * self.layer + [kept] * (shapes.llm.layers - self.layer), 0
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         macs = A.dense_prefill_macs(shapes, layout)

@@ -99,6 +99,13 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
                       "match": (total_c == total_a) if total_c is not None else None},
         }
 
+    from harness.efficiency.analytic import ModelShapes
+
+    try:  # the method's own selection cost (e.g. FastV's score row), in MACs
+        schedule = None if method.name == "none" else method.llm_visual_schedule(ModelShapes.from_config(config), layout)
+    except methods.MethodError:
+        schedule = None
+
     conv = {}
     for name in C.CONVENTIONS:
         try:
@@ -115,10 +122,11 @@ def compute(overrides: list[str], *, text_tokens: int = 64, convention: str = "f
                    "image_hw": list(image or F.default_image_hw(config))},
         # visual tokens reaching the LLM for this prompt (the budget count: after the method's reduction, a
         # multi-stage method's first drop), the visual tokens alive at each decoder layer's input and their
-        # layer average (the papers' "equivalent tokens")
+        # layer average (the papers' "equivalent tokens"), and the method's own selection MACs
         "visual_tokens_to_llm": method.visual_tokens_kept(layout),
         "visual_tokens_per_layer": per_layer,
         "visual_tokens_mean_per_layer": round(sum(per_layer) / len(per_layer), 2) if per_layer else None,
+        "selection_macs": schedule[1] if schedule is not None else 0,
         "method_params": method.params(),
         "budget": budget_info or None,
         "unit": "FLOPs (= 2 x MACs)",

@@ -281,8 +281,8 @@ class ReductionPlan:
 
     first_layer: int = 0
     positions: str = "keep"  # or "renumber"
-    #: True for a multi-stage method whose token budget is the count at its first drop (the context's
-    #: `visual_tokens_final` then records that count, not the last stage's)
+    #: True for a multi-stage method (PyramidDrop, SparseVLM) whose token budget is the count at its first
+    #: drop (the context's `visual_tokens_final` then records that count, not the last stage's)
     count_first_drop: bool = False
 
     def score_layers(self) -> list[int]:

@@ -152,7 +152,7 @@ def greedy_uncached(model, inp, steps):
 # ---- prompts of several shapes ---------------------------------------------------------------------------
 #: image sizes (height, width) giving LLaVA-NeXT 3 crops with different unpadded grids, and 5 crops
 NEXT_SIZES = [(64, 64), (64, 128), (128, 64), (96, 64), (128, 128)]
-TOKEN_METHODS = ["random", "fastv", "ficoco_l", "tome", "ficoco_v", "ficoco_vl"]
+TOKEN_METHODS = ["random", "fastv", "pdrop", "dart", "ficoco_l", "tome", "ficoco_v", "ficoco_vl"]
 LAYER_METHODS = ["shortv", "redundancylens"]
 ALL_METHODS = ["none"] + TOKEN_METHODS + LAYER_METHODS
 #: parameters besides the budget that make each method act on a 4-layer LLM / 5-layer CLIP
@@ -160,6 +160,8 @@ PARAMS = {
     "none": {},
     "random": {},
     "fastv": {"K": 1},
+    "pdrop": {"layers": [1, 2, 3]},
+    "dart": {"K": 1},
     "ficoco_l": {"start_layer": 1},
     "tome": {},
     "ficoco_v": {"start_layer": 0},

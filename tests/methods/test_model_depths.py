@@ -27,6 +27,8 @@ NOOPS = {
     "none": {},
     "random": {"keep_ratio": 1.0},
     "fastv": {"R": 0.0},
+    "pdrop": {"lam": 1.0},
+    "dart": {"keep_ratio": 1.0},
     "ficoco_l": {"r": 0},
     "tome": {"r": 0},
     "ficoco_v": {"r": 0},

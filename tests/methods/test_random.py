@@ -121,3 +121,64 @@ def test_seed_range_ends_are_valid(seed):
     import methods
 
     assert methods.build("random", {"seed": seed, "keep": 1}).seed == seed
+
+
+# ---- random dropping at any decoder layer (`layer`) ----------------------------------------------------
+def test_drop_at_a_later_layer_schedule_cache_and_flops():
+    model, proc = tiny("llava", "llama", gqa=True)
+    _, m = apply(model, keep=10, layer=2, seed=5)
+    inp = make_inputs(proc, (0, 1, 2))
+    P = inp["input_ids"].shape[1]
+    out = forward(model, inp, use_cache=True)
+    assert get_context(model).visual_tokens_per_layer == [64, 64, 10, 10]
+    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [P, P, P - 54, P - 54]
+    visual = inp["input_ids"] == model.config.image_token_id
+    kept = LR.get_reducer(model).state.cache_idx[2]
+    for b in range(3):  # the same seeded subset, now chosen at layer 2
+        vis_pos = visual[b].nonzero().flatten().tolist()
+        assert [vis_pos.index(int(i)) for i in kept[b] if visual[b, i]] == random_subset(64, 10, 5).tolist()
+    one = make_inputs(proc, (1,))
+    layout = layouts_from_inputs(model, one)[0]
+    assert count_prefill(model, one).flops == analytic_prefill(model.config, layout, m)
+
+
+def test_later_layer_cached_equals_uncached_and_batch_equals_single():
+    model, proc = tiny("llava", "qwen2", gqa=True)
+    apply(model, keep_ratio=0.25, layer=3)
+    check_decode_consistency(model, proc, steps=2)
+
+
+def test_layer_zero_is_the_earlier_method_with_the_same_cell_key():
+    """`layer` came later: at 0 it is left out of `params()` and of the cell key, so the records of existing
+    `random` cells keep their keys; any other layer is a new cell."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+    from harness.results import record_key
+
+    assert "layer" not in methods.build("random", {"layer": 0}).params()
+    assert methods.build("random", {"layer": 2}).params()["layer"] == 2
+    cfg = OmegaConf.to_container(compose_config(["method=random"]), resolve=True)
+    assert cfg["method"]["params"]["layer"] == 0
+    before = {k: v for k, v in cfg["method"]["params"].items() if k != "layer"}  # the config as it was
+    old = dict(cfg, method=dict(cfg["method"], params=before))
+    assert record_key(cfg) == record_key(old)
+    later = OmegaConf.to_container(compose_config(["method=random", "method.params.layer=2"]), resolve=True)
+    assert record_key(later) != record_key(cfg)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", [-1, 1.5, True, "two", float("nan"), float("inf")])
+def test_bad_layer_one_line_naming_the_key(value):
+    with pytest.raises(MethodError) as e:
+        methods.build("random", {"layer": value})
+    assert str(e.value).startswith("method.params.layer="), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.bad_input
+def test_layer_beyond_the_model_is_refused():
+    model, _ = tiny("llava", "llama")
+    with pytest.raises(MethodError, match="must be < the number of LLM layers") as e:
+        methods.build("random", {"layer": 4, "keep": 8}).validate(get_adapter(model))
+    assert "\n" not in str(e.value)
