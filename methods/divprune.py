@@ -83,9 +83,11 @@ class _DivPrunePlan(LR.ReductionPlan):
         if n_keep >= nv or nv == 0:
             return None
         scores = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+        self.last_selection = []  # bookkeeping (tests): kept visual ordinals per sample
         for b in range(visual.shape[0]):
             where = visual[b].nonzero()[:, 0]
             chosen = mmdp_greedy(view.hidden[b, where], n_keep)
+            self.last_selection.append(chosen)
             scores[b] = scores[b].index_fill(0, where[chosen], 1.0)
         return LR.keep_top_visual(scores, visual, n_keep)
 
@@ -145,7 +147,8 @@ class DivPrune(Method):
         self.validate(adapter)
         if not self.reduces():
             return model
-        LR.install(model, adapter, _DivPrunePlan(float(self.keep_ratio), self.keep, self.positions))
+        self._plan = _DivPrunePlan(float(self.keep_ratio), self.keep, self.positions)
+        LR.install(model, adapter, self._plan)
         return model
 
     def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:

@@ -95,6 +95,11 @@ class VisionZip(TowerOutputMethod):
             return self.dominant + self.contextual
         return self.tokens
 
+    def budget_label(self, k: int) -> str:
+        if self.dominant is not None:
+            return f"dominant + contextual = {self.dominant} + {self.contextual}"
+        return super().budget_label(k)
+
     def split(self, n_keep: int) -> tuple[int, int]:
         if self.dominant is not None and not self.per_prompt:
             return self.dominant, self.contextual
@@ -129,6 +134,7 @@ class VisionZip(TowerOutputMethod):
         dominant = patches.gather(1, top[..., None].expand(B, chosen, D))
         if self.cls_token:
             dominant = torch.cat([h[:, :1], dominant], dim=1)
+        self.last_selection = {"dominant": top, "targets": None}  # bookkeeping (tests): patch indices
         if c == 0:
             return dominant
         left = torch.zeros(B, P, dtype=torch.long, device=h.device).scatter(1, top, 1)
@@ -151,5 +157,6 @@ class VisionZip(TowerOutputMethod):
         count = torch.zeros(B, c, dtype=h.dtype, device=h.device).scatter_add(
             1, assign, torch.ones(B, M - c, dtype=h.dtype, device=h.device)
         )
+        self.last_selection["targets"] = rest[:, targets]
         contextual = h_rest[:, targets] + summed / count.clamp(min=1)[..., None]
         return torch.cat([dominant, contextual], dim=1)

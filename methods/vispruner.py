@@ -108,4 +108,5 @@ class VisPruner(TowerOutputMethod):
         if diverse > 0:
             keep = torch.cat([keep, residual], dim=1)
         keep = keep.sort(dim=-1).values
+        self.last_selection = keep  # bookkeeping (tests): kept patch indices [B, k]
         return x.gather(1, keep[..., None].expand(B, n_keep, D))

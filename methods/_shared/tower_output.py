@@ -184,10 +184,13 @@ class TowerOutputMethod(Method):
             if k is not None:
                 if k > geom.visual_per_crop:
                     raise MethodError(
-                        f"{self.name}: tokens={k} exceeds the {geom.visual_per_crop} visual tokens per image / crop"
+                        f"{self.name}: {self.budget_label(k)} exceeds the {geom.visual_per_crop} visual tokens per image / crop"
                     )
                 self.check_keep(geom, k)
         self._geom = geom
+
+    def budget_label(self, k: int) -> str:
+        return f"tokens={k}"
 
     def keep_per_crop(self, geom: VisionGeometry) -> int:
         """Tokens per crop of a fixed budget (all of them when there is none)."""
