@@ -100,8 +100,10 @@ def llm_input(model, inp):
     return seen["inputs_embeds"], seen.get("position_ids")
 
 
-@pytest.mark.parametrize("positions", ["keep", "renumber"])
-@pytest.mark.parametrize("sample, keep", [(0, 20), (2, 8), (1, 40)])
+@pytest.mark.parametrize("sample, keep, positions", [
+    (0, 20, "keep"), (2, 8, "renumber"),
+    pytest.param(1, 40, "keep", marks=pytest.mark.slow), pytest.param(1, 40, "renumber", marks=pytest.mark.slow),
+])
 def test_agrees_with_plain_reference(sample, keep, positions, record_property):
     """LLaVA-1.5: identical kept sets, and the logits of the unpatched language model run on the kept tokens
     (kept positions, or 0..n'-1 renumbered as the official code gets them)."""
@@ -139,7 +141,7 @@ def test_documented_noop_is_identical(family):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-@pytest.mark.parametrize("value", [0.33, 0.125, 20])
+@pytest.mark.parametrize("value", [0.33, pytest.param(0.125, marks=pytest.mark.slow), 20])
 def test_kept_count_equals_budget_on_every_prompt(family, value):
     model, m = applied(family, **m_budget(value))
     proc = processor(family)
@@ -156,12 +158,15 @@ def m_budget(value):
     return methods.build(NAME, {}).budget_token_params(value)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_counted_flops_equal_analytic(family):
-    proc = processor(family)
-    for params in ({"keep": 20}, {"keep_ratio": 0.33}, {"keep": 7, "positions": "renumber"}):
-        model, m = applied(family, **params)
-        check_flops(model, m, vision_inputs(proc, [1], family))
+@pytest.mark.parametrize("family, params", [
+    ("llava", {"keep": 20}),
+    ("llava_next", {"keep_ratio": 0.33}),
+    pytest.param("llava", {"keep": 7, "positions": "renumber"}, marks=pytest.mark.slow),
+    pytest.param("llava_next", {"keep": 7, "positions": "renumber"}, marks=pytest.mark.slow),
+])
+def test_counted_flops_equal_analytic(family, params):
+    model, m = applied(family, **params)
+    check_flops(model, m, vision_inputs(processor(family), [1], family))
 
 
 @pytest.mark.parametrize("positions", ["keep", "renumber"])

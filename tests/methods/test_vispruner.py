@@ -59,7 +59,7 @@ def test_documented_noop_is_identical(family, params):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("value", [0.33, 0.125, 20])
+@pytest.mark.parametrize("value", [0.33, pytest.param(0.125, marks=pytest.mark.slow), 20])
 def test_kept_count_equals_budget_on_every_prompt(family, value):
     model, m = applied(family, prompt_tokens=value)
     proc = processor(family)
@@ -76,16 +76,21 @@ def test_kept_count_equals_budget_on_every_prompt(family, value):
             assert got == target
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_counted_flops_equal_analytic(family):
-    proc = processor(family)
-    for params in ({"tokens": 20}, {"prompt_tokens": 0.33}, {"tokens": 9, "important_ratio": 1.0},
-                   {"tokens": 30, "important_ratio": 0.0}):
-        model, m = applied(family, **params)
-        check_flops(model, m, vision_inputs(proc, [1], family))
+@pytest.mark.parametrize("family, params", [
+    ("llava", {"tokens": 20}),
+    ("llava_next", {"prompt_tokens": 0.33}),
+    pytest.param("llava", {"tokens": 9, "important_ratio": 1.0}, marks=pytest.mark.slow),
+    pytest.param("llava_next", {"tokens": 30, "important_ratio": 0.0}, marks=pytest.mark.slow),
+    pytest.param("llava", {"prompt_tokens": 0.33}, marks=pytest.mark.slow),
+    pytest.param("llava_next", {"tokens": 20}, marks=pytest.mark.slow),
+])
+def test_counted_flops_equal_analytic(family, params):
+    model, m = applied(family, **params)
+    check_flops(model, m, vision_inputs(processor(family), [1], family))
 
 
-@pytest.mark.parametrize("family, lm", [("llava", "llama"), ("llava_next", "llama"), ("llava_next", "qwen2")])
+@pytest.mark.parametrize("family, lm", [("llava", "llama"), ("llava_next", "llama"),
+                                        pytest.param("llava_next", "qwen2", marks=pytest.mark.slow)])
 def test_cached_equals_uncached_and_batch_equals_single(family, lm):
     model, _ = applied(family, lm, tokens=20)
     check_batch_equals_single(model, processor(family), family)
@@ -121,8 +126,10 @@ def reference_vispruner(h, cls_rows, tokens, ratio):
     return sorted(kept)
 
 
-@pytest.mark.parametrize("tokens, ratio", [(20, 0.5), (8, 0.75), (40, 0.5), (5, 0.2)])
-@pytest.mark.parametrize("sample", [0, 2])
+@pytest.mark.parametrize("tokens, ratio, sample", [
+    (20, 0.5, 0), (8, 0.75, 2),
+    pytest.param(40, 0.5, 2, marks=pytest.mark.slow), pytest.param(5, 0.2, 0, marks=pytest.mark.slow),
+])
 def test_agrees_with_plain_reference(tokens, ratio, sample, record_property):
     """Identical kept sets and the same logits as the unpatched model fed the reference's tokens."""
     model, m = applied("llava", tokens=tokens, important_ratio=ratio)
