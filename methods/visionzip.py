@@ -73,13 +73,13 @@ class VisionZip(TowerOutputMethod):
 
     def check_params(self) -> None:
         self.check_budget_fields()
+        for key in ("dominant", "contextual"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise MethodError(f"visionzip: {key} must be an integer >= 0, got {v!r}")
         if (self.dominant is None) != (self.contextual is None):
             raise MethodError("visionzip: give both dominant and contextual, or neither")
         if self.dominant is not None:
-            for key in ("dominant", "contextual"):
-                v = getattr(self, key)
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise MethodError(f"visionzip: {key} must be an integer >= 0, got {v!r}")
             if self.dominant + self.contextual < 1:
                 raise MethodError("visionzip: dominant + contextual must keep at least one token")
             if self.tokens is not None or self.prompt_tokens is not None:
