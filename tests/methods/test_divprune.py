@@ -264,3 +264,31 @@ def test_keep_above_one_image_fails_validation_in_one_line():
     with pytest.raises(MethodError, match="keep=65 exceeds the 64") as e:
         methods.build(NAME, {"keep": 65}).validate(get_adapter(fresh_model("llava")))
     assert "\n" not in str(e.value)
+
+
+# ---- the paper's FLOPs convention ---------------------------------------------------------------------------
+def test_divprune_convention_reproduces_the_official_script():
+    """vtbench-flops convention=divprune: DivPrune's tflops.py formula (4nd^2 + 2n^2d + 2ndm over 32 layers, n =
+    text + visual, averaged over its 11 benchmarks) for LLaVA-1.5-7B at the default 0.098: 3.23 -> 0.51 T, 15.6 %,
+    recomputed here from the formula with plain arithmetic."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from harness.efficiency import conventions as C
+    from harness.models.loading import config_from_cfg
+
+    root = Path(__file__).resolve().parents[2]
+    config = config_from_cfg(OmegaConf.load(root / "conf/model/llava15_7b.yaml"))
+    d, m, T, v = 4096, 11008, 32, 576
+    texts = [15, 15, 23, 83, 25, 113, 15, 39, 21, 91, 57]
+    macs = lambda n: T * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    kept = v - int(round((1 - 0.098) * v))
+    dense = sum(macs(t + v) for t in texts) / len(texts)
+    pruned = sum(macs(t + kept) for t in texts) / len(texts)
+    ratio = sum(macs(t + kept) / macs(t + v) for t in texts) / len(texts)
+    method = methods.build(NAME, {"keep_ratio": 0.098})
+    got = C.evaluate("divprune", config, method=method)
+    assert got["total"] == pytest.approx(pruned) and got["paper_ratio"] == pytest.approx(ratio)
+    assert C.evaluate("divprune", config)["total"] == pytest.approx(dense)
+    assert (round(dense / 1e12, 2), round(pruned / 1e12, 2), round(100 * ratio, 1)) == (3.23, 0.51, 15.6)
