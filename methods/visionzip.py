@@ -135,6 +135,12 @@ class VisionZip(TowerOutputMethod):
         if self.cls_token:
             dominant = torch.cat([h[:, :1], dominant], dim=1)
         self.last_selection = {"dominant": top, "targets": None}  # bookkeeping (tests): patch indices
+        share = None
+        if getattr(self, "track_share", False):  # asked-cell recall: one-hot rows ([CLS] row zero)
+            share = torch.zeros(B, chosen, P, device=h.device).scatter(2, top[..., None], 1.0)
+            if self.cls_token:
+                share = torch.cat([torch.zeros(B, 1, P, device=h.device), share], dim=1)
+            self.last_share = share
         if c == 0:
             return dominant
         left = torch.zeros(B, P, dtype=torch.long, device=h.device).scatter(1, top, 1)
@@ -159,4 +165,13 @@ class VisionZip(TowerOutputMethod):
         )
         self.last_selection["targets"] = rest[:, targets]
         contextual = h_rest[:, targets] + summed / count.clamp(min=1)[..., None]
+        if share is not None:  # a contextual token = target + mean(joined): shares 1/2 and 1/(2 n), or 1 alone
+            total = torch.where(count > 0, 2.0, 1.0).float()  # [B, c]
+            ctx = torch.zeros(B, c * P, device=h.device)
+            t_patch = rest[:, targets]  # [B, c]
+            ctx.scatter_add_(1, torch.arange(c, device=h.device)[None] * P + t_patch, 1.0 / total)
+            o_patch = rest[:, others]  # [B, M - c]
+            w = 1.0 / (count.float().clamp(min=1) * total).gather(1, assign)
+            ctx.scatter_add_(1, assign * P + o_patch, w)
+            self.last_share = torch.cat([share, ctx.view(B, c, P)], dim=1)
         return torch.cat([dominant, contextual], dim=1)

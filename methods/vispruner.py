@@ -109,4 +109,6 @@ class VisPruner(TowerOutputMethod):
             keep = torch.cat([keep, residual], dim=1)
         keep = keep.sort(dim=-1).values
         self.last_selection = keep  # bookkeeping (tests): kept patch indices [B, k]
+        if getattr(self, "track_share", False):  # asked-cell recall: each kept token is one patch
+            self.last_share = torch.zeros(B, n_keep, P, device=x.device).scatter(2, keep[..., None], 1.0)
         return x.gather(1, keep[..., None].expand(B, n_keep, D))

@@ -64,25 +64,35 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 # ---- the feature-layer hook ---------------------------------------------------------------------------
 class FeatureReducer:
-    """What a tower-output method does to the feature layer's output. `n_keep` is set per forward (a
-    per-prompt budget) or fixed."""
+    """What a tower-output method does to the feature layer's output: `method.reduce(h, q, k, n_keep)`;
+    `n_keep` is set per forward (a per-prompt budget) or fixed. With `track` on (asked-cell recall,
+    harness/recall.py, through the vision-side holder) the method also leaves `last_share` [B, n_keep, P]:
+    the share of each original patch in each kept token (rows sum to 1; a [CLS] token fed as a visual token
+    has a zero row)."""
 
-    def __init__(self, fn, n_keep: int | None = None):
-        self.fn = fn
+    def __init__(self, method, n_keep: int | None = None):
+        self.method = method
         self.n_keep = n_keep
 
-    def __call__(self, h, q, k):
-        return self.fn(h, q, k, self.n_keep)
+    def __call__(self, h, q, k, track: bool = False):
+        self.method.last_share = None
+        self.method.track_share = track
+        return self.method.reduce(h, q, k, self.n_keep)
 
 
 def patch_feature_layer(model, adapter, reducer: FeatureReducer) -> FeatureReducer:
-    """Wrap the forward of this instance's feature layer so its output is `[CLS, reducer(h, q, k)...]`."""
-    if getattr(model, _PATCHED, None) is not None or getattr(model, "_vtbench_vision_reduce", None) is not None:
+    """Wrap the forward of this instance's feature layer so its output is `[CLS, reducer(h, q, k)...]`. The
+    vision-side bookkeeping holder of `vision_reduce` (`last_vision_state`, its `track` switch) is installed too,
+    so harness/recall.py reads what these methods kept exactly as it reads ToMe's merges."""
+    from methods._shared.vision_reduce import _PATCHED as VISION_HOLDER, VisionState, _Holder
+
+    if getattr(model, _PATCHED, None) is not None or getattr(model, VISION_HOLDER, None) is not None:
         raise MethodError("this model instance already has a vision-side token reduction applied")
     idx = adapter.last_useful_vision_layer
     layer = adapter.vision_layers[idx]
     attn = layer.self_attn
     seen: dict[str, torch.Tensor | None] = {"q": None, "k": None}
+    holder = _Holder()
 
     def keep(which):
         def hook(module, inputs, output):
@@ -102,12 +112,22 @@ def patch_feature_layer(model, adapter, reducer: FeatureReducer) -> FeatureReduc
         seen["q"] = seen["k"] = None
         if reducer.n_keep is None or q is None or reducer.n_keep >= h.shape[1] - 1:
             return out
-        kept = reducer(h, split_heads(q, attn.head_dim), split_heads(k, attn.head_dim))
+        kept = reducer(h, split_heads(q, attn.head_dim), split_heads(k, attn.head_dim), track=holder.track)
+        B, N = h.shape[:2]
+        n = kept.shape[1]
+        state = VisionState(size=torch.ones(B, 1 + n, device=h.device), track=holder.track)
+        share = getattr(reducer.method, "last_share", None)
+        if holder.track and share is not None:  # [B, 1 + n, N]: CLS row, then the kept tokens' patch shares
+            state.source = torch.zeros(B, 1 + n, N, device=h.device)
+            state.source[:, 0, 0] = 1.0
+            state.source[:, 1:, 1:] = share.float()
+        holder.last = state
         h = torch.cat([h[:, :1], kept.to(h.dtype)], dim=1)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
     layer.forward = forward
     object.__setattr__(model, _PATCHED, reducer)
+    object.__setattr__(model, VISION_HOLDER, holder)
     return reducer
 
 
@@ -205,10 +225,10 @@ class TowerOutputMethod(Method):
             k = self.keep_per_crop(geom)
             if k >= geom.visual_per_crop:
                 return model  # nothing removed: the model is left untouched (identical logits)
-            patch_feature_layer(model, adapter, FeatureReducer(self.reduce, k))
+            patch_feature_layer(model, adapter, FeatureReducer(self, k))
             install_placeholder_shrink(model, adapter, k)
             return model
-        reducer = patch_feature_layer(model, adapter, FeatureReducer(self.reduce, None))
+        reducer = patch_feature_layer(model, adapter, FeatureReducer(self, None))
 
         def per_crop(n_visual, crops, n_images):
             k = self.crop_tokens(geom, n_visual, crops, n_images)

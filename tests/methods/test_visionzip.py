@@ -127,7 +127,7 @@ def reference_visionzip(h, cls_rows, keys, dominant, contextual):
     out = [h[0]] + [h[1 + j] for j in chosen]
     rest = [j for j in range(P) if j not in set(chosen)]
     if contextual == 0:
-        return torch.stack(out), chosen, []
+        return torch.stack(out), chosen, [], {}
     metric = []
     for j in rest:
         v = sum(keys[head, 1 + j] for head in range(keys.shape[0])) / keys.shape[0]
@@ -150,7 +150,7 @@ def reference_visionzip(h, cls_rows, keys, dominant, contextual):
         if groups[t]:
             tok = tok + sum(h[1 + rest[i]] for i in groups[t]) / len(groups[t])
         out.append(tok)
-    return torch.stack(out), chosen, [rest[t] for t in t_pos]
+    return torch.stack(out), chosen, [rest[t] for t in t_pos], {rest[t]: [rest[i] for i in groups[t]] for t in t_pos}
 
 
 @pytest.mark.parametrize("tokens, sample", [(20, 0), (8, 2), pytest.param(40, 2, marks=pytest.mark.slow),
@@ -165,7 +165,7 @@ def test_agrees_with_plain_reference(tokens, sample, record_property):
         logits = model(**inp).logits[:, -1]
     d, c = split_budget(tokens)
     h, rows, keys = feature_layer(ref_model, inp["pixel_values"])
-    ref_tokens, chosen, targets = reference_visionzip(h, rows, keys, d, c)
+    ref_tokens, chosen, targets, _ = reference_visionzip(h, rows, keys, d, c)
     sel = m.last_selection
     assert sel["dominant"][0].tolist() == chosen
     assert (sel["targets"][0].tolist() if c else []) == targets
@@ -173,6 +173,37 @@ def test_agrees_with_plain_reference(tokens, sample, record_property):
     delta = float((logits - ref_logits).abs().max())
     record_property("max_abs_dlogit", delta)
     assert delta < 1e-4, delta
+
+
+def test_asked_cell_recall_follows_what_was_kept():
+    """harness/recall.py reads the kept content (not a silent 1.0): a dominant patch carries all of itself, a
+    contextual token 1/2 of its target and 1/(2 n) of each of the n patches that joined it; [CLS] none."""
+    from harness import recall as R
+
+    model, m = applied("llava", tokens=20)
+    ref_model = fresh_model("llava")
+    R.track(model, True)
+    inp = vision_inputs(processor("llava"), [0])
+    q = "What colour is the shape in row 2, column 3?"
+    with torch.no_grad():
+        model(**inp)
+    got = R.layer_recall(model, get_adapter(model), inp["input_ids"], [q])[0]
+    h, rows, keys = feature_layer(ref_model, inp["pixel_values"])
+    _, chosen, targets, groups = reference_visionzip(h, rows, keys, *split_budget(20))
+    w = R.cell_patch_weights(R.asked_cell(q), 8)
+    carried = sum(w.get(p, 0.0) for p in chosen)
+    for t, joined in groups.items():
+        if joined:
+            carried += w.get(t, 0.0) / 2 + sum(w.get(p, 0.0) for p in joined) / (2 * len(joined))
+        else:
+            carried += w.get(t, 0.0)
+    expected = carried / sum(w.values())
+    assert 0 < expected < 1
+    assert got == pytest.approx([expected] * len(got), abs=1e-6)
+    R.track(model, False)  # without the bookkeeping the recall is not measured (None), never a silent 1.0
+    with torch.no_grad():
+        model(**inp)
+    assert R.layer_recall(model, get_adapter(model), inp["input_ids"], [q]) == [None]
 
 
 # ---- refusals and bad input ---------------------------------------------------------------------------------

@@ -146,6 +146,23 @@ def test_agrees_with_plain_reference(tokens, ratio, sample, record_property):
     assert delta < 1e-4, delta
 
 
+def test_asked_cell_recall_follows_what_was_kept():
+    """harness/recall.py reads the kept patches (not a silent 1.0): the asked cell's weight on the kept ones."""
+    from harness import recall as R
+
+    model, m = applied("llava", tokens=12)
+    R.track(model, True)
+    inp = vision_inputs(processor("llava"), [1])
+    q = "Which letter is in row 1, column 1?"
+    with torch.no_grad():
+        model(**inp)
+    got = R.layer_recall(model, get_adapter(model), inp["input_ids"], [q])[0]
+    w = R.cell_patch_weights(R.asked_cell(q), 8)
+    expected = sum(w.get(p, 0.0) for p in m.last_selection[0].tolist()) / sum(w.values())
+    assert got == pytest.approx([expected] * len(got), abs=1e-6)
+    assert expected < 1
+
+
 # ---- refusals and bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def test_refuses_families_without_cls_in_one_line(family):
