@@ -101,7 +101,7 @@ class DivPrune(Method):
     budget_tokens_param = "keep"
     budget_param = "keep"
     noop: ClassVar[dict | None] = {"keep_ratio": 1.0, "keep": None}
-    example: ClassVar[dict | None] = {"keep": 20}
+    example: ClassVar[dict | None] = {"keep_ratio": 0.3, "keep": None}
 
     #: share of the prompt's visual tokens kept, in (0, 1] (official default 0.098); 1.0 is the no-op
     keep_ratio: float = 0.098
