@@ -90,6 +90,9 @@ class VisionZip(TowerOutputMethod):
     def budget_token_params(self, value: float) -> dict:
         return dict(super().budget_token_params(value), dominant=None, contextual=None)
 
+    def budget_params(self, value) -> dict:
+        return dict(super().budget_params(value), dominant=None, contextual=None)
+
     def fixed_keep(self, geom):
         if self.dominant is not None:
             return self.dominant + self.contextual

@@ -148,6 +148,8 @@ class TowerOutputMethod(Method):
     #: reads top-k of attention values but never leaves the device: runs on meta (shape-only) models
     meta_countable = True
     budget_tokens_param = "prompt_tokens"
+    #: a FLOPs budget is solved over the tokens kept per image / crop (as for ToMe and FiCoCo-V)
+    budget_param = "tokens"
     _geom: VisionGeometry | None = None
     _target_fn = None
 
@@ -183,6 +185,9 @@ class TowerOutputMethod(Method):
 
     def budget_token_params(self, value: float) -> dict:
         return {"prompt_tokens": int(value) if float(value) > 1 else float(value), "tokens": None}
+
+    def budget_params(self, value) -> dict:
+        return {"tokens": value, "prompt_tokens": None}
 
     def validate(self, adapter) -> None:
         super().validate(adapter)

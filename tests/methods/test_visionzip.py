@@ -206,6 +206,19 @@ def test_asked_cell_recall_follows_what_was_kept():
     assert R.layer_recall(model, get_adapter(model), inp["input_ids"], [q]) == [None]
 
 
+def test_flops_budget_is_solved_over_tokens():
+    from harness.budget import resolve
+    from harness.efficiency import flops as F
+
+    model = fresh_model("llava")
+    m, info = resolve(methods.build(NAME, {}), get_adapter(model), {"kind": "flops", "value": 0.5})
+    assert 1 <= m.tokens < 64 and m.prompt_tokens is None and abs(info["predicted_flops_ratio"] - 0.5) < 0.05
+    layout = F.synthetic_layout(model.config)
+    dense = sum(F.analytic_prefill(model.config, layout).values())
+    assert sum(F.analytic_prefill(model.config, layout, m).values()) / dense == pytest.approx(info["predicted_flops_ratio"])
+    assert info["visual_tokens_to_llm"] == m.tokens
+
+
 # ---- refusals and bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def test_refuses_families_without_cls_in_one_line(family):
