@@ -27,6 +27,10 @@ is the embeddings themselves; on Qwen's M-RoPE the kept tokens keep their (t, h,
 
 FLOPs: the cosine matrix n·n·d MACs (d the LLM hidden size; the greedy loop only takes minima) plus the LLM
 over the kept tokens; vision tower and projector are dense.
+
+Sources: the official code (vbdi/divprune: `LLaVA/llava/model/llava_arch.py` `DivPrune`, `tflops.py`,
+`run_Divprune.sh`) and its README were read; the paper's full text was not available here. The greedy above is
+the code's; the one difference is that chosen tokens are excluded explicitly (the code relies on d(s, s) = 0).
 """
 from __future__ import annotations
 

@@ -34,6 +34,11 @@ projector fine-tuning (the paper's optional "VisionZip ‡" variant) is done her
 
 FLOPs per crop (MACs): CLIP layers 0..L over N tokens, later layers over 1 + k; the [CLS] row N·D; the
 similarity of the M − c merged tokens to the c targets (M − c)·c·d_h; projector and LLM over the kept tokens.
+
+Sources: the official code (dvlab-research/VisionZip: `visionzip/clip_encoder.py`, `utils.py`) was read; the
+paper's full text was not available here (only summaries: CLS-attention dominant tokens, similarity-merged
+contextual tokens, text-agnostic), so where the two could differ (the [CLS] token counted among the dominant
+tokens, target + mean merge) the code, which produced the published tables, is followed and named.
 """
 from __future__ import annotations
 

@@ -28,6 +28,11 @@ the official NeXT code keeps index masks on each crop's grid through the unpaddi
 
 FLOPs per crop (MACs): CLIP layers 0..L over N tokens, later layers over 1 + k; the [CLS] row N·D; per
 de-duplication round |A|·|B|·D; projector and LLM over the kept tokens.
+
+Sources: the official code (Theia-4869/VisPruner: `llava/model/llava_arch.py` `encode_images`,
+`multimodal_encoder/clip_encoder.py`) and the paper's abstract (arXiv 2412.01818v2: important tokens by visual
+attention, then duplicates removed by similarity) were read; the paper's full method section was not available
+here, so the code's details (8 per round, alternating split, max-similarity redundancy) are followed.
 """
 from __future__ import annotations
 
