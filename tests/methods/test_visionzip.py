@@ -96,8 +96,9 @@ def test_counted_flops_equal_analytic(family, params):
     assert counted.total < dense.total
 
 
-def test_cached_equals_uncached_and_batch_equals_single_llava():
-    model, _ = applied("llava", tokens=20)
+@pytest.mark.parametrize("params", [{"tokens": 20}, {"prompt_tokens": 0.33}])
+def test_cached_equals_uncached_and_batch_equals_single_llava(params):
+    model, _ = applied("llava", **params)
     check_batch_equals_single(model, processor("llava"), "llava")
 
 

@@ -96,6 +96,11 @@ def test_cached_equals_uncached_and_batch_equals_single(family, lm):
     check_batch_equals_single(model, processor(family), family)
 
 
+def test_per_prompt_budget_batch_equals_single_llava():
+    model, _ = applied("llava", prompt_tokens=0.2)
+    check_batch_equals_single(model, processor("llava"), "llava")
+
+
 def test_per_prompt_budget_decode_consistency():
     model, _ = applied("llava_next", prompt_tokens=0.25)
     check_recomputed(model, vision_inputs(processor("llava_next"), [1], "llava_next"))
