@@ -87,6 +87,8 @@ def flops_cli_params(name: str, n_vis: int = 576, num_layers: int = 40) -> list[
         "none": [], "random": [f"method.params.keep={k}"], "fastv": [f"method.params.keep={k}"],
         "tome": [f"method.params.tokens={k}"], "ficoco_v": [f"method.params.tokens={k}"],
         "ficoco_l": [f"method.params.final_tokens={k}"], "ficoco_vl": [f"method.params.tokens={k}"],
+        "visionzip": [f"method.params.tokens={k}"], "vispruner": [f"method.params.tokens={k}"],
+        "divprune": [f"method.params.keep={k}"],
         "shortv": [],  # the paper's 13B list (conf/model_method/llava15_13b_shortv.yaml)
         "redundancylens": [
             "method.params.hollow_layers=[" + ",".join(map(str, range(num_layers // 2, num_layers))) + "]",

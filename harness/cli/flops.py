@@ -1,7 +1,7 @@
 """`vtbench-flops`: FLOPs of a model x method, per component, without loading weights.
 
     vtbench-flops model=llava15_7b method=none [method.params.X=...] [text_tokens=64]
-                  [image=672x672] [format=table|json] [convention=full|shortv|fastv|ficoco]
+                  [image=672x672] [format=table|json] [convention=full|shortv|fastv|ficoco|divprune]
 
 The architecture is built on the meta device (no memory for weights), the method is applied to it and
 one prefill plus one decode step are *counted* with torch's FLOP formulas (`source: counted`); next to

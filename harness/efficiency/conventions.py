@@ -19,6 +19,13 @@ different synthetic prompt. Every function returns FLOPs (2 x MACs) unless state
   reproduce the reduced rows (7B K=2: 54.6 / 32.8 / 19.9; 13B K=2: 84.6 / 50.2 / 29.7). Vanilla: 99.2 B
   (7B; the paper prints 99.3, which only n = 612 gives — an inconsistency of the paper) and 154.6 B (13B).
 
+* **divprune** (DivPrune, Alvar et al. CVPR 2025, the official `tflops.py` behind its TFLOPs ratios): FastV's
+  per-layer formula `4nd^2 + 2n^2d + 2ndm` (MACs, printed as FLOPs) summed over all layers, n = text + visual
+  tokens, for each of the 11 benchmarks of its Table 1 with their text lengths (and, for LLaVA-NeXT, their
+  visual-token counts) as that script lists them, averaged over the benchmarks (TFLOPs and the ratio as a
+  mean of per-benchmark ratios). A method that drops visual tokens before the first LLM layer enters with the
+  count it keeps (`visual_tokens_kept`). LLaVA-1.5-7B with DivPrune's 0.098: 3.23 -> 0.51 T, 15.6 %.
+
 A reduction method enters a convention through its own `analytic_prefill_macs(shapes, layout)`, called
 with the convention's layout (text after the image; see `convention_layout`).
 """
@@ -28,13 +35,19 @@ from typing import Any
 
 from harness.efficiency import analytic as A
 
-CONVENTIONS = ("full", "shortv", "ficoco", "fastv")
+CONVENTIONS = ("full", "shortv", "ficoco", "fastv", "divprune")
 
 SHORTV_TEXT = 64
 FICOCO_TEXT_7B = 60
 FICOCO_TEXT_13B = 512
 FASTV_SYSTEM_7B = 35  # FastV's system-prompt length for LLaVA-1.5-7B (n = 611 with 576 image tokens)
 FASTV_SYSTEM_13B = 36  # ... and for 13B (n = 612)
+#: DivPrune's tflops.py: text tokens of its 11 image benchmarks (COCO-2017 captions, Flickr30k, GQA, MMBench, MME,
+#: MMMU, NoCaps, OK-VQA, POPE, ScienceQA-IMG, SEED-Bench) and, for LLaVA-NeXT, their visual-token counts
+DIVPRUNE_TEXT = (15, 15, 23, 83, 25, 113, 15, 39, 21, 91, 57)
+DIVPRUNE_VISUAL_NEXT = (2225, 1922, 2239, 1927, 2108, 1882, 2292, 2249, 2250, 1598, 2116)
+#: methods whose kept visual tokens enter every LLM layer (removed before layer 0 or in the vision tower)
+DROP_BEFORE_LLM = ("random", "divprune", "visionzip", "vispruner", "tome", "ficoco_v")
 
 DESCRIPTIONS = {
     "full": "all components (vision, projector, LLM prefill, lm_head on the last position), exact token "
@@ -46,6 +59,8 @@ DESCRIPTIONS = {
     "attention QK^T and AV, FLOPs = 2 x MACs",
     "fastv": "FastV: per layer 4nd^2 + 2n^2d + 2ndm (MACs, printed as FLOPs), n = system + image tokens, "
     "Table 1 'FLOPs(B)' = average over layers",
+    "divprune": "DivPrune (tflops.py): 4nd^2 + 2n^2d + 2ndm (MACs, printed as FLOPs) summed over the layers, "
+    "n = text + visual tokens, averaged over its 11 benchmarks' text lengths",
 }
 
 
@@ -154,6 +169,21 @@ def ficoco_budget_tokens(method, visual: int, per_crop: int) -> int | None:
     return None
 
 
+def divprune_flops(config, method=None) -> tuple[float, float]:
+    """DivPrune's convention: (mean MACs over its 11 benchmarks, mean of the per-benchmark ratios to dense).
+    `method` (dropping visual tokens before the first LLM layer) enters with `visual_tokens_kept`."""
+    L = config.text_config.num_hidden_layers
+    visuals = DIVPRUNE_VISUAL_NEXT if is_next(config) else (paper_visual_tokens(config),) * len(DIVPRUNE_TEXT)
+    totals, ratios = [], []
+    for t, v in zip(DIVPRUNE_TEXT, visuals):
+        kept = v if method is None else min(v, int(method.visual_tokens_kept(convention_layout(v, t))))
+        dense = L * fastv_layer_macs(config, t + v)
+        total = L * fastv_layer_macs(config, t + kept)
+        totals.append(total)
+        ratios.append(total / dense)
+    return sum(totals) / len(totals), sum(ratios) / len(ratios)
+
+
 def full_flops(config, layout: A.TokenLayout, method=None) -> dict[str, int]:
     """Our convention: per-component FLOPs of one prefill (see `flops.analytic_prefill`)."""
     from harness.efficiency.flops import analytic_prefill
@@ -187,6 +217,13 @@ def evaluate(name: str, config, *, visual: int | None = None, text: int | None =
                 f"labels 3.3/2.4/1.5 T <-> 192/128/64 tokens, spec §3.5 budget mapping); the method's own "
                 f"FLOPs under the same convention are the 'total', higher for an in-LLM method because its "
                 f"first layers see every visual token"))
+    elif name == "divprune":
+        name_m = getattr(method, "name", "none") if method is not None else "none"
+        if name_m not in ("none",) + DROP_BEFORE_LLM:
+            out["note"] = f"DivPrune's convention has no formula for {name_m!r} (it drops inside the LLM); dense value shown"
+            method = None
+        total, ratio = divprune_flops(config, method)
+        out.update(total=total, paper_ratio=ratio, text=list(DIVPRUNE_TEXT), unit="MACs (printed as FLOPs by DivPrune)")
     else:
         name_m = getattr(method, "name", "none") if method is not None else "none"
         tokens = None

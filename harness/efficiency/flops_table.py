@@ -234,8 +234,11 @@ def render_table(r: dict) -> str:
             lines.append(f"convention {name}: {conv['error']}")
         else:
             unit = 1e9 if name == "fastv" else 1e12
-            label = "B (MACs, as FastV prints them)" if name == "fastv" else "TFLOPs"
+            label = {"fastv": "B (MACs, as FastV prints them)", "divprune": "T (MACs, as DivPrune prints them)"}.get(
+                name, "TFLOPs")
             ratio = f" = {100 * conv['ratio']:.1f} % of {conv['dense_total'] / unit:.2f} (none)" if conv.get("ratio") else ""
+            if "paper_ratio" in conv and conv.get("ratio"):
+                ratio += f"; mean of per-benchmark ratios {100 * conv['paper_ratio']:.1f} %"
             lines.append(f"convention {name}: {conv['total'] / unit:.2f} {label}{ratio} — {conv['description']}")
             if "label_total" in conv:
                 lines.append(f"convention {name}, budget label: {conv['label_total'] / unit:.2f} {label} "

@@ -91,7 +91,7 @@ def _meta_forward_ok(name: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["none", "random", "fastv", "tome", "ficoco_v", "ficoco_l", "ficoco_vl",
-                                  "shortv", "redundancylens"])
+                                  "shortv", "redundancylens", "visionzip", "vispruner", "divprune"])
 def test_meta_countable_flag_is_true(name):
     """`vtbench-flops` skips the meta forward of methods flagged meta_countable=False: the flag must say
     what a real meta forward does, in both directions."""
