@@ -57,6 +57,8 @@ _WHY_NOT = {
 @dataclasses.dataclass
 class Compose(Method):
     name = "compose"
+    noop = {"members": [{"name": "shortv", "params": {"layers": []}}, {"name": "fastv", "params": {"R": 0.0}}]}
+    example = {"members": [{"name": "shortv", "params": {"layers": [3, 0]}}, {"name": "fastv", "params": {"K": 2, "keep_ratio": 0.5}}]}
     meta_countable = False  # the members find the visual tokens from input_ids values
 
     #: member method configs, in order: [{name: <layer-wise>, params: {...}}, {name: <token-dropping>, params: {...}}]
