@@ -106,3 +106,19 @@ def test_conformance_passes_with_the_hooks(throwaway, check):
         check("throwaway_hooks", "llava")
     else:
         check("throwaway_hooks")
+
+
+def test_conformance_template_passes_when_registered():
+    """methods/_template.py, registered as it stands, passes the suite's checks (so the template a new
+    author copies cannot rot)."""
+    from methods import _template as T
+
+    methods.available()
+    methods.register(T.MyMethod)
+    try:
+        for check in (C.check_noop, C.check_cache, C.check_batch, C.check_flops, C.check_kept, C.check_budget):
+            check("mymethod", "llava")
+        C.check_bad_params("mymethod")
+    finally:
+        methods._REGISTRY.pop("mymethod", None)
+        C._APPLIED.clear()
