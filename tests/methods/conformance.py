@@ -122,7 +122,7 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---- what reaches the LLM, measured on the model (independent of the method's bookkeeping) -----------
-def measured_visual(model, inputs) -> tuple[int, int]:
+def measured_visual(model, inputs, layout=None) -> tuple[int, int]:
     """(visual tokens entering the LLM, visual tokens leaving its last layer) of a batch-1 prompt,
     measured as sequence lengths at the language model's input and at its final norm, minus the prompt's
     text tokens."""
@@ -147,7 +147,8 @@ def measured_visual(model, inputs) -> tuple[int, int]:
     finally:
         h1.remove()
         h2.remove()
-    (layout,) = F.layouts_from_inputs(model, inputs)
+    if layout is None:
+        (layout,) = F.layouts_from_inputs(model, inputs)
     text = layout.total - layout.visual
     return seen["in"] - text, seen["out"] - text
 
@@ -262,6 +263,16 @@ def check_kept(name: str, family: str) -> None:
     ctx = get_context(model)
     if ctx is not None and ctx.visual_tokens_final is not None:
         assert ctx.visual_tokens_final == out, (name, family, ctx.visual_tokens_final, out)
+    # `vtbench-flops` prints `visual_tokens_kept` of its synthetic prompt (harness/efficiency/flops_table.py):
+    # the same prompt run through the patched model delivers that many
+    from harness.efficiency.layouts import synthetic_inputs, synthetic_layout
+
+    syn = synthetic_inputs(model.config, text_after=15, device="cpu")
+    layout = synthetic_layout(model.config, text_after=15)
+    _, out = measured_visual(model, syn, layout)
+    printed = m.visual_tokens_kept(layout)
+    assert out == printed, (f"{name} on {family}: vtbench-flops would print {printed} visual tokens reaching the "
+                            f"LLM for its {layout.visual}-token prompt, the model delivers {out}: Method.visual_tokens_kept")
 
 
 def check_meta(name: str, family: str = "llava") -> None:

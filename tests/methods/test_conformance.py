@@ -127,3 +127,14 @@ def test_conformance_preset(preset):
             m.validate(get_adapter(model))
         except methods.MethodError as e:
             C._one_line(e)
+
+
+def test_conformance_flops_cli_prints_what_the_method_reports():
+    """`vtbench-flops` prints `Method.visual_tokens_kept` of its prompt (the suite's token check runs that
+    prompt through every patched model): for `stride` on the embedded tiny model, 48 of 144 (not all 144,
+    which a method without the hook would show)."""
+    from harness.efficiency.flops_table import compute, render_table
+
+    r = compute(["model=tiny", "method=stride", "method.params.stride=3"], text_tokens=16)
+    assert r["visual_tokens_to_llm"] == 48 and r["layout"]["visual"] == 144
+    assert "48 visual tokens reach the LLM" in render_table(r)
