@@ -10,7 +10,9 @@ A budget (config key `budget`) is given as
   the same count (or share). Token methods take it through `Method.budget_token_params` (random / FastV:
   `keep` / `keep_ratio`; FiCoCo-L: `final_tokens` / `final_ratio`; ToMe, FiCoCo-V, FiCoCo-VL:
   `prompt_tokens`); they all deliver the same count, except that vision-side methods give every crop of a
-  prompt the same k and so land within crops/2 tokens of it (one token per crop at most). Methods without
+  prompt the same k and so land within crops/2 tokens of it (one token per crop at most); a vision-side
+  method that cannot leave fewer than some k per crop on the model's tower (ToMe on a shallow one) refuses a
+  count at validation, since a prompt with more images would need fewer. Methods without
   a token parameter (layer-wise methods) get the FLOPs that a token method keeping that many tokens in
   the LLM would cost on the reference prompt, and are solved as a FLOPs budget;
 * `kind: flops` — prefill FLOPs as a ratio to `none` (`value` in (0, 1]), all components counted;

@@ -297,11 +297,15 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
     metric = rec.get("primary_metric") or "exact_match"
     lo, hi = accuracy_ci(rec.get("samples", []), metric)
     budget, note = _budget_label(r.get("budget")), budget_note(rec.get("budget"))
+    # the runtime guard (harness/efficiency/probe.py): what the patched model did that the method's own
+    # formulas do not say; absent from records made before it
+    mismatches = (rec.get("efficiency") or {}).get("mismatches") or []
     row = {
         "method": r["method"],
         "budget": budget + ("†" if note else ""),
         "budget_note": note or "",
-        "params": short_params(r["method"], params),
+        "mismatch": "; ".join(mismatches),
+        "params": short_params(r["method"], params) + (" ‡" if mismatches else ""),
         "accuracy": r["accuracy"],
         "acc_ci_low": lo,
         "acc_ci_high": hi,
@@ -455,6 +459,10 @@ def _notes(t) -> list[str]:
     flagged = t[t["budget_note"] != ""]
     for m, g in flagged.groupby("method", sort=True):  # one line per method
         notes.append(f"† {m}: " + "; ".join(f"{r['budget'].rstrip('†')}: {r['budget_note']}" for _, r in g.iterrows()) + ".")
+    if "mismatch" in t.columns:
+        for _, r in t[t["mismatch"] != ""].iterrows():  # the runtime guard: never silent
+            notes.append(f"‡ {r['method']} ({r['params'].rstrip(' ‡')}): {r['mismatch']} — its FLOPs or token "
+                         "count are not what the method reports.")
     if not t.attrs.get("show_memory", True):
         notes.append("Peak memory is not shown: the process RSS sampled on CPU does not resolve these runs' "
                      "allocations (every row measured under 1 MiB).")

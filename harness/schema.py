@@ -320,6 +320,13 @@ def _efficiency_inconsistency(eff: Any) -> str | None:
             if v < 0 and "delta" not in path.rsplit(".", 1)[-1]:
                 return f"efficiency.{path}={v!r} is negative"
     flops = eff.get("flops")
+    mismatches = eff.get("mismatches")  # the runtime guard's lines (absent from older records)
+    if mismatches is not None:
+        if not isinstance(mismatches, list) or not all(isinstance(m, str) and m for m in mismatches):
+            return "efficiency.mismatches is not a list of lines"
+        if (isinstance(flops, dict) and flops.get("counted_equals_analytic") is False
+                and flops.get("source") == "counted" and not any("FLOPs" in m for m in mismatches)):
+            return "efficiency.flops: counted prefill FLOPs differ from the analytic ones but efficiency.mismatches does not say so"
     if isinstance(flops, dict):
         for name, block in flops.items():
             if isinstance(block, dict) and "total" in block:

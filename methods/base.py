@@ -58,11 +58,14 @@ class Method:
     #: parameters naming a calibration artefact (layer rankings) for "auto" layer lists; a cell of such a
     #: method carries its calibration settings and the artefacts' content in its identity
     calibration_fields: ClassVar[tuple[str, ...]] = ()
+    #: conformance contract (tests/methods/test_conformance.py holds every registered method to it):
     #: parameter values that make the method a documented no-op (logits identical to the unpatched
-    #: model), or None if it has none (the conformance contract)
+    #: model), or None if it has none
     noop: ClassVar[dict | None] = None
-    #: parameter values at which it really reduces on the project's tiny random models (64 visual tokens
-    #: per image/crop, 4 LLM layers, 5 CLIP layers), or None
+    #: parameter values at which the method really reduces on the project's tiny random models
+    #: (tests/methods/helpers.py: 64 visual tokens per image/crop, 4 LLM layers, 5 CLIP layers), or None
+    #: for a method that never reduces (`none`); the suite builds `methods.build(name, example)` on every
+    #: family in `families`
     example: ClassVar[dict | None] = None
     #: parameters added after cells were recorded, with the value that reproduces the earlier behaviour:
     #: at that value they are left out of `params()` and of the cell key (`harness.results.cell_identity`),

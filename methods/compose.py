@@ -39,10 +39,25 @@ import re
 from typing import Any
 
 from methods import register
-from methods.base import Method, MethodError
+from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
+from methods.fastv import FastV
+from methods.random_drop import RandomDrop
+from methods.redundancylens import RedundancyLens
+from methods.shortv import ShortV
 
 LAYER_WISE = ("shortv", "redundancylens")
 TOKEN_DROPPING = ("fastv", "random")
+_MEMBER_CLASSES = {"shortv": ShortV, "redundancylens": RedundancyLens, "fastv": FastV, "random": RandomDrop}
+
+
+def member_families() -> tuple[str, ...]:
+    """The families a composition can act on, derived from its members: those on which some layer-wise
+    member and some token-dropping member both act (a composition of members that do not both act on a
+    family is refused there by the member's own one-line check, `validate`)."""
+    def acts(names, family):
+        return any(family in _MEMBER_CLASSES[n].families for n in names)
+
+    return tuple(f for f in LLM_SIDE_FAMILIES if acts(LAYER_WISE, f) and acts(TOKEN_DROPPING, f))
 _WHY_NOT = {
     "ficoco_l": "its merge layers run from their submodules and would bypass a layer-wise member's reduced layer",
     "ficoco_vl": "it is itself a (vision + LLM) composition whose merge layers bypass reduced layers",
@@ -57,6 +72,9 @@ _WHY_NOT = {
 @dataclasses.dataclass
 class Compose(Method):
     name = "compose"
+    families = member_families()  # derived from the members (was LLaVA only: Qwen2-VL, OneVision refused)
+    noop = {"members": [{"name": "shortv", "params": {"layers": []}}, {"name": "fastv", "params": {"R": 0.0}}]}
+    example = {"members": [{"name": "shortv", "params": {"layers": [3, 0]}}, {"name": "fastv", "params": {"K": 2, "keep_ratio": 0.5}}]}
     meta_countable = False  # the members find the visual tokens from input_ids values
 
     #: member method configs, in order: [{name: <layer-wise>, params: {...}}, {name: <token-dropping>, params: {...}}]

@@ -82,6 +82,8 @@ def last_token_attention(attn, q: torch.Tensor, k: torch.Tensor, view) -> torch.
 @dataclasses.dataclass
 class FastV(Method):
     name = "fastv"
+    noop = {"R": 0.0}
+    example = {"K": 1, "R": 0.5}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"

@@ -287,6 +287,8 @@ def ficoco_merge(m: "FiCoCoL", attn, view, qk, r: int):
 @dataclasses.dataclass
 class FiCoCoL(Method):
     name = "ficoco_l"
+    noop = {"r": 0}
+    example = {"start_layer": 1, "final_ratio": 0.3}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "final_tokens"

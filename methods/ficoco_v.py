@@ -155,6 +155,8 @@ class FiCoCoVReducer(VisionReducer):
 @dataclasses.dataclass
 class FiCoCoV(VisionReductionMethod):
     name = "ficoco_v"
+    noop = {"r": 0}
+    example = {"tokens": 16, "start_layer": 0}
     budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
 

@@ -62,6 +62,8 @@ class _VisionTarget:
 @dataclasses.dataclass
 class FiCoCoVL(Method):
     name = "ficoco_vl"
+    noop = {}
+    example = {"tokens": 16, "vision_params": {"start_layer": 0}, "llm_params": {"start_layer": 1}}
     refusals = {
         "qwen2_vl": "its FiCoCo-V stage has no well-defined placement in Qwen2-VL's ViT (images packed at any size, "
         "a 2x2 patch merger at its end needs every patch); use ficoco_l",

@@ -12,6 +12,8 @@ from methods.base import LLM_SIDE_FAMILIES, Method
 class NoReduction(Method):
     name = "none"
     families = LLM_SIDE_FAMILIES
+    noop = {}
+    example = None
 
     def apply(self, model, adapter):
         return model

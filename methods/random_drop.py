@@ -62,6 +62,8 @@ class _RandomPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class RandomDrop(Method):
     name = "random"
+    noop = {"keep_ratio": 1.0}
+    example = {"keep_ratio": 0.4}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"

@@ -45,6 +45,8 @@ PROBE_SAMPLING = ("random", "strided")
 @dataclasses.dataclass
 class RedundancyLens(Method):
     name = "redundancylens"
+    noop = {"hollow_layers": [], "ffn_layers": []}
+    example = {"hollow_layers": [0, 2], "ffn_layers": [2, 3], "window": 6, "hollow_block": 32, "ffn_keep": 0.25}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     #: a budget sets the proportion of reduced layers (both reductions, on the 'auto' rankings)

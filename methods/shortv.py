@@ -30,6 +30,8 @@ from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 @dataclasses.dataclass
 class ShortV(Method):
     name = "shortv"
+    noop = {"layers": []}
+    example = {"layers": [3, 1]}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
 

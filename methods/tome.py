@@ -132,6 +132,8 @@ def front_load(sched: dict[int, int], layers: list[int], n0: int) -> dict[int, i
 @dataclasses.dataclass
 class ToMe(VisionReductionMethod):
     name = "tome"
+    noop = {"r": 0}
+    example = {"tokens": 16}
     budget_tokens_param = "prompt_tokens"
     budget_param = "tokens"
 

@@ -280,6 +280,7 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
 
     prefill = mean_components(pre)
     analytic = mean_components(ana)
+    mismatches = mismatch_lines(counted, method, config)
     vis_layers = [m.get("visual_tokens_per_layer") for m in lat if m.get("visual_tokens_per_layer")]
     per_layer = [_mean(col) for col in zip(*vis_layers)] if vis_layers else None
     return {
@@ -295,6 +296,10 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
         # as the patched model ran, and as `Method.visual_tokens_kept` predicts
         "visual_tokens_to_llm": _mean(to_llm),
         "visual_tokens_to_llm_analytic": _mean(to_llm_ana),
+        # the runtime guard: where the patched model disagrees with what the method reports (counted !=
+        # analytic prefill FLOPs, visual tokens reaching the LLM != `visual_tokens_kept`), one line each;
+        # [] when they agree. Reports footnote such records; the probe prints a warning line
+        "mismatches": mismatches,
         "flops": {
             "prefill": prefill,
             "decode_per_token": mean_components(dec),
@@ -326,6 +331,44 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
     }
 
 
+def _short(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f}"
+
+
+def mismatch_lines(counted: dict, method, config) -> list[str]:
+    """What the patched model did that the method's own formulas do not say, per counted token layout:
+    counted prefill FLOPs != `analytic_prefill_macs`, or visual tokens reaching the LLM's last layer !=
+    `visual_tokens_kept` (a method lacking the hook, or with a wrong one: tests/methods/test_conformance.py
+    fails it; a record of it is marked, never silent)."""
+    out: list[str] = []
+    for layout, (c, _d, src, _dsrc, delivered) in counted.items():
+        where = f"{layout.visual} visual tokens"
+        if src == "counted":
+            a = F.analytic_prefill(config, layout, method=method)
+            diff = [k for k in sorted(set(a) | set(c.flops)) if abs((c.flops.get(k) or 0) - (a.get(k) or 0)) >= 0.5]
+            if diff:
+                parts = ", ".join(f"{k} {_short(c.flops.get(k) or 0)} vs {_short(a.get(k) or 0)}" for k in diff)
+                out.append(f"counted prefill FLOPs differ from the method's analytic ones ({parts}; prompt of {where}): "
+                           "Method.analytic_prefill_macs")
+        kept = method.visual_tokens_kept(layout) if method is not None else layout.visual
+        if delivered is not None and int(delivered) != int(kept):
+            out.append(f"{delivered} visual tokens reached the LLM but the method reports {kept} (prompt of {where}): "
+                       "Method.visual_tokens_kept")
+    return list(dict.fromkeys(out))
+
+
+def warn_mismatches(name: str, mismatches: list[str]) -> None:
+    """One warning line on stderr naming what a record's method got wrong (`efficiency.mismatches`)."""
+    import sys
+
+    if mismatches:
+        print(f"vtbench: warning: method {name}: " + "; ".join(mismatches)
+              + " (recorded in efficiency.mismatches; tables footnote it)", file=sys.stderr, flush=True)
+
+
 def measure_cell(cfg, model, processor, adapter, method, lm, task_dict) -> dict[str, Any]:
     eff = cfg.run.efficiency
     inputs_list = probe_inputs(lm, task_dict, int(eff.probe_size))
@@ -339,8 +382,10 @@ def measure_cell(cfg, model, processor, adapter, method, lm, task_dict) -> dict[
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     flops_docs = eff.get("flops_docs", 1)
-    return measure_inputs(
+    out = measure_inputs(
         model, method, inputs_list, warmup=int(eff.warmup), repeats=int(eff.repeats), decode_tokens=int(eff.decode_tokens),
         progress=progress, flops_docs=None if flops_docs is None else int(flops_docs),
         cache=CountCache(count_cache_base(cfg, method)),
     )
+    warn_mismatches(method.name if method is not None else "none", out["mismatches"])
+    return out

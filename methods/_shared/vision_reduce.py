@@ -622,6 +622,41 @@ class VisionReductionMethod(Method):
             return int(self._target_fn(n_visual))
         return prompt_count(self.prompt_tokens, n_visual)
 
+    def min_crop_tokens(self, geom: VisionGeometry) -> int:
+        """The fewest visual tokens per crop the method's schedule can leave on this tower (feasibility
+        is monotone in k, so a bisection over `schedule_for`). 1 for methods that can remove any number
+        in a layer (FiCoCo-V); more for ToMe, whose bipartite matching merges at most half a layer's
+        tokens, on a shallow tower."""
+        cache = self.__dict__.setdefault("_floor_cache", {})
+        if geom not in cache:
+            lo, hi = 1, geom.visual_per_crop  # hi is always feasible (nothing removed)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                try:
+                    self.schedule_for(geom, mid)
+                    hi = mid
+                except MethodError:
+                    lo = mid + 1
+            cache[geom] = lo
+        return cache[geom]
+
+    def check_prompt_budget(self, geom: VisionGeometry) -> None:
+        """A per-prompt budget must hold on every prompt (README "Budgets"): each crop gets
+        k = target / crops, which a count (`prompt_tokens` > 1) drives towards 1 on prompts with many
+        images or crops. Where the method cannot go below `min_crop_tokens` > 1 per crop, a count is
+        refused here, in one line, before any prompt fails halfway through an evaluation; a share keeps
+        k near `share * tokens per crop` on every prompt, so it is checked on the one-image prompt."""
+        floor = self.min_crop_tokens(geom)
+        value = getattr(self, "prompt_tokens", None)
+        if value is not None and float(value) > 1 and floor > 1:
+            raise MethodError(
+                f"method.params.prompt_tokens={int(value)}: {self.name}: a per-prompt count needs fewer tokens per crop "
+                f"on prompts with more images or crops (count / crops), but on this vision tower the method leaves at "
+                f"least {floor} of {geom.visual_per_crop} per crop; give the budget as a share (budget.value <= 1, at "
+                f"least {floor / geom.visual_per_crop:.3g})"
+            )
+        self.schedule_for(geom, self.crop_tokens(geom, geom.visual_per_crop, 1, 0))
+
     def crop_tokens(self, geom: VisionGeometry, n_visual: int, crops: int, n_images: int) -> int:
         """k for one prompt (per-prompt budget): nearest `(target - newlines) / crops`, in [1, per crop],
         never more than the prompt's own `n_visual` in all."""
@@ -658,8 +693,8 @@ class VisionReductionMethod(Method):
             raise MethodError(f"method {self.name!r}: {e}") from None
         if geom.last_useful < 0 or geom.last_useful >= geom.num_layers:
             raise MethodError(f"method {self.name!r}: vision feature layer leaves no CLIP layer to reduce in")
-        if self.per_prompt:  # the one-image, one-crop prompt must be feasible
-            self.schedule_for(geom, self.crop_tokens(geom, geom.visual_per_crop, 1, 0))
+        if self.per_prompt:  # feasible on every prompt (a count), or on the one-image prompt (a share)
+            self.check_prompt_budget(geom)
         else:
             self.schedule(geom)  # raises for impossible budgets
         self._geom = geom

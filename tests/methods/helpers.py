@@ -36,11 +36,12 @@ NEXT_SAMPLE_SIZES = [(64, 64), (128, 64), (64, 128), (96, 80)]
 _TINY: dict = {}
 
 
-def tiny(family="llava", lm="llama", gqa=False, attn="sdpa", num_layers=4):
+def tiny(family="llava", lm="llama", gqa=False, attn="sdpa", num_layers=4, vision_layers=3):
     """A tiny random model (built once per process and settings) as a fresh deep copy, and its processor."""
-    key = (family, lm, gqa, attn, num_layers)
+    key = (family, lm, gqa, attn, num_layers, vision_layers)
     if key not in _TINY:
-        _TINY[key] = build_tiny(family, lm, gqa=gqa, attn_implementation=attn, num_layers=num_layers)
+        _TINY[key] = build_tiny(family, lm, gqa=gqa, attn_implementation=attn, num_layers=num_layers,
+                                vision_layers=vision_layers)
     model, proc = _TINY[key]
     return copy.deepcopy(model), proc
 

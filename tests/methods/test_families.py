@@ -1,10 +1,12 @@
 """Every method on the new model families (tiny random Qwen2-VL and Qwen2.5-VL: GQA, M-RoPE, dynamic
 resolution; Qwen2.5-VL with windowed ViT attention).
 
-For every method: the documented no-op gives identical logits; cached greedy decoding equals uncached; a
-padded batch equals single prompts; counted prefill FLOPs equal the analytic formulas; or the method
-refuses the family with one line. M-RoPE: the kept tokens keep their three (temporal, height, width)
-positions (checked against the unpatched model run on the kept tokens with their 3-D positions).
+The shared properties (documented no-op, cached == uncached, batch == single, counted FLOPs == analytic,
+one-line refusals) are checked for every registered method on every family it declares by the
+conformance suite (tests/methods/test_conformance.py). Here: what is specific to these families. M-RoPE:
+the kept tokens keep their three (temporal, height, width) positions (checked against the unpatched model
+run on the kept tokens with their 3-D positions); renumbering refused; the layer methods and their
+calibration on M-RoPE; the lmms-eval wrapper.
 
 Prompts: two images of different sizes in one prompt (84x56 -> 6 visual tokens, not a square, and
 64x64 -> 4), so the visual tokens form two spans with text between them.
@@ -15,12 +17,10 @@ import pytest
 import torch
 
 import methods
-from harness.efficiency import flops as F
 from harness.models import get_adapter
 from harness.models.tiny import build_tiny
 from methods._shared import llm_reduce as LR
 from tests.efficiency.helpers import image
-from tests.methods.helpers import greedy_uncached
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
 FAMILIES = QWEN + ["llava_onevision"]
@@ -38,10 +38,6 @@ ACTING = {
                        "ffn_keep": 0.25},
 }
 LAYER_ACTING = {k: ACTING[k] for k in ("shortv", "redundancylens")}
-NOOPS = {"none": {}, "random": {"keep_ratio": 1.0}, "fastv": {"R": 0.0}, "ficoco_l": {"r": 0},
-         "shortv": {"layers": []}, "redundancylens": {"hollow_layers": [], "ffn_layers": []}}
-#: methods that refuse Qwen2-VL (one line each)
-REFUSING = {"tome": {}, "ficoco_v": {}, "ficoco_vl": {}}
 
 
 def model_and_processor(family):
@@ -80,69 +76,6 @@ def test_tiny_qwen2_vl_has_gqa_mrope_and_dynamic_resolution(family):
     assert a.projector is model.model.visual.merger
 
 
-@pytest.mark.parametrize("name", list(NOOPS))
-@fam
-def test_documented_noop_gives_identical_logits(name, family):
-    model, proc = model_and_processor(family)
-    inp = batch(proc, ["What is shown?"])
-    with torch.no_grad():
-        ref = model(**inp).logits[:, -1]
-    methods.build(name, NOOPS[name]).apply(model, get_adapter(model))
-    with torch.no_grad():
-        assert torch.equal(model(**inp).logits[:, -1], ref)
-
-
-@pytest.mark.parametrize("name", list(ACTING))
-@fam
-def test_cached_greedy_equals_uncached(name, family):
-    model, proc, _ = applied(name, family)
-    inp = batch(proc, ["What is shown?"])
-    with torch.no_grad():
-        cached = model.generate(**inp, max_new_tokens=5, do_sample=False)[:, inp["input_ids"].shape[1]:]
-    assert torch.equal(cached, greedy_uncached(model, inp, 5))
-
-
-@pytest.mark.parametrize("name", list(ACTING))
-@fam
-def test_padded_batch_equals_single_prompts(name, family):
-    model, proc, _ = applied(name, family)
-    texts = ["What is shown?", "How many circles squares triangles stars are there? Answer with one word."]
-    inp = batch(proc, texts)
-    assert not bool(inp["attention_mask"].all())  # the shorter prompt is left-padded
-    with torch.no_grad():
-        both = model.generate(**inp, max_new_tokens=4, do_sample=False)[:, inp["input_ids"].shape[1]:]
-        first_logits = model(**inp).logits[:, -1]
-    for b, t in enumerate(texts):
-        one = proc(images=[image(7 * b + i, s) for i, s in enumerate(SIZES)], text=[prompt(proc, 2, t)],
-                   return_tensors="pt")
-        with torch.no_grad():
-            single = model.generate(**one, max_new_tokens=4, do_sample=False)[:, one["input_ids"].shape[1]:]
-            logits = model(**one).logits[:, -1]
-        assert torch.equal(both[b], single[0]), (name, b)
-        torch.testing.assert_close(first_logits[b], logits[0], rtol=1e-4, atol=1e-4)
-
-
-#: the one counting case that takes ~25 s (OneVision's grid crops through RedundancyLens' reduced layers)
-_SLOW_COUNT = {("llava_onevision", "redundancylens")}
-
-
-@pytest.mark.parametrize("name, family", [
-    pytest.param(n, f, marks=[pytest.mark.slow] if (f, n) in _SLOW_COUNT else [], id=f"{f}-{n}")
-    for n in ACTING for f in FAMILIES])
-def test_counted_flops_equal_analytic(name, family):
-    model, proc, m = applied(name, family)
-    inp = batch(proc, ["What is shown?"])
-    (layout,) = F.layouts_from_inputs(model, inp)
-    if family in QWEN:
-        assert layout.image_visual == (6, 4) and not layout.contiguous
-    else:  # OneVision: base + grid crops of both images
-        assert layout.n_images == 2 and layout.images > 2 and not layout.contiguous
-    counted = F.count_prefill(model, inp)
-    assert counted.flops == F.analytic_prefill(model.config, layout, None if name == "none" else m)
-    if name != "none":  # the method really reduces (the count is below the dense one)
-        assert counted.total < sum(F.analytic_prefill(model.config, layout).values())
-
-
 @qfam
 def test_kept_tokens_keep_their_three_position_streams(family):
     """`random` drops visual tokens at the LLM input: the patched model's logits equal the unpatched
@@ -168,16 +101,6 @@ def test_kept_tokens_keep_their_three_position_streams(family):
     with torch.no_grad():
         flat = base.language_model(inputs_embeds=embeds[:, kept[0]], position_ids=kept).last_hidden_state
     assert not torch.allclose(ref_model.lm_head(flat[:, -1]), patched, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", list(REFUSING))
-@fam
-def test_vision_side_methods_refuse_in_one_line(name, family):
-    model, _ = model_and_processor(family)
-    m = methods.build(name, REFUSING[name])
-    with pytest.raises(methods.MethodError, match=family) as e:
-        m.apply(model, get_adapter(model))
-    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["random", "fastv", "ficoco_l"])
