@@ -1,7 +1,7 @@
-"""`python -m harness.wandb_report`: one W&B report run per sweep (comparison tables and figures).
+"""One W&B report run per sweep (comparison tables and figures), logged by `vtbench-wandb-report`.
 
-    python -m harness.wandb_report [--store runs/store] [--group NAME] [--figures DIR ...]
-                                   [--project vtbench] [--mode offline] [--dir runs]
+    vtbench-wandb-report [--store DIR (default: $VTBENCH_STORE or runs/store)] [--group NAME]
+                         [--figures DIR ...] [--project vtbench] [--mode offline] [--dir runs]
 
 Reads the results store, builds the comparison tables of `vtbench-report` (`harness.report.build_tables`)
 and their figures (`harness.report.write_outputs`, written to a temporary folder), and logs them as one
