@@ -101,7 +101,9 @@ def store_table_in_run(wandb, run, table, folder: str) -> str:
     staged copies are removed once copied."""
     import shutil
 
-    art = wandb.Artifact(f"{folder}-{run.id}", type="vtbench-samples")
+    import re
+
+    art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{folder}-{run.id}"), type="vtbench-table")
     art.add(table, folder)
     root = os.path.join(run.dir, folder)
     for path, entry in art.manifest.entries.items():

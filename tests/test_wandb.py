@@ -105,3 +105,18 @@ def test_sweep_report_run_has_typed_tables_and_charts(cell_overrides, tmp_path):
         assert f"{tkey.replace('table/', 'chart/')}/accuracy_vs_{x}_table" in logged
         assert charts[f"{tkey.replace('table/', 'chart/')}/accuracy_vs_{x}_cells"]["panel_config"]["panelDefId"] \
             == "wandb/scatter/v0"
+    # the table with its column types is in the run folder itself: numbers as numbers, text as text, never `any`
+    from wandb.sdk.data_types import _dtypes
+
+    (stored,) = glob.glob(os.path.join(os.path.dirname(f), "files", "table_*", "*.table.json"))
+    saved = json.load(open(stored))
+    assert saved["columns"] == cols and saved["data"] == table["data"]
+    types = _dtypes.TypeRegistry.type_from_dict(saved["column_types"]).params["type_map"]
+    for c in cols:
+        inner = {x.name for x in types[c].params["allowed_types"]} - {"none"}
+        values = {type(r[c]) for r in rows} - {type(None)}
+        assert len(inner) == 1 and "any" not in inner, (c, types[c])
+        if values:
+            assert inner == {"number" if values == {float} else "string"}, (c, types[c], values)
+    assert {x.name for x in types["accuracy"].params["allowed_types"]} - {"none"} == {"number"}
+    assert {x.name for x in types["method"].params["allowed_types"]} - {"none"} == {"string"}
