@@ -75,8 +75,8 @@ report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the reco
 	$(VENV)/bin/vtbench-report
 
 .PHONY: paper
-paper: $(STAMP) ## Paper FLOPs tables + motivating figures under results/paper/ (figures for the tiny model)
-	$(VENV)/bin/vtbench-paper --out results/paper --model tiny --store runs/store --samples $(PAPER_SAMPLES)
+paper: $(STAMP) ## Paper FLOPs tables + motivating figures under results/paper/ (figures for the tiny model; the FiCoCo figure from $VTBENCH_STORE or runs/store, skipped when it has no records)
+	$(VENV)/bin/vtbench-paper --out results/paper --model tiny --samples $(PAPER_SAMPLES)
 
 .PHONY: calibrate
 calibrate: $(STAMP) ## Calibration artefacts, e.g. `make calibrate ARGS="method=shortv"`

@@ -80,6 +80,23 @@ def prompt_count(value: float, n_visual: int) -> int:
     return max(0, min(k, int(n_visual)))
 
 
+#: whole-number token budgets in this range read like a percent typed as a count (`budget.value=50` for 50 %)
+PERCENT_LIKE = (2, 100)
+
+
+def percent_like_warning(budget: dict | None, n_visual: int) -> str | None:
+    """The one warning line for a token budget that looks like a percent typed as a count: `budget.kind=tokens`
+    with a whole number 2..100 that is at most the reference prompt's `n_visual` visual tokens (a count above
+    them is refused anyway); None otherwise. It is still a count: the warning only says so."""
+    if not budget or budget.get("kind") != "tokens" or budget.get("value") is None:
+        return None
+    v = float(budget["value"])
+    if not (v.is_integer() and PERCENT_LIKE[0] <= v <= PERCENT_LIKE[1] and v <= n_visual):
+        return None
+    return (f"vtbench: warning: budget.value={v:g}: budget.kind=tokens counts visual tokens, so this keeps {v:g} of "
+            f"the reference prompt's {n_visual} ({100 * v / n_visual:.1f} %); for {v:g} % write budget.value={v / 100:g}")
+
+
 def tokens_to_count(value: float, n_visual: int) -> int:
     k = int(round(value * n_visual)) if value <= 1 else int(value)
     if k > n_visual:

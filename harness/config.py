@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ def _one_line(e: Exception, overrides: list[str] | None = None) -> str:
     if isinstance(bad_override, str) and bad_override:  # hydra's OverrideParseException
         first = text.strip().splitlines()[0]
         return f"{bad_override}: cannot parse this override ({first}; quote values with special characters)"
+    m = re.search(r"Ambiguous value for argument '([^']+)'", text)
+    if m:  # a sweep (`key=a,b`) without -m: Hydra's hint in the one line
+        return (f"{m.group(1)}: a comma list is a sweep: add -m (--multirun) to run one cell per value "
+                f"(vtbench -m {m.group(1)}); for a list write key=[a,b], for a string quote it: key='a,b'")
     m = re.search(r"Could not override '([^']+)'", text)
     if m and "not in struct" in text:
         key = m.group(1)
@@ -493,6 +498,7 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
                               f"model (set model.family={adapter.family})")
         method.validate(adapter)
         method, info = resolve(method, adapter, budget)
+        _warn_percent_like(budget, info)
         check_calibration(cfg, method)
     except BudgetError as e:  # name the budget that cannot be met
         msg = str(e)
@@ -511,6 +517,20 @@ def validate_against_model(cfg: DictConfig, method, *, cache: dict | None = None
     except NotApplicable as e:
         raise ConfigError(str(e)) from None
     return method, adapter, info
+
+
+_WARNED: set = set()
+
+
+def _warn_percent_like(budget: dict | None, info: dict) -> None:
+    """One stderr line per process and message for a token count that reads like a percent (harness.budget)."""
+    from harness.budget import percent_like_warning
+
+    n = (info.get("layout") or {}).get("visual")
+    line = percent_like_warning(budget, int(n)) if n else None
+    if line and line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr)
 
 
 def needs_calibration(method) -> bool:

@@ -1,14 +1,14 @@
-"""`python -m harness.paper`: regenerate the papers' FLOPs tables and motivating figures (`make paper`).
+"""The papers' FLOPs tables and motivating figures, written by `vtbench-paper` (`make paper`).
 
-    python -m harness.paper [--out results/paper] [--part flops|figures|all]
-                            [--model tiny] [--model-override model.pretrained=DIR ...]
-                            [--store runs/store] [--samples 8] [--seed 0]
+    vtbench-paper [--out results/paper] [--part flops|figures|all]
+                  [--model tiny] [--model-override model.pretrained=DIR ...]
+                  [--store DIR (default: $VTBENCH_STORE or runs/store)] [--samples 8] [--seed 0]
 
 **FLOPs tables** (`<out>/flops_*.md|csv`), for the full-size architectures (`conf/model/*.yaml`, no
 weights needed): ShortV Tables 1-2 (+ appendix Table 11 ratios), FastV Table 1 (LLaVA-1.5 rows) and
 FiCoCo's TFLOPs budget labels. Every "ours" value is computed here with the project's counting code
 (`harness.efficiency.conventions`, the methods' own `analytic_prefill_macs`); the "printed" column is
-the paper's value, transcribed from the specs (section cited per table). Columns: setting, quantity,
+the paper's value, transcribed from the paper (its table cited in each file's title). Columns: setting, quantity,
 ours (exact), ours (at printed precision), printed, match, note. A mismatch is never hidden: its note says
 why the printed number differs.
 
@@ -86,17 +86,17 @@ FASTV_T1 = {
 #: FiCoCo TFLOPs labels (spec token_methods.md §0.5, §3.8 and §3.9 v4 Table 1):
 #: (model, visual tokens, how the count is known, printed, where printed)
 FICOCO_LABELS = [
-    ("llava15_7b", 576, "given", "8.5", "v4 Table 1 vanilla; §3.8 throughput and memory tables"),
+    ("llava15_7b", 576, "given", "8.5", "v4 Table 1 vanilla; v4 Table 7 (throughput) and the memory tables"),
     ("llava15_7b", 192, "given", "3.3", "v4 Table 1 '3.3 T' block (all rows)"),
     ("llava15_7b", 128, "given", "2.5", "v4 Table 1 '2.4 T' block, ToMe/FastV/SparseVLM/PDrop/PruMerge rows"),
     ("llava15_7b", 128, "given", "2.4", "v4 Table 1 '2.4 T' block label and FiCoCo-V/L rows"),
     ("llava15_7b", 64, "given", "1.6", "v4 Table 1 '1.5 T' block, ToMe/FastV/PDrop rows"),
-    ("llava15_7b", 58, "inferred", "1.5", "v4 Table 1 '1.5 T' block label, FiCoCo-V/L, SparseVLM, PruMerge rows; §3.8"),
-    ("llava15_13b", 576, "given", "28.6", "v1 tables; §3.8 13B memory table (512 text tokens)"),
+    ("llava15_7b", 58, "inferred", "1.5", "v4 Table 1 '1.5 T' block label, FiCoCo-V/L, SparseVLM, PruMerge rows; the memory tables"),
+    ("llava15_13b", 576, "given", "28.6", "v1 tables; the 13B memory table (512 text tokens)"),
     ("llava15_13b", 576, "given", "24.9", "v4 Table 1 13B vanilla"),
-    ("llava15_13b", 83, "inferred", "15.4", "v4 Table 1 '15.4 T' 13B block; §3.8 13B memory table"),
-    ("llava_next_7b", 2880, "given", "42.7", "§3.8 throughput table, LLaVA-NeXT-7B vanilla"),
-    ("llava_next_7b", 160, "inferred", "2.9", "§3.8 throughput table, FiCoCo-V/L on LLaVA-NeXT-7B"),
+    ("llava15_13b", 83, "inferred", "15.4", "v4 Table 1 '15.4 T' 13B block; the 13B memory table"),
+    ("llava_next_7b", 2880, "given", "42.7", "v4 Table 7 (throughput), LLaVA-NeXT-7B vanilla"),
+    ("llava_next_7b", 160, "inferred", "2.9", "v4 Table 7 (throughput), FiCoCo-V/L on LLaVA-NeXT-7B"),
 ]
 
 
@@ -266,7 +266,7 @@ def shortv_table5() -> list[Row]:
     for r in rows:
         if "R=50%" in r.setting and "ShortV" in r.setting:
             r.note = ("FastV's own setting (K=2, R=50%) in the composition gives 34%, not the printed 29%; the paper "
-                      "does not state the combination's FastV setting (spec A7)" + (f"; {r.note}" if r.note else ""))
+                      "does not state the combination's FastV setting" + (f"; {r.note}" if r.note else ""))
         elif "R=60%" in r.setting:
             r.note = (f"the FastV setting that reproduces the printed 29%: K=2 with R in [{lo:.3f}, {hi:.3f}] "
                       f"({round(lo * 576)}-{round(hi * 576)} of 576 visual tokens dropped) prints 29%; R=60% is the "
@@ -362,7 +362,7 @@ def ficoco_labels() -> list[Row]:
             lo, hi = _solve(lambda k: C.ficoco_flops(config, visual=k, text=t) / 1e12, printed,
                             C.paper_visual_tokens(config))
             notes.append(f"the paper does not state the token count behind this label; counts {lo}-{hi} round to "
-                         f"it under this convention (spec §0.5), so the row checks consistency, not an "
+                         f"it under this convention, so the row checks consistency, not an "
                          f"independent value")
             match = "≈" if ours == printed else "✗"
         if single != ours:
@@ -405,7 +405,7 @@ def ficoco_l_progressive_rows() -> list[Row]:
                 f"the printed label is the dense LLM with {final} visual tokens entering it ({label:.2f} T, row above), "
                 f"while FiCoCo-L merges progressively from layer {m.start_layer} (576 visual tokens in layers "
                 f"0-{m.start_layer - 1}, {final} after the last merge), so its own FLOPs are higher; structural, "
-                f"not a counting difference (spec §3.5: layers 0-4 alone cost about 1.3 T)")
+                f"not a counting difference")
         rows.append(_row(f"LLaVA-1.5-7B: FiCoCo-L, final_tokens={final}, progressive schedule", "TFLOPs", val, 4,
                          fmt(half_up(val, 2), decimals(printed)), printed, note, "✗"))
     return rows
@@ -449,8 +449,8 @@ def redundancylens_qwen2vl() -> list[Row]:
             m = _redundancylens_methods(L)[label]
             ratio = 100 * C.llm_prefill_flops(config, v, C.SHORTV_TEXT, m) / dense
             ours = str(int(half_up(ratio, 0)))
-            note = ("assumed: A7 convention, t = 64, FastV K = 2; v is not published (the spec brackets 1280-3328; "
-                    "256 = one 448x448 image)")
+            note = ("assumed: the convention above, t = 64, FastV K = 2; v is not published (1280 and 3328 bracket "
+                    "high-resolution prompts; 256 = one 448x448 image)")
             if label == "RedundancyLens":
                 note = (f"assumed: Hollow (R_A = 256) and Dynamic FFN (20 % of channels, N/10 probes) each on the last "
                         f"{L // 2} of {L} layers ('about half the layers'); the paper's layer lists are not published; "
@@ -488,52 +488,52 @@ def redundancylens_qwen2vl() -> list[Row]:
         rows.append(_row(f"Qwen2-VL-7B RedundancyLens, v = {v} (solved), Hollow on {L // 2} + FFN on {n_best} of {L} "
                          "layers", "FLOPs ratio %", curve[n_best], 2, ours, "71",
                          f"the FFN-layer count nearest the printed 71 % at the solved v (Hollow on {L // 2}; FFN layers: "
-                         f"{around}): 'about half the layers' with FFN on slightly under half, as spec §B5 [CALC] "
-                         "reads it; the paper's layer lists (and any probe/overhead convention) are not published",
+                         f"{around}): the abstract's 'approximately half of the layers' with FFN on slightly under "
+                         "half; the paper's layer lists (and any probe/overhead convention) are not published",
                          "≈" if ours == "71" else "✗"))
     return rows
 
 
 TABLES = {
-    "flops_shortv_table1": ("ShortV Table 1 — TFLOPs and FLOPs ratio (spec layer_methods.md §A8.1, §A7)",
+    "flops_shortv_table1": ("ShortV Table 1 — TFLOPs and FLOPs ratio (Yuan et al., ICCV 2025, Table 1)",
                             "LLM prefill only, t = 64 text tokens, v = 576 (LLaVA-1.5) / 2880 (LLaVA-NeXT) visual "
                             "tokens, full T^2 attention, SwiGLU FFN, FLOPs = 2 x MACs. FastV and ShortV priced "
                             "with the vtbench methods' own analytic formulas (FastV's scoring rows included); VTW "
                             "= every visual token removed from layer K on.", shortv_table1),
     "flops_shortv_table2": ("ShortV Table 2 (+ appendix Table 11) — FLOPs vs number of ShortV layers N "
-                            "(spec layer_methods.md §A8.2)",
+                            "(Yuan et al., ICCV 2025, Table 2 and appendix Table 11)",
                             "Same convention as Table 1; ShortV priced with methods/shortv.py's analytic formula "
                             "(which layers are frozen does not change the FLOPs).", shortv_table2),
-    "flops_shortv_table5": ("ShortV Table 5 — composition with FastV, LLaVA-1.5-7B (spec layer_methods.md §A8, §A7)",
+    "flops_shortv_table5": ("ShortV Table 5 — composition with FastV, LLaVA-1.5-7B (Yuan et al., ICCV 2025, Table 5)",
                             "Same convention as Table 1 (the paper prints the FLOPs ratios only). ShortV + FastV is "
                             "vtbench's composition (method=shortv_fastv, methods/compose.py) priced with its analytic "
                             "formula composed from the members' (frozen layers before K at all 576 visual tokens, "
                             "from K on at the kept ones, plus FastV's scoring row).", shortv_table5),
-    "flops_fastv_table1": ("FastV Table 1 — FLOPs(B) and ratio, LLaVA-1.5 rows (spec token_methods.md §1.4, §0.5)",
+    "flops_fastv_table1": ("FastV Table 1 — FLOPs(B) and ratio, LLaVA-1.5 rows (Chen et al., ECCV 2024, Table 1 and eq. 5)",
                            "FastV eq. 5: per layer 4nd^2 + 2n^2d + 2ndm MACs (printed as FLOPs), MHA + 2-matrix "
                            "FFN, n = system prompt + 576 image tokens (611 for 7B, 612 for 13B), text excluded, "
                            "averaged over the layers; reduced layers have n - 576 R tokens. The QwenVL rows are "
                            "not reproduced (no Qwen-VL family in vtbench).", fastv_table1),
-    "flops_ficoco_labels": ("FiCoCo TFLOPs budget labels (spec token_methods.md §0.5, §3.8, §3.9)",
-                            "LLM-Viewer's count as reproduced in spec §0.5: LLM prefill only, 60 text tokens (7B) / "
+    "flops_ficoco_labels": ("FiCoCo TFLOPs budget labels (Han et al., arXiv 2411.17686: v4 Tables 1 and 7, the v1/v4 memory tables)",
+                            "LLM-Viewer's count (the tool FiCoCo's FLOPs come from): LLM prefill only, 60 text tokens (7B) / "
                             "512 (13B), SwiGLU FFN, attention QK^T and AV over the full n x n, FLOPs = 2 x MACs, "
                             "ViT and projector excluded.", ficoco_labels),
     "flops_redundancylens_qwen2vl": (
-        "RedundancyLens — FLOPs column of its Qwen2-VL-7B table (spec layer_methods.md §B5, §A7; [SEC], not "
-        "verified against the paper)",
-        "A7 (reconstructed; the paper does not state its convention): LLM prefill only, t = 64 text tokens, full T^2 "
+        "RedundancyLens — FLOPs column of its Qwen2-VL-7B table (Li et al., ACL 2025 Findings; printed values from a "
+        "secondary source, not verified against the paper)",
+        "Reconstructed (the paper does not state its convention): LLM prefill only, t = 64 text tokens, full T^2 "
         "attention, GQA-correct projections (Qwen2-7B: h = 3584, d_ff = 18944, 4 KV heads), SwiGLU, FLOPs = 2 x MACs; "
         "each method priced with its vtbench analytic formula; v (visual tokens per prompt) unknown, so three "
-        "candidates are shown. LLaVA-OneVision-7B rows: no printed values are known (spec §B5 lists only "
-        "InternVL2-8B and Qwen2-VL-7B tables).", redundancylens_qwen2vl),
+        "candidates are shown. LLaVA-OneVision-7B rows: no printed values are known (only the "
+        "InternVL2-8B and Qwen2-VL-7B tables were transcribed).", redundancylens_qwen2vl),
 }
 
 
 def render_md(title: str, convention: str, rows: list[Row]) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     out = [f"# {title}", "", f"*Convention:* {convention}", "",
-           "*Generated by `python -m harness.paper --part flops`; the printed values are transcribed from the "
-           "papers (sections cited above), every other number is computed.*", "",
+           "*Generated by `vtbench-paper --part flops`; the printed values are transcribed from the "
+           "papers (tables cited in the title), every other number is computed.*", "",
            "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
         out.append("| " + " | ".join(esc(x) for x in dataclasses.astuple(r)) + " |")
@@ -556,7 +556,7 @@ def write_flops(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     index = ["# Paper FLOPs reproductions", "",
-             "Regenerated by `python -m harness.paper --part flops` (`make paper`). ✓ = our value at the paper's "
+             "Regenerated by `vtbench-paper --part flops` (`make paper`). ✓ = our value at the paper's "
              "printed precision equals the printed value; ≈ = consistency check of a token count the paper does "
              "not state; ✗ = differs, explained in the row's note.", "",
              "| table | file | ✓ | ≈ | ✗ |", "|---|---|---|---|---|"]

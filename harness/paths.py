@@ -22,3 +22,9 @@ def dir_problem(path: str) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent}: Permission denied"
     return None
+
+
+def default_store() -> str:
+    """The results store every script uses when none is given: `$VTBENCH_STORE`, else `runs/store` (the
+    same default as the config's `store.dir`, so `make eval`, `make report` and `make paper` agree)."""
+    return os.environ.get("VTBENCH_STORE") or "runs/store"

@@ -453,7 +453,9 @@ def load(store_dir: str | os.PathLike | None = None, include_failed: bool = Fals
     """
     import pandas as pd
 
-    store = ResultsStore(store_dir or os.environ.get("VTBENCH_STORE", "runs/store"))
+    from harness.paths import default_store
+
+    store = ResultsStore(store_dir or default_store())
     rows, corrupt = [], []
     for path, rec, err in store.iter_records():
         if rec is None:

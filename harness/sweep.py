@@ -112,15 +112,42 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
     elsewhere = _cells_run_elsewhere(overrides)
     adapters: dict = {}
     checked_models: set = set()
-    for combo in combos:
-        cfg = compose_config(combo)
-        method = validate(cfg, check_device=not elsewhere)
-        validate_against_model(cfg, method, cache=adapters)
-        model_key = repr(sorted((k, str(v)) for k, v in cfg.model.items() if k in ("pretrained", "revision")))
-        if not elsewhere and model_key not in checked_models:  # a missing checkpoint is bad input too
-            check_available(cfg.model)
-            checked_models.add(model_key)
+    from harness.errors import bad_input_errors
+
+    try:
+        for combo in combos:
+            cfg = compose_config(combo)
+            method = validate(cfg, check_device=not elsewhere)
+            validate_against_model(cfg, method, cache=adapters)
+            model_key = repr(sorted((k, str(v)) for k, v in cfg.model.items() if k in ("pretrained", "revision")))
+            if not elsewhere and model_key not in checked_models:  # a missing checkpoint is bad input too
+                check_available(cfg.model)
+                checked_models.add(model_key)
+    except bad_input_errors() as e:  # name the cell: the same override may be fine in one cell, not in another
+        e.sweep_cell = cell_label(combo, combos)
+        raise
     return combos
+
+
+def cell_label(combo: list[str], combos: list[list[str]]) -> str:
+    """The overrides that tell `combo` from the sweep's other cells (`method=tome budget.value=0.33`): those
+    whose key takes more than one value over the sweep; '' for a sweep of one cell."""
+    def key(o: str) -> str:
+        return o.partition("=")[0].lstrip("+~")
+
+    values: dict = {}
+    for c in combos:
+        for o in c:
+            values.setdefault(key(o), set()).add(o.partition("=")[2])
+    return " ".join(o for o in combo if len(values.get(key(o), ())) > 1)
+
+
+def sweep_error_line(e: BaseException) -> str:
+    """The one line of a sweep's bad-input error, led by the cell it was found in (`[method=tome] ...`)."""
+    from harness.errors import error_line
+
+    cell = getattr(e, "sweep_cell", "")
+    return f"[{cell}] {error_line(e)}" if cell else error_line(e)
 
 
 def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
@@ -227,7 +254,7 @@ def run_multirun(overrides: list[str]) -> int:
     try:
         combos = validate_sweep(overrides)
     except bad_input_errors() as e:
-        print(f"vtbench: error: {error_line(e)}", file=sys.stderr)
+        print(f"vtbench: error: {sweep_error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         return interrupted("vtbench", e, "nothing ran yet")

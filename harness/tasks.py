@@ -45,10 +45,36 @@ def load_tasks(task: str, include_path: str | None):
     try:
         task_dict = get_task_dict([task], tm)
     except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        import os
-
-        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
-        hint = f" (offline: {'/'.join(offline)} set and the data is not in the Hugging Face cache)" if offline else ""
-        raise BenchmarkDataError(f"cannot load data of task {task!r}{hint}: {type(e).__name__}: {first}") from None
+        raise BenchmarkDataError(data_error_line(task, e)) from None
     return tm, task_dict
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The failure behind wrappers: tenacity's `RetryError` (its last attempt's exception, as the hub
+    client's retries raise it) and explicit `raise ... from` causes."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        last = getattr(e, "last_attempt", None)
+        inner = last.exception() if last is not None and hasattr(last, "exception") else None
+        inner = inner or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def data_error_line(task: str, e: BaseException) -> str:
+    """One line naming the benchmark's task and why its data did not load: offline and not cached (what to
+    change: go online once, or point the Hugging Face cache at a copy), or the underlying error's first line."""
+    import os
+
+    cause = root_cause(e)
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else ""
+    what = f"{type(cause).__name__}: {first}".rstrip(": ")
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
+    if offline:
+        return (f"benchmark.task={task}: the data is not in the Hugging Face cache and {'/'.join(offline)} forbid "
+                f"downloading it (set {'=0 '.join(offline)}=0 once to download and cache it; {what})")
+    return f"benchmark.task={task}: cannot load the data: {what}"

@@ -69,7 +69,11 @@ def _samples_table(wandb, record: dict, doc_inputs, max_images: int):
     nonfinite = set(record.get("nonfinite") or [])
     failed = set(record.get("failures") or {})
     cols = ["doc_id", "question", "image", "target", "prediction", *metrics, "nonfinite", "failed"]
-    table = wandb.Table(columns=cols, allow_mixed_types=True)
+    from wandb.sdk.data_types import _dtypes
+
+    opt = _dtypes.OptionalType  # a question/image/metric may be missing (None); nothing else mixes types
+    dtype = [int, opt(str), opt(wandb.Image), str, str, *[opt(float)] * len(metrics), bool, bool]
+    table = wandb.Table(columns=cols, dtype=dtype)
     for i, s in enumerate(samples):
         question, image = doc_inputs(s["doc_id"]) if doc_inputs else (None, None)
         if image is not None and i < max_images:
@@ -82,6 +86,61 @@ def _samples_table(wandb, record: dict, doc_inputs, max_images: int):
         table.add_data(int(s["doc_id"]), question, image, str(s.get("target")), str(s.get("prediction")),
                        *[float(s[m]) if s.get(m) is not None else None for m in metrics], tag in nonfinite, tag in failed)
     return table
+
+
+#: the folder, under the run's `files/`, that holds the per-sample table and its images (`samples.table.json`,
+#: `media/images/*.png`): W&B itself keeps a table with media only in an artifact staged outside the run folder
+#: (`~/.local/share/wandb/artifacts/staging`), so a copied run folder would lose it
+SAMPLES_DIR = "samples"
+
+
+def store_table_in_run(wandb, run, table, folder: str) -> str:
+    """Write `table` (with its images) in W&B's artifact layout under `<run.dir>/<folder>/`: the table as
+    `<folder>.table.json` (typed columns, rows) and each image at the `media/images/...` path the table names;
+    returns the table's path relative to `run.dir`. Written through a local `wandb.Artifact` (never logged), whose
+    staged copies are removed once copied."""
+    import shutil
+
+    import re
+
+    art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{folder}-{run.id}"), type="vtbench-table")
+    art.add(table, folder)
+    root = os.path.join(run.dir, folder)
+    for path, entry in art.manifest.entries.items():
+        dst = os.path.join(root, path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(entry.local_path, dst)
+        if os.sep + "staging" + os.sep in str(entry.local_path):
+            try:
+                os.remove(entry.local_path)
+            except OSError:
+                pass
+    return f"{folder}/{folder}.table.json"
+
+
+def run_folder(run_dir: str) -> str:
+    """The run's folder (`.../wandb/offline-run-<time>-<id>`) from `run.dir` (its `files/`)."""
+    return os.path.dirname(os.path.normpath(run_dir))
+
+
+def drop_superseded_offline_runs(folder: str, run_id: str) -> list[str]:
+    """Remove the other offline folders of run `run_id` beside `folder` (a forced re-run of a cell logs the
+    whole cell again under the same id; W&B starts a new `offline-run-<time>-<id>` folder each time), so each
+    cell has one run folder. Folders already synced (`*.wandb.synced` beside the log) are kept. Returns the
+    removed folders."""
+    import glob
+    import shutil
+
+    removed = []
+    parent = os.path.dirname(folder)
+    for other in glob.glob(os.path.join(glob.escape(parent), f"offline-run-*-{glob.escape(run_id)}")):
+        if os.path.realpath(other) == os.path.realpath(folder):
+            continue
+        if glob.glob(os.path.join(glob.escape(other), "*.wandb.synced")):
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        removed.append(other)
+    return removed
 
 
 def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> dict | None:
@@ -135,10 +194,17 @@ def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> d
                 summary[f"asked_recall/layer_{i:02d}"] = v
         summary["key"] = record["key"]
         run.summary.update(summary)
-        if logger_cfg.get("log_samples", True) and record.get("samples"):
-            run.log({"samples": _samples_table(wandb, record, doc_inputs, int(logger_cfg.get("max_images", 64)))})
         info = {"run_id": run.id, "dir": run.dir, "mode": mode}
+        if logger_cfg.get("log_samples", True) and record.get("samples"):
+            def table():  # one Table object per use: W&B binds a logged table to where it was logged
+                return _samples_table(wandb, record, doc_inputs, int(logger_cfg.get("max_images", 64)))
+
+            # in the run folder (a copied folder keeps it), and logged for the W&B UI (its run-table artifact)
+            info["samples_table"] = store_table_in_run(wandb, run, table(), SAMPLES_DIR)
+            run.log({"samples": table()})
         run.finish()
+        if mode == "offline":
+            drop_superseded_offline_runs(run_folder(run.dir), run.id)
         return info
     except Exception as e:  # never lose a cell because of the logger
         print(f"vtbench: warning: W&B logging failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
-"""`python -m harness.wandb_report`: one W&B report run per sweep (comparison tables and figures).
+"""One W&B report run per sweep (comparison tables and figures), logged by `vtbench-wandb-report`.
 
-    python -m harness.wandb_report [--store runs/store] [--group NAME] [--figures DIR ...]
-                                   [--project vtbench] [--mode offline] [--dir runs]
+    vtbench-wandb-report [--store DIR (default: $VTBENCH_STORE or runs/store)] [--group NAME]
+                         [--figures DIR ...] [--project vtbench] [--mode offline] [--dir runs]
 
 Reads the results store, builds the comparison tables of `vtbench-report` (`harness.report.build_tables`)
 and their figures (`harness.report.write_outputs`, written to a temporary folder), and logs them as one
@@ -67,8 +67,10 @@ def typed_table(wandb, t):
             return None
         return float(v) if c in numeric else str(v)
 
-    return wandb.Table(columns=cols, data=[[cell(r[c], c) for c in cols] for _, r in t.iterrows()],
-                       allow_mixed_types=True)
+    from wandb.sdk.data_types import _dtypes
+
+    dtype = [_dtypes.OptionalType(float if c in numeric else str) for c in cols]  # None where missing
+    return wandb.Table(columns=cols, data=[[cell(r[c], c) for c in cols] for _, r in t.iterrows()], dtype=dtype)
 
 
 def charts(wandb, table, group) -> dict:
@@ -100,7 +102,7 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
                wandb_dir: str = "runs") -> dict | None:
     """Log the report run; returns {"run_id", "dir", "mode", "tables", "figures"} or None without records."""
     from harness.report import write_outputs
-    from harness.wandb_log import effective_mode
+    from harness.wandb_log import effective_mode, store_table_in_run
 
     tables = collect(store_dir, group)
     if not tables:
@@ -116,13 +118,15 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
                      dir=wdir, mode=mode, reinit="finish_previous",
                      config={"store": str(store_dir), "group": group, "n_tables": len(tables),
                              "n_cells": int(sum(len(t) for t in tables.values()))})
-    logged_tables, logged_figs = [], []
+    logged_tables, logged_figs, stored = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_outputs(tables, tmp, formats=("md",), figures=True)
         for group, t in sorted(tables.items()):
             key = f"table/{group.stem}"
             table = typed_table(wandb, t)
             run.log({key: table, **charts(wandb, table, group)})
+            # with its column types in the run folder too (W&B keeps those only in a staged artifact)
+            stored[key] = store_table_in_run(wandb, run, typed_table(wandb, t), f"table_{group.stem}")
             logged_tables.append(key)
         pngs = [p for p in paths if p.suffix == ".png"]
         for d in figure_dirs or []:
@@ -134,6 +138,7 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
         md = "\n".join(p.read_text() for p in paths if p.suffix == ".md")
         run.summary.update({"n_cells": int(sum(len(t) for t in tables.values())), "tables": logged_tables,
                             "figures": logged_figs, "comparison_markdown": md})
-    info = {"run_id": run.id, "dir": run.dir, "mode": mode, "tables": logged_tables, "figures": logged_figs}
+    info = {"run_id": run.id, "dir": run.dir, "mode": mode, "tables": logged_tables, "figures": logged_figs,
+            "stored_tables": stored}
     run.finish()
     return info

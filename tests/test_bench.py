@@ -1,4 +1,4 @@
-"""Smoke test of `python -m harness.cli.bench --quick`: every part runs on a tiny model and the report, CSV
+"""Smoke test of `vtbench-bench --quick`: every part runs on a tiny model and the report, CSV
 and JSON have the promised structure. No timing assertions (the numbers of a quick run mean nothing)."""
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_quick_bench_writes_report(tmp_path):
     for heading in ("# vtbench performance benchmark", "## Harness overhead", "## Methods at a common budget",
                     "## Attention scores", "## Batched evaluation", "## Counting speed"):
         assert heading in md, heading
-    assert "QUICK MODE" in md and "python -m harness.cli.bench --quick" in md and "loadavg_start" in md
+    assert "QUICK MODE" in md and "vtbench-bench --quick" in md and "loadavg_start" in md
 
     rows = list(csv.DictReader((tmp_path / "test-machine.csv").open()))
     assert [r["method"] for r in rows] == list(bench.METHODS)

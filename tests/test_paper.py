@@ -103,7 +103,7 @@ def test_committed_flops_tables_are_regenerated(flops_dir):
     if not files:
         pytest.skip("results/paper has no committed FLOPs tables yet")
     for p in files:
-        assert p.read_text() == (flops_dir / p.name).read_text(), f"{p} differs from `python -m harness.paper --part flops`"
+        assert p.read_text() == (flops_dir / p.name).read_text(), f"{p} differs from `vtbench-paper --part flops`"
 
 
 # ---- motivating figures ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`make bench`: performance benchmark of the harness and of every method, as ratios from one run.
 
-    python -m harness.cli.bench [--out results/bench] [--quick] [--repeats N] [--parts overhead,methods,...]
+    vtbench-bench [--out results/bench] [--quick] [--repeats N] [--parts overhead,methods,...]
 
 Parts (all by default):
 

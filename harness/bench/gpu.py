@@ -45,7 +45,7 @@ def gpu_spec(device: str = "cuda", dtype: str = "float16", repeats: int | None =
 def run_gpu_full(*, out: Path, device: str = "cuda", dtype: str = "float16", archs=GPU_ARCHS, names=None,
                  parts=GPU_PARTS, batch_names=GPU_BATCH_METHODS, repeats: int | None = None,
                  budget_s: float = GPU_BUDGET_S, machine: str | None = None,
-                 command: str = "python -m harness.cli.bench --gpu-full",
+                 command: str = "vtbench-bench --gpu-full",
                  overrides: dict | None = None, clock: Callable[[], float] = time.perf_counter,
                  log: Callable[[str], None] | None = None) -> dict:
     """Each architecture in turn (built on the device, measured, its report written, then freed): the

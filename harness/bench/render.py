@@ -38,12 +38,26 @@ def _mb(b) -> str:
     return "-" if b is None else f"{b / 2**20:.0f} MiB"
 
 
+#: the program part of the commands older reports recorded (`meta.command`); the report prints the console script
+_OLD_PROGRAMS = ("python -m harness.cli.bench", "python -m harness.bench")
+
+
+def regenerate_command(meta: dict) -> str:
+    """The command that regenerates a report: `vtbench-bench` with the recorded arguments (reports written
+    before the console script was recorded name `python -m harness.bench`, a module that no longer runs)."""
+    cmd = str(meta["command"])
+    for old in _OLD_PROGRAMS:
+        if cmd == old or cmd.startswith(old + " "):
+            return "vtbench-bench" + cmd[len(old):]
+    return cmd
+
+
 def render(res: dict) -> str:
     m = res["meta"]
     L = []
     L.append(f"# vtbench performance benchmark — {m['machine']}")
     L.append("")
-    L.append(f"Regenerate: `{m['command']}` (`{m.get('make', 'make bench')}`). Ratios from one run; medians of interleaved "
+    L.append(f"Regenerate: `{regenerate_command(m)}` (`{m.get('make', 'make bench')}`). Ratios from one run; medians of interleaved "
              f"repetitions (the order of the contenders rotates every round). {m['note']}")
     L.append("")
     if m["device"] == "cpu" and not m.get("time_guard"):

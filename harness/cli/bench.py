@@ -1,4 +1,4 @@
-"""`vtbench-bench` (`python -m harness.cli.bench`): the command line of the performance benchmark
+"""`vtbench-bench`: the command line of the performance benchmark
 (`harness.bench`)."""
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     ap = _parser()
     a = ap.parse_args(argv)
-    command = "python -m harness.cli.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "vtbench-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.gpu_full:
         return gpu_full_cli(ap, a, command)
     from harness.config import DEVICE_RE, device_error, group_options

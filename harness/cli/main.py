@@ -75,9 +75,28 @@ def format_record(rec: dict) -> str:
         rows.append(("prefill latency", f"{lat:.1f} ms"))
     rows.append(("record", rec["key"]))
     w = max(len(k) for k, _ in rows)
-    line = "+" + "-" * (w + 2) + "+" + "-" * 48 + "+"
-    body = "\n".join(f"| {k:<{w}} | {str(v)[:46]:<46} |" for k, v in rows)
-    return f"{line}\n{body}\n{line}"
+    line = "+" + "-" * (w + 2) + "+" + "-" * (VALUE_WIDTH + 2) + "+"
+    body = []
+    for k, v in rows:  # a long value (a composition's members and parameters) wraps, never cut
+        for i, part in enumerate(_wrap(str(v), VALUE_WIDTH)):
+            body.append(f"| {k if i == 0 else '':<{w}} | {part:<{VALUE_WIDTH}} |")
+    return f"{line}\n" + "\n".join(body) + f"\n{line}"
+
+
+#: width of the value column of the single-cell summary table
+VALUE_WIDTH = 46
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters, broken after a comma or a space where one is near
+    the end of the line, else at `width`: every character is kept."""
+    out = []
+    while len(text) > width:
+        cut = max(text.rfind(", ", 0, width) + 1, text.rfind(" ", 0, width))
+        cut = cut if cut > width // 2 else width
+        out.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return out + [text]
 
 
 #: Hydra's own command-line flags that `vtbench` hands to Hydra (after its own one-line checks)

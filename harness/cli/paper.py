@@ -34,7 +34,9 @@ def _main(argv: list[str] | None = None) -> int:
                     type=choices_list(("lc", "attention", "ficoco", "redundancylens")),
                     help="comma list of figures (lc, attention, ficoco, redundancylens)")
     args = ap.parse_args(argv)
-    args.store = args.store or os.environ.get("VTBENCH_STORE") or "runs/store"
+    from harness.paths import default_store
+
+    args.store = args.store or default_store()
     if args.part in ("figures", "all"):  # the figure model's overrides, checked as `vtbench` does, before writing
         from harness.config import validate
 

@@ -23,7 +23,9 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="md,csv,tex", type=choices_list(("md", "csv", "tex")))
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
-    args.store = args.store or os.environ.get("VTBENCH_STORE") or "runs/store"
+    from harness.paths import default_store
+
+    args.store = args.store or default_store()
     tables, corrupt = report.build_tables(args.store)
     for path, err in corrupt:
         print(f"vtbench-report: warning: skipped corrupt record {path} ({err})", file=sys.stderr)

@@ -27,7 +27,9 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, type=creatable_dir,
                     help="W&B run folder (default: $VTBENCH_WANDB_DIR or runs)")
     args = ap.parse_args(argv)
-    args.store = args.store or os.environ.get("VTBENCH_STORE") or "runs/store"
+    from harness.paths import default_store
+
+    args.store = args.store or default_store()
     args.dir = args.dir or os.environ.get("VTBENCH_WANDB_DIR") or "runs"
     from harness.cli.common import dir_problem
 
