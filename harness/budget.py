@@ -162,6 +162,8 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
 
     if method.name == "none":
         raise BudgetError("method none has no budget (it is the reference); drop budget.kind")
+    if getattr(method, "no_budget", None):
+        raise BudgetError(f"method {method.name!r} takes no budget ({method.no_budget}); drop budget.kind")
 
     def build(v):
         params = dict(base, **method.budget_params(v))

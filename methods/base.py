@@ -67,6 +67,13 @@ class Method:
     #: for a method that never reduces (`none`); the suite builds `methods.build(name, example)` on every
     #: family in `families`
     example: ClassVar[dict | None] = None
+    #: a multi-stage method (PyramidDrop, SparseVLM) whose token budget counts the visual tokens after its
+    #: FIRST drop (`visual_tokens_kept` reports that count; later stages follow the method's own schedule);
+    #: False: the count that reaches the LLM's last layer
+    budget_at_first_drop: ClassVar[bool] = False
+    #: why the method takes no budget at all (`blind`: it keeps no visual token), or None; a budget given
+    #: to it is refused in one line with this reason (harness.budget)
+    no_budget: ClassVar[str | None] = None
     #: parameters added after cells were recorded, with the value that reproduces the earlier behaviour:
     #: at that value they are left out of `params()` and of the cell key (`harness.results.cell_identity`),
     #: so existing records keep their keys and rows

@@ -71,6 +71,7 @@ class Blind(Method):
     #: no parameter setting keeps the image
     noop: ClassVar[dict | None] = None
     example: ClassVar[dict | None] = {}
+    no_budget: ClassVar[str | None] = "it keeps no visual token whatever the budget"
 
     def visual_tokens_to_llm(self, n_visual: int) -> int:
         return 0

@@ -148,7 +148,7 @@ class DART(Method):
     budget_tokens_param = "keep"
     budget_param = "keep"
     noop = {"keep_ratio": 1.0}
-    example = {"K": 1, "keep": 16, "pivot_image": 2, "pivot_text": 2}
+    example = {"K": 1, "keep_ratio": 0.25, "pivot_image": 2, "pivot_text": 2}
 
     #: the pruned layer (0-based, >= 1): keys for the pivots come from layer K-1
     K: int = 2

@@ -102,6 +102,7 @@ class _PDropPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class PyramidDrop(Method):
     name = "pdrop"
+    budget_at_first_drop = True  # budget.kind=tokens counts the visual tokens after the first drop
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"

@@ -62,14 +62,14 @@ class _RandomPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class RandomDrop(Method):
     name = "random"
-    noop = {"keep_ratio": 1.0}
-    example = {"keep_ratio": 0.4}
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values
     budget_tokens_param = "keep"
     budget_param = "keep"
     noop = {"keep_ratio": 1.0}
-    example = {"keep": 16, "layer": 1}
+    #: dropped at layer 1 (layer 0 is the same machinery one layer earlier); a share, so the Qwen test
+    #: prompts' few visual tokens are reduced too
+    example = {"keep_ratio": 0.4, "layer": 1}
     #: `layer` came later; at 0 (the LLM input) it is the earlier method, and cells keep their keys
     key_defaults = {"layer": 0}
 

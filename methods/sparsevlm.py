@@ -292,6 +292,7 @@ class _SparseVLMPlan(LR.ReductionPlan):
 @dataclasses.dataclass
 class SparseVLM(Method):
     name = "sparsevlm"
+    budget_at_first_drop = True  # budget.kind=tokens counts the visual tokens after the first drop
     families = LLM_SIDE_FAMILIES
     meta_countable = False  # finds the visual tokens from input_ids values, counts from scores
     budget_tokens_param = "tokens"

@@ -142,13 +142,15 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---- what reaches the LLM, measured on the model (independent of the method's bookkeeping) -----------
-def measured_visual(model, inputs, layout=None) -> tuple[int, int]:
-    """(visual tokens entering the LLM, visual tokens leaving its last layer) of a batch-1 prompt,
-    measured as sequence lengths at the language model's input and at its final norm, minus the prompt's
-    text tokens."""
+def measured_visual(model, inputs, layout=None, method=None) -> tuple[int, int]:
+    """(visual tokens entering the LLM, visual tokens the token budget counts) of a batch-1 prompt,
+    measured as sequence lengths minus the prompt's text tokens: at the language model's input, and at its
+    final norm (what reaches the last layer) -- or, for a multi-stage method whose budget is its first drop
+    (`Method.budget_at_first_drop`: PyramidDrop, SparseVLM), at the output of the first decoder layer whose
+    sequence is shorter than the input."""
     adapter = get_adapter(model)
     lm = adapter.language_model
-    seen = {}
+    seen = {"layers": []}
 
     def at_input(module, args, kwargs):
         x = kwargs.get("inputs_embeds")
@@ -159,18 +161,25 @@ def measured_visual(model, inputs, layout=None) -> tuple[int, int]:
     def at_norm(module, args):
         seen["out"] = args[0].shape[1]
 
-    h1 = lm.register_forward_pre_hook(at_input, with_kwargs=True)
-    h2 = lm.norm.register_forward_pre_hook(at_norm)
+    def at_layer(module, args, output):
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        seen["layers"].append(h.shape[1])
+
+    hooks = [lm.register_forward_pre_hook(at_input, with_kwargs=True), lm.norm.register_forward_pre_hook(at_norm)]
+    hooks += [layer.register_forward_hook(at_layer) for layer in lm.layers]
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
     if layout is None:
         (layout,) = F.layouts_from_inputs(model, inputs)
     text = layout.total - layout.visual
-    return seen["in"] - text, seen["out"] - text
+    counted = seen["out"]
+    if method is not None and type(method).budget_at_first_drop:
+        counted = next((n for n in seen["layers"] if n < seen["in"]), seen["out"])
+    return seen["in"] - text, counted - text
 
 
 # ---- the properties ------------------------------------------------------------------------------------
@@ -273,12 +282,13 @@ def check_kept(name: str, family: str) -> None:
     model, _, m = applied(name, family)
     inp = prompts(family)
     (layout,) = F.layouts_from_inputs(model, inp)
-    _, out = measured_visual(model, inp)
+    _, out = measured_visual(model, inp, method=m)
     reported = m.visual_tokens_kept(layout)
     if out != reported:
         hint = ("the method does not define Method.visual_tokens_kept (the default reports every visual token)"
                 if not _overrides(m, "visual_tokens_kept") else "Method.visual_tokens_kept is wrong for this prompt")
-        raise AssertionError(f"{name} on {family}: {out} visual tokens reach the LLM's last layer but the method "
+        raise AssertionError(f"{name} on {family}: {out} visual tokens reach the LLM's last layer (a multi-stage "
+                             f"method with Method.budget_at_first_drop: its first drop) but the method "
                              f"reports {reported} of {layout.visual}: {hint}")
     ctx = get_context(model)
     if ctx is not None and ctx.visual_tokens_final is not None:
@@ -289,7 +299,7 @@ def check_kept(name: str, family: str) -> None:
 
     syn = synthetic_inputs(model.config, text_after=15, device="cpu")
     layout = synthetic_layout(model.config, text_after=15)
-    _, out = measured_visual(model, syn, layout)
+    _, out = measured_visual(model, syn, layout, method=m)
     printed = m.visual_tokens_kept(layout)
     assert out == printed, (f"{name} on {family}: vtbench-flops would print {printed} visual tokens reaching the "
                             f"LLM for its {layout.visual}-token prompt, the model delivers {out}: Method.visual_tokens_kept")
@@ -344,6 +354,16 @@ def check_budget(name: str, family: str) -> None:
     shapes = BUDGET_SHAPES.get(family, [SIZES[family]])
     layouts = [F.layouts_from_inputs(model, S.inputs(tiny(family)[1], [s]))[0] for s in shapes]
     reduces_tokens = settings(name)[0] == "example" and any(example.visual_tokens_kept(lay) < lay.visual for lay in layouts)
+    if cls.no_budget:
+        for value in BUDGET_VALUES:
+            try:
+                B.resolve(example, adapter, {"kind": "tokens", "value": value, "text_tokens": 16})
+            except B.BudgetError as e:
+                _one_line(e)
+                continue
+            raise AssertionError(f"{name} declares Method.no_budget ({cls.no_budget}) but budget.value={value} was "
+                                 "accepted")
+        return
     if not example.budget_tokens_param:
         assert not reduces_tokens, (
             f"{name} removes visual tokens but declares no Method.budget_tokens_param: budget.kind=tokens could "
@@ -368,7 +388,7 @@ def check_budget(name: str, family: str) -> None:
         m.apply(patched, get_adapter(patched))
         for sizes, layout in zip(shapes, layouts):
             inp = S.inputs(tiny(family)[1], [sizes])
-            entering, out = measured_visual(patched, inp)
+            entering, out = measured_visual(patched, inp, method=m)
             target = B.prompt_count(value, layout.visual)
             reported = m.visual_tokens_kept(layout)
             where = f"{name} on {family}, budget.value={value}, {len(sizes)} image(s) {sizes} ({layout.visual} visual tokens)"

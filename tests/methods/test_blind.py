@@ -160,7 +160,7 @@ def test_has_no_parameters(params):
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("extra, message", [
-    (["budget.kind=tokens", "budget.value=0.33"], "method 'blind' has no budget parameter"),
+    (["budget.kind=tokens", "budget.value=0.33"], "method 'blind' takes no budget (it keeps no visual token whatever the budget); drop budget.kind"),
     (["method.params.keep=3"], "unknown config key 'method.params.keep'"),
 ])
 def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys,
