@@ -68,8 +68,6 @@ F_KV = "efficiency.kv_cache_bytes"
 F_VIS = "efficiency.visual_tokens_to_llm"   # after the method's last reduction (the budget rule's count)
 F_VIS_OLD = "efficiency.visual_tokens_llm"   # records made before that field: the first LLM layer's count
 F_VIS_LAYER = "efficiency.visual_tokens_mean_per_layer"
-#: a FLOPs-matched budget whose closest setting misses its target by more than this is flagged
-BUDGET_TOLERANCE = 0.02
 #: peak-memory deltas below this (on every row) are below what the CPU RSS sampler resolves
 MEMORY_RESOLUTION_BYTES = 1 << 20
 
@@ -336,14 +334,10 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
 
 
 def budget_note(info: dict | None) -> str | None:
-    """Why a budget was not met: a FLOPs-matched budget whose closest setting misses its target."""
-    if not info or info.get("target_flops_ratio") is None or info.get("predicted_flops_ratio") is None:
-        return None
-    target, got = float(info["target_flops_ratio"]), float(info["predicted_flops_ratio"])
-    if abs(got - target) <= BUDGET_TOLERANCE:
-        return None
-    knob = ", ".join(f"{k}={v}" for k, v in (info.get("knob") or {}).items())
-    return f"target FLOPs ratio {target:.2f} not reachable, closest setting {knob} costs {got:.2f}"
+    """Why a budget was not met (`harness.budget.budget_note`, the rule the run warns with)."""
+    from harness.budget import budget_note as note
+
+    return note(info)
 
 
 def _flag_same_settings(t) -> None:

@@ -120,6 +120,11 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         existing["_reused"] = True
         return existing
     method, _, budget_info = validate_against_model(cfg, method)  # bad input: before the store is touched
+    from harness.budget import budget_note
+
+    if note := budget_note(budget_info):  # the report flags the row too
+        _log(f"warning: budget.kind={cfg.budget.kind} budget.value={cfg.budget.value}: {note} "
+             "(the cell runs at the closest setting)")
     store.check_writable()
     from harness.models.loading import check_available
 

@@ -89,6 +89,7 @@ class RandomDrop(Method):
         super().validate(adapter)
         if self.keep is not None or float(self.keep_ratio) < 1.0:
             self.require_full_attention(adapter)
+            LR.check_positions(self.positions, adapter, "random")
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
             raise MethodError(
                 f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"
