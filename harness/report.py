@@ -506,6 +506,18 @@ def _latex(d, title: str, notes: list[str]) -> str:
 
 
 def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figures: bool = True) -> list[Path]:
+    """Every table (and figure) of `tables` under `out_dir`, all or nothing: each file is written to a temporary
+    file first, and the previous files are replaced only once all are written (`harness.paths`), so a full
+    disk or an error half-way leaves the previous report byte-identical. An OSError names the path."""
+    from harness.paths import all_or_nothing
+
+    with all_or_nothing():
+        return _write_outputs(tables, out_dir, formats, figures)
+
+
+def _write_outputs(tables: dict, out_dir: str, formats, figures: bool) -> list[Path]:
+    from harness.paths import atomic_write
+
     out = Path(out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     written = []
@@ -518,7 +530,7 @@ def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figu
                 text = t[cols].to_csv(index=False, float_format="%.6g") + f"# {CONVENTIONS}\n"
             else:
                 text = render(t, fmt, title)
-            p.write_text(text)
+            atomic_write(p, text)
             written.append(p)
         if figures:
             written += _figures(t, out / "figures", stem, title)
@@ -529,13 +541,18 @@ def save_figure(fig, fig_dir: Path, name: str) -> list[Path]:
     """`<fig_dir>/<name>.png` and `.pdf`, deterministic (no software / creation-date metadata); closes `fig`."""
     import matplotlib.pyplot as plt
 
+    from harness.paths import atomic_target
+
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        p = fig_dir / f"{name}.{ext}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata=meta)
-        paths.append(p)
-    plt.close(fig)
+    try:
+        for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+            p = fig_dir / f"{name}.{ext}"
+            with atomic_target(p) as tmp:  # atomic, like every file vtbench writes
+                fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight", metadata=meta)
+            paths.append(p)
+    finally:
+        plt.close(fig)
     return paths
 
 

@@ -102,6 +102,9 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
     error. Returns the cells (their overrides)."""
     from harness.config import compose_config, validate, validate_against_model
 
+    from harness.config import check_outputs
+
+    check_outputs()  # the sweep folder's parent ($VTBENCH_OUTPUTS)
     cells = [o for o in overrides if not o.startswith(("hydra/", "hydra."))]
     try:
         combos = _expand(_config_sweep_params(cells) + cells)

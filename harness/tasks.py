@@ -45,6 +45,9 @@ def load_tasks(task: str, include_path: str | None):
     try:
         task_dict = get_task_dict([task], tm)
     except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
+        cause = _root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in _UNWRITABLE:  # the environment's folders, not the network
+            raise BenchmarkDataError(f"cannot load data of task {task!r}: {_cache_folder_problem(cause)}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         import os
 
@@ -52,3 +55,40 @@ def load_tasks(task: str, include_path: str | None):
         hint = f" (offline: {'/'.join(offline)} set and the data is not in the Hugging Face cache)" if offline else ""
         raise BenchmarkDataError(f"cannot load data of task {task!r}{hint}: {type(e).__name__}: {first}") from None
     return tm, task_dict
+
+
+import errno as _errno
+
+#: errors of a folder that cannot be written (read-only, a file in the way, full), as opposed to data not found
+_UNWRITABLE = {_errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.ENOTDIR, _errno.EEXIST, _errno.ENOSPC, _errno.EDQUOT}
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The error under tenacity's RetryError (lmms-eval retries dataset downloads) and exception chains."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        last = getattr(e, "last_attempt", None)
+        inner = last.exception() if last is not None and hasattr(last, "exception") else None
+        inner = inner or e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
+    return e
+
+
+def _cache_folder_problem(e: OSError) -> str:
+    """One line naming the folder (and the variables that place it) a dataset load could not write."""
+    import os
+
+    try:
+        from datasets import config as dconfig
+
+        cache = str(dconfig.HF_DATASETS_CACHE)
+    except Exception:  # noqa: BLE001
+        cache = "the Hugging Face datasets cache"
+    where = ("HF_DATASETS_CACHE" if os.environ.get("HF_DATASETS_CACHE") else
+             "HF_HOME" if os.environ.get("HF_HOME") else f"HOME={os.environ.get('HOME', '(unset)')}")
+    what = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return (f"the datasets cache folder {cache} (set by {where}) cannot be written: {e.strerror or e}{what}; "
+            "point HF_DATASETS_CACHE (or HF_HOME) at a writable folder")
