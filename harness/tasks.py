@@ -39,6 +39,10 @@ def load_tasks(task: str, include_path: str | None):
 
     from harness.benchmarks.prepare import BenchmarkDataError
 
+    from harness.paths import dir_problem
+
+    if problem := dir_problem(datasets_cache_folder()[0]):  # the environment, found before lmms-eval's retries
+        raise BenchmarkDataError(f"cannot load data of task {task!r}: {_cache_folder_problem(problem=problem)}")
     tm = TaskManager(verbosity="WARNING", include_path=include_path, include_defaults=include_path is None)
     if task not in tm.all_tasks:
         raise BenchmarkDataError(f"lmms-eval has no task {task!r}")
@@ -77,18 +81,24 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _cache_folder_problem(e: OSError) -> str:
-    """One line naming the folder (and the variables that place it) a dataset load could not write."""
+def datasets_cache_folder() -> tuple[str, str]:
+    """`(folder, the variable that places it)` of the datasets cache lmms-eval loads into, resolved as lmms-eval
+    resolves it (LMMS_EVAL_DATASETS_CACHE, HF_DATASETS_CACHE, HF_HOME/datasets, ~/.cache/huggingface/datasets)."""
     import os
 
-    try:
-        from datasets import config as dconfig
+    for var in ("LMMS_EVAL_DATASETS_CACHE", "HF_DATASETS_CACHE"):
+        if os.environ.get(var, "").strip():
+            return os.path.expanduser(os.environ[var].strip()), var
+    if os.environ.get("HF_HOME", "").strip():
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "datasets"), "HF_HOME"
+    home = os.environ.get("HOME")
+    return os.path.expanduser("~/.cache/huggingface/datasets"), f"HOME={home}" if home is not None else "HOME (unset)"
 
-        cache = str(dconfig.HF_DATASETS_CACHE)
-    except Exception:  # noqa: BLE001
-        cache = "the Hugging Face datasets cache"
-    where = ("HF_DATASETS_CACHE" if os.environ.get("HF_DATASETS_CACHE") else
-             "HF_HOME" if os.environ.get("HF_HOME") else f"HOME={os.environ.get('HOME', '(unset)')}")
-    what = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    return (f"the datasets cache folder {cache} (set by {where}) cannot be written: {e.strerror or e}{what}; "
+
+def _cache_folder_problem(e: OSError | None = None, problem: str | None = None) -> str:
+    """One line naming the folder (and the variable that places it) a dataset load cannot write."""
+    folder, var = datasets_cache_folder()
+    if problem is None:
+        problem = f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+    return (f"the datasets cache folder {folder} (from {var}) cannot be written: {problem}; "
             "point HF_DATASETS_CACHE (or HF_HOME) at a writable folder")

@@ -236,6 +236,18 @@ def _few(items: list[str]) -> str:
     return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
 
 
+def weights_problem(folder) -> str | None:
+    """What `_check_weights` finds wrong with a folder's weights against its config.json (None if nothing)."""
+    folder = Path(folder)
+    try:
+        _check_weights(folder, _config(folder, False))
+    except _Bad as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return None
+    return None
+
+
 # ---- 4. generation config --------------------------------------------------------------------------------
 def _check_generation_config(folder: Path) -> None:
     f = folder / "generation_config.json"

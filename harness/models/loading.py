@@ -62,7 +62,7 @@ def hub_offline() -> bool:
 def show_pretrained(pretrained) -> str:
     """`model.pretrained` as shown in one error line (a long value shortened)."""
     text = str(pretrained)
-    return text if len(text) <= 80 else text[:60] + "..." + text[-17:]
+    return text if len(text) <= 200 else text[:120] + "..." + text[-40:]
 
 
 def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
@@ -302,6 +302,11 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
         processor = load_processor(path, family_of(model.config), revision, trust)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if is_local and "mismatched" in msg.lower():
+            # transformers points at a report its default verbosity hides: name the tensors and shapes instead
+            from harness.models.checkpoint import weights_problem
+
+            msg = weights_problem(path) or msg
         raise ModelLoadError(f"cannot load {path!r}: {msg}") from None
     model.eval()
     adapter = get_adapter(model)
