@@ -60,6 +60,30 @@ def check_checkpoint(model_cfg, *, model=None) -> None:
     if stamp in _CHECKED:
         return
     trust = bool(_get(model_cfg, "trust_remote_code", False))
+    with _quiet_transformers():
+        _check(folder, pretrained, template, trust, model)
+    _CHECKED.add(stamp)
+
+
+def _quiet_transformers():
+    """transformers' own warnings while the files are read (the check says what matters, in one line)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        log = logging.getLogger("transformers")
+        old = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            log.setLevel(old)
+
+    return quiet()
+
+
+def _check(folder: Path, pretrained, template, trust: bool, model=None) -> None:
     try:
         _check_json_files(folder)
         check_safetensors(folder)
@@ -69,7 +93,6 @@ def check_checkpoint(model_cfg, *, model=None) -> None:
         _check_processor(folder, config, template, trust)
     except _Bad as e:
         raise ModelLoadError(f"model.pretrained={show_pretrained(pretrained)}: {e.file} {e.why}") from None
-    _CHECKED.add(stamp)
 
 
 def _stamp(folder: Path) -> tuple:
@@ -264,7 +287,7 @@ def _check_generation_config(folder: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gc = GenerationConfig.from_pretrained(str(folder))
-            gc.validate(strict=True)
+            gc.validate()  # errors only: minor issues (e.g. a temperature with do_sample=false) stay warnings
     except Exception as e:  # noqa: BLE001 - JSON, type and value errors of many kinds
         raise _Bad(f.name, f"is not a valid generation config ({_first_line(e)})") from None
 
