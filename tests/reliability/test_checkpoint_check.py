@@ -119,6 +119,13 @@ DAMAGES = {
 }
 
 
+#: end to end (`vtbench`, `vtbench -m`), one damage of each kind of file in the fast tier, all of them under `slow`
+#: (each kind is checked on every family through `check_checkpoint` above)
+FAST = {"config claims 8 more layers", "processor image size vs tower", "stored chat template does not compile",
+        "tokenizer.json truncated"}
+END_TO_END = [d if d in FAST else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES]
+
+
 def _damaged(src: Path, tmp_path: Path, damage: str) -> tuple[Path, str]:
     ckpt = tmp_path / ("bad-" + damage.replace(" ", "-").replace(".", "_"))
     shutil.copytree(src, ckpt)
@@ -179,7 +186,7 @@ def _args(data_dir, tmp_path):
             "run.efficiency.enabled=false"]
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("damage", END_TO_END)
 def test_single_run_refuses_before_loading_weights(family_checkpoints, data_dir, tmp_path, capsys, no_model_load,
                                                    damage):
     ckpt, file = _damaged(family_checkpoints["llava"], tmp_path, damage)
@@ -191,7 +198,7 @@ def test_single_run_refuses_before_loading_weights(family_checkpoints, data_dir,
                                                       and p.parent.name != "locks"]
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("damage", END_TO_END)
 def test_sweep_refuses_a_bad_checkpoint_before_its_first_cell(family_checkpoints, data_dir, tmp_path, capsys,
                                                               monkeypatch, damage):
     """`vtbench -m model.pretrained=<good>,<bad>`: exit 2 before any cell (the good one first) runs."""

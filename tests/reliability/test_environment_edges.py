@@ -79,6 +79,7 @@ def test_report_on_a_full_disk_leaves_the_previous_tables_byte_identical(report_
     assert report_cli.main(args) == 0 and _files(out) != before  # space again: the new report
 
 
+@pytest.mark.slow  # matplotlib: seconds
 def test_report_figures_are_part_of_the_all_or_nothing(report_store, tmp_path, capsys, monkeypatch):
     from harness.cli import report as report_cli
 
@@ -154,7 +155,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("first, then", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
                                          (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
-@pytest.mark.parametrize("more", [0, 1, 4])
+@pytest.mark.parametrize("more", [1, 4])
 def test_repeated_signals_give_one_line_and_the_first_signals_exit_code(first, then, more):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     p = subprocess.run([sys.executable, "-c", _SCRIPT, str(int(first)), str(int(then)), str(more)],
@@ -208,7 +209,7 @@ def test_config_defaults_read_the_environment_lazily(monkeypatch, tmp_path):
     assert cfg.data_dir == "~/.cache/vtbench/data"
 
 
-@pytest.mark.parametrize("var", ["HOME", "HF_HOME", "HF_DATASETS_CACHE"])
+@pytest.mark.parametrize("var", ["HOME", pytest.param("HF_HOME", marks=pytest.mark.slow), "HF_DATASETS_CACHE"])
 def test_an_unwritable_datasets_cache_is_named_not_called_offline(var, tiny_checkpoint, data_dir, tmp_path, capsys,
                                                                   monkeypatch):
     blocker = tmp_path / "a-file"
@@ -264,6 +265,7 @@ def test_vtbench_store_that_is_not_a_folder_is_bad_input(script, where, file_in_
     assert "no complete records" not in err
 
 
+@pytest.mark.slow  # generates a second data folder and runs a cell
 def test_a_moved_read_only_shapes_folder_works_as_it_is(tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch):
     """The task files name their data relative to themselves: a data folder copied or moved elsewhere and
     read-only (nothing may be rewritten) is evaluated as it is."""
