@@ -212,6 +212,10 @@ def test_config_defaults_read_the_environment_lazily(monkeypatch, tmp_path):
 @pytest.mark.parametrize("var", ["HOME", pytest.param("HF_HOME", marks=pytest.mark.slow), "HF_DATASETS_CACHE"])
 def test_an_unwritable_datasets_cache_is_named_not_called_offline(var, tiny_checkpoint, data_dir, tmp_path, capsys,
                                                                   monkeypatch):
+    import datasets  # noqa: F401 - these read their cache folders when imported: not from this test's environment
+    import huggingface_hub  # noqa: F401
+    import transformers  # noqa: F401
+
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     for v in ("HF_HOME", "HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE"):
