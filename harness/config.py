@@ -328,6 +328,20 @@ def chat_template_error(template: str) -> str | None:
     return None
 
 
+def check_outputs() -> None:
+    """`$VTBENCH_OUTPUTS` (where Hydra's run and sweep folders go: `hydra.run.dir`, `hydra.sweep.dir`) can
+    hold folders: a file in its place, or an unwritable parent, is bad input naming the variable, before
+    anything runs (`vtbench` and `vtbench -m`)."""
+    value = os.environ.get("VTBENCH_OUTPUTS")
+    if value is None:
+        return
+    from harness.paths import dir_problem
+
+    problem = "empty value" if not value.strip() else dir_problem(os.path.expanduser(value))
+    if problem:
+        raise ConfigError(f"VTBENCH_OUTPUTS={value}: {problem} (Hydra's run and sweep folders are written there)")
+
+
 def validate(cfg: DictConfig, *, check_device: bool = True):
     """Value checks that need no model (type, range and finiteness of every key of run, budget,
     calibration, benchmark, model, logger, and of the method parameters); returns the built `Method`.

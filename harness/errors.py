@@ -12,6 +12,7 @@ Exit codes (all `vtbench*` scripts):
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -27,24 +28,47 @@ class Terminated(KeyboardInterrupt):
     KeyboardInterrupt` clean-up path runs and partial answers stay on disk)."""
 
 
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    # later SIGTERMs while unwinding are ignored: the first one already stops the work
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
+#: the first interrupting signal of this process (None until one arrives) and whether its line was printed
+_SIGNAL: dict = {"first": None, "announced": False, "prog": "vtbench"}
 
 
-def install_signal_handlers() -> None:
-    """Ctrl-C / SIGINT always interrupts cleanly (even when started from a non-interactive shell that runs
-    background jobs with SIGINT ignored) and SIGTERM does the same (exit 143 instead of 130)."""
+def _on_signal(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    """The first SIGINT/SIGTERM raises KeyboardInterrupt / Terminated in the main thread, so every clean-up
+    path runs and the partial answers stay on disk. Any later one (a second Ctrl-C while the first unwinds,
+    e.g. while `.hydra/` is saved) stops the process at once, with the same one line and exit code as the
+    first and no traceback: every answer is already on disk (appended and fsynced per batch), records are
+    replaced atomically and cell locks are released by the kernel."""
+    first = _SIGNAL["first"]
+    if first is None:
+        _SIGNAL["first"] = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    exc = Terminated() if first == signal.SIGTERM else KeyboardInterrupt()
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
+        pass
+    os._exit(interrupted(_SIGNAL["prog"], exc))
+
+
+def install_signal_handlers(prog: str = "vtbench") -> None:
+    """Ctrl-C / SIGINT always interrupts cleanly (even when started from a non-interactive shell that runs
+    background jobs with SIGINT ignored) and SIGTERM does the same (exit 143 instead of 130); any number of
+    them gives one line (`_on_signal`)."""
+    _SIGNAL.update(first=None, announced=False, prog=prog)
+    try:
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
     except ValueError:  # not the main thread (e.g. called from a test runner's worker thread)
         pass
 
 
 def interrupted(prog: str, e: BaseException, what: str = "completed work is kept and the cell resumes on the next run") -> int:
-    """Print the one line of an interruption and return its exit code (130 Ctrl-C, 143 SIGTERM)."""
+    """Print the one line of an interruption and return its exit code (130 Ctrl-C, 143 SIGTERM); printed once
+    per process however many signals arrive."""
+    if _SIGNAL["first"] is not None:  # a real signal: its line once, whoever prints it first
+        if _SIGNAL["announced"]:
+            return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        _SIGNAL["announced"] = True
     if isinstance(e, Terminated):
         print(f"{prog}: terminated (SIGTERM); {what}", file=sys.stderr, flush=True)
         return EXIT_TERMINATED

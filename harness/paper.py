@@ -553,6 +553,16 @@ def render_csv(rows: list[Row]) -> str:
 
 
 def write_flops(out: Path) -> list[Path]:
+    """The FLOPs tables, all or nothing (`harness.paths.all_or_nothing`: the previous files stay whole on error)."""
+    from harness.paths import all_or_nothing
+
+    with all_or_nothing():
+        return _write_flops(out)
+
+
+def _write_flops(out: Path) -> list[Path]:
+    from harness.paths import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     index = ["# Paper FLOPs reproductions", "",
@@ -564,12 +574,12 @@ def write_flops(out: Path) -> list[Path]:
         rows = fn()
         for ext, text in (("md", render_md(title, convention, rows)), ("csv", render_csv(rows))):
             p = out / f"{stem}.{ext}"
-            p.write_text(text)
+            atomic_write(p, text)
             written.append(p)
         counts = [sum(r.match == m for r in rows) for m in ("✓", "≈", "✗")]
         index.append(f"| {title} | [{stem}.md]({stem}.md) | " + " | ".join(map(str, counts)) + " |")
     p = out / "flops_index.md"
-    p.write_text("\n".join(index) + "\n")
+    atomic_write(p, "\n".join(index) + "\n")
     written.append(p)
     return written
 

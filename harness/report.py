@@ -68,8 +68,6 @@ F_KV = "efficiency.kv_cache_bytes"
 F_VIS = "efficiency.visual_tokens_to_llm"   # after the method's last reduction (the budget rule's count)
 F_VIS_OLD = "efficiency.visual_tokens_llm"   # records made before that field: the first LLM layer's count
 F_VIS_LAYER = "efficiency.visual_tokens_mean_per_layer"
-#: a FLOPs-matched budget whose closest setting misses its target by more than this is flagged
-BUDGET_TOLERANCE = 0.02
 #: peak-memory deltas below this (on every row) are below what the CPU RSS sampler resolves
 MEMORY_RESOLUTION_BYTES = 1 << 20
 
@@ -340,14 +338,10 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
 
 
 def budget_note(info: dict | None) -> str | None:
-    """Why a budget was not met: a FLOPs-matched budget whose closest setting misses its target."""
-    if not info or info.get("target_flops_ratio") is None or info.get("predicted_flops_ratio") is None:
-        return None
-    target, got = float(info["target_flops_ratio"]), float(info["predicted_flops_ratio"])
-    if abs(got - target) <= BUDGET_TOLERANCE:
-        return None
-    knob = ", ".join(f"{k}={v}" for k, v in (info.get("knob") or {}).items())
-    return f"target FLOPs ratio {target:.2f} not reachable, closest setting {knob} costs {got:.2f}"
+    """Why a budget was not met (`harness.budget.budget_note`, the rule the run warns with)."""
+    from harness.budget import budget_note as note
+
+    return note(info)
 
 
 def _flag_same_settings(t) -> None:
@@ -520,6 +514,18 @@ def _latex(d, title: str, notes: list[str]) -> str:
 
 
 def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figures: bool = True) -> list[Path]:
+    """Every table (and figure) of `tables` under `out_dir`, all or nothing: each file is written to a temporary
+    file first, and the previous files are replaced only once all are written (`harness.paths`), so a full
+    disk or an error half-way leaves the previous report byte-identical. An OSError names the path."""
+    from harness.paths import all_or_nothing
+
+    with all_or_nothing():
+        return _write_outputs(tables, out_dir, formats, figures)
+
+
+def _write_outputs(tables: dict, out_dir: str, formats, figures: bool) -> list[Path]:
+    from harness.paths import atomic_write
+
     out = Path(out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     written = []
@@ -532,7 +538,7 @@ def write_outputs(tables: dict, out_dir: str, formats=("md", "csv", "tex"), figu
                 text = t[cols].to_csv(index=False, float_format="%.6g") + f"# {CONVENTIONS}\n"
             else:
                 text = render(t, fmt, title)
-            p.write_text(text)
+            atomic_write(p, text)
             written.append(p)
         if figures:
             written += _figures(t, out / "figures", stem, title)
@@ -543,13 +549,18 @@ def save_figure(fig, fig_dir: Path, name: str) -> list[Path]:
     """`<fig_dir>/<name>.png` and `.pdf`, deterministic (no software / creation-date metadata); closes `fig`."""
     import matplotlib.pyplot as plt
 
+    from harness.paths import atomic_target
+
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        p = fig_dir / f"{name}.{ext}"
-        fig.savefig(p, dpi=120, bbox_inches="tight", metadata=meta)
-        paths.append(p)
-    plt.close(fig)
+    try:
+        for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+            p = fig_dir / f"{name}.{ext}"
+            with atomic_target(p) as tmp:  # atomic, like every file vtbench writes
+                fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight", metadata=meta)
+            paths.append(p)
+    finally:
+        plt.close(fig)
     return paths
 
 

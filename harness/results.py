@@ -173,20 +173,10 @@ def record_key(cfg: dict) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Temp file + fsync + `os.replace` (`harness.paths.atomic_write`, the one atomic writer)."""
+    from harness.paths import atomic_write
+
+    atomic_write(path, text)
 
 
 class ResultsStore:

@@ -120,10 +120,15 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         existing["_reused"] = True
         return existing
     method, _, budget_info = validate_against_model(cfg, method)  # bad input: before the store is touched
-    store.check_writable()
+    from harness.budget import budget_note
+
+    if note := budget_note(budget_info):  # the report flags the row too
+        _log(f"warning: budget.kind={cfg.budget.kind} budget.value={cfg.budget.value}: {note} "
+             "(the cell runs at the closest setting)")
     from harness.models.loading import check_available
 
-    check_available(cfg.model)
+    check_available(cfg.model)  # the checkpoint's files (harness/models/checkpoint.py), before the store is touched
+    store.check_writable()
 
     from harness.benchmarks.prepare import prepare
 

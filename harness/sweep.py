@@ -101,8 +101,10 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
     check against the model included (one meta model per model config); raises the first bad-input
     error. Returns the cells (their overrides)."""
     from harness.config import compose_config, validate, validate_against_model
-    from harness.models.loading import check_available
 
+    from harness.config import check_outputs
+
+    check_outputs()  # the sweep folder's parent ($VTBENCH_OUTPUTS)
     cells = [o for o in overrides if not o.startswith(("hydra/", "hydra."))]
     try:
         combos = _expand(_config_sweep_params(cells) + cells)
@@ -111,22 +113,36 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
         raise
     elsewhere = _cells_run_elsewhere(overrides)
     adapters: dict = {}
-    checked_models: set = set()
     from harness.errors import bad_input_errors
 
+    cfgs = []
     try:
         for combo in combos:
             cfg = compose_config(combo)
             method = validate(cfg, check_device=not elsewhere)
             validate_against_model(cfg, method, cache=adapters)
-            model_key = repr(sorted((k, str(v)) for k, v in cfg.model.items() if k in ("pretrained", "revision")))
-            if not elsewhere and model_key not in checked_models:  # a missing checkpoint is bad input too
-                check_available(cfg.model)
-                checked_models.add(model_key)
+            cfgs.append(cfg)
     except bad_input_errors() as e:  # name the cell: the same override may be fine in one cell, not in another
         e.sweep_cell = cell_label(combo, combos)
         raise
+    if not elsewhere:  # under SLURM each job checks its checkpoint on its own node
+        check_every_checkpoint(cfgs)
     return combos
+
+
+def check_every_checkpoint(cfgs) -> None:
+    """Check every distinct checkpoint of the sweep before the first cell (`harness.models.checkpoint`:
+    missing, incomplete or inconsistent files, tokenizer/processor against the config, chat template,
+    generation config): one bad checkpoint is bad input and no cell runs. Each checkpoint (pretrained,
+    revision, chat template) is checked once."""
+    from harness.models.loading import check_available
+
+    seen: set = set()
+    for cfg in cfgs:
+        key = tuple(str(cfg.model.get(k)) for k in ("pretrained", "revision", "trust_remote_code", "chat_template"))
+        if key not in seen:
+            seen.add(key)
+            check_available(cfg.model)
 
 
 def cell_label(combo: list[str], combos: list[list[str]]) -> str:

@@ -39,25 +39,39 @@ def load_tasks(task: str, include_path: str | None):
 
     from harness.benchmarks.prepare import BenchmarkDataError
 
+    from harness.paths import dir_problem
+
+    if problem := dir_problem(datasets_cache_folder()[0]):  # the environment, found before lmms-eval's retries
+        raise BenchmarkDataError(f"cannot load data of task {task!r}: {_cache_folder_problem(problem=problem)}")
     tm = TaskManager(verbosity="WARNING", include_path=include_path, include_defaults=include_path is None)
     if task not in tm.all_tasks:
         raise BenchmarkDataError(f"lmms-eval has no task {task!r}")
     try:
         task_dict = get_task_dict([task], tm)
     except Exception as e:  # datasets raise many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
+        cause = root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in _UNWRITABLE:  # the environment's folders, not the network
+            raise BenchmarkDataError(f"cannot load data of task {task!r}: {_cache_folder_problem(cause)}") from None
         raise BenchmarkDataError(data_error_line(task, e)) from None
     return tm, task_dict
 
 
+import errno as _errno
+
+#: errors of a folder that cannot be written (read-only, a file in the way, full), as opposed to data not found
+_UNWRITABLE = {_errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.ENOTDIR, _errno.EEXIST, _errno.ENOSPC, _errno.EDQUOT}
+
+
 def root_cause(e: BaseException) -> BaseException:
     """The failure behind wrappers: tenacity's `RetryError` (its last attempt's exception, as the hub
-    client's retries raise it) and explicit `raise ... from` causes."""
+    client's retries raise it) and exception chains (`raise ... from`, and the context of a raise inside
+    `except`)."""
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
         last = getattr(e, "last_attempt", None)
         inner = last.exception() if last is not None and hasattr(last, "exception") else None
-        inner = inner or e.__cause__
+        inner = inner or e.__cause__ or e.__context__
         if not isinstance(inner, BaseException):
             break
         e = inner
@@ -78,3 +92,26 @@ def data_error_line(task: str, e: BaseException) -> str:
         return (f"benchmark.task={task}: the data is not in the Hugging Face cache and {'/'.join(offline)} forbid "
                 f"downloading it (set {'=0 '.join(offline)}=0 once to download and cache it; {what})")
     return f"benchmark.task={task}: cannot load the data: {what}"
+
+
+def datasets_cache_folder() -> tuple[str, str]:
+    """`(folder, the variable that places it)` of the datasets cache lmms-eval loads into, resolved as lmms-eval
+    resolves it (LMMS_EVAL_DATASETS_CACHE, HF_DATASETS_CACHE, HF_HOME/datasets, ~/.cache/huggingface/datasets)."""
+    import os
+
+    for var in ("LMMS_EVAL_DATASETS_CACHE", "HF_DATASETS_CACHE"):
+        if os.environ.get(var, "").strip():
+            return os.path.expanduser(os.environ[var].strip()), var
+    if os.environ.get("HF_HOME", "").strip():
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "datasets"), "HF_HOME"
+    home = os.environ.get("HOME")
+    return os.path.expanduser("~/.cache/huggingface/datasets"), f"HOME={home}" if home is not None else "HOME (unset)"
+
+
+def _cache_folder_problem(e: OSError | None = None, problem: str | None = None) -> str:
+    """One line naming the folder (and the variable that places it) a dataset load cannot write."""
+    folder, var = datasets_cache_folder()
+    if problem is None:
+        problem = f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+    return (f"the datasets cache folder {folder} (from {var}) cannot be written: {problem}; "
+            "point HF_DATASETS_CACHE (or HF_HOME) at a writable folder")

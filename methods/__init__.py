@@ -112,14 +112,18 @@ def keyed(name: str, params: dict | None, message: str, prefix: str = "method.pa
     if message.startswith(("method.params.", "budget.")) or not params:
         return message
     body = message.split(": ", 1)[1] if message.startswith(f"{name}: ") else message
-    best = None
-    for pname in params:
+    # the parameter the message is about: one it writes as `key=...`, else the first one it names that is set
+    # (a null parameter named in advice, "lower r / raise tokens", is not what was wrong), else the first named
+    ranked, names = [], list(params)
+    for i, pname in enumerate(names):
         m = re.search(rf"(?<![\w.]){re.escape(str(pname))}(?![\w\[])", body)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), pname)
-    if best is None:
+        if m:
+            assigned = body[m.end():m.end() + 1] == "="
+            ranked.append((not assigned, params[pname] is None, m.start(), i))
+    if not ranked:
         return message
-    return f"{prefix}{best[1]}={show(params[best[1]])}: {message}"
+    key = names[min(ranked)[3]]
+    return f"{prefix}{key}={show(params[key])}: {message}"
 
 
 def label(name: str, params: dict | None = None) -> str:

@@ -138,6 +138,7 @@ class FastV(Method):
         if self._noop():
             return  # the documented no-op (nothing dropped) is valid on any depth
         self.require_full_attention(adapter)
+        LR.check_positions(self.positions, adapter, "fastv")
         if self.K >= L:
             raise MethodError(f"fastv: K={self.K} must be < the number of LLM layers ({L})")
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:

@@ -365,6 +365,7 @@ class FiCoCoL(Method):
         if self._noop():
             return  # the documented no-op (nothing merged) is valid on any depth
         self.require_full_attention(adapter)
+        LR.check_positions(self.positions, adapter, "ficoco_l")
         if self.start_layer >= L:
             raise MethodError(f"ficoco_l: start_layer={self.start_layer} must be < the number of LLM layers ({L})")
         if self.end_layer is not None and self.end_layer >= L:

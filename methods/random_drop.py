@@ -105,6 +105,7 @@ class RandomDrop(Method):
                 raise MethodError(
                     f"random: layer={self.layer} must be < the number of LLM layers ({adapter.num_llm_layers})"
                 )
+            LR.check_positions(self.positions, adapter, "random")
         if self.keep is not None and adapter.family == "llava" and self.keep > adapter.visual_tokens_per_image:
             raise MethodError(
                 f"random: keep={self.keep} exceeds the {adapter.visual_tokens_per_image} visual tokens per image"

@@ -229,3 +229,13 @@ def test_content_bookkeeping_follows_the_merge_computation(name, params):
         x = reducer.reduce(layer, x, q, k, state, r)
         torch.testing.assert_close(x, state.source, atol=1e-5, rtol=1e-5)
     assert x.shape[1] == N - 5
+
+
+def test_partial_rows_keep_the_uncounted_layers(tmp_path):
+    """A resumed cell reads back the per-layer recall with its None layers (before the method acts)."""
+    from harness.results import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    store.append_partial("a" * 16, [("t", "test", 3, "red", False, [None, None, 0.5, 0.25])], code="c")
+    (row,) = store.load_partial("a" * 16, "c").values()
+    assert row.recall == [None, None, 0.5, 0.25]

@@ -361,7 +361,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow(r)
-    path.write_text(buf.getvalue())
+    from harness.paths import atomic_write
+
+    atomic_write(path, buf.getvalue())
 
 
 def bench_meta(spec: Spec, machine: str, command: str, clock: str, model: str) -> dict:
@@ -392,9 +394,12 @@ def write_report(res: dict, stem: Path) -> dict:
     if stem.name in ("", ".", ".."):
         raise ValueError(f"bench report name {str(stem)!r}: not a file name")
     path = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("md", "json", "csv")}
+    from harness.paths import all_or_nothing, atomic_write
+
     stem.parent.mkdir(parents=True, exist_ok=True)
-    path["md"].write_text(render(res))
-    path["json"].write_text(json.dumps(res, indent=1, default=str))
-    if "methods" in res:
-        write_csv(path["csv"], res["methods"]["rows"])
+    with all_or_nothing():  # the three files are replaced together, or none is
+        atomic_write(path["md"], render(res))
+        atomic_write(path["json"], json.dumps(res, indent=1, default=str))
+        if "methods" in res:
+            write_csv(path["csv"], res["methods"]["rows"])
     return {"md": str(path["md"]), "json": str(path["json"]), "csv": str(path["csv"]) if "methods" in res else None}

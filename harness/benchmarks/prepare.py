@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 TASK_YAML = """\
@@ -49,11 +48,9 @@ class BenchmarkDataError(RuntimeError):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from harness.paths import atomic_write
+
+    atomic_write(path, text)
 
 
 def shapes_task_dir(data_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -82,14 +79,23 @@ def prepare_shapes(data_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, di
                 f"shapes data {paths[split]} is corrupt: {e}; delete {task_dir} to regenerate it"
             ) from None
         name = "vtbench_shapes" if split == "test" else "vtbench_shapes_val"
-        text = TASK_YAML.format(task=name, split=split, data_file=json.dumps(str(paths[split])), seed=seed)
-        target = task_dir / f"{name}.yaml"
-        if not target.is_file() or target.read_text() != text:
-            _atomic_write(target, text)
-    utils = task_dir / "utils.py"
-    if not utils.is_file() or utils.read_text() != UTILS_PY:
-        _atomic_write(utils, UTILS_PY)
+        # the data file relative to the task file (lmms-eval resolves it against the YAML's folder): a data
+        # folder copied or moved elsewhere, read-only included, works as it is, with nothing to rewrite
+        rel = Path(paths[split]).resolve().relative_to(task_dir.resolve()).as_posix()
+        text = TASK_YAML.format(task=name, split=split, data_file=json.dumps(rel), seed=seed)
+        _write_if_changed(task_dir / f"{name}.yaml", text)
+    _write_if_changed(task_dir / "utils.py", UTILS_PY)
     return task_dir, {k: Path(v) for k, v in paths.items()}
+
+
+def _write_if_changed(target: Path, text: str) -> None:
+    try:
+        if target.is_file() and target.read_text() == text:
+            return
+        _atomic_write(target, text)
+    except OSError as e:  # a read-only folder whose task files vtbench must write (e.g. made by an older vtbench)
+        raise BenchmarkDataError(f"cannot write the task file {target}: {e.strerror or e} (a read-only data folder "
+                                 f"needs its task files as vtbench-prepare writes them)") from None
 
 
 def prepare(bench_cfg, data_dir) -> tuple[str, str | None]:

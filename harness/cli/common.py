@@ -25,7 +25,7 @@ def run_script(prog: str, fn, argv=None, *, interrupt_note: str = "nothing is lo
     interruptions as one line and 130/143."""
     from harness.errors import bad_input_errors
 
-    install_signal_handlers()
+    install_signal_handlers(prog)
     try:
         return fn(argv)
     except KeyboardInterrupt as e:
@@ -105,6 +105,29 @@ def creatable_dir(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return text
+
+
+def default_store(must_exist: bool = True) -> str:
+    """The store a script reads when `--store` is not given: `$VTBENCH_STORE`, else `runs/store`. The variable,
+    when set, is as explicit as `--store`: empty, a file, or (`must_exist`) a missing folder is bad input naming
+    the variable, never "no complete records"."""
+    import os
+
+    from harness.config import ConfigError
+
+    from harness.paths import default_store as located
+
+    value = os.environ.get("VTBENCH_STORE")
+    if value is None:
+        return located()
+    path = os.path.expanduser(value)
+    if not value.strip():
+        raise ConfigError("VTBENCH_STORE='': empty value (unset it for the default runs/store)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"VTBENCH_STORE={value}: exists and is not a directory (the results store is a folder)")
+    if must_exist and not os.path.exists(path):
+        raise ConfigError(f"VTBENCH_STORE={value}: no such directory")
+    return value
 
 
 def dir_problem(path: str) -> str | None:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.efficiency import flops_table
     from harness.errors import EXIT_BAD_INPUT, install_signal_handlers, interrupted
 
-    install_signal_handlers()
+    install_signal_handlers("vtbench-flops")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         own, rest = _split_args(argv)

@@ -189,10 +189,12 @@ def save_hydra_dir(overrides: list[str]) -> str | None:
         out = run_dir / str(hydra_node.output_subdir or ".hydra")
         with open_dict(cfg):
             del cfg["hydra"]
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-        (out / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node})))
+        from harness.paths import all_or_nothing, atomic_write
+
+        with all_or_nothing():
+            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+            atomic_write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+            atomic_write(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node})))
         return str(out)
     except Exception as e:  # noqa: BLE001 - a convenience copy must never fail the run
         print(f"[vtbench] warning: could not save the config under hydra.run.dir: {type(e).__name__}: {e}",
@@ -207,6 +209,9 @@ def run_one(overrides: list[str]) -> int:
     errors = bad_input_errors()
     cfg = None
     try:
+        from harness.config import check_outputs
+
+        check_outputs()
         cfg = compose_config(overrides)
         rec = run_cell(cfg, efficiency_fn=efficiency_fn())
     except errors as e:

@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     import os
 
-    from harness.cli.common import (ArgumentParser, choices_list, creatable_dir, existing_dir, non_negative_int,
-                                    nonempty, positive_int)
+    from harness.cli.common import (ArgumentParser, choices_list, creatable_dir, default_store, existing_dir,
+                                    non_negative_int, nonempty, positive_int)
 
     ap = ArgumentParser(prog="vtbench-paper", description=paper.__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/paper", type=creatable_dir)
@@ -34,9 +34,7 @@ def _main(argv: list[str] | None = None) -> int:
                     type=choices_list(("lc", "attention", "ficoco", "redundancylens")),
                     help="comma list of figures (lc, attention, ficoco, redundancylens)")
     args = ap.parse_args(argv)
-    from harness.paths import default_store
-
-    args.store = args.store or default_store()
+    args.store = args.store or default_store(must_exist=False)
     if args.part in ("figures", "all"):  # the figure model's overrides, checked as `vtbench` does, before writing
         from harness.config import validate
 

@@ -1,7 +1,6 @@
 """`vtbench-report`: comparison tables (md/csv/tex) and figures from the results store (`harness.report`)."""
 from __future__ import annotations
 
-import os
 import sys
 
 from harness import report
@@ -14,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from harness.cli.common import default_store
     from harness.cli.common import ArgumentParser, choices_list, creatable_dir, existing_dir
 
     ap = ArgumentParser(prog="vtbench-report", description=report.__doc__.split("\n\n")[0])
@@ -23,8 +23,6 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="md,csv,tex", type=choices_list(("md", "csv", "tex")))
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
-    from harness.paths import default_store
-
     args.store = args.store or default_store()
     tables, corrupt = report.build_tables(args.store)
     for path, err in corrupt:

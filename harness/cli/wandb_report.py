@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from harness.cli.common import default_store
     from harness.cli.common import ArgumentParser, creatable_dir, existing_dir, nonempty
 
     ap = ArgumentParser(prog="vtbench-wandb-report", description=wandb_report.__doc__.split("\n\n")[0])
@@ -27,8 +28,6 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, type=creatable_dir,
                     help="W&B run folder (default: $VTBENCH_WANDB_DIR or runs)")
     args = ap.parse_args(argv)
-    from harness.paths import default_store
-
     args.store = args.store or default_store()
     args.dir = args.dir or os.environ.get("VTBENCH_WANDB_DIR") or "runs"
     from harness.cli.common import dir_problem

@@ -1,6 +1,7 @@
 """Load a model + processor from a model config (`conf/model/*.yaml`).
 
-`pretrained` is a hub id, a local directory, or `builtin:<name>` (a folder under `harness/assets`).
+`pretrained` is a hub id, a local directory, `builtin:<name>` (a folder under `harness/assets`) or
+`project:<path>` (a folder under the vtbench checkout, never the current directory).
 Only safetensors weights are loaded; `trust_remote_code` is off unless the model config sets it.
 `config_from_cfg` gives the architecture without weights (from the config's `arch` block or the
 checkpoint's `config.json`), and `meta_model` builds it on the meta device for validation and FLOPs.
@@ -18,6 +19,9 @@ from safetensors import SafetensorError
 from harness.models.adapter import ModelAdapter, family_of, get_adapter
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: the vtbench checkout: `project:<path>` in `model.pretrained` is a folder under it (e.g. the tiny
+#: checkpoints of `make tiny-families`, `project:runs/tiny/qwen2_vl`), wherever vtbench is run from
+PROJECT = ASSETS.parent.parent
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,10 +59,25 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def show_pretrained(pretrained) -> str:
+    """`model.pretrained` as shown in one error line (a long value shortened)."""
+    text = str(pretrained)
+    return text if len(text) <= 200 else text[:120] + "..." + text[-40:]
+
+
 def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
-    """Return `(path_or_id, is_local)`; raise ModelLoadError for a missing local/builtin folder."""
+    """Return `(path_or_id, is_local)`; raise ModelLoadError for a missing local/builtin folder, or a
+    value that can be neither a folder nor a hub id (e.g. a name too long for the file system)."""
     if not pretrained:
         raise ModelLoadError("model.pretrained is empty")
+    try:
+        return _resolve_pretrained(pretrained)
+    except OSError as e:  # ENAMETOOLONG and the like, from stat
+        raise ModelLoadError(f"model.pretrained={show_pretrained(pretrained)}: not a usable path "
+                             f"({e.strerror or e})") from None
+
+
+def _resolve_pretrained(pretrained: str) -> tuple[str, bool]:
     if pretrained.startswith("builtin:"):
         path = ASSETS / pretrained.split(":", 1)[1]
         if not (path / "config.json").is_file():
@@ -66,12 +85,25 @@ def resolve_pretrained(pretrained: str) -> tuple[str, bool]:
                 f"built-in model folder {path} has no config.json (run `make tiny-model` to train it)"
             )
         return str(path), True
+    if pretrained.startswith("project:"):
+        path = PROJECT / pretrained.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.pretrained={show_pretrained(pretrained)}: {path} has no config.json "
+                                 "(`make tiny-families` writes the tiny checkpoints under runs/tiny/)")
+        return str(path), True
     p = Path(os.path.expanduser(pretrained))
     looks_local = pretrained.startswith((".", "/", "~")) or p.exists()
     if looks_local:
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"local checkpoint {p} not found (no config.json)")
         return str(p), True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # neither a folder nor a valid hub id (`org/name`, at most 96 characters)
+        validate_repo_id(pretrained)
+    except HFValidationError as e:
+        raise ModelLoadError(f"model.pretrained={show_pretrained(pretrained)}: no such local folder, and not a "
+                             f"valid hub id ({str(e).strip().splitlines()[0][:120]})") from None
     return pretrained, False
 
 
@@ -121,13 +153,12 @@ def check_safetensors(path: str | os.PathLike) -> None:
             )
 
 
-def check_available(model_cfg) -> None:
-    """Fail in one line, without loading anything, if the checkpoint cannot be found or a local one
-    has no complete safetensors weights."""
-    path, is_local = resolve_pretrained(_get(model_cfg, "pretrained"))
-    _check_reachable(path, is_local, _get(model_cfg, "revision"))
-    if is_local:
-        check_safetensors(path)
+def check_available(model_cfg, *, model=None) -> None:
+    """Fail in one line, without loading any weights, if the checkpoint cannot be found or a local one is
+    incomplete or inconsistent (`harness.models.checkpoint.check_checkpoint`, the one checkpoint check)."""
+    from harness.models.checkpoint import check_checkpoint
+
+    check_checkpoint(model_cfg, model=model)
 
 
 def config_from_cfg(model_cfg) -> Any:
@@ -271,6 +302,11 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
         processor = load_processor(path, family_of(model.config), revision, trust)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if is_local and "mismatched" in msg.lower():
+            # transformers points at a report its default verbosity hides: name the tensors and shapes instead
+            from harness.models.checkpoint import weights_problem
+
+            msg = weights_problem(path) or msg
         raise ModelLoadError(f"cannot load {path!r}: {msg}") from None
     model.eval()
     adapter = get_adapter(model)

@@ -497,6 +497,18 @@ class LLMReducer:
             c.remove()
 
 
+def check_positions(positions: str, adapter, who: str | None = None) -> None:
+    """`positions="renumber"` needs 1-D RoPE: refused (one line) on a model with several position streams
+    (M-RoPE). Called by each method's `validate` (so a sweep refuses the cell before any cell runs) and
+    again by `install`."""
+    if positions == "renumber" and getattr(adapter, "position_streams", 1) > 1:
+        head = f"{who}: " if who else ""
+        raise MethodError(
+            f"{head}positions='renumber' is defined for 1-D RoPE; {adapter.family}'s M-RoPE places visual tokens on a "
+            "(temporal, height, width) grid that a renumbering would distort: use positions='keep'"
+        )
+
+
 def install(model, adapter, plan: ReductionPlan) -> LLMReducer:
     """Install `plan` on `model` (once per instance)."""
     if getattr(model, _ATTR, None) is not None:
@@ -506,11 +518,7 @@ def install(model, adapter, plan: ReductionPlan) -> LLMReducer:
         raise MethodError(
             f"LLM token reduction supports attention implementations {', '.join(SUPPORTED_ATTN)}, not {impl!r}"
         )
-    if plan.positions == "renumber" and getattr(adapter, "position_streams", 1) > 1:
-        raise MethodError(
-            f"positions='renumber' is defined for 1-D RoPE; {adapter.family}'s M-RoPE places visual tokens on a "
-            "(temporal, height, width) grid that a renumbering would distort: use positions='keep'"
-        )
+    check_positions(plan.positions, adapter)
     red = LLMReducer(model, adapter, plan)
     object.__setattr__(model, _ATTR, red)
     return red
