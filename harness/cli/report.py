@@ -84,7 +84,8 @@ def _tolerance(text: str) -> float:
 def _paper(ap, args) -> int:
     recipes = paper_check.printed_recipes()
     if args.paper != paper_check.DEFAULT and args.paper not in recipes:
-        ap.error(f"argument --paper: {args.paper!r}: no printed table (known: {paper_check.DEFAULT}, {', '.join(recipes)})")
+        ap.error(f"argument --paper: {args.paper!r}: no printed table (conf/printed/ has {len(recipes)}: "
+                 f"{', '.join(recipes[:3])}, ...; or `{paper_check.DEFAULT}`: the committed results/tables)")
     if args.hard_subset:
         ap.error("argument --hard-subset: not with --paper")
     tol = paper_check.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
