@@ -277,3 +277,24 @@ def test_baseline_spread_row_and_flag(tmp_path, capsys):
     assert flags == {"none": "-", "tome": "≈ within", "fastv": "beyond", "random": "beyond"}
     assert "`none` moves by 0.250 across protocols" in table
     assert (tmp_path / "o" / "tables" / "baseline_spread.md").is_file()
+
+
+@pytest.mark.slow
+def test_wandb_report_of_a_recipe_group_carries_the_paper_check(tmp_path):
+    """A sweep whose W&B group is a recipe with a printed table gets the printed-vs-measured table too."""
+    import glob
+    import os
+
+    from harness import wandb_report
+
+    recipe = "repro_fastv_llava15_7b"
+    table = paper_check.load_printed(recipe)
+    st = ResultsStore(tmp_path / "store")
+    for row in table.rows[:3]:
+        for bench, printed in row.values.items():
+            st.write({**_measured_record(row, bench, printed, table), "config": {"logger": {"group": recipe}}})
+    info = wandb_report.log_report(str(st.root), recipe, wandb_dir=str(tmp_path / "w"), mode="offline")
+    assert f"paper_check/{recipe}" in info["tables"]
+    files = glob.glob(os.path.join(info["dir"], "media", "table", "paper_check", "**", "*.json"), recursive=True)
+    text = open(files[0]).read()
+    assert "FastV K=2 R=90%" in text and "FastV K=3 R=90%" in text and "no record in the store" in text
