@@ -298,3 +298,41 @@ def test_wandb_report_of_a_recipe_group_carries_the_paper_check(tmp_path):
     files = glob.glob(os.path.join(info["dir"], "media", "table", "paper_check", "**", "*.json"), recursive=True)
     text = open(files[0]).read()
     assert "FastV K=2 R=90%" in text and "FastV K=3 R=90%" in text and "no record in the store" in text
+
+
+def test_baseline_spread_only_across_protocol_choices(tmp_path, capsys):
+    """Groups that differ by something other than the protocol (here the data split) are never pooled into
+    one spread: each split gets its own."""
+    st = ResultsStore(tmp_path / "s")
+    st.write(make_record("none", (1, 1, 1, 0), batch_size=1))
+    st.write(make_record("none", (1, 1, 0, 0), batch_size=8))
+    st.write(make_record("none", (0, 0, 0, 0), batch_size=1, split="val"))  # another split: not a protocol spread
+    assert report_main(["--store", str(st.root), "--out", str(tmp_path / "o"), "--formats", "md", "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | shapes | None (split=test) | batch_size=8 | 0.500 |" in out
+    assert "**spread (max − min)** | **0.250**" in out and "split=val) | **spread" not in out
+
+
+def test_a_row_with_the_papers_own_spread_uses_it_as_tolerance(tmp_path, monkeypatch):
+    data = loads_sealed((paper_check.PRINTED_DIR / "repro_fastv_llava15_7b.json").read_bytes())
+    data["rows"][0]["spread"] = {"mmmu_val": 3.0}
+    (tmp_path / "printed").mkdir()
+    (tmp_path / "printed" / "repro_fastv_llava15_7b.json").write_text(dumps_sealed(data))
+    store, table = _store_from_printed(tmp_path, "repro_fastv_llava15_7b")
+    monkeypatch.setattr(paper_check, "PRINTED_DIR", tmp_path / "printed")
+    table = paper_check.load_printed("repro_fastv_llava15_7b")
+    row = table.rows[0]
+    ResultsStore(store).write(_measured_record(row, "mmmu_val", row.values["mmmu_val"], table, shift=2.5))
+    done, _, _ = paper_check.check_paper("repro_fastv_llava15_7b", store)
+    cell = done[(done["row"] == row.label) & (done["benchmark"] == "mmmu_val")].iloc[0]
+    assert cell["within"] and cell["tolerance"] == 3.0 and cell["tolerance_source"] == "paper's spread"
+
+
+def test_offline_check_fails_when_a_committed_cell_is_missing(tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(ROOT / "results" / "store", store)
+    victim = sorted((store / "records").glob("*.json"))[0]
+    victim.unlink()
+    rc = report_main(["--store", str(store), "--out", str(tmp_path / "o"), "--paper", "default", "--no-figures"])
+    cap = capsys.readouterr()
+    assert rc == 1 and "**Missing cells (1):**" in cap.out and "1 committed cells missing from the store" in cap.err

@@ -92,7 +92,7 @@ def _paper(ap, args) -> int:
     from harness.schema import SchemaError
 
     try:
-        status, md, written, done, _missing = paper_check.run_check(args.paper, args.store, args.out, tol,
+        status, md, written, done, missing = paper_check.run_check(args.paper, args.store, args.out, tol,
                                                                     figures=not args.no_figures)
     except SchemaError as e:
         print(f"vtbench-report: error: --paper={args.paper}: invalid printed table: {e}", file=sys.stderr)
@@ -101,7 +101,11 @@ def _paper(ap, args) -> int:
     if not len(done):
         print(f"vtbench-report: nothing to check: no cell of {args.paper!r} is in {args.store}", file=sys.stderr)
     elif status:
-        print(f"vtbench-report: {int((~done['within']).sum())} of {len(done)} cells outside tolerance", file=sys.stderr)
+        bad = int((~done["within"]).sum())
+        why = [f"{bad} of {len(done)} cells outside tolerance"] if bad else []
+        if args.paper == paper_check.DEFAULT and len(missing):
+            why.append(f"{len(missing)} committed cells missing from the store")
+        print(f"vtbench-report: {'; '.join(why)}", file=sys.stderr)
     print(f"[vtbench-report] wrote {len(written)} files under {args.out}/paper_check/", file=sys.stderr)
     return status
 
