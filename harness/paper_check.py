@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from harness.config import CONF_DIR
@@ -292,7 +292,7 @@ def _v(x) -> str:
     if isinstance(x, bool):
         return "yes" if x else "**NO**"
     if isinstance(x, float):
-        return f"{x:+.2f}" if False else f"{x:.2f}"
+        return f"{x:.2f}"
     return str(x)
 
 
@@ -349,9 +349,6 @@ def check_figures(done, out_dir: Path, stem: str, title: str) -> list[Path]:
         ax.legend(fontsize=7, frameon=False)
         written += save_figure(fig, Path(out_dir), safe_name(f"paper_{stem}_{bench}"))
     return written
-
-
-import numpy as np  # noqa: E402  (used by check_figures; kept below the pure-data part)
 
 
 def write_check(done, missing, out_dir: str, stem: str, title: str, sources: list[str], figures: bool = True) -> list[Path]:
