@@ -340,11 +340,15 @@ def check_figures(done, out_dir: Path, stem: str, title: str) -> list[Path]:
         ax.plot(xs, xs, color="0.3", lw=0.8, label="measured = printed")
         ax.fill_between(xs, xs - tol, xs + tol, color="0.8", alpha=0.6, label=f"± tolerance ({tol:.3g})")
         for m, gm in g.groupby("method", sort=True):
-            ax.scatter(gm["printed"], gm["measured"], color=method_colour(m), label=m, s=28,
-                       edgecolor=["black" if w else "red" for w in gm["within"]], linewidth=[0.4 if w else 1.6 for w in gm["within"]])
+            ax.scatter(gm["printed"], gm["measured"], color=method_colour(m), label=m, s=28, edgecolor="black", linewidth=0.4)
+        out = g[~g["within"]]
+        if len(out):  # the cells outside tolerance, named
+            ax.scatter(out["printed"], out["measured"], marker="x", color="black", s=70, linewidth=1.4, label="outside tolerance")
+            for _, r in out.iterrows():
+                ax.annotate(r["row"], (r["printed"], r["measured"]), fontsize=6, xytext=(4, -8), textcoords="offset points")
         ax.set_xlabel(f"printed ({g['printed_as'].iloc[0]})")
         ax.set_ylabel("measured")
-        ax.set_title(f"{title}: {bench}", fontsize=9)
+        ax.set_title(f"{title}\n{bench}: measured vs printed", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False)
         written += save_figure(fig, Path(out_dir), safe_name(f"paper_{stem}_{bench}"))
@@ -491,14 +495,17 @@ def blind_figure(tables: dict, out_dir: Path) -> list[Path]:
     for bench, items in sorted(per.items()):
         fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(items) + 1.5), 3.8))
         x = np.arange(len(items))
-        ax.bar(x - 0.2, [i[1] for i in items], 0.4, color=method_colour("none"), label="none (with the image)")
-        ax.bar(x + 0.2, [i[2] for i in items], 0.4, color=method_colour("blind"), label="blind (answered without the image)")
+        for dx, vals, m, label in ((-0.2, [i[1] for i in items], "none", "none (with the image)"),
+                                   (0.2, [i[2] for i in items], "blind", "blind (answered without the image)")):
+            bars = ax.bar(x + dx, vals, 0.4, color=method_colour(m), label=label)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
         ax.set_xticks(x, [f"{g.model}" + (f"\n{g.variant}" if g.variant else "") + (f"\nlimit {g.limit}" if g.limit not in ("None", "nan") else "")
                           for g, _, _ in items], fontsize=7)
         ax.set_ylabel("accuracy")
         ax.set_title(f"Answered without the image — {bench}", fontsize=9)
+        ax.set_ylim(0, max([1e-9] + [v for i in items for v in i[1:] if v == v]) * 1.15)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
         written += save_figure(fig, Path(out_dir), safe_name(f"{bench}_answered_without_image"))
     return written
 

@@ -48,15 +48,16 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_tables(tables, args, prefix: str = "") -> list:
+def _write_tables(tables, args, prefix: str = "", controls: bool = True) -> list:
     """The comparison tables with the controls' notes (blind) and the baseline's spread, their figures."""
     from pathlib import Path
 
     spreads = paper_check.baseline_spread(tables)
     paper_check.apply_baseline_spread(tables, spreads)
-    paper_check.apply_blind_notes(tables)
+    if controls:  # on a hard subset, blind is wrong everywhere by construction
+        paper_check.apply_blind_notes(tables)
     written = report.write_outputs(tables, args.out, tuple(args.formats), figures=not args.no_figures)
-    if not args.no_figures:
+    if controls and not args.no_figures:
         written += paper_check.blind_figure(tables, Path(args.out) / "figures")
     if spreads:
         p = Path(args.out) / "tables" / "baseline_spread.md"
@@ -126,7 +127,7 @@ def _hard_subset(args) -> int:
             f"Hard subset: only the samples `{args.hard_subset}` gets wrong (in every setting of it), "
             f"so methods are compared where the image matters; n = samples kept.")
         renamed[g._replace(variant=(g.variant + ", " if g.variant else "") + f"hard-{args.hard_subset}")] = t
-    written = _write_tables(renamed, args, prefix="Hard subset — ")
+    written = _write_tables(renamed, args, prefix="Hard subset — ", controls=False)
     print(f"[vtbench-report] wrote {len(written)} files under {args.out}/ (hard subset of {args.hard_subset})", file=sys.stderr)
     return 0
 
