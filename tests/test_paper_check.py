@@ -336,3 +336,59 @@ def test_offline_check_fails_when_a_committed_cell_is_missing(tmp_path, capsys):
     rc = report_main(["--store", str(store), "--out", str(tmp_path / "o"), "--paper", "default", "--no-figures"])
     cap = capsys.readouterr()
     assert rc == 1 and "**Missing cells (1):**" in cap.out and "1 committed cells missing from the store" in cap.err
+
+
+@pytest.mark.slow  # composes every cell of every recipe (~16 s in all)
+@pytest.mark.parametrize("recipe", paper_check.printed_recipes())
+def test_every_printed_row_is_a_cell_of_its_recipe(recipe):
+    """The printed table and its recipe agree: every printed benchmark is on the recipe's benchmark axis and
+    every printed row matches (harness.paper_check.row_matches) exactly one cell the recipe composes."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+    from harness.results import cell_identity
+    from harness.sweep import _expand
+
+    table = paper_check.load_printed(recipe)
+    raw = OmegaConf.load(ROOT / "conf" / "experiment" / f"{recipe}.yaml")
+    params = {k: str(v) for k, v in raw.hydra.sweeper.params.items()}
+    benches = params.pop("benchmark").split(",")
+    assert set(table.benchmarks) <= set(benches)
+    combos = _expand([f"{k}={v}" for k, v in params.items()]) if params else [[]]
+    cells = []
+    for combo in combos:
+        ident = cell_identity(OmegaConf.to_container(compose_config([f"experiment={recipe}", *combo,
+                                                                     f"benchmark={benches[0]}"]), resolve=True))
+        cells.append({"cell": ident, "method_params": ident["method"]["params"]})
+    for row in table.rows:
+        assert sum(paper_check.row_matches(row, c, table.model, benches[0]) for c in cells) == 1, row.label
+
+
+def test_hard_subset_of_a_control_with_several_settings_keeps_what_every_setting_gets_wrong(tmp_path, capsys):
+    st = ResultsStore(tmp_path / "s")
+    st.write(make_record("none", (1, 1, 1, 1, 0, 1)))
+    st.write(make_record("downsample", (1, 0, 0, 1, 0, 0), params={"factor": 2}))
+    st.write(make_record("downsample", (1, 1, 0, 0, 0, 0), params={"factor": 4}))  # both wrong on 2, 4, 5
+    st.write(make_record("fastv", (0, 1, 0, 0, 1, 0), params={"R": 0.5}))
+    st.write(make_record("none", (1, 1), benchmark="other"))  # a group without the control: left out
+    info = paper_check.hard_subset_store(str(st.root), "downsample", str(tmp_path / "hard"))
+    assert [v["n_hard"] for v in info.values()] == [3]
+    recs = {r["cell"]["method"]["name"] + str(r["cell"]["method"]["params"]): r
+            for _, r, _ in ResultsStore(tmp_path / "hard").iter_records()}
+    assert sorted(s["doc_id"] for s in recs["none{}"]["samples"]) == [2, 4, 5]
+    assert recs["none{}"]["accuracy"] == pytest.approx(2 / 3) and recs["fastv{'R': 0.5}"]["accuracy"] == pytest.approx(1 / 3)
+    assert not any(r["cell"]["benchmark"]["name"] == "other" for r in recs.values())
+
+
+def test_baseline_spread_experiment_sweeps_none_over_protocols():
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=baseline_spread", "model=tiny", "benchmark=shapes"],
+                      return_hydra_config=True)
+    assert cfg.method.name == "none"
+    params = cfg.hydra.sweeper.params
+    assert set(str(params["model.attn_implementation"]).split(",")) == {"sdpa", "eager"}
+    assert set(str(params["run.batch_size"]).split(",")) == {"1", "8"}
