@@ -70,6 +70,16 @@ sweep: eval ## Alias of `make eval`
 cell: $(STAMP) ## One cell (default: tiny model, method none, full shapes test split); prints its table
 	$(VTB) $(ARGS)
 
+# `make paper-check`: the default sweep's cells in the user's own store (evaluated, or reused when already
+# there) against the committed table results/tables/*.csv (whatever cells it holds); exit 1 names any cell
+# more than PAPER_TOLERANCE points away, or missing. A paper's table: `vtbench-report --paper <recipe>`.
+PAPER_TOLERANCE ?= 1
+.PHONY: paper-check
+paper-check: $(STAMP) ## Does this machine reproduce the committed default table? (evaluates/reuses the sweep, compares; exit 1 if not)
+	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
+	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	$(VENV)/bin/vtbench-report --paper default --tolerance $(PAPER_TOLERANCE) --out runs/paper_check
+
 .PHONY: report
 report: $(STAMP) ## Tables (md/csv/tex) and figures under results/ from the records in runs/store
 	$(VENV)/bin/vtbench-report

@@ -53,6 +53,7 @@ COLUMNS = [
     ("peak_mem_mb", "peak mem MB"),
     ("kv_mb", "KV cache MB"),
     ("n", "n"),
+    ("spread_flag", "Δ vs none within baseline spread"),  # only where the baseline's spread is measured (harness/paper_check.py)
 ]
 #: numeric columns of the CSV (and of the W&B report table) beside the displayed ones
 CSV_EXTRA = ["gflops", "prefill_q1", "prefill_q3", "prefill_min", "prefill_max", "decode_q1", "decode_q3",
@@ -460,6 +461,7 @@ def _notes(t) -> list[str]:
     if not t.attrs.get("show_memory", True):
         notes.append("Peak memory is not shown: the process RSS sampled on CPU does not resolve these runs' "
                      "allocations (every row measured under 1 MiB).")
+    notes += t.attrs.get("extra_notes", [])  # baseline spread, blind control (harness/paper_check.py)
     return notes
 
 

@@ -97,6 +97,28 @@ def charts(wandb, table, group) -> dict:
     return out
 
 
+def _log_paper_check(run, wandb, store_dir: str, group: str | None) -> list[str]:
+    """The reproduction check of `vtbench-report --paper` when the sweep's group is a recipe with a printed
+    table (conf/printed/<group>.json): printed vs measured, Δ, tolerance and missing cells, one W&B table."""
+    from harness import paper_check
+
+    if not group or group not in paper_check.printed_recipes():
+        return []
+    import pandas as pd
+
+    done, missing, _ = paper_check.check_paper(group, store_dir)
+    both = pd.concat([done.assign(status="checked"), missing.assign(status="missing")], ignore_index=True)
+    cols = [c for c in ("row", "method", "benchmark", "printed_as", "printed", "measured", "delta", "tolerance",
+                        "within", "status", "why", "paper", "table", "key") if c in both.columns]
+    data = [[None if (isinstance(v, float) and v != v) else (v if isinstance(v, (int, float, bool)) else str(v))
+             for v in r] for r in both[cols].itertuples(index=False)]
+    key = f"paper_check/{group}"
+    run.log({key: wandb.Table(columns=cols, data=data, allow_mixed_types=True)})
+    run.summary.update({"paper_check_within": bool(len(done)) and bool(done["within"].all()),
+                        "paper_check_cells": len(done), "paper_check_missing": len(missing)})
+    return [key]
+
+
 def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] | None = None, *,
                project: str = "vtbench", entity: str | None = None, mode: str = "offline",
                wandb_dir: str = "runs") -> dict | None:
@@ -135,6 +157,7 @@ def log_report(store_dir: str, group: str | None = None, figure_dirs: list[str] 
             key = f"figures/{p.stem}"
             run.log({key: wandb.Image(str(p), caption=p.stem)})
             logged_figs.append(key)
+        logged_tables += _log_paper_check(run, wandb, store_dir, name)  # `group` is the loop's by now
         md = "\n".join(p.read_text() for p in paths if p.suffix == ".md")
         run.summary.update({"n_cells": int(sum(len(t) for t in tables.values())), "tables": logged_tables,
                             "figures": logged_figs, "comparison_markdown": md})
