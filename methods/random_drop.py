@@ -1,10 +1,19 @@
 """`random` — drop a seeded random subset of visual tokens at the LLM input.
 
 A control baseline (FastV paper §4.1 / Table 7 "random drop"; FiCoCo v1 Table 3 "Random Sampling"): the
-kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`), drawn
-from a generator seeded with `seed`, the same relative subset for every sample (so a batch gives the
-same result per sample as batch 1, and every forward of one generation picks the same subset). Tokens
-are removed before decoder layer 0 through the shared LLM-reduction machinery (`methods._shared.
+kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`).
+
+Which subset (`per_sample`, default true): a fresh subset per sample, drawn from a generator seeded by
+the method's `seed` and the sample's document, i.e. a digest of the sample's own prompt ids and image
+pixels (`methods._shared.document`) -- like the random baselines of the literature, which draw per
+image. A sample gets the same subset at batch 1 and inside a padded batch, and every forward of one
+generation uses it (it is chosen at the prefill; an uncached forward over prompt + generated tokens hashes
+the prompt only). `per_sample=false` keeps the earlier behaviour: one subset, drawn from `seed` alone,
+the same relative positions for every sample. The seed rule: the subset depends on `method.params.seed`
+only, never on `run.seed` (which seeds lmms-eval and torch), so a seed sweep is `method.params.seed=0,1,2`
+and the report aggregates the cells that differ only in it.
+
+Tokens are removed before decoder layer 0 through the shared LLM-reduction machinery (`methods._shared.
 llm_reduce`): every layer runs on, and caches, the kept tokens only; kept tokens keep their positions
 (`positions="keep"`) or are renumbered. A method that cannot beat it at equal budget is not selecting
 anything useful; a benchmark on which it scores like the full model does not need the image much.
@@ -19,6 +28,7 @@ import torch
 from harness.efficiency import analytic as A
 from methods import register
 from methods._shared import llm_reduce as LR
+from methods._shared.document import document_seeds
 from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
@@ -36,9 +46,10 @@ def random_subset(n_visual: int, n_keep: int, seed: int) -> torch.Tensor:
 
 
 class _RandomPlan(LR.ReductionPlan):
-    def __init__(self, keep_ratio, keep, seed, positions, layer=0):
+    def __init__(self, keep_ratio, keep, seed, positions, layer=0, per_sample=True):
         self.first_layer = layer
         self.keep_ratio, self.keep, self.seed, self.positions = keep_ratio, keep, seed, positions
+        self.per_sample = per_sample
 
     def before_layer(self, view):
         if view.layer != self.first_layer:
@@ -48,11 +59,14 @@ class _RandomPlan(LR.ReductionPlan):
         n_keep = kept_visual(nv, self.keep_ratio, self.keep)
         if n_keep >= nv:
             return None
-        chosen = torch.zeros(nv, dtype=torch.bool)
-        chosen[random_subset(nv, n_keep, self.seed)] = True
+        B = visual.shape[0]
+        seeds = document_seeds(view, self.seed) if self.per_sample else [self.seed] * B
+        chosen = torch.zeros(B, nv, dtype=torch.bool)
+        for b, s in enumerate(seeds):
+            chosen[b, random_subset(nv, n_keep, s)] = True
         scores = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
-        # visual tokens in order per sample get 1 if chosen, 0 otherwise
-        scores[visual] = chosen.to(visual.device).float().repeat(visual.shape[0])
+        # each sample's visual tokens, in order, get 1 if chosen, 0 otherwise
+        scores[visual] = chosen.to(visual.device).float().flatten()
         return LR.keep_top_visual(scores, visual, n_keep)
 
 
@@ -69,8 +83,11 @@ class RandomDrop(Method):
     keep_ratio: float = 0.1
     #: number of visual tokens kept (overrides keep_ratio when set)
     keep: int | None = None
-    #: seed of the generator choosing the subset
+    #: seed of the generator choosing the subset (the only seed it depends on; run.seed does not enter)
     seed: int = 0
+    #: true: a fresh subset per sample, seeded by `seed` and the sample's document; false: one subset
+    #: (from `seed` alone) at the same relative positions for every sample (the earlier behaviour)
+    per_sample: bool = True
     #: "keep" original RoPE positions or "renumber" them contiguously
     positions: str = "keep"
 
@@ -84,6 +101,8 @@ class RandomDrop(Method):
         check_seed("random", "seed", self.seed)
         if self.positions not in ("keep", "renumber"):
             raise MethodError(f"random: positions must be 'keep' or 'renumber', got {self.positions!r}")
+        if not isinstance(self.per_sample, bool):
+            raise MethodError(f"random: per_sample must be true or false, got {self.per_sample!r}")
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
@@ -106,7 +125,8 @@ class RandomDrop(Method):
         self.validate(adapter)
         if self.keep is None and float(self.keep_ratio) == 1.0:
             return model
-        LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions))
+        LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions,
+                                                  per_sample=self.per_sample))
         return model
 
     def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:

@@ -36,10 +36,12 @@ def test_noop_identical_logits():
 
 
 def test_seeded_subset_same_for_every_sample():
+    """per_sample=false (the earlier behaviour): one subset from the seed alone, at the same relative
+    positions in every sample (the per-sample default is tested in test_random_per_sample.py)."""
     assert torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 3))
     assert not torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 4))
     model, proc = tiny("llava", "llama")
-    apply(model, keep=10, seed=3)
+    apply(model, keep=10, seed=3, per_sample=False)
     inp = make_inputs(proc, (0, 1, 2))
     out = forward(model, inp, use_cache=True)
     assert get_context(model).visual_tokens_per_layer == [10, 10, 10, 10]
@@ -84,7 +86,7 @@ def test_counted_flops_equal_analytic(params):
     "params,match",
     [({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"), ({"keep_ratio": 1.5}, "keep_ratio must be"),
      ({"keep": -2}, "keep must be an integer >= 1"), ({"seed": "a"}, "seed must be an integer"),
-     ({"positions": "x"}, "positions must be")],
+     ({"positions": "x"}, "positions must be"), ({"per_sample": 1}, "per_sample must be true or false")],
 )
 def test_bad_params(params, match):
     with pytest.raises(MethodError, match=match):
@@ -100,7 +102,7 @@ def test_validate_keep_exceeds_visual_tokens():
 def test_config_file_builds():
     cfg = yaml.safe_load((ROOT / "conf/method/random.yaml").read_text())
     m = methods.build(cfg["name"], cfg["params"])
-    assert (m.name, m.keep_ratio, m.seed) == ("random", 0.1, 0)
+    assert (m.name, m.keep_ratio, m.seed, m.per_sample) == ("random", 0.1, 0, True)
 
 
 # ---- ranges: seeds in [0, 2^32-1], keep >= 1, errors led by the key --------------------------------------
