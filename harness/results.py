@@ -351,7 +351,7 @@ class ResultsStore:
         lines = []
         for t, s, d, a, *extra in rows:
             nonfinite = bool(extra[0]) if extra else False
-            recall = [float(x) for x in extra[1]] if len(extra) > 1 and extra[1] is not None else None
+            recall = [None if x is None else float(x) for x in extra[1]] if len(extra) > 1 and extra[1] is not None else None
             row = PartialRow(task=str(t), split=str(s), doc_id=int(d), answer=str(a), nonfinite=nonfinite,
                              recall=recall)
             lines.append(dumps_strict(row.model_dump(exclude_defaults=True)) + "\n")
