@@ -385,3 +385,13 @@ def test_hand_built_merge_counts_by_the_objects_share():
     want = 1 - (wa + wb) / 2
     assert 0 < want < 1
     assert got[:2] == [None, None] and got[2:] == pytest.approx([want] * (ad.num_llm_layers - 2))
+
+
+def test_partial_rows_keep_the_uncounted_layers(tmp_path):
+    """A resumed cell reads back the per-layer recall with its None layers (before the method acts)."""
+    from harness.results import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    store.append_partial("a" * 16, [("t", "test", 3, "red", False, [None, None, 0.5, 0.25])], code="c")
+    (row,) = store.load_partial("a" * 16, "c").values()
+    assert row.recall == [None, None, 0.5, 0.25]
