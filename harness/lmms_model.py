@@ -342,10 +342,11 @@ class VTBenchLMM(_LmmsBase):
                     visuals = [list(a[2](d)) for a, d in zip(args, docs)]
                     texts = self.generate_batch(contexts, visuals, max_new)
                     if self.recall is not None:  # read from the patched model's bookkeeping of this prefill
-                        from harness.recall import layer_recall
+                        from harness.recall import asked_object_mask, layer_recall
 
                         questions = [str(d.get("question", "")) if isinstance(d, dict) else "" for d in docs]
-                        for a, r in zip(args, layer_recall(self._model, self.adapter, self._last_input_ids, questions)):
+                        masks = [asked_object_mask(d, q) for d, q in zip(docs, questions)]
+                        for a, r in zip(args, layer_recall(self._model, self.adapter, self._last_input_ids, questions, masks)):
                             self.recall[f"{a[4]}/{a[3]}"] = r
                     bad = set(self._last_nonfinite)
                     self.nonfinite += [f"{args[j][4]}/{args[j][3]}" for j in sorted(bad)]

@@ -33,6 +33,14 @@ CONVENTIONS = (
     "Agreement = share of samples whose prediction equals `none`'s; CI = paired bootstrap 95 % interval "
     "of the accuracy difference (2000 resamples, seed 0)."
 )
+#: printed under a table that pooled the seeds of a method (`pool_seeds`)
+SEED_NOTE = (
+    "Rows with several seeds pool the cells that differ only in the method's seed: accuracy, recall, "
+    "agreement and efficiency are means over the seeds; \"over seeds\" gives their number, min–max and sd "
+    "of the accuracy; the Δacc interval (and the figures' error bars) is mean ± 1.96·sqrt(Var_d(x̄_d)/n + "
+    "s²_seeds/S), x̄_d a document's score averaged over the S seeds, s²_seeds the variance of the per-seed "
+    "accuracies: the documents' sampling variation plus the seeds' variation."
+)
 
 #: (column, header); `{flops}` is the table's FLOPs unit, chosen by the model's size
 COLUMNS = [
@@ -42,6 +50,7 @@ COLUMNS = [
     ("visual_tokens_llm", "visual tokens→LLM"),
     ("visual_tokens_layer", "visual tokens/layer"),
     ("accuracy", "accuracy"),
+    ("seed_spread", "over seeds: n, min–max (sd)"),  # only where cells differing in a method's seed were pooled
     ("asked_recall", "asked-cell recall"),  # shapes only (harness/recall.py); absent from older records
     ("retention", "retention"),
     ("agreement", "agree w/ none"),
@@ -277,7 +286,7 @@ def build_tables(store_dir: str):
         base_row = base.iloc[0] if len(base) else None
         base_rec = recs.get(base_row["key"]) if base_row is not None else None
         rows = [_row(r, recs[r["key"]], base_row, base_rec) for _, r in g.iterrows()]
-        t = pd.DataFrame(rows)
+        t = pool_seeds(pd.DataFrame(rows), recs, base_rec)
         _flag_same_settings(t)
         t["_order"] = [(m != "none", m, -_budget_value(b), p) for m, b, p in zip(t["method"], t["budget"], t["params"])]
         t = t.sort_values("_order").drop(columns="_order").reset_index(drop=True)
@@ -336,6 +345,138 @@ def _row(r, rec: dict, base_row, base_rec) -> dict:
         row["agreement"] = ps["agreement"]
         row["diff_ci"] = f"{ps['diff']:+.3f} [{ps['ci_low']:+.3f}, {ps['ci_high']:+.3f}]" if ps["diff"] is not None else "-"
     return row
+
+
+# ---- cells that differ only in a method's seed: one row (mean, spread, interval with seed variance) -------
+#: method parameters that are seeds (at any depth: a composition's members carry their own)
+SEED_PARAMS = ("seed",)
+
+
+def split_seed(params):
+    """(params without their seed entries, the seed values in a canonical tuple) of one cell's parameters."""
+    seeds = []
+
+    def strip(x, path=""):
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                if k in SEED_PARAMS and not isinstance(v, (dict, list)):
+                    seeds.append((f"{path}{k}", v))
+                else:
+                    out[k] = strip(v, f"{path}{k}.")
+            return out
+        if isinstance(x, list):
+            return [strip(v, f"{path}{i}.") for i, v in enumerate(x)]
+        return x
+
+    rest = strip(params or {})
+    return rest, tuple(sorted(seeds, key=lambda kv: kv[0]))
+
+
+def seed_pooled_interval(scores, base=None, z: float = 1.96) -> dict:
+    """Mean and 95 % interval over S seeds x n documents (`scores` [S, n], the same documents in every row;
+    `base` [n]: the `none` scores of those documents, for the difference).
+
+    The estimate is the mean x̄ of all S*n scores (equal n: the mean of the per-seed accuracies a_s). Its
+    variance combines the documents' sampling variation and the seeds' variation:
+        Var(x̄) = Var_d(x̄_d) / n + s²_seeds / S,
+    with x̄_d the document's score averaged over the seeds (so a document's correlation across seeds is
+    kept) and s²_seeds the sample variance of the per-seed accuracies (ddof 1). In the model
+    x_sd = mu + alpha_s + beta_d + gamma_sd this is sigma²_alpha/S + sigma²_beta/n + 2 sigma²_gamma/(S n):
+    the interaction term is counted twice, which keeps the interval slightly conservative. Interval:
+    x̄ ± z·sqrt(Var). With `base`, the same for the per-document difference x_sd - base_d."""
+    x = np.asarray(scores, dtype=float)
+    if base is not None:
+        x = x - np.asarray(base, dtype=float)[None, :]
+    S, n = x.shape
+    per_seed = x.mean(axis=1)
+    mean = float(per_seed.mean())
+    var_docs = float(x.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0
+    var_seeds = float(per_seed.var(ddof=1)) / S if S > 1 else 0.0
+    half = z * float(np.sqrt(var_docs + var_seeds))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "var_docs": var_docs, "var_seeds": var_seeds,
+            "per_seed": [float(v) for v in per_seed], "sd_seeds": float(per_seed.std(ddof=1)) if S > 1 else 0.0}
+
+
+def _scores_by_doc(rec: dict) -> dict:
+    metric = rec.get("primary_metric") or "exact_match"
+    return {s["doc_id"]: float(s.get(metric, 0.0)) for s in rec.get("samples", [])}
+
+
+def pool_seeds(t, recs: dict, base_rec: dict | None):
+    """Rows of one comparison table that differ only in a method's seed (same method, budget, other
+    parameters) become one row: accuracy and asked-cell recall as the mean over the seeds, `seed_spread`
+    "S: min–max (sd)", the accuracy interval (`acc_ci_low/high`) and the Δ vs `none` interval from
+    `seed_pooled_interval` on the documents every seed (and `none`) answered, agreement and efficiency
+    columns as means over the seeds, `params` without the seed and with "seeds=..." appended, `key` the
+    seeds' keys joined by "+". Rows of a single seed stay as they are."""
+    import pandas as pd
+
+    if t.empty:
+        return t
+    groups: dict = {}
+    for i, r in t.iterrows():
+        rec = recs[r["key"]]
+        params = rec.get("method_params") or rec.get("cell", {}).get("method", {}).get("params", {}) or {}
+        rest, seeds = split_seed(params)
+        groups.setdefault((r["method"], r["budget"], json.dumps(rest, sort_keys=True, default=str)), []).append((i, seeds, rest))
+    out, done = [], set()
+    for i, r in t.iterrows():
+        if i in done:
+            continue
+        members = next(m for m in groups.values() if any(j == i for j, _, _ in m))
+        if len(members) < 2 or len({s for _, s, _ in members}) < len(members) or not members[0][1]:
+            out.append(r.to_dict())
+            done.add(i)
+            continue
+        members = sorted(members, key=lambda m: [v for _, v in m[1]])
+        done.update(j for j, _, _ in members)
+        out.append(_pooled_row(t, [j for j, _, _ in members], [s for _, s, _ in members], members[0][2], recs, base_rec))
+    return pd.DataFrame(out)
+
+
+def _pooled_row(t, idx: list, seeds: list, rest: dict, recs: dict, base_rec: dict | None) -> dict:
+    rows = t.loc[idx]
+    row = rows.iloc[0].to_dict()
+    by_doc = [_scores_by_doc(recs[k]) for k in rows["key"]]
+    docs = set(by_doc[0]).intersection(*by_doc[1:])
+    base = _scores_by_doc(base_rec) if base_rec is not None else None
+    if base is not None:
+        docs &= set(base)
+    docs = sorted(docs)
+    scores = np.array([[d[x] for x in docs] for d in by_doc]) if docs else np.zeros((len(idx), 0))
+    acc = [float(a) for a in rows["accuracy"]]
+    row["accuracy"] = float(np.mean(acc))
+    row["seed_spread"] = f"{len(acc)}: {min(acc):.3f}–{max(acc):.3f} (sd {np.std(acc, ddof=1):.3f})"
+    if docs:
+        ci = seed_pooled_interval(scores)
+        row["acc_ci_low"], row["acc_ci_high"] = ci["low"], ci["high"]
+    else:
+        row["acc_ci_low"] = row["acc_ci_high"] = np.nan
+    row["n"] = rows["n"].iloc[0] if rows["n"].nunique() == 1 else f"{rows['n'].min()}–{rows['n'].max()}"
+    for c in ("asked_recall", "agreement", "visual_tokens_llm", "visual_tokens_layer", "gflops", "flops_ratio",
+              "prefill_ms", "prefill_q1", "prefill_q3", "prefill_min", "prefill_max", "decode_ms", "decode_q1",
+              "decode_q3", "peak_mem_mb", "kv_mb"):
+        if c in rows.columns:
+            v = pd_numeric(rows[c])
+            row[c] = float(v.mean()) if v.notna().any() else np.nan
+    if "retention" in rows.columns:
+        row["retention"] = float(pd_numeric(rows["retention"]).mean())
+    if base is not None and docs:
+        d = seed_pooled_interval(scores, [base[x] for x in docs])
+        row["diff_ci"] = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    names = sorted({k for s in seeds for k, _ in s})
+    label = "; ".join(f"{k}=" + ",".join(num_label(dict(s).get(k)) for s in seeds) for k in names)
+    plain = short_params(row["method"], rest)
+    row["params"] = label if plain == "-" else f"{plain}, {label}"
+    row["key"] = "+".join(rows["key"])
+    return row
+
+
+def pd_numeric(col):
+    import pandas as pd
+
+    return pd.to_numeric(col, errors="coerce")
 
 
 def budget_note(info: dict | None) -> str | None:
@@ -448,6 +589,8 @@ def display_frame(t):
 
 def _notes(t) -> list[str]:
     notes = []
+    if "seed_spread" in t.columns:
+        notes.append(SEED_NOTE)
     if "retention" not in t.columns:
         notes.append("This group has no `none` cell: retention, FLOPs ratio and the comparison with `none` are not "
                      "computed (never taken from another group).")

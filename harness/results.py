@@ -78,9 +78,9 @@ def cell_identity(cfg: dict) -> dict:
     model, method, bench, run = cfg["model"], cfg["method"], cfg["benchmark"], cfg["run"]
     params = method.get("params") or {}
     try:  # a parameter added later, at the value that reproduces the earlier behaviour, keeps old keys
-        from methods.base import drop_key_defaults
+        from methods.base import identity_params
 
-        params = drop_key_defaults(registry.get(method["name"]), params)
+        params = identity_params(registry.get(method["name"]), dict(params))
     except registry.MethodError:
         pass  # an unknown method is refused elsewhere, in one line
     ident = {
@@ -347,7 +347,7 @@ class ResultsStore:
         lines = []
         for t, s, d, a, *extra in rows:
             nonfinite = bool(extra[0]) if extra else False
-            recall = [float(x) for x in extra[1]] if len(extra) > 1 and extra[1] is not None else None
+            recall = [None if x is None else float(x) for x in extra[1]] if len(extra) > 1 and extra[1] is not None else None
             row = PartialRow(task=str(t), split=str(s), doc_id=int(d), answer=str(a), nonfinite=nonfinite,
                              recall=recall)
             lines.append(dumps_strict(row.model_dump(exclude_defaults=True)) + "\n")

@@ -232,7 +232,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         for smp in samples:
             r = lm.recall.get(f"{task}/{smp['doc_id']}")
             if r is not None:
-                smp["asked_recall_per_layer"] = [round(x, 6) for x in r]
+                smp["asked_recall_per_layer"] = [None if x is None else round(x, 6) for x in r]
         asked_recall = summarize({f"{task}/{smp['doc_id']}": smp.get("asked_recall_per_layer") for smp in samples})
     # non-finite flags of answers reused from an interrupted attempt are kept (same record either way)
     evaluated = {f"{task}/{s['doc_id']}" for s in samples}

@@ -363,7 +363,7 @@ class PartialRow(BaseModel):
     doc_id: Annotated[StrictInt, Field(ge=0)]
     answer: StrictStr
     nonfinite: StrictBool = False
-    recall: list[float] | None = None  # per-layer asked-cell recall (`shapes`), when it was measured
+    recall: list[float | None] | None = None  # per-layer asked-cell recall (`shapes`; None: a layer before the method acts)
 
 
 class PartialHeader(BaseModel):

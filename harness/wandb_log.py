@@ -191,7 +191,8 @@ def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> d
         if isinstance(record.get("asked_recall"), dict):  # shapes: asked-cell recall (harness/recall.py)
             summary["asked_recall"] = record["asked_recall"]["mean"]
             for i, v in enumerate(record["asked_recall"].get("per_layer") or []):
-                summary[f"asked_recall/layer_{i:02d}"] = v
+                if v is not None:  # None: a layer before the method acts (not counted)
+                    summary[f"asked_recall/layer_{i:02d}"] = v
         summary["key"] = record["key"]
         run.summary.update(summary)
         info = {"run_id": run.id, "dir": run.dir, "mode": mode}

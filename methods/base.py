@@ -17,6 +17,29 @@ def drop_key_defaults(cls, params: dict) -> dict:
     return {k: v for k, v in params.items() if not (k in kd and _same(v, kd[k]))}
 
 
+def identity_params(cls, params: dict) -> dict:
+    """The parameters a cell's key is made of (`harness.results.cell_identity`): `params` without those at
+    their `Method.key_defaults` value (added later, reproducing the earlier behaviour), with those of
+    `Method.key_explicit` filled in when absent (their default changed the behaviour, so a config that does
+    not spell them out must not share the earlier key), and a composition's members treated the same way."""
+    out = {k: v for k, v in drop_key_defaults(cls, params).items()}
+    for k, v in (getattr(cls, "key_explicit", None) or {}).items():
+        out.setdefault(k, v)
+    members = out.get("members")
+    if isinstance(members, (list, tuple)):
+        import methods as registry
+
+        fixed = []
+        for m in members:
+            try:
+                mcls = registry.get(m["name"])
+                fixed.append(dict(m, params=identity_params(mcls, dict(m.get("params") or {}))))
+            except (TypeError, KeyError, registry.MethodError):
+                fixed.append(m)  # a malformed member is refused elsewhere, in one line
+        out["members"] = fixed
+    return out
+
+
 def _same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b  # `layer: false` is not `layer: 0`
@@ -78,6 +101,9 @@ class Method:
     #: at that value they are left out of `params()` and of the cell key (`harness.results.cell_identity`),
     #: so existing records keep their keys and rows
     key_defaults: ClassVar[dict[str, Any]] = {}
+    #: parameters whose default changed the method's behaviour: absent from a config (e.g. a composition
+    #: member's), they still enter the cell key with their default, so no earlier record is served for them
+    key_explicit: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def calibration_given(cls, params: dict) -> dict[str, Any]:

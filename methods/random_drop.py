@@ -1,10 +1,19 @@
 """`random` — drop a seeded random subset of visual tokens at the LLM input, or at any decoder layer.
 
 A control baseline (FastV paper §4.1 / Table 7 "random drop"; FiCoCo v1 Table 3 "Random Sampling"): the
-kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`), drawn
-from a generator seeded with `seed`, the same relative subset for every sample (so a batch gives the
-same result per sample as batch 1, and every forward of one generation picks the same subset). Tokens
-are removed before decoder layer `layer` (0: the LLM input, the default and the earlier behaviour)
+kept visual tokens are a uniformly random subset of size `keep` (or `round(N_img * keep_ratio)`).
+
+Which subset (`per_sample`, default true): a fresh subset per sample, drawn from a generator seeded by
+the method's `seed` and the sample's document, i.e. a digest of the sample's own prompt ids and image
+pixels (`methods._shared.document`) -- like the random baselines of the literature, which draw per
+image. A sample gets the same subset at batch 1 and inside a padded batch, and every forward of one
+generation uses it (it is chosen at the prefill; an uncached forward over prompt + generated tokens hashes
+the prompt only). `per_sample=false` keeps the earlier behaviour: one subset, drawn from `seed` alone,
+the same relative positions for every sample. The seed rule: the subset depends on `method.params.seed`
+only, never on `run.seed` (which seeds lmms-eval and torch), so a seed sweep is `method.params.seed=0,1,2`
+and the report aggregates the cells that differ only in it.
+
+Tokens are removed before decoder layer `layer` (0: the LLM input, the default and the earlier behaviour)
 through the shared LLM-reduction machinery (`methods._shared.llm_reduce`): layers before it run on all
 tokens, it and every later layer run on, and cache, the kept tokens only (UniPruneBench's in-LLM random
 control; "All You Need Are Random Visual Tokens?" drops at deeper layers); kept tokens keep their
@@ -21,6 +30,7 @@ import torch
 from harness.efficiency import analytic as A
 from methods import register
 from methods._shared import llm_reduce as LR
+from methods._shared.document import document_seeds
 from methods.base import LLM_SIDE_FAMILIES, Method, MethodError
 
 
@@ -38,9 +48,10 @@ def random_subset(n_visual: int, n_keep: int, seed: int) -> torch.Tensor:
 
 
 class _RandomPlan(LR.ReductionPlan):
-    def __init__(self, keep_ratio, keep, seed, positions, layer=0):
+    def __init__(self, keep_ratio, keep, seed, positions, layer=0, per_sample=True):
         self.first_layer = layer
         self.keep_ratio, self.keep, self.seed, self.positions = keep_ratio, keep, seed, positions
+        self.per_sample = per_sample
 
     def before_layer(self, view):
         if view.layer != self.first_layer:
@@ -50,11 +61,14 @@ class _RandomPlan(LR.ReductionPlan):
         n_keep = kept_visual(nv, self.keep_ratio, self.keep)
         if n_keep >= nv:
             return None
-        chosen = torch.zeros(nv, dtype=torch.bool)
-        chosen[random_subset(nv, n_keep, self.seed)] = True
+        B = visual.shape[0]
+        seeds = document_seeds(view, self.seed) if self.per_sample else [self.seed] * B
+        chosen = torch.zeros(B, nv, dtype=torch.bool)
+        for b, s in enumerate(seeds):
+            chosen[b, random_subset(nv, n_keep, s)] = True
         scores = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
-        # visual tokens in order per sample get 1 if chosen, 0 otherwise
-        scores[visual] = chosen.to(visual.device).float().repeat(visual.shape[0])
+        # each sample's visual tokens, in order, get 1 if chosen, 0 otherwise
+        scores[visual] = chosen.to(visual.device).float().flatten()
         return LR.keep_top_visual(scores, visual, n_keep)
 
 
@@ -72,13 +86,19 @@ class RandomDrop(Method):
     example = {"keep_ratio": 0.4, "layer": 1}
     #: `layer` came later; at 0 (the LLM input) it is the earlier method, and cells keep their keys
     key_defaults = {"layer": 0}
+    #: a fresh subset per sample is the behaviour since `per_sample` exists: a config that does not spell it
+    #: out (a composition member) must not share a key with the earlier one-subset records
+    key_explicit = {"per_sample": True}
 
     #: fraction of visual tokens kept, in (0, 1]; 1.0 is the no-op
     keep_ratio: float = 0.1
     #: number of visual tokens kept (overrides keep_ratio when set)
     keep: int | None = None
-    #: seed of the generator choosing the subset
+    #: seed of the generator choosing the subset (the only seed it depends on; run.seed does not enter)
     seed: int = 0
+    #: true: a fresh subset per sample, seeded by `seed` and the sample's document; false: one subset
+    #: (from `seed` alone) at the same relative positions for every sample (the earlier behaviour)
+    per_sample: bool = True
     #: "keep" original RoPE positions or "renumber" them contiguously
     positions: str = "keep"
     #: decoder layer at whose input the tokens are dropped (0 = the LLM input)
@@ -96,6 +116,8 @@ class RandomDrop(Method):
             raise MethodError(f"random: positions must be 'keep' or 'renumber', got {self.positions!r}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise MethodError(f"random: layer must be an integer >= 0 (the decoder layer the drop happens at), got {self.layer!r}")
+        if not isinstance(self.per_sample, bool):
+            raise MethodError(f"random: per_sample must be true or false, got {self.per_sample!r}")
 
     def validate(self, adapter) -> None:
         super().validate(adapter)
@@ -124,7 +146,7 @@ class RandomDrop(Method):
         if self.keep is None and float(self.keep_ratio) == 1.0:
             return model
         LR.install(model, adapter, _RandomPlan(float(self.keep_ratio), self.keep, self.seed, self.positions,
-                                               self.layer))
+                                               self.layer, per_sample=self.per_sample))
         return model
 
     def llm_visual_schedule(self, shapes, layout) -> tuple[list[int], int] | None:

@@ -25,10 +25,11 @@ def test_composition_cell_record_report_and_wandb(cell_overrides, tmp_path):
     assert [m["name"] for m in members] == ["shortv", "fastv"]
     assert members[0]["params"]["layers"] == [3, 0] and members[1]["params"]["keep_ratio"] == 0.25
     assert rec["method_description"].startswith("shortv(") and "+ fastv(" in rec["method_description"]
-    # asked-cell recall: per sample (colour/shape/letter questions) and LLM layer, layers 0-1 see every token
+    # asked-object recall: per sample (colour/shape/letter questions) and LLM layer; layers 0-1 come before
+    # FastV acts (K=2) and are not counted (None)
     per = [s.get("asked_recall_per_layer") for s in rec["samples"]]
     measured = [p for p in per if p is not None]
-    assert measured and all(p[:2] == [1.0, 1.0] and len(p) == 4 for p in measured)
+    assert measured and all(p[:2] == [None, None] and len(p) == 4 and None not in p[2:] for p in measured)
     assert rec["asked_recall"]["n"] == len(measured) and 0.0 <= rec["asked_recall"]["mean"] <= 1.0
     row = record_row(rec)
     assert row["method"] == "shortv+fastv" and row["asked_recall"] == rec["asked_recall"]["mean"]

@@ -186,6 +186,26 @@ def render(cells: list[dict]) -> Image.Image:
     return img
 
 
+BACKGROUND = (255, 255, 255)
+
+
+def object_mask(image, cell: int):
+    """[H, W] float32 array, 1 on the pixels of the object drawn in `cell` (row-major) of a rendered
+    scene, 0 elsewhere: the non-background pixels of that cell's square (every object is drawn inside its
+    own cell on the white canvas; a letter's anti-aliased edge pixels count as the letter's). An empty
+    cell gives all zeros. Used by the asked-object recall (`harness.recall`)."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"))
+    h, w = a.shape[:2]
+    r, c = divmod(int(cell), GRID)
+    y0, y1 = r * h // GRID, (r + 1) * h // GRID
+    x0, x1 = c * w // GRID, (c + 1) * w // GRID
+    m = np.zeros((h, w), dtype=np.float32)
+    m[y0:y1, x0:x1] = (a[y0:y1, x0:x1] != np.array(BACKGROUND, dtype=a.dtype)).any(-1)
+    return m
+
+
 # --------------------------------------------------------------------------------------------------
 # questions
 # --------------------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 _ATTR = "_vtbench_context"
+_IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
 @dataclass
@@ -43,6 +45,12 @@ class VisualContext:
     #: [B] visual tokens of each prompt before any vision-side reduction (see the module docstring)
     prompt_visual: torch.Tensor | None = None
     pending_prompt_visual: torch.Tensor | None = None
+    #: references (no copies) to this call's `input_ids` and image inputs (`pixel_values`, `image_sizes`,
+    #: `image_grid_thw`): what identifies each sample's document (`methods._shared.document`). A call
+    #: given pre-encoded images (`mm_encoder_outputs`: `generate` encodes them once before the loop) takes
+    #: the image inputs of the last `get_image_features` call, the one that encoded them
+    inputs: dict[str, Any] = field(default_factory=dict)
+    encoded_images: dict[str, Any] = field(default_factory=dict)
 
 
 def _cache_length(past_key_values) -> int:
@@ -81,11 +89,26 @@ def install_context(model, adapter) -> VisualContext:
             known = ctx.visual_mask is not None and ctx.visual_mask.device.type != "meta"
             ctx.visual_tokens_final = int(ctx.visual_mask.sum(1).max()) if known and ctx.visual_mask.numel() else None
         ctx.attention_mask = kwargs.get("attention_mask")
+        images = {k: kwargs.get(k) for k in _IMAGE_INPUTS}
+        if images["pixel_values"] is None and kwargs.get("mm_encoder_outputs"):
+            images = dict(ctx.encoded_images)
+        ctx.inputs = {"input_ids": input_ids, **images}
         ctx.scratch = {}
         ctx.visual_tokens_per_layer = None
         return original(*args, **kwargs)
 
     base.forward = forward
+    encode = getattr(base, "get_image_features", None)
+    if encode is not None:
+        sig = inspect.signature(encode)
+
+        @functools.wraps(encode)
+        def get_image_features(*args, **kwargs):
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            ctx.encoded_images = {k: bound.get(k) for k in _IMAGE_INPUTS}
+            return encode(*args, **kwargs)
+
+        base.get_image_features = get_image_features
     object.__setattr__(model, _ATTR, ctx)
     return ctx
 

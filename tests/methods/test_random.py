@@ -36,10 +36,12 @@ def test_noop_identical_logits():
 
 
 def test_seeded_subset_same_for_every_sample():
+    """per_sample=false (the earlier behaviour): one subset from the seed alone, at the same relative
+    positions in every sample (the per-sample default is tested in test_random_per_sample.py)."""
     assert torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 3))
     assert not torch.equal(random_subset(64, 10, 3), random_subset(64, 10, 4))
     model, proc = tiny("llava", "llama")
-    apply(model, keep=10, seed=3)
+    apply(model, keep=10, seed=3, per_sample=False)
     inp = make_inputs(proc, (0, 1, 2))
     out = forward(model, inp, use_cache=True)
     assert get_context(model).visual_tokens_per_layer == [10, 10, 10, 10]
@@ -84,7 +86,7 @@ def test_counted_flops_equal_analytic(params):
     "params,match",
     [({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"), ({"keep_ratio": 1.5}, "keep_ratio must be"),
      ({"keep": -2}, "keep must be an integer >= 1"), ({"seed": "a"}, "seed must be an integer"),
-     ({"positions": "x"}, "positions must be")],
+     ({"positions": "x"}, "positions must be"), ({"per_sample": 1}, "per_sample must be true or false")],
 )
 def test_bad_params(params, match):
     with pytest.raises(MethodError, match=match):
@@ -100,7 +102,7 @@ def test_validate_keep_exceeds_visual_tokens():
 def test_config_file_builds():
     cfg = yaml.safe_load((ROOT / "conf/method/random.yaml").read_text())
     m = methods.build(cfg["name"], cfg["params"])
-    assert (m.name, m.keep_ratio, m.seed) == ("random", 0.1, 0)
+    assert (m.name, m.keep_ratio, m.seed, m.per_sample) == ("random", 0.1, 0, True)
 
 
 # ---- ranges: seeds in [0, 2^32-1], keep >= 1, errors led by the key --------------------------------------
@@ -165,6 +167,34 @@ def test_layer_zero_is_the_earlier_method_with_the_same_cell_key():
     assert record_key(cfg) == record_key(old)
     later = OmegaConf.to_container(compose_config(["method=random", "method.params.layer=2"]), resolve=True)
     assert record_key(later) != record_key(cfg)
+
+
+def test_per_sample_enters_the_cell_key_even_when_a_config_leaves_it_out():
+    """The per-sample subset changed `random`'s behaviour: a config that does not spell `per_sample` out (a
+    composition member, an old config) keys as `per_sample: true`, never as the earlier one-subset cells."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+    from harness.results import record_key
+
+    cfg = OmegaConf.to_container(compose_config(["method=random"]), resolve=True)
+    assert cfg["method"]["params"]["per_sample"] is True
+
+    def with_params(c, **change):
+        params = {k: v for k, v in c["method"]["params"].items() if k != "per_sample"}
+        params.update(change)
+        return dict(c, method=dict(c["method"], params=params))
+
+    assert record_key(with_params(cfg)) == record_key(cfg)
+    assert record_key(with_params(cfg, per_sample=False)) != record_key(cfg)
+    member = {"name": "random", "params": {"keep_ratio": 0.5, "seed": 0, "positions": "keep"}}
+    comp = OmegaConf.to_container(compose_config(["method=compose"]), resolve=True)
+    implicit = dict(comp, method={"name": "compose", "params": {"members": [member]}})
+    explicit = dict(comp, method={"name": "compose", "params": {"members": [
+        dict(member, params=dict(member["params"], per_sample=True))]}})
+    legacy = dict(comp, method={"name": "compose", "params": {"members": [
+        dict(member, params=dict(member["params"], per_sample=False))]}})
+    assert record_key(implicit) == record_key(explicit) != record_key(legacy)
 
 
 @pytest.mark.bad_input
