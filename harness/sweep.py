@@ -162,8 +162,10 @@ def sweep_error_line(e: BaseException) -> str:
     """The one line of a sweep's bad-input error, led by the cell it was found in (`[method=tome] ...`)."""
     from harness.errors import error_line
 
-    cell = getattr(e, "sweep_cell", "")
-    return f"[{cell}] {error_line(e)}" if cell else error_line(e)
+    cell, line = getattr(e, "sweep_cell", ""), error_line(e)
+    if cell and not all(o in line for o in cell.split()):  # a line that already names the cell's overrides is not prefixed
+        return f"[{cell}] {line}"
+    return line
 
 
 def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:

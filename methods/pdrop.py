@@ -165,6 +165,7 @@ class PyramidDrop(Method):
         if self._noop():
             return
         self.require_full_attention(adapter)
+        LR.check_positions(self.positions, adapter, "pdrop")
         L = adapter.num_llm_layers
         if self.layers[-1] >= L:
             raise MethodError(f"pdrop: layers={list(self.layers)} must all be < the number of LLM layers ({L})")

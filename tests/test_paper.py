@@ -182,7 +182,8 @@ def test_recipe_composes_and_every_cell_validates(name):
     from harness.sweep import _expand
 
     raw = OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml")
-    params = {k: str(v).split(",") for k, v in raw.hydra.sweeper.params.items()}
+    # each axis's values as Hydra's own parser splits them (a value may be a list: `[300,200,110],[66,30,17]`)
+    params = {k: [c[0].split("=", 1)[1] for c in _expand([f"{k}={v}"])] for k, v in raw.hydra.sweeper.params.items()}
     assert len(_expand([f"{k}={','.join(v)}" for k, v in params.items()])) > 1
     # every value of every axis is composed and validated (all method settings on the first benchmark, then
     # every benchmark with the first method setting), which keeps the test fast
