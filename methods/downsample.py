@@ -28,12 +28,12 @@ line naming the nearest counts that work, at validation: `tokens` itself, and a 
 per-crop targets of the model's one-image layouts and of every pair of them). A prompt of more images whose
 per-crop target has no rectangle (a count of 64 over three images: 21 each) is refused when it arrives, in
 one line; a share keeps the target near share x tokens per crop on every LLaVA-1.5 prompt, a count falls
-with the number of images. A FLOPs budget picks among the counts that have a rectangle (`budget_candidates`). On LLaVA-NeXT a
-prompt's per-crop target moves with its crop count (3, 4 or 5 per image on the llava-hf checkpoints) and,
-for a share, with the image's size, so almost every token budget meets a target without a rectangle and is
-refused (llava_next_7b: only counts up to 8 pass); a fixed `tokens` per crop and FLOPs budgets work there.
-LLaVA-1.5-7B: counts 64, 128, 192 and the share 0.33 (190 = 10 x 19) are exact; 0.22 (127, a prime) is
-refused.
+with the number of images. A FLOPs budget picks among the counts that have a rectangle (`budget_candidates`).
+On LLaVA-NeXT a prompt's per-crop target moves with its crop count (3, 4 or 5 per image on the llava-hf
+checkpoints) and, for a share, with the image's size, so almost every token budget meets a target without a
+rectangle and is refused (llava_next_7b: only counts up to 8 pass); a fixed `tokens` per crop and FLOPs
+budgets work there. LLaVA-1.5-7B: counts 64, 128, 192 and the share 0.33 (190 = 10 x 19) are exact; 0.22
+(127, a prime) is refused.
 
 LLaVA-NeXT: every crop (base and high-res) is resized to the same grid and the image packed as
 [crop tokens..., image_newline] (as the other vision-side methods); the placeholder runs shrink to match
@@ -123,7 +123,8 @@ class Downsample(GridReductionMethod):
     def delivered(self, k, geom) -> int:
         side = self.side(geom)
         if exact_grid(int(k), side, side) is None:
-            raise MethodError(f"method.params.tokens={int(k)}: {self.name} {grid_refusal(int(k), side, side, unit(geom))}")
+            why = grid_refusal(int(k), side, side, unit(geom))
+            raise MethodError(f"method.params.tokens={int(k)}: {self.name} {why}")
         return int(k)
 
     # -- the per-prompt budget: exact, or refused in one line
@@ -146,9 +147,10 @@ class Downsample(GridReductionMethod):
         side = self.side(geom)
         v = self.prompt_tokens
         shown = f"{int(v)}" if float(v) > 1 else f"{float(v):g}"
-        return (f"method.params.prompt_tokens={shown}: {self.name} {grid_refusal(k, side, side, unit(geom))}, the per-crop "
-                f"target of budget.value={shown} on a prompt of {n_images} image(s), {crops} crop(s), {n_visual} visual "
-                f"tokens{self.nearest_budgets(geom)}")
+        why = grid_refusal(k, side, side, unit(geom))
+        return (f"method.params.prompt_tokens={shown}: {self.name} {why}, the per-crop target of budget.value={shown} "
+                f"on a prompt of {n_images} image(s), {crops} crop(s), {n_visual} visual tokens"
+                f"{self.nearest_budgets(geom)}")
 
     def checked_prompts(self, geom) -> list[tuple[int, int, int]]:
         """(visual tokens, crops, images) of every prompt of one or two images the validation covers."""
@@ -181,12 +183,12 @@ class Downsample(GridReductionMethod):
         return None
 
     def nearest_budgets(self, geom) -> str:
-        """'; nearest budget counts that hold on every checked prompt: a, b' for a count (empty for a share:
-        the per-crop counts named before are its nearest, as shares of a crop's tokens)."""
+        """The refusal's tail: for a count, the nearest counts that hold on every checked prompt; for a share on
+        LLaVA-1.5, the shares of the nearest per-image counts with a grid; on LLaVA-NeXT, what works instead."""
         v = self.prompt_tokens
         if (v is None or float(v) <= 1) and geom.family == "llava_next":
-            return ("; a share's per-crop target varies with the size of a LLaVA-NeXT image (give method.params.tokens, "
-                    "a count per crop, or budget.kind=flops)")
+            return ("; a share's per-crop target varies with the size of a LLaVA-NeXT image (give "
+                    "method.params.tokens, a count per crop, or budget.kind=flops)")
         if v is None or float(v) <= 1:
             side = self.side(geom)
             per = geom.visual_per_crop
@@ -202,7 +204,8 @@ class Downsample(GridReductionMethod):
                 found.append(str(t))
         if found:
             return f"; nearest counts that hold on every prompt of one or two images: {', '.join(found)}"
-        return "; no count within a factor 2 of it does (give method.params.tokens, a count per crop, or budget.kind=flops)"
+        return ("; no count within a factor 2 of it does (give method.params.tokens, a count per crop, or "
+                "budget.kind=flops)")
 
     def check_prompt_budget(self, geom) -> None:
         fail = self.first_failure(geom, self.prompt_tokens)

@@ -111,7 +111,8 @@ def nearest_counts(k: int, height: int, width: int) -> list[int]:
 
 def grid_refusal(k: int, height: int, width: int, unit: str = "image") -> str:
     """Why k patches per crop cannot be delivered, naming the nearest counts that can (one line)."""
-    near = ", ".join(f"{c} = {'x'.join(map(str, exact_grid(c, height, width)))}" for c in nearest_counts(k, height, width))
+    near = ", ".join(f"{c} = {'x'.join(map(str, exact_grid(c, height, width)))}"
+                     for c in nearest_counts(k, height, width))
     return (f"cannot resize to exactly {k} patches per {unit} with an aspect ratio <= {MAX_ASPECT} "
             f"(nearest: {near})")
 
@@ -129,8 +130,9 @@ class GridReductionMethod(VisionReductionMethod):
     the reduced LLaVA-NeXT packing and the placeholder shrinking, the token counts of a layout. The
     plumbing's per-layer `schedule` is here `{last useful layer: tokens removed per crop}` (one entry, or
     none when nothing is removed), the form its counts read. Subclasses (dataclasses with the fields
-    `tokens` and `prompt_tokens`) implement `delivered(k, geom)` (the count a per-crop target k really
-    gives), `install(model, adapter, geom, state)` and `grid_prefill_macs`."""
+    `tokens` and `prompt_tokens`) implement `delivered(k, geom)` (the count a per-crop target k gives: k,
+    or a one-line MethodError where the method cannot deliver exactly k), `install(model, adapter, geom,
+    state)` and `grid_prefill_macs`."""
 
     refusals = {
         "qwen2_vl": "its processor already resizes every image to its own pixel budget and packs the patches of "

@@ -335,7 +335,7 @@ def test_every_count_without_a_grid_is_refused_in_one_line_naming_the_nearest(fa
         with pytest.raises(MethodError) as e:
             meth.validate(adapter)
         below, above = max(c for c in ok if c < k), min(c for c in ok if c > k)
-        near = f"{below} = {'x'.join(map(str, plain_grid(below, 8)))}, {above} = {'x'.join(map(str, plain_grid(above, 8)))}"
+        near = ", ".join(f"{c} = {'x'.join(map(str, plain_grid(c, 8)))}" for c in (below, above))
         assert str(e.value) == (f"method.params.tokens={k}: downsample cannot resize to exactly {k} patches per {unit} "
                                 f"with an aspect ratio <= 2 (nearest: {near})")
 
