@@ -17,11 +17,23 @@ summing to 1 commutes with that affine normalisation), with PyTorch's antialiase
 PIL's). It is the S x S image the tower would see that is resized, not the original file: the original is
 not available to a method (it acts on the model), so the image is resampled twice (processor, then here).
 
-The grid: rows x cols is the largest near-square grid (g x g, g x (g + 1) or (g + 1) x (g + 1), g =
-floor(sqrt(k))) with at most k patches, for the per-crop target k of the budget rule
-(`VisionReductionMethod.crop_tokens`); a rectangle of exactly k patches would distort the image (or not
-exist for a prime k), so the count may sit below the target by up to 2 g (576 -> 64: 8 x 8 from 336 to
-112 pixels; 190 -> 13 x 14 = 182), and every record carries the count delivered (`visual_tokens_kept`).
+The grid: rows x cols = k exactly, for the per-crop target k of the budget rule
+(`VisionReductionMethod.crop_tokens`), the most square rectangle with an aspect ratio of at most 2:1
+(`grid.exact_grid`: 64 -> 8 x 8, from 336 to 112 pixels; 48 -> 6 x 8; 18 -> 3 x 6; 190 -> 10 x 19). A
+rectangular grid distorts the image: the square crop is stretched to rows * p x cols * p pixels, its
+width scaled cols / rows times more than its height (at most 2x); the layout of the content (what lies left
+of, above what) is kept. A k with no such rectangle (a prime above 2, 10 = 2 x 5, 127) is refused, in one
+line naming the nearest counts that work, at validation: `tokens` itself, and a per-prompt budget
+(`prompt_tokens`, what budget.kind=tokens sets) on every prompt of one or two images of any size (the
+per-crop targets of the model's one-image layouts and of every pair of them). A prompt of more images whose
+per-crop target has no rectangle (a count of 64 over three images: 21 each) is refused when it arrives, in
+one line; a share keeps the target near share x tokens per crop on every LLaVA-1.5 prompt, a count falls
+with the number of images. A FLOPs budget picks among the counts that have a rectangle (`budget_candidates`).
+On LLaVA-NeXT a prompt's per-crop target moves with its crop count (3, 4 or 5 per image on the llava-hf
+checkpoints) and, for a share, with the image's size, so almost every token budget meets a target without a
+rectangle and is refused (llava_next_7b: only counts up to 8 pass); a fixed `tokens` per crop and FLOPs
+budgets work there. LLaVA-1.5-7B: counts 64, 128, 192 and the share 0.33 (190 = 10 x 19) are exact; 0.22
+(127, a prime) is refused.
 
 LLaVA-NeXT: every crop (base and high-res) is resized to the same grid and the image packed as
 [crop tokens..., image_newline] (as the other vision-side methods); the placeholder runs shrink to match
@@ -34,13 +46,26 @@ position-embedding interpolation are element-wise (not counted).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from methods import register
-from methods._shared.grid import GridReductionMethod, content_holder, downsample_grid, record_content, resize_share
+from methods._shared.grid import (
+    GridReductionMethod,
+    content_holder,
+    downsample_grid,
+    exact_grid,
+    grid_refusal,
+    nearest_counts,
+    reachable_counts,
+    record_content,
+    resize_share,
+)
+from methods._shared.vision_reduce import VisionReductionMethod
+from methods.base import MethodError
 
 
 def resize_pixels(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -50,6 +75,31 @@ def resize_pixels(pixel_values: torch.Tensor, height: int, width: int) -> torch.
     out = F.interpolate(pixel_values.float(), size=(height, width), mode="bicubic", antialias=True,
                         align_corners=False)
     return out.to(pixel_values.dtype)
+
+
+def one_image_layouts(config, per_crop: int) -> list[tuple[int, int]]:
+    """(visual tokens, crops) of every one-image prompt the processor can build: LLaVA-1.5 one crop; LLaVA-NeXT,
+    for every grid pinpoint (gh x gw crops of side patches), the base crop + the unpadded grid + one newline
+    per row, the unpadding keeping any number of rows or columns (a superset of the layouts
+    `harness.efficiency.layouts.visual_tokens_for_image` gives, enumerated instead of searched over sizes)."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if getattr(config, "model_type", None) != "llava_next" or not pinpoints:
+        return [(per_crop, 1)]
+    size = config.vision_config.image_size
+    side = math.isqrt(per_crop)
+    out = set()
+    for bh, bw in pinpoints:
+        gh, gw = bh // size, bw // size
+        h, w = side * gh, side * gw
+        for rows in range(h + 1):
+            out.add((per_crop + rows * w + rows, 1 + gh * gw))
+        for cols in range(w + 1):
+            out.add((per_crop + h * cols + h, 1 + gh * gw))
+    return sorted(out)
+
+
+def unit(geom) -> str:
+    return "crop" if geom.family == "llava_next" else "image"
 
 
 @register
@@ -63,8 +113,8 @@ class Downsample(GridReductionMethod):
     #: 64 -> 16 tokens per crop on the tiny models (64 x 64 pixels -> 32 x 32, a 4 x 4 patch grid)
     example: ClassVar[dict | None] = {"tokens": 16}
 
-    #: target visual tokens per image / crop: the image is resized to the largest near-square patch grid with
-    #: at most this many patches (null with prompt_tokens null: full size)
+    #: visual tokens per image / crop: the image is resized to a grid of exactly this many patches, aspect
+    #: ratio <= 2 (null with prompt_tokens null: full size)
     tokens: int | None = None
     #: visual tokens for the whole prompt: a count (> 1) or a share (<= 1) of its visual tokens (overrides
     #: tokens; what budget.kind=tokens sets); each crop's target is then met as `tokens` is
@@ -72,8 +122,101 @@ class Downsample(GridReductionMethod):
 
     def delivered(self, k, geom) -> int:
         side = self.side(geom)
-        rows, cols = downsample_grid(int(k), side, side)
-        return rows * cols
+        if exact_grid(int(k), side, side) is None:
+            why = grid_refusal(int(k), side, side, unit(geom))
+            raise MethodError(f"method.params.tokens={int(k)}: {self.name} {why}")
+        return int(k)
+
+    # -- the per-prompt budget: exact, or refused in one line
+    def validate(self, adapter) -> None:
+        self._one_image = one_image_layouts(adapter.model.config, adapter.visual_tokens_per_image)
+        super().validate(adapter)
+
+    def target(self, geom, n_visual: int, crops: int, n_images: int) -> int:
+        """The budget rule's per-crop target for a prompt (before the grid check)."""
+        return VisionReductionMethod.crop_tokens(self, geom, n_visual, crops, n_images)
+
+    def crop_tokens(self, geom, n_visual, crops, n_images) -> int:
+        k = self.target(geom, n_visual, crops, n_images)
+        side = self.side(geom)
+        if exact_grid(k, side, side) is None:  # a prompt the validation did not cover (3 or more images)
+            raise MethodError(self.prompt_refusal(geom, k, n_visual, crops, n_images))
+        return k
+
+    def prompt_refusal(self, geom, k, n_visual, crops, n_images) -> str:
+        side = self.side(geom)
+        v = self.prompt_tokens
+        shown = f"{int(v)}" if float(v) > 1 else f"{float(v):g}"
+        why = grid_refusal(k, side, side, unit(geom))
+        return (f"method.params.prompt_tokens={shown}: {self.name} {why}, the per-crop target of budget.value={shown} "
+                f"on a prompt of {n_images} image(s), {crops} crop(s), {n_visual} visual tokens"
+                f"{self.nearest_budgets(geom)}")
+
+    def checked_prompts(self, geom) -> list[tuple[int, int, int]]:
+        """(visual tokens, crops, images) of every prompt of one or two images the validation covers."""
+        one = sorted(set(getattr(self, "_one_image", None) or [(geom.visual_per_crop, 1)]))
+        out = {(n, c, 1) for n, c in one}
+        out |= {(n1 + n2, c1 + c2, 2) for i, (n1, c1) in enumerate(one) for n2, c2 in one[i:]}
+        return sorted(out)
+
+    def first_failure(self, geom, value) -> tuple | None:
+        """The first checked prompt whose per-crop target for budget `value` has no rectangle, or None."""
+        import dataclasses
+
+        from harness.budget import prompt_count
+
+        probe = dataclasses.replace(self, prompt_tokens=value, tokens=None)
+        side = self.side(geom)
+        cache = self.__dict__.setdefault("_prompts_cache", {})
+        if geom not in cache:
+            cache[geom] = self.checked_prompts(geom)
+        seen = set()
+        for n_visual, crops, n_images in cache[geom]:
+            newlines = n_images if geom.family == "llava_next" else 0
+            key = (prompt_count(value, n_visual), crops, newlines, (n_visual - newlines) // crops)
+            if key in seen:  # the same per-crop target as a prompt already checked
+                continue
+            seen.add(key)
+            k = probe.target(geom, n_visual, crops, n_images)
+            if exact_grid(k, side, side) is None:
+                return k, n_visual, crops, n_images
+        return None
+
+    def nearest_budgets(self, geom) -> str:
+        """The refusal's tail: for a count, the nearest counts that hold on every checked prompt; for a share on
+        LLaVA-1.5, the shares of the nearest per-image counts with a grid; on LLaVA-NeXT, what works instead."""
+        v = self.prompt_tokens
+        if (v is None or float(v) <= 1) and geom.family == "llava_next":
+            return ("; a share's per-crop target varies with the size of a LLaVA-NeXT image (give "
+                    "method.params.tokens, a count per crop, or budget.kind=flops)")
+        if v is None or float(v) <= 1:
+            side = self.side(geom)
+            per = geom.visual_per_crop
+            k = self.target(geom, per, 1, 1)
+            shares = ", ".join(f"{c / per:.4g}" for c in nearest_counts(k, side, side))
+            return f"; nearest shares that give one image an exact grid: {shares}" if shares else ""
+        T, found = int(v), []
+        for direction in (-1, 1):
+            t = T + direction
+            while max(2, T // 2) <= t <= 2 * T and self.first_failure(geom, t) is not None:
+                t += direction
+            if max(2, T // 2) <= t <= 2 * T:
+                found.append(str(t))
+        if found:
+            return f"; nearest counts that hold on every prompt of one or two images: {', '.join(found)}"
+        return ("; no count within a factor 2 of it does (give method.params.tokens, a count per crop, or "
+                "budget.kind=flops)")
+
+    def check_prompt_budget(self, geom) -> None:
+        fail = self.first_failure(geom, self.prompt_tokens)
+        if fail is not None:
+            k, n_visual, crops, n_images = fail
+            raise MethodError(self.prompt_refusal(geom, k, n_visual, crops, n_images))
+
+    def budget_candidates(self, adapter) -> list:
+        """A FLOPs budget is solved over the per-crop counts that have an exact grid."""
+        side = math.isqrt(adapter.visual_tokens_per_image)
+        return reachable_counts(side, side)
 
     def install(self, model, adapter, geom, state) -> None:
         side = self.side(geom)

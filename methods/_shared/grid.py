@@ -13,12 +13,11 @@ reached:
   bands of rows (adaptive bins), and band i into `w_i = floor((i+1) k / rows) - floor(i k / rows)` column bins
   (adaptive bins of W): rows of w or w + 1 cells, k cells in all, so the count meets the budget exactly
   (e.g. k = 190 of 24 x 24: 14 bands, 8 of 14 cells and 6 of 13);
-* **downsampling** (`downsample_grid`) resizes the image to a grid of patches, which must be a rectangle:
-  the largest near-square rows x cols (rows = g, cols in {g, g + 1}, or g + 1 x g + 1, g = floor(sqrt(k)))
-  whose count does not exceed k, so it lands at most 2 g below k (k = 64 -> 8 x 8; 72 -> 8 x 9; 190 -> 13 x 14
-  = 182). A rectangle of exactly k patches would distort the image's aspect (190 = 10 x 19) or not exist
-  (191 is prime), so the image method is the one baseline whose count may sit under the budget; its records
-  carry the count it delivers.
+* **downsampling** (`downsample_grid`) resizes the image to a grid of patches, which must be a rectangle
+  of exactly k patches: rows x cols = k with rows <= cols <= 2 rows (aspect ratio at most 2:1), the most
+  square such shape (k = 64 -> 8 x 8; 48 -> 6 x 8; 32 -> 4 x 8; 18 -> 3 x 6; 190 -> 10 x 19). A k without
+  one (a prime above 2, 10 = 2 x 5, 127, ...) cannot be met: the method refuses such a budget at validation
+  (`grid_refusal` names the nearest counts that work), so the count it delivers is always the budget's.
 """
 from __future__ import annotations
 
@@ -68,18 +67,54 @@ def pool_grid(x: torch.Tensor, height: int, width: int, k: int) -> torch.Tensor:
     return torch.cat(parts, dim=2).transpose(1, 2)
 
 
-def downsample_grid(k: int, height: int, width: int) -> tuple[int, int]:
-    """(rows, cols) of patches a crop is resized to for a budget of k tokens per crop (see the module
-    docstring); never above the crop's own height x width."""
+#: the largest aspect ratio (long side / short side) a downsampled grid may have
+MAX_ASPECT = 2
+
+
+def exact_grid(k: int, height: int, width: int) -> tuple[int, int] | None:
+    """(rows, cols) with rows * cols == k, rows <= cols <= MAX_ASPECT * rows, cols <= width, rows <= height,
+    the most square of them; the crop's own height x width for k >= height * width; None if there is none."""
     if k < 1:
-        raise ValueError(f"cannot downsample to {k} patches")
+        return None
     if k >= height * width:
         return height, width
-    g = math.isqrt(k)
-    for rows, cols in ((g + 1, g + 1), (g, g + 1), (g, g)):
-        if rows * cols <= k and rows <= height and cols <= width:
-            return rows, cols
-    return min(g, height), min(g, width)
+    for rows in range(math.isqrt(k), 0, -1):  # the largest divisor <= sqrt(k) is the most square shape
+        if k % rows == 0:
+            cols = k // rows
+            if cols <= MAX_ASPECT * rows and cols <= width and rows <= height:
+                return rows, cols
+            return None  # smaller divisors only stretch the shape further
+    return None
+
+
+def downsample_grid(k: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of patches a crop is resized to for k tokens per crop (`exact_grid`); ValueError if no
+    rectangle of exactly k patches has an aspect ratio <= MAX_ASPECT (callers refuse such budgets first)."""
+    grid = exact_grid(k, height, width)
+    if grid is None:
+        raise ValueError(grid_refusal(k, height, width))
+    return grid
+
+
+def reachable_counts(height: int, width: int) -> list[int]:
+    """Every per-crop count `exact_grid` can deliver on a height x width crop, ascending."""
+    return [k for k in range(1, height * width + 1) if exact_grid(k, height, width) is not None]
+
+
+def nearest_counts(k: int, height: int, width: int) -> list[int]:
+    """The reachable per-crop counts nearest k: the largest below it and the smallest above it."""
+    ok = reachable_counts(height, width)
+    below = [c for c in ok if c < k]
+    above = [c for c in ok if c > k]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def grid_refusal(k: int, height: int, width: int, unit: str = "image") -> str:
+    """Why k patches per crop cannot be delivered, naming the nearest counts that can (one line)."""
+    near = ", ".join(f"{c} = {'x'.join(map(str, exact_grid(c, height, width)))}"
+                     for c in nearest_counts(k, height, width))
+    return (f"cannot resize to exactly {k} patches per {unit} with an aspect ratio <= {MAX_ASPECT} "
+            f"(nearest: {near})")
 
 
 # ---- the Method plumbing `pool` and `downsample` share ------------------------------------------------
@@ -95,8 +130,9 @@ class GridReductionMethod(VisionReductionMethod):
     the reduced LLaVA-NeXT packing and the placeholder shrinking, the token counts of a layout. The
     plumbing's per-layer `schedule` is here `{last useful layer: tokens removed per crop}` (one entry, or
     none when nothing is removed), the form its counts read. Subclasses (dataclasses with the fields
-    `tokens` and `prompt_tokens`) implement `delivered(k, geom)` (the count a per-crop target k really
-    gives), `install(model, adapter, geom, state)` and `grid_prefill_macs`."""
+    `tokens` and `prompt_tokens`) implement `delivered(k, geom)` (the count a per-crop target k gives: k,
+    or a one-line MethodError where the method cannot deliver exactly k), `install(model, adapter, geom,
+    state)` and `grid_prefill_macs`."""
 
     refusals = {
         "qwen2_vl": "its processor already resizes every image to its own pixel budget and packs the patches of "

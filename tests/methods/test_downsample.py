@@ -1,7 +1,8 @@
 """`downsample` (methods/downsample.py): the grid rule, the patched model against a plain reference (PIL resize
 of the processor's image + a plain processor call for the prompt + CLIP with interpolated positions), the
-documented no-op, the kept count on every sample, counted FLOPs == analytic (the vision tower's share
-falls), cached == uncached, padded batch == single prompts, refusals, bad parameters."""
+documented no-op, the kept count on every sample (exactly the budget's), counted FLOPs == analytic (the vision
+tower's share falls), cached == uncached, padded batch == single prompts, refusals of counts without a grid
+(one line, naming the nearest counts), bad parameters."""
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ import methods
 from harness.budget import prompt_count
 from harness.efficiency import flops as F
 from harness.models import get_adapter
-from methods._shared.grid import downsample_grid
+from methods._shared.grid import downsample_grid, exact_grid, reachable_counts
 from methods.base import MethodError
 from tests.methods.helpers import (
     VISION_QUESTIONS,
@@ -32,27 +33,30 @@ from tests.methods.helpers import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def plain_grid(k: int, side: int) -> tuple[int, int]:
-    """The largest of g+1 x g+1, g x g+1, g x g (g = floor(sqrt(k))) with at most k patches, by enumeration."""
+def plain_grid(k: int, side: int) -> tuple[int, int] | None:
+    """Every rows x cols == k with rows <= cols <= 2 rows inside the side x side grid, by enumeration; the one
+    with the smallest cols - rows (the most square); None if there is none."""
     if k >= side * side:
         return side, side
-    best = None
-    for rows in range(1, side + 1):
-        for cols in range(rows, min(rows + 1, side) + 1):
-            if rows * cols <= k and (best is None or rows * cols > best[0] * best[1]):
-                best = (rows, cols)
-    return best
+    shapes = [(r, c) for r in range(1, side + 1) for c in range(r, min(2 * r, side) + 1) if r * c == k]
+    return min(shapes, key=lambda rc: rc[1] - rc[0]) if shapes else None
 
 
-@pytest.mark.parametrize("side", [8, 24])
-def test_grid_is_the_largest_near_square_at_most_k(side):
+@pytest.mark.parametrize("side", [8, 12, 24])
+def test_grid_is_the_most_square_exact_rectangle_with_aspect_at_most_2(side):
     for k in range(1, side * side + 1):
-        rows, cols = downsample_grid(k, side, side)
-        assert (rows, cols) == plain_grid(k, side), k
-        assert rows * cols <= k and cols - rows in (0, 1)
-        g = math.isqrt(k)
-        assert k - rows * cols <= 2 * g  # never more than 2 sqrt(k) under the target
-    assert downsample_grid(64, 24, 24) == (8, 8) and downsample_grid(190, 24, 24) == (13, 14)
+        assert exact_grid(k, side, side) == plain_grid(k, side), k
+        if plain_grid(k, side) is None:
+            with pytest.raises(ValueError, match=f"exactly {k} patches"):
+                downsample_grid(k, side, side)
+        else:
+            rows, cols = downsample_grid(k, side, side)
+            assert rows * cols == k and rows <= cols <= 2 * rows
+    assert reachable_counts(side, side) == [k for k in range(1, side * side + 1) if plain_grid(k, side)]
+    # the brief's examples: the default sweep on model=tiny (144 per image) and LLaVA-1.5-7B (576)
+    assert [exact_grid(k, 12, 12) for k in (48, 32, 18)] == [(6, 8), (4, 8), (3, 6)]
+    assert [exact_grid(k, 24, 24) for k in (64, 128, 192, 190)] == [(8, 8), (8, 16), (12, 16), (10, 19)]
+    assert exact_grid(127, 24, 24) is None and exact_grid(10, 24, 24) is None and exact_grid(63, 8, 8) is None
 
 
 # ---- the plain reference -----------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ def plain_logits(model, proc, i: int, rows: int, cols: int) -> torch.Tensor:
         return model(inputs_embeds=emb, attention_mask=plain["attention_mask"]).logits[:, -1], feats
 
 
-@pytest.mark.parametrize("tokens", [16, 20, 9])
+@pytest.mark.parametrize("tokens", [16, 20, 32])
 def test_logits_equal_the_plain_reference(tokens, capsys):
     proc = processor("llava")
     rows, cols = plain_grid(tokens, 8)
@@ -146,10 +150,10 @@ def test_example_really_reduces_and_the_tower_runs_smaller(family):
     assert seen[0].shape[1] == 16 + 1  # 4x4 patches + CLS through every CLIP layer
 
 
-@pytest.mark.parametrize("value", [0.33, 0.22, 0.125, 16])
+@pytest.mark.parametrize("value", [0.375, 0.25, 0.125, 24])
 def test_kept_count_on_every_sample(value):
-    """LLaVA-1.5, 1-3 images per prompt: every image gets the grid of the per-image target; the prompt gets
-    what `visual_tokens_kept` says, at most the budget and within 2 sqrt(k) per image of it."""
+    """LLaVA-1.5, 1-3 images per prompt: every image gets the exact grid of the per-image target, so the prompt
+    gets what `visual_tokens_kept` says and the budget rule asks (within images // 2: one k per image)."""
     from tests.methods.helpers import inputs as prompt_inputs
 
     m = fresh_model("llava")
@@ -160,26 +164,44 @@ def test_kept_count_on_every_sample(value):
         inp = prompt_inputs(proc, [sizes])
         (layout,) = F.layouts_from_inputs(m, inp)
         got = llm_visual_tokens(m, inp)
+        target = prompt_count(value, layout.visual)
         assert got == meth.visual_tokens_kept(layout), (value, sizes)
-        k = round(prompt_count(value, layout.visual) / len(sizes))
-        rows, cols = plain_grid(k, 8)
-        assert got == len(sizes) * rows * cols
+        assert abs(got - target) <= len(sizes) // 2, (value, sizes, got, target)
+        k = round(target / len(sizes))
+        assert plain_grid(k, 8) is not None and got == len(sizes) * k
+
+
+@pytest.mark.bad_input
+def test_a_prompt_beyond_the_checked_ones_is_refused_in_one_line():
+    """A count of 16 holds on prompts of one and two images (16 = 4x4, 8 = 2x4 per image), so it validates; a
+    prompt of three images would need 5 patches per image (prime): refused when it arrives, in one line."""
+    from tests.methods.helpers import inputs as prompt_inputs
+
+    m = fresh_model("llava")
+    methods.build("downsample", {"prompt_tokens": 16}).apply(m, get_adapter(m))
+    with pytest.raises(MethodError) as e:
+        llm_visual_tokens(m, prompt_inputs(processor("llava"), [[(64, 64)] * 3]))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("method.params.prompt_tokens=16: ")
+    assert "exactly 5 patches per image" in msg and "budget.value=16" in msg and "3 image(s)" in msg, msg
+    assert "(nearest: 4 = 2x2, 6 = 2x3)" in msg, msg
 
 
 def test_kept_count_on_every_llava_next_sample():
+    """LLaVA-NeXT with a fixed count per crop: every crop gets its exact grid, one newline per image."""
     m = fresh_model("llava_next")
-    meth = methods.build("downsample", {"prompt_tokens": 0.33})
+    meth = methods.build("downsample", {"tokens": 18})
     meth.apply(m, get_adapter(m))
     proc = processor("llava_next")
     for i in range(4):
         inp = vision_inputs(proc, [i], "llava_next")
         (layout,) = F.layouts_from_inputs(m, inp)
         got = llm_visual_tokens(m, inp)
-        assert got == meth.visual_tokens_kept(layout) <= prompt_count(0.33, layout.visual), i
+        assert got == meth.visual_tokens_kept(layout) == inp["pixel_values"].shape[1] * 18 + 1, i
 
 
 @pytest.mark.parametrize("family, params", [("llava", {"tokens": 20}), ("llava_next", {"tokens": 16}),
-                                            ("llava_next", {"prompt_tokens": 0.33})])
+                                            ("llava", {"prompt_tokens": 0.375})])
 def test_counted_flops_equal_analytic_and_the_vision_tower_shrinks(family, params):
     m = fresh_model(family, "qwen2", gqa=True)
     meth = methods.build("downsample", params)
@@ -193,7 +215,7 @@ def test_counted_flops_equal_analytic_and_the_vision_tower_shrinks(family, param
 
 def test_cached_equals_uncached_and_batch_equals_single_llava():
     m = fresh_model("llava")
-    methods.build("downsample", {"prompt_tokens": 0.33}).apply(m, get_adapter(m))
+    methods.build("downsample", {"prompt_tokens": 0.375}).apply(m, get_adapter(m))
     check_batch_equals_single(m, processor("llava"), "llava")
 
 
@@ -210,7 +232,8 @@ def test_full_size_meta_count_equals_analytic():
     from tests.methods.helpers import check_meta_flops
 
     check_meta_flops("downsample", {"tokens": 64})
-    check_meta_flops("downsample", {"prompt_tokens": 0.33}, model="llava_next_7b")
+    check_meta_flops("downsample", {"prompt_tokens": 0.33})  # 190 = 10 x 19 per image
+    check_meta_flops("downsample", {"tokens": 48}, model="llava_next_7b")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
@@ -247,6 +270,8 @@ def test_bad_parameters_are_named_in_one_line(param, value):
 @pytest.mark.parametrize("extra, message", [
     (["method.params.tokens=inf"], "method.params.tokens=inf"),
     (["method.params.tokens=4", "method.params.prompt_tokens=0.5"], "either prompt_tokens or tokens"),
+    (["method.params.tokens=19"], "method.params.tokens=19: downsample cannot resize to exactly 19 patches per image"),
+    (["budget.kind=tokens", "budget.value=0.3"], "budget.value=0.3: downsample cannot keep 19 visual tokens: "),
 ])
 def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys,
                                             monkeypatch):
@@ -266,20 +291,72 @@ def test_cli_refuses_before_the_model_loads(extra, message, tiny_checkpoint, dat
 # ---- both budget kinds reach it ----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_token_and_flops_budgets_reach_it(family):
-    from harness.budget import layout_for, resolve
+    """A token budget with an exact grid is delivered exactly (LLaVA-1.5: 0.25 -> 16 = 4x4); LLaVA-NeXT's per-crop
+    targets move with the crop count and image size, so a share is refused in one line; a FLOPs budget only
+    picks counts that have an exact grid."""
+    from harness.budget import BudgetError, layout_for, resolve
 
     m = fresh_model(family)
     adapter = get_adapter(m)
     layout = layout_for(adapter, 64)
-    tok, info = resolve(methods.build("downsample", {}), adapter, {"kind": "tokens", "value": 0.25})
-    assert tok.prompt_tokens == 0.25 and info["visual_tokens_to_llm"] == tok.visual_tokens_kept(layout)
-    assert info["visual_tokens_to_llm"] <= prompt_count(0.25, layout.visual)
+    if family == "llava":
+        tok, info = resolve(methods.build("downsample", {}), adapter, {"kind": "tokens", "value": 0.25})
+        assert tok.prompt_tokens == 0.25 and info["visual_tokens_to_llm"] == tok.visual_tokens_kept(layout)
+        assert info["visual_tokens_to_llm"] == prompt_count(0.25, layout.visual) == 16
+    else:
+        with pytest.raises(BudgetError) as e:
+            resolve(methods.build("downsample", {}), adapter, {"kind": "tokens", "value": 0.25})
+        assert "\n" not in str(e.value) and "budget.value=0.25" in str(e.value), str(e.value)
+        assert "varies with the size of a LLaVA-NeXT image" in str(e.value)
+    assert methods.build("downsample", {}).budget_candidates(adapter) == [k for k in range(1, 65) if plain_grid(k, 8)]
     dense = sum(F.analytic_prefill(m.config, layout).values())
-    for target in (0.6, 0.4):
+    for target in (0.6, 0.4, 0.3):
         fl, info = resolve(methods.build("downsample", {}), adapter, {"kind": "flops", "value": target})
-        assert isinstance(fl.tokens, int) and 1 <= fl.tokens < 64
+        assert isinstance(fl.tokens, int) and 1 <= fl.tokens < 64 and plain_grid(fl.tokens, 8) is not None
         ratio = sum(F.analytic_prefill(m.config, layout, fl).values()) / dense
         assert ratio == pytest.approx(info["predicted_flops_ratio"]) and abs(ratio - target) < 0.1, (target, ratio)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_every_count_without_a_grid_is_refused_in_one_line_naming_the_nearest(family):
+    """For every per-crop count 1..64: a count with an exact grid validates and is delivered by `tokens`
+    (`visual_tokens_kept`), one without is refused in one line naming the nearest counts that have one."""
+    m = fresh_model(family)
+    adapter = get_adapter(m)
+    unit = "crop" if family == "llava_next" else "image"
+    ok = [k for k in range(1, 65) if plain_grid(k, 8)]
+    for k in range(1, 65):
+        meth = methods.build("downsample", {"tokens": k})
+        if plain_grid(k, 8) is not None:
+            meth.validate(adapter)
+            assert meth.delivered(k, meth._geom) == k
+            continue
+        with pytest.raises(MethodError) as e:
+            meth.validate(adapter)
+        below, above = max(c for c in ok if c < k), min(c for c in ok if c > k)
+        near = ", ".join(f"{c} = {'x'.join(map(str, plain_grid(c, 8)))}" for c in (below, above))
+        assert str(e.value) == (f"method.params.tokens={k}: downsample cannot resize to exactly {k} patches per {unit} "
+                                f"with an aspect ratio <= 2 (nearest: {near})")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value, why", [
+    (20, "exactly 10 patches per image with an aspect ratio <= 2 (nearest: 9 = 3x3, 12 = 3x4), the per-crop target of "
+         "budget.value=20 on a prompt of 2 image(s)"),
+    (0.3, "exactly 19 patches per image with an aspect ratio <= 2 (nearest: 18 = 3x6, 20 = 4x5), the per-crop target "
+          "of budget.value=0.3 on a prompt of 1 image(s)"),
+])
+def test_token_budgets_without_a_grid_are_refused_at_validation(value, why):
+    from harness.budget import BudgetError, resolve
+
+    m = fresh_model("llava")
+    with pytest.raises(BudgetError) as e:
+        resolve(methods.build("downsample", {}), get_adapter(m), {"kind": "tokens", "value": value})
+    msg = str(e.value)
+    assert "\n" not in msg and why in msg, msg
+    assert ("nearest counts that hold on every prompt of one or two images: 18, 24" in msg if value == 20
+            else "nearest shares that give one image an exact grid: 0.2812, 0.3125" in msg), msg
 
 
 # ---- asked-cell recall on `shapes` (harness/recall.py) -----------------------------------------------------
