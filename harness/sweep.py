@@ -130,9 +130,11 @@ def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
     bad = []
     for combo in combos:
         cfg = compose_config(combo)
-        rec = ResultsStore(cfg.store.dir).get(record_key(resolved(cfg)))
+        key = record_key(resolved(cfg))
+        rec = ResultsStore(cfg.store.dir).get(key)
         if rec is None:
-            bad.append((combo, _STATE["reasons"].get(frozenset(combo)) or "no record (the job did not finish)"))
+            why = _STATE["reasons"].get(frozenset(combo)) or _STATE["reasons"].get(key)  # by key: a worker's cell
+            bad.append((combo, why or "no record (the job did not finish)"))
         elif rec.get("status") != "complete":
             bad.append((combo, str(rec.get("error") or rec.get("status"))))
     return bad
@@ -239,11 +241,15 @@ def _worker_plan(overrides: list[str], combos: list[list[str]]):
 def _submit(pool, cfg, num, total, label: str) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.config import resolved
+    from harness.results import record_key
+
     hc = HydraConfig.get()
     if pool.log_dir is None:
         pool.log_dir = Path(hc.sweep.dir)
     logger = cfg.get("logger")
-    pool.submit({"overrides": list(hc.overrides.task), "num": num, "total": total, "label": label,
+    pool.submit({"overrides": list(hc.overrides.task), "key": record_key(resolved(cfg)), "num": num,
+                 "total": total, "label": label,
                  "log": str(Path(hc.runtime.output_dir) / "cell.log"),
                  "group": logger.get("group") if logger is not None else None})
 

@@ -175,7 +175,7 @@ class WorkerPool:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.out = out or sys.stderr
         self.workers: list[_Worker] = []
-        self.reasons: dict[frozenset, str] = {}
+        self.reasons: dict[str, str] = {}  # why a cell has no record, by record key
         self.sel = selectors.DefaultSelector()
         self.broken = False  # a worker died before it could take a cell (a broken environment: its log says why)
 
@@ -214,8 +214,8 @@ class WorkerPool:
 
     # cells ------------------------------------------------------------------------------------------------
     def submit(self, task: dict) -> None:
-        """Hand a cell to an idle worker, waiting for one if all are busy. `task`: overrides, num, total,
-        label, log (the cell's log file), group (the W&B group)."""
+        """Hand a cell to an idle worker, waiting for one if all are busy. `task`: overrides, key (the record
+        key), num, total, label, log (the cell's log file), group (the W&B group)."""
         while (w := self._idle()) is None:
             if not self.workers:  # every worker died before it could start: the cell cannot run here
                 self._fail(task, "no worker process could start (see the worker logs under "
@@ -307,7 +307,7 @@ class WorkerPool:
         status, reason = msg.get("status"), msg.get("reason")
         if status == "bad_input":
             print(f"vtbench: error in cell {task['num']}: {reason}", file=self.out, flush=True)
-            self.reasons[frozenset(task["overrides"])] = reason
+            self.reasons[task["key"]] = reason
         elif status != "complete":
             print(f"vtbench: cell {task['num']} failed: {reason} (log: {task['log']})", file=self.out, flush=True)
 
@@ -331,7 +331,7 @@ class WorkerPool:
         # otherwise the next cell starts a replacement in its slot (`_idle`)
 
     def _fail(self, task: dict, reason: str) -> None:
-        self.reasons[frozenset(task["overrides"])] = reason
+        self.reasons[task["key"]] = reason
         print(f"vtbench: cell {task['num']} failed: {reason} (log: {task['log']})", file=self.out, flush=True)
 
 
