@@ -241,15 +241,20 @@ def _worker_plan(overrides: list[str], combos: list[list[str]]):
 def _submit(pool, cfg, num, total, label: str) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    import json
+
     from harness.config import resolved
-    from harness.results import record_key
+    from harness.results import cell_identity, record_key
 
     hc = HydraConfig.get()
     if pool.log_dir is None:
         pool.log_dir = Path(hc.sweep.dir)
     logger = cfg.get("logger")
+    ident = cell_identity(resolved(cfg))  # cells of one first-use calibration: one computes, the others wait
+    calibration = (json.dumps([ident["model"], ident["method"]["name"], ident["calibration"]], sort_keys=True,
+                              default=str) if ident.get("calibration") is not None else None)
     pool.submit({"overrides": list(hc.overrides.task), "key": record_key(resolved(cfg)), "num": num,
-                 "total": total, "label": label,
+                 "total": total, "label": label, "calibration": calibration,
                  "log": str(Path(hc.runtime.output_dir) / "cell.log"),
                  "group": logger.get("group") if logger is not None else None})
 

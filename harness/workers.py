@@ -178,6 +178,9 @@ class WorkerPool:
         self.reasons: dict[str, str] = {}  # why a cell has no record, by record key
         self.sel = selectors.DefaultSelector()
         self.broken = False  # a worker died before it could take a cell (a broken environment: its log says why)
+        self.queue: list[dict] = []  # cells not handed out yet
+        self.calibrating: set[str] = set()  # calibrations a worker's cell is computing (first use)
+        self.calibrated: set[str] = set()  # ... and those whose first cell has finished
 
     # workers ----------------------------------------------------------------------------------------------
     def _spawn(self, slot: int) -> _Worker:
@@ -203,10 +206,10 @@ class WorkerPool:
         self.workers.append(worker)
         return worker
 
-    def _idle(self) -> _Worker | None:
+    def _idle(self, spawn_only: bool = False) -> _Worker | None:
         """A worker without a cell; a new one (in a free slot) while fewer than planned are alive and none
-        has failed to start."""
-        w = next((w for w in self.workers if w.task is None), None)
+        has failed to start. `spawn_only`: only a new one (started, not yet given a cell)."""
+        w = None if spawn_only else next((w for w in self.workers if w.task is None), None)
         if w is None and len(self.workers) < self.plan.workers and not self.broken:
             used = {x.index for x in self.workers}
             w = self._spawn(min(set(range(self.plan.workers)) - used))
@@ -214,15 +217,51 @@ class WorkerPool:
 
     # cells ------------------------------------------------------------------------------------------------
     def submit(self, task: dict) -> None:
-        """Hand a cell to an idle worker, waiting for one if all are busy. `task`: overrides, key (the record
-        key), num, total, label, log (the cell's log file), group (the W&B group)."""
-        while (w := self._idle()) is None:
-            if not self.workers:  # every worker died before it could start: the cell cannot run here
-                self._fail(task, "no worker process could start (see the worker logs under "
-                                 f"{self.log_dir})")
-                return
-            self._collect(timeout=None)
+        """Queue a cell (the workers start importing now; cells are handed out by `join`). `task`: overrides,
+        key (the record key), calibration (what its first-use calibration is keyed by, or None), num, total,
+        label, log (the cell's log file), group (the W&B group)."""
+        self.queue.append(task)
+        while self._idle(spawn_only=True) is not None:  # start the workers while Hydra goes through the jobs
+            pass
+
+    def _next(self) -> dict | None:
+        """The next cell to hand out: first a cell that computes a calibration nobody computes yet (the long
+        ones start early), then cells that need none or find theirs done, in the sweep's order; a cell whose
+        calibration another worker is computing waits until it is done (it would only wait for it), unless
+        nothing else is left."""
+        def rank(t):
+            cal = t.get("calibration")
+            if cal is None or cal in self.calibrated:
+                return 1
+            return 2 if cal in self.calibrating else 0
+
+        if not self.queue:
+            return None
+        best = min(range(len(self.queue)), key=lambda i: (rank(self.queue[i]), i))
+        if rank(self.queue[best]) == 2 and any(w.task is not None for w in self.workers):
+            return None  # wait for the calibrating cell to finish (or for other cells)
+        return self.queue.pop(best)
+
+    def join(self) -> None:
+        """Hand out every queued cell to idle workers, wait for them all, then let the workers go."""
+        while self.queue or any(w.task is not None for w in self.workers):
+            w = self._idle() if self.queue else None
+            if w is None and self.queue and not self.workers:  # no worker could start: the cells cannot run here
+                for task in self.queue:
+                    self._fail(task, f"no worker process could start (see the worker logs under {self.log_dir})")
+                self.queue.clear()
+                continue
+            task = self._next() if w is not None else None
+            if task is None:
+                self._collect(timeout=None)
+                continue
+            self._dispatch(w, task)
+        self.close()
+
+    def _dispatch(self, w: _Worker, task: dict) -> None:
         w.task = task
+        if task.get("calibration") is not None and task["calibration"] not in self.calibrated:
+            self.calibrating.add(task["calibration"])
         print(f"[vtbench] ===== cell {task['num']}/{task['total']}: {task['label']} → worker {w.index} "
               f"(log: {task['log']}) =====", file=self.out, flush=True)
         try:
@@ -231,11 +270,11 @@ class WorkerPool:
         except (BrokenPipeError, OSError):  # it died meanwhile: its death is collected next
             pass
 
-    def join(self) -> None:
-        """Wait for every cell handed out, then let the workers go."""
-        while any(w.task is not None for w in self.workers):
-            self._collect(timeout=None)
-        self.close()
+    def _finished(self, task: dict) -> None:
+        cal = task.get("calibration")
+        if cal is not None:
+            self.calibrating.discard(cal)
+            self.calibrated.add(cal)
 
     def close(self) -> None:
         for w in list(self.workers):
@@ -304,6 +343,7 @@ class WorkerPool:
         task, w.task = w.task, None
         if task is None:
             return
+        self._finished(task)
         status, reason = msg.get("status"), msg.get("reason")
         if status == "bad_input":
             print(f"vtbench: error in cell {task['num']}: {reason}", file=self.out, flush=True)
@@ -322,6 +362,7 @@ class WorkerPool:
             except ValueError:
                 how = f"killed by signal {-code}"
         if task is not None:
+            self._finished(task)
             reason = (f"its worker process died ({how}); the answers it produced are kept: rerun the same command "
                       "to resume the cell")
             self._fail(task, reason)

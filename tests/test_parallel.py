@@ -272,3 +272,36 @@ def test_workers_and_threads_are_not_part_of_the_record_key(tmp_path):
     keys = {record_key(resolved(compose_config([f"store.dir={tmp_path}", "method=random", *extra])))
             for extra in ([], ["run.workers=1"], ["run.workers=4"], ["run.workers=auto", "run.threads=3"])}
     assert len(keys) == 1
+
+
+def test_the_pool_hands_out_calibrating_cells_first_and_never_two_of_one_calibration(tmp_path):
+    """Cells that compute a calibration on first use start first (they are the long ones); a second cell of
+    the same calibration waits until the first one is done (it would only wait for its file lock), unless
+    nothing else is left."""
+    from types import SimpleNamespace
+
+    from harness.workers import Plan, WorkerPool
+
+    pool = WorkerPool(Plan(workers=2, threads=1, timing_threads=1), log_dir=tmp_path)
+    busy = SimpleNamespace(task=None)
+    pool.workers = [busy]  # stands for a worker process (only `.task` is read)
+    cells = [{"num": i, "calibration": c} for i, c in enumerate([None, "X", "X", None, "Y"])]
+    pool.queue = list(cells)
+    order = []
+
+    def take():
+        t = pool._next()
+        if t is not None:
+            order.append(t["num"])
+            if t["calibration"] and t["calibration"] not in pool.calibrated:
+                pool.calibrating.add(t["calibration"])
+            busy.task = t
+        return t
+
+    assert [take()["num"] for _ in range(4)] == [1, 4, 0, 3]  # X and Y compute first, then the sweep's order
+    assert take() is None  # only cell 2 is left, and X is being computed by a busy worker: it waits
+    pool._finished(cells[1])
+    assert take()["num"] == 2 and not pool.queue
+    pool.queue, pool.calibrated, pool.calibrating = [{"num": 9, "calibration": "Z"}], set(), {"Z"}
+    busy.task = None  # nothing else runs: it goes (and waits for the lock) rather than never
+    assert take()["num"] == 9
