@@ -16,9 +16,9 @@ Each worker is pinned to its share of the machine: on CPU `max(1, cores // N)` t
 worker by default), on a machine with several CUDA GPUs one GPU (`CUDA_VISIBLE_DEVICES`, round robin).
 Timing runs alone on its device (`harness.execution`).
 
-Kill-safety: a worker dies with the sweep (Linux `PR_SET_PDEATHSIG`, and an idle worker on its closed
-input), so SIGKILL of the sweep leaves no process behind and a rerun resumes every interrupted cell from
-its answers. A worker killed on its own fails only its cell ("the worker process died ..."; its answers are
+Kill-safety: a worker dies with the sweep (a pipe whose write end only the sweep holds reads end of file when
+the sweep is gone, however it ended; and Linux `PR_SET_PDEATHSIG`), so SIGKILL of the sweep leaves no process
+behind and a rerun resumes every interrupted cell from its answers. A worker killed on its own fails only its cell ("the worker process died ..."; its answers are
 kept) and is replaced; the sweep goes on and exits 1 naming the cell; rerunning resumes it.
 """
 from __future__ import annotations
@@ -178,6 +178,7 @@ class WorkerPool:
         self.reasons: dict[str, str] = {}  # why a cell has no record, by record key
         self.sel = selectors.DefaultSelector()
         self.broken = False  # a worker died before it could take a cell (a broken environment: its log says why)
+        self._alive: tuple[int, int] | None = None
         self.queue: list[dict] = []  # cells not handed out yet
         self.calibrating: set[str] = set()  # calibrations a worker's cell is computing (first use)
         self.calibrated: set[str] = set()  # ... and those whose first cell has finished
@@ -191,14 +192,17 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = self.plan.gpus[slot % len(self.plan.gpus)]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"worker-{slot}.log"
+        if self._alive is None:  # the workers' "sweep alive" pipe: only this process holds the write end
+            self._alive = os.pipe()
         r, w = os.pipe()
+        alive = self._alive[0]
         try:
             with open(log, "ab") as logf:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "harness.workers", "--result-fd", str(w), "--parent", str(os.getpid()),
-                     "--workers", str(self.plan.workers), "--index", str(slot), "--threads", str(self.plan.threads),
-                     "--timing-threads", str(self.plan.timing_threads)],
-                    stdin=subprocess.PIPE, stdout=logf, stderr=logf, env=env, pass_fds=(w,), close_fds=True)
+                    [sys.executable, "-m", "harness.workers", "--result-fd", str(w), "--alive-fd", str(alive),
+                     "--parent", str(os.getpid()), "--workers", str(self.plan.workers), "--index", str(slot),
+                     "--threads", str(self.plan.threads), "--timing-threads", str(self.plan.timing_threads)],
+                    stdin=subprocess.PIPE, stdout=logf, stderr=logf, env=env, pass_fds=(w, alive), close_fds=True)
         finally:
             os.close(w)
         worker = _Worker(index=slot, proc=proc, fd=r, log=log)
@@ -309,6 +313,15 @@ class WorkerPool:
                 w.proc.wait()
             self._forget(w)
 
+    def _close_alive(self) -> None:
+        if self._alive is not None and not self.workers:
+            for fd in self._alive:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._alive = None
+
     def _forget(self, w: _Worker) -> None:
         try:
             self.sel.unregister(w.fd)
@@ -320,6 +333,7 @@ class WorkerPool:
             pass
         if w in self.workers:
             self.workers.remove(w)
+        self._close_alive()
 
     def _collect(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
@@ -377,18 +391,36 @@ class WorkerPool:
 
 
 # ---- the worker process ----------------------------------------------------------------------------------
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel sends SIGKILL to this process when the sweep's main thread ends (however it ends)."""
+def _die_with_parent(parent: int, alive_fd: int) -> None:
+    """End this process (SIGKILL, as the sweep itself may have been killed) as soon as the sweep is gone, however
+    it ended: `alive_fd` is the read end of a pipe whose only write end the sweep holds, so it reads end of
+    file exactly when the sweep's process is gone (a watcher thread); and on Linux the kernel's
+    `PR_SET_PDEATHSIG` too (some sandboxes ignore it)."""
+    import threading
+
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # pragma: no cover - not Linux: an idle worker still ends on its closed input
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # pragma: no cover - not Linux: the watcher below does it
         pass
-    if os.getppid() != parent:  # the sweep died before the line above took effect
-        os._exit(1)
+
+    def watch():
+        while True:
+            try:
+                if not os.read(alive_fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="vtbench-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the sweep died before the watcher started
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Redirect:
@@ -434,10 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m harness.workers", description="a worker of a parallel sweep")
-    for name in ("--result-fd", "--parent", "--workers", "--index", "--threads", "--timing-threads"):
+    for name in ("--result-fd", "--alive-fd", "--parent", "--workers", "--index", "--threads", "--timing-threads"):
         ap.add_argument(name, type=int, required=True)
     a = ap.parse_args(argv)
-    _die_with_parent(a.parent)
+    _die_with_parent(a.parent, a.alive_fd)
     from harness.errors import install_signal_handlers
 
     install_signal_handlers()
