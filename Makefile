@@ -54,10 +54,10 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with --no-deps)
 
 .PHONY: eval
-eval: $(STAMP) ## The default sweep: none + every method and composition x 3 budgets on tiny/shapes (resumable), then the report
+eval: $(STAMP) ## The default sweep: none + every method and composition x 3 budgets on tiny/shapes (resumable, parallel workers), then the report
 	@echo "== [1/2] reference: method none"
 	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [2/2] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens), one process"
+	@echo "== [2/2] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens), answered by run.workers worker processes (default: one single-threaded worker per core, one per GPU; timing alone)"
 	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 	$(VENV)/bin/vtbench-report
 	@# the records behind results/tables (`vtbench-report --store results/store` regenerates them exactly)

@@ -100,7 +100,14 @@ def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dic
         }
 
         def compute(reduction=reduction):
-            evaluate = kl_evaluator(model, adapter, batches, reduction, **params)
+            from harness.execution import yield_now
+
+            kl = kl_evaluator(model, adapter, batches, reduction, **params)
+
+            def evaluate(layers):  # one greedy step at a time: a waiting timing part goes first (harness.execution)
+                yield_now()
+                return kl(layers)
+
             res = greedy_layer_ranking(
                 adapter.num_llm_layers, evaluate, tail=int(cfg.calibration.tail), alpha=float(cfg.calibration.alpha)
             )

@@ -365,6 +365,11 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
     _str(cfg, "run.dtype", null=True, choices=sorted(DTYPES))
     _bool(cfg, "run.force")
     _int(cfg, "run.max_new_tokens", lo=1, null=True)
+    workers = OmegaConf.select(cfg, "run.workers")
+    if workers != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        # how a sweep runs (harness.workers), never part of a cell's key
+        raise _bad("run.workers", workers, "run.workers must be a positive integer or auto")
+    _int(cfg, "run.threads", lo=1, null=True)
     _bool(cfg, "run.efficiency.enabled")
     _int(cfg, "run.efficiency.probe_size", lo=1)
     _int(cfg, "run.efficiency.flops_docs", lo=1, null=True)

@@ -147,8 +147,13 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
             _log(f"cell {key} was completed by another process: reusing it")
             existing["_reused"] = True
             return existing
-        record = _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict,
-                           efficiency_fn, t_start, truncated)
+        from harness.execution import device_lock
+
+        # computing on the device: shared with other vtbench processes, except the probe's timing part
+        # (exclusive) and, between answer batches, any timing part that waits (harness.execution)
+        with device_lock(cfg.run.device).shared():
+            record = _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, task_dict,
+                               efficiency_fn, t_start, truncated)
     return record
 
 
@@ -159,6 +164,10 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
     from harness.lmms_model import VTBenchLMM
     from harness.models.loading import load_model
 
+    from harness.execution import describe, device_lock, for_cell
+
+    execution = for_cell(cfg)  # this process's workers / threads (torch threads set here)
+    lock = device_lock(cfg.run.device)
     _log(f"cell {key}: model={cfg.model.name} method={method.describe()} benchmark={cfg.benchmark.name}")
     torch.manual_seed(cfg.run.seed)
     t_load = time.perf_counter()
@@ -186,7 +195,7 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         batch_size=cfg.run.batch_size,
         max_new_tokens=cfg.run.max_new_tokens,
         chat_template=cfg.model.get("chat_template"),
-        on_batch=lambda rows: store.append_partial(key, rows, code),
+        on_batch=lambda rows: (store.append_partial(key, rows, code), lock.yield_point()),
     )
     lm.lookup = lambda t, s, d: getattr(done.get((t, s, int(d))), "answer", None)
     if cfg.benchmark.name == "shapes":
@@ -280,6 +289,8 @@ def _evaluate(cfg, conf, key, store, method, budget_info, task, include, tm, tas
         "samples": samples,
         "efficiency": efficiency,
         "environment": environment(cfg.run.device),
+        # how it ran: worker processes of the sweep, torch threads, the device lock (latency: efficiency.latency)
+        "execution": describe(execution, lock),
         "data": {"task": task, "include_path": include, "dataset": _dataset_info(cfg)},
         # where the cell's time went: set-up before the model loads (validation, identity, data), model
         # loading, calibration (first use of an 'auto' artefact only), answering, the efficiency probe, logging

@@ -21,10 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import traceback
 from pathlib import Path
 
-_STATE: dict = {"total": None, "reasons": {}}
+_STATE: dict = {"total": None, "reasons": {}, "pool": None}
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -176,9 +175,11 @@ def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
     bad = []
     for combo in combos:
         cfg = compose_config(combo)
-        rec = ResultsStore(cfg.store.dir).get(record_key(resolved(cfg)))
+        key = record_key(resolved(cfg))
+        rec = ResultsStore(cfg.store.dir).get(key)
         if rec is None:
-            bad.append((combo, _STATE["reasons"].get(frozenset(combo)) or "no record (the job did not finish)"))
+            why = _STATE["reasons"].get(frozenset(combo)) or _STATE["reasons"].get(key)  # by key: a worker's cell
+            bad.append((combo, why or "no record (the job did not finish)"))
         elif rec.get("status") != "complete":
             bad.append((combo, str(rec.get("error") or rec.get("status"))))
     return bad
@@ -232,8 +233,7 @@ def _job_overrides() -> frozenset:
 def _job(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.errors import bad_input_errors, error_line, failure_reason
-    from harness.runner import efficiency_fn, run_cell, write_failed
+    from harness.workers import needs_worker, run_job
 
     try:
         num = HydraConfig.get().job.num + 1
@@ -241,26 +241,67 @@ def _job(cfg) -> dict | None:
         num = "?"
     total = _STATE["total"] or os.environ.get("VTBENCH_SWEEP_TOTAL") or "?"
     _default_group(cfg)
-    print(f"[vtbench] ===== cell {num}/{total}: {' '.join(sorted(_job_overrides())) or '(defaults)'} =====",
-          file=sys.stderr, flush=True)
+    label = " ".join(sorted(_job_overrides())) or "(defaults)"
+    pool = _STATE.get("pool")
+    if pool is not None and needs_worker(cfg):  # parallel answering: an idle worker takes it (harness.workers)
+        _submit(pool, cfg, num, total, label)
+        return None
+    print(f"[vtbench] ===== cell {num}/{total}: {label} =====", file=sys.stderr, flush=True)
+    out = run_job(cfg, num)
+    if out["status"] == "bad_input":
+        _STATE["reasons"][_job_overrides()] = out["reason"]
+    return {"key": out["key"], "accuracy": out["accuracy"]} if out["status"] == "complete" else None
+
+
+# ---- parallel answering (harness.workers) ----------------------------------------------------------------
+def _basic_launcher(overrides: list[str]) -> bool:
+    """True if the sweep's cells run through Hydra's basic launcher, in this process (the only launcher whose
+    cells a worker pool takes over; submitit and SLURM jobs are processes of their own already)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        rec = run_cell(cfg, efficiency_fn=efficiency_fn())
-    except bad_input_errors() as e:  # found only when the cell runs (e.g. its benchmark data)
-        print(f"vtbench: error in cell {num}: {error_line(e)}", file=sys.stderr)
-        _STATE["reasons"][_job_overrides()] = error_line(e)
-        return None
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # a run-time failure (OOM, kernel error): record it, go on
-        reason = failure_reason(e)
-        print(f"vtbench: cell {num} failed: {reason}", file=sys.stderr)
-        traceback.print_exc(limit=3, file=sys.stderr)
-        write_failed(cfg, reason)
-        return None
-    if rec.get("status") != "complete":  # e.g. every sample failed
-        print(f"vtbench: cell {num} failed: {rec.get('error')}", file=sys.stderr)
-        return None
-    return {"key": rec["key"], "accuracy": rec.get("accuracy")}
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return False
+    cfg = _compose_hydra([o.input_line for o in parsed if not o.is_sweep_override()])
+    target = str(cfg.hydra.launcher.get("_target_", "")) if cfg is not None else ""
+    return target.endswith("BasicLauncher")
+
+
+def _worker_plan(overrides: list[str], combos: list[list[str]]):
+    """How many workers answer the sweep's cells (`run.workers`, checked like every value: it may not vary
+    within a sweep); None when the cells run one after another in this process."""
+    from harness.config import compose_config, resolved
+    from harness.results import ResultsStore, record_key
+    from harness.workers import plan
+
+    todo = 0
+    for combo in combos:
+        cfg = compose_config(combo)
+        todo += bool(cfg.run.force) or not ResultsStore(cfg.store.dir).is_complete(record_key(resolved(cfg)))
+    p = plan(combos, todo)
+    return p if p.workers > 1 and _basic_launcher(overrides) else None
+
+
+def _submit(pool, cfg, num, total, label: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    import json
+
+    from harness.config import resolved
+    from harness.results import cell_identity, record_key
+
+    hc = HydraConfig.get()
+    if pool.log_dir is None:
+        pool.log_dir = Path(hc.sweep.dir)
+    logger = cfg.get("logger")
+    ident = cell_identity(resolved(cfg))  # cells of one first-use calibration: one computes, the others wait
+    calibration = (json.dumps([ident["model"], ident["method"]["name"], ident["calibration"]], sort_keys=True,
+                              default=str) if ident.get("calibration") is not None else None)
+    pool.submit({"overrides": list(hc.overrides.task), "key": record_key(resolved(cfg)), "num": num,
+                 "total": total, "label": label, "calibration": calibration,
+                 "log": str(Path(hc.runtime.output_dir) / "cell.log"),
+                 "group": logger.get("group") if logger is not None else None})
 
 
 def run_multirun(overrides: list[str]) -> int:
@@ -271,6 +312,7 @@ def run_multirun(overrides: list[str]) -> int:
 
     try:
         combos = validate_sweep(overrides)
+        plan = _worker_plan(overrides, combos)
     except bad_input_errors() as e:
         print(f"vtbench: error: {sweep_error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -279,6 +321,12 @@ def run_multirun(overrides: list[str]) -> int:
     _STATE["total"] = len(combos)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
     monitor = _monitor(combos).start()
+    pool = None
+    if plan is not None:
+        from harness.workers import WorkerPool
+
+        print(f"[vtbench] {plan.describe()}", file=sys.stderr, flush=True)
+        pool = _STATE["pool"] = WorkerPool(plan)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
@@ -292,7 +340,11 @@ def run_multirun(overrides: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _entry()
+        if pool is not None:  # the cells handed to workers
+            pool.join()
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
+        if pool is not None:
+            pool.terminate()
         return interrupted("vtbench", e, "rerun the same command to resume")
     except SystemExit as e:  # hydra exits on its own errors
         if e.code not in (0, None):
@@ -304,6 +356,10 @@ def run_multirun(overrides: list[str]) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     finally:
+        if pool is not None:
+            pool.terminate()  # nothing left after a join; after an error, no worker outlives the sweep
+            _STATE["reasons"].update(pool.reasons)
+            _STATE["pool"] = None
         monitor.stop()
         sys.argv = argv
         if full_error is None:

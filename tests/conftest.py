@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # workers (pytest-xdist) on a 2-core machine, and OpenMP threads on busy cores spin instead of working
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# sweeps answer their cells one after another in the sweep's process unless a test asks for workers
+# (`run.workers=N`): `make test` already runs two pytest workers
+os.environ.setdefault("VTBENCH_WORKERS", "1")
 # file digests and data verifications are cached here, not in the user's ~/.cache
 os.environ.setdefault("VTBENCH_CACHE", __import__("tempfile").mkdtemp(prefix="vtbench-cache-"))
 os.environ.setdefault("WANDB_DATA_DIR", __import__("tempfile").mkdtemp(prefix="vtbench-wandb-data-"))  # W&B staging

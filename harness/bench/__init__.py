@@ -22,6 +22,9 @@ Parts (all by default):
 * ``batch`` — batched evaluation through the lmms-eval wrapper with left padding: 8 prompts of different
   lengths at batch 1 (8 calls) vs batch 8 (one call); predictions compared, throughput ratio.
 * ``flops`` — wall time of ``vtbench-flops model=llava15_13b method=<m>`` (subprocess) for every method.
+* ``sweep`` — one small `vtbench -m` sweep (tiny model, shapes, none/random/fastv/tome) answered serially and by
+  parallel worker processes (`run.workers=auto`): cells per minute of each, and each cell's latency medians
+  from the parallel run against the serial run's interquartile range (`harness.bench.sweep`).
 
 Output: ``<out>/<machine>.md`` (the report), ``<machine>.csv`` (the methods table) and ``<machine>.json``
 (everything). ``--quick`` runs a tiny model with 1 repetition (the smoke test); its numbers mean nothing.
@@ -45,6 +48,7 @@ from harness.bench.methods import MethodsPart
 from harness.bench.overhead import OverheadPart
 from harness.bench.render import COUNTERS, bench_meta, explain_misses, render, write_csv, write_report
 from harness.bench.scores import ScoresPart, keep_eager_weights, scoring_layers
+from harness.bench.sweep import SWEEP_METHODS, SweepPart, compare_sweeps, render_sweep
 from harness.bench.setup import (ALL_METHODS, BUDGET_TOKENS, COMPOSITIONS, FULL_FAMILIES, METHODS, OVERHEAD_TARGET,
     PARTS, Spec, TARGETS, bench_image_size, build_full, build_model, full_config, full_processor, kv_cache_bytes,
     make_image, make_question, method_settings, share_weights_copy, shortv_layers)
@@ -55,7 +59,7 @@ __all__ = ["ALL_METHODS", "BUDGET_TOKENS", "COMPOSITIONS", "FULL_FAMILIES", "MET
            "ATTN_OPS", "CLOCK", "GATHER_OPS", "MATMUL_OPS", "RssPeak", "TimeGuard", "component_times", "cpu_model",
            "interleaved", "loadavg", "machine_name", "med", "method_work_times", "paired_ratios", "profile_prefill",
            "quartiles", "spread", "OverheadPart", "MethodsPart", "ScoresPart", "keep_eager_weights",
-           "scoring_layers", "BatchPart", "CountingPart", "FLOOR", "IMPORT_FLOOR", "flops_cli_params", "Bench",
+           "scoring_layers", "SWEEP_METHODS", "SweepPart", "compare_sweeps", "render_sweep", "BatchPart", "CountingPart", "FLOOR", "IMPORT_FLOOR", "flops_cli_params", "Bench",
            "COUNTERS", "bench_meta", "explain_misses", "render", "write_csv", "write_report", "GPU_ARCHS",
            "GPU_ARCH_WEIGHT", "GPU_BATCH_METHODS", "GPU_BUDGET_S", "GPU_GEN_REPEATS", "GPU_PARTS", "GPU_REPEATS",
            "NO_GPU_LINE", "gpu_spec", "run_gpu_full"]

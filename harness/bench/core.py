@@ -13,9 +13,10 @@ from harness.bench.methods import MethodsPart
 from harness.bench.overhead import OverheadPart
 from harness.bench.scores import ScoresPart
 from harness.bench.setup import Spec, bench_image_size, build_full, build_model
+from harness.bench.sweep import SweepPart
 
 
-class Bench(OverheadPart, MethodsPart, ScoresPart, BatchPart, CountingPart):
+class Bench(OverheadPart, MethodsPart, ScoresPart, BatchPart, CountingPart, SweepPart):
     def __init__(self, spec: Spec, log=None, arch: str | None = None):
         self.spec = spec
         self.arch = arch

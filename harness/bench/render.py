@@ -12,6 +12,7 @@ import torch
 
 from harness.bench.measure import cpu_model, loadavg
 from harness.bench.setup import BUDGET_TOKENS, COMPOSITIONS, Spec
+from harness.bench.sweep import render_sweep
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -296,6 +297,8 @@ def render(res: dict) -> str:
                  f"**{'met' if fl['all_under_limit'] else 'MISSED'}**; CPU time: "
                  f"**{'met' if all(r.get('cpu_seconds', 1e9) < fl['limit_s'] and r['rc'] == 0 for r in fl['rows']) else 'MISSED'}**.")
         L.append("")
+    if "sweep" in res:
+        L += render_sweep(res["sweep"])
     return "\n".join(L) + "\n"
 
 

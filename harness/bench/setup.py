@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-PARTS = ("overhead", "methods", "scores", "batch", "flops")
+PARTS = ("overhead", "methods", "scores", "batch", "flops", "sweep")
 METHODS = ("none", "random", "fastv", "tome", "ficoco_v", "ficoco_l", "ficoco_vl", "shortv", "redundancylens")
 #: the named compositions (conf/method/<name>.yaml, methods/compose.py); the methods part runs them on request
 #: (`--methods`) and the GPU run (`--gpu-full`) always

@@ -124,6 +124,8 @@ def run(argv: list[str] | None = None) -> dict:
         res["scores"] = bench.scores()
     if "batch" in parts:
         res["batch"] = bench.batch(batch_names)
+    if "sweep" in parts:  # last: its subprocesses load the machine (serial vs parallel sweep)
+        res["sweep"] = bench.sweep()
     CLOCK[0] = time.perf_counter
     res["meta"]["loadavg_end"] = loadavg()
     res["meta"]["wall_seconds"] = round(time.perf_counter() - t0, 1)

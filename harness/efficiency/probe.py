@@ -16,12 +16,16 @@ method, so methods are compared on the same inputs), each encoded exactly as the
   LLM layer with `harness.efficiency.latency.measure` on all `probe_size` documents: median and spread
   (min, quartiles, max) over every timed repeat of every document. The `warmup` generate calls run once,
   before the first timed document (the first call pays the one-off costs; later documents reuse them).
+  This timing part runs after the counting, alone on the device: under the device's exclusive lock (no other
+  vtbench process computes on it meanwhile) and with the threads a serial run uses (`harness.execution`);
+  the record says so (`efficiency.latency.taken`, `.threads`).
 
 The probe's cost is bounded by these settings and shown in the record (`timing.efficiency_seconds`, and
 `efficiency.flops_layouts_counted` / `flops_layouts_reused`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -227,9 +231,12 @@ def _count(model, method, config, inputs, layout):
 
 
 def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=3, decode_tokens=8,
-                   progress=None, flops_docs: int | None = None, cache: CountCache | None = None) -> dict[str, Any]:
+                   progress=None, flops_docs: int | None = None, cache: CountCache | None = None,
+                   timed=None) -> dict[str, Any]:
     """Efficiency figures of `model` over a list of batch-1 inputs; `progress(i, n)` is called before each.
-    FLOPs on the first `flops_docs` inputs (all when None), latency and memory on all of them."""
+    FLOPs on the first `flops_docs` inputs (all when None), latency and memory on all of them, after the
+    counting, all inside `timed()` (a context manager: the timing part of the cell, e.g. holding its device
+    alone; `harness.execution`)."""
     config = model.config
     cache = cache or CountCache(None)
     n_flops = len(inputs_list) if flops_docs is None else min(int(flops_docs), len(inputs_list))
@@ -240,8 +247,6 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
     counted: dict = {}
     reused = 0
     for i, inputs in enumerate(inputs_list):
-        if progress is not None:
-            progress(i, len(inputs_list))
         (layout,) = F.layouts_from_inputs(config, inputs)
         visual_in.append(layout.visual)
         if i < n_flops:
@@ -270,9 +275,14 @@ def measure_inputs(model, method, inputs_list: list[dict], *, warmup=1, repeats=
                 ana_dec.append(ad | {"total": sum(ad.values())})
             for op, k in c.unsupported_ops.items():
                 unsupported[op] = unsupported.get(op, 0) + k
-        # the warm-up calls run before the first timed document only
-        lat.append(measure(model, inputs, warmup=warmup if i == 0 else 0, repeats=repeats,
-                           decode_tokens=decode_tokens))
+    # the timing part, after every count: latency, memory and KV cache of every document; the warm-up calls
+    # run before the first timed document only
+    with timed() if timed is not None else contextlib.nullcontext():
+        for i, inputs in enumerate(inputs_list):
+            if progress is not None:
+                progress(i, len(inputs_list))
+            lat.append(measure(model, inputs, warmup=warmup if i == 0 else 0, repeats=repeats,
+                               decode_tokens=decode_tokens))
 
     def mean_components(rows):
         keys = sorted({k for r in rows for k in r})
@@ -382,10 +392,21 @@ def measure_cell(cfg, model, processor, adapter, method, lm, task_dict) -> dict[
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     flops_docs = eff.get("flops_docs", 1)
+    from harness.execution import device_lock, for_cell, latency_note, timing_threads
+
+    ex, lock, taken = for_cell(cfg), device_lock(cfg.run.device), {}
+
+    @contextlib.contextmanager
+    def timed():  # alone on the device, with the threads a serial run uses (harness.execution)
+        with lock.exclusive(), timing_threads(ex) as threads:
+            taken.update(taken=latency_note(lock, threads), threads=threads)
+            yield
+
     out = measure_inputs(
         model, method, inputs_list, warmup=int(eff.warmup), repeats=int(eff.repeats), decode_tokens=int(eff.decode_tokens),
         progress=progress, flops_docs=None if flops_docs is None else int(flops_docs),
-        cache=CountCache(count_cache_base(cfg, method)),
+        cache=CountCache(count_cache_base(cfg, method)), timed=timed,
     )
     warn_mismatches(method.name if method is not None else "none", out["mismatches"])
+    out["latency"].update(taken)
     return out

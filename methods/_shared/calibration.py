@@ -13,7 +13,8 @@ calibration artefacts.
 * `load_or_compute(key_parts, compute_fn, cache_dir)`: sealed JSON artefacts keyed by a sha256 of the key
   parts (model id + config hash, data id, sample count, seed, method, kind), written atomically, reused on
   the next call if valid (`read_artefact`: seal, key, ranking a permutation consistent with the scores);
-  an invalid one is named in one warning line and computed again.
+  an invalid one is named in one warning line and computed again. Processes that need one artefact at
+  once wait for one computation (a file lock beside it).
 """
 from __future__ import annotations
 
@@ -305,10 +306,51 @@ def load_or_compute(
     if absent. `compute_fn()` returns a dict with at least "ranking" (full permutation) and "scores".
     The returned dict adds "key", "key_parts" and "path". A cached file that is not valid (`read_artefact`:
     truncated, unsealed, edited, inconsistent) is named in one warning line and computed again."""
-    import sys
-
     key = artefact_key(key_parts)
     path = artefact_path(key_parts, cache_dir)
+    # one computation per artefact: processes that need it at once (a parallel sweep's workers) wait for
+    # the first one and then read its file
+    with _artefact_lock(path):
+        return _load_or_compute(key, key_parts, path, compute_fn, num_layers)
+
+
+def _artefact_lock(path: Path):
+    """An OS file lock (`filelock`: flock on Unix, released by the kernel when its holder dies) beside the
+    artefact; none where the folder cannot hold one (artefacts read from a read-only folder)."""
+    import contextlib
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path, is_singleton=False, fallback_to_soft=False, preserve_lock_file=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            from harness.execution import idle
+
+            print(f"[vtbench] calibration artefact {path.name} is being computed by another process: waiting for it",
+                  file=sys.stderr, flush=True)
+            with idle():  # the device is not computed on meanwhile: a timing part need not wait for this wait
+                lock.acquire()
+    except OSError:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+def _load_or_compute(key, key_parts, path, compute_fn, num_layers):
+    import sys
+
     if path.exists():
         try:
             return read_artefact(path, key_parts=key_parts, num_layers=num_layers)

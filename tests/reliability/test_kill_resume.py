@@ -1,12 +1,17 @@
 """Kill anywhere, lose nothing: SIGKILL a sweep (between cells and inside a cell's benchmark) and a
 single cell at seeded random points; the reruns complete with no lost or duplicated record, reuse the
 per-sample answers of the interrupted cell, and end with the records and the table of an uninterrupted
-run. Two concurrent sweeps on one store leave one valid record per cell."""
+run. Two concurrent sweeps on one store leave one valid record per cell. A parallel sweep (`run.workers=2`)
+killed by SIGKILL leaves no worker behind and resumes; one of its workers killed fails only its cell, which
+the rerun resumes."""
 from __future__ import annotations
 
 import random
 import signal
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.reliability.helpers import (
@@ -15,6 +20,7 @@ from tests.reliability.helpers import (
 
 LIMIT = 6
 SWEEP = ["-m", "method=none,random"]
+PARALLEL = ["-m", "method=none,random", "run.workers=2"]  # the reference's cells, in two worker processes
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +135,82 @@ def test_two_concurrent_sweeps_share_a_store(tiny_checkpoint, prepared_data, ref
     # each cell was evaluated by one process; the other waited for it or found it complete
     logs = outs[0][1] + outs[1][1]
     assert logs.count("reusing it") >= 2, logs[-3000:]
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "harness.workers" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _answers(store, key: str) -> int:
+    try:
+        return max(0, (Path(store) / "partial" / f"{key}.jsonl").read_bytes().count(b"\n") - 1)
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_parallel_sweep_killed_leaves_no_worker_and_resumes(tiny_checkpoint, prepared_data, reference, tmp_path):
+    rng = random.Random(11)
+    store = tmp_path / "store"
+    args = [*PARALLEL, *cell_args(tiny_checkpoint, prepared_data, store, LIMIT)]
+    a = rng.randint(1, LIMIT - 1)
+    seen: dict[int, psutil.Process] = {}
+
+    def cond():
+        seen.update({w.pid: w for w in _workers(proc.pid)})
+        return progress(store)[0] == 0 and progress(store)[1] >= a
+
+    proc = start(args, tmp_path)
+    assert kill_when(proc, cond), "the sweep finished before the kill point"
+    assert proc.returncode == -signal.SIGKILL and len(seen) == 2, seen
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
+    assert not alive, alive  # the workers died with the sweep: nothing left running
+    assert progress(store)[0] == 0  # ... mid-cell, at once: no worker went on to finish its cell
+    n_answers = progress(store)[1]
+    out = run(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sum(r["n_resumed"] for r in records(store).values()) >= n_answers >= a  # no answer lost
+    _assert_same_as_reference(store, reference)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_with_a_killed_worker_goes_on_and_resumes_its_cell(
+    tiny_checkpoint, prepared_data, reference, tmp_path
+):
+    rng = random.Random(12)
+    store = tmp_path / "store"
+    args = [*PARALLEL, *cell_args(tiny_checkpoint, prepared_data, store, LIMIT)]
+    a = rng.randint(1, LIMIT - 1)
+    proc = start(args, tmp_path)
+    victim = None
+    t0 = time.monotonic()
+    while victim is None and proc.poll() is None and time.monotonic() - t0 < 300:
+        for w in _workers(proc.pid):  # a worker holding a cell's lock with >= a answers on disk
+            try:
+                held = [Path(f.path).stem for f in w.open_files() if Path(f.path).parent == store / "locks"]
+            except psutil.Error:
+                continue
+            if held and _answers(store, held[0]) >= a:
+                victim = (held[0], w)
+                w.kill()
+                break
+        time.sleep(0.01)
+    assert victim is not None, "the sweep finished before the kill point"
+    key, _ = victim
+    killed_at = _answers(store, key)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]  # the other cell completed; the killed one is named
+    last = our_lines(err)[-1]
+    assert last.startswith("vtbench: 1 of 2 cells failed") and "worker process died (killed by SIGKILL)" in last, last
+    assert progress(store)[0] == 1 and _answers(store, key) >= killed_at >= a  # its answers are kept
+    out = run(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert records(store)[key]["n_resumed"] >= killed_at
+    _assert_same_as_reference(store, reference)
