@@ -311,23 +311,6 @@ def device_error(device: str) -> str | None:
     return None
 
 
-def chat_template_error(template: str) -> str | None:
-    """Why a chat template cannot be used (None if it can): it is compiled (transformers' sandboxed
-    jinja2 environment) and rendered on a one-image user message, as the evaluation will."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    try:
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                            add_generation_prompt=True)
-    except Exception as e:  # jinja2 TemplateSyntaxError / TemplateError / anything the template raises
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"does not compile or render ({type(e).__name__}: {first})".replace(" ()", "")
-    if not rendered or not str(rendered[0]).strip():
-        return "renders an empty prompt"
-    return None
-
-
 def check_outputs() -> None:
     """`$VTBENCH_OUTPUTS` (where Hydra's run and sweep folders go: `hydra.run.dir`, `hydra.sweep.dir`) can
     hold folders: a file in its place, or an unwritable parent, is bad input naming the variable, before
@@ -405,6 +388,8 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
     template = model.get("chat_template")
     if template is not None:
         _str(cfg, "model.chat_template")
+        from harness.models.checkpoint import chat_template_error
+
         why = chat_template_error(template)
         if why:
             short = template if len(template) <= 40 else template[:37] + "..."

@@ -125,7 +125,7 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
     if note := budget_note(budget_info):  # the report flags the row too
         _log(f"warning: budget.kind={cfg.budget.kind} budget.value={cfg.budget.value}: {note} "
              "(the cell runs at the closest setting)")
-    from harness.models.loading import check_available
+    from harness.models.checkpoint import check_available
 
     check_available(cfg.model)  # the checkpoint's files (harness/models/checkpoint.py), before the store is touched
     store.check_writable()

@@ -134,7 +134,7 @@ def check_every_checkpoint(cfgs) -> None:
     missing, incomplete or inconsistent files, tokenizer/processor against the config, chat template,
     generation config): one bad checkpoint is bad input and no cell runs. Each checkpoint (pretrained,
     revision, chat template) is checked once."""
-    from harness.models.loading import check_available
+    from harness.models.checkpoint import check_available
 
     seen: set = set()
     for cfg in cfgs:
@@ -161,10 +161,8 @@ def sweep_error_line(e: BaseException) -> str:
     """The one line of a sweep's bad-input error, led by the cell it was found in (`[method=tome] ...`)."""
     from harness.errors import error_line
 
-    cell, line = getattr(e, "sweep_cell", ""), error_line(e)
-    if cell and not all(o in line for o in cell.split()):  # a line that already names the cell's overrides is not prefixed
-        return f"[{cell}] {line}"
-    return line
+    cell = getattr(e, "sweep_cell", "")
+    return f"[{cell}] {error_line(e)}" if cell else error_line(e)
 
 
 def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:

@@ -261,7 +261,8 @@ def test_a_sweep_with_bad_workers_exits_2_in_one_line_with_nothing_written(tmp_p
     store = tmp_path / "store"
     rc = main(["-m", "method=none,random", "run.workers=0,2", f"store.dir={store}", "logger=none"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc == 2 and len(err) == 1 and err[0].startswith("vtbench: error: run.workers=0"), err
+    # the line names the cell it was found in, then the value (harness.sweep.sweep_error_line)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("vtbench: error: [method=none run.workers=0] run.workers=0:"), err
     assert not store.exists()
 
 

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     from harness.config import ConfigError, compose_config, validate
-    from harness.models.loading import check_available, load_model
+    from harness.models.checkpoint import check_available
+    from harness.models.loading import load_model
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):  # Hydra-style overrides; --help is the usage

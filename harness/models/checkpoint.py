@@ -349,7 +349,6 @@ def _check_processor(folder: Path, config, template: str | None, trust: bool) ->
         if not template:
             raise _Bad("chat template", "is missing (no chat_template.jinja/.json, none in tokenizer_config.json); "
                                         "set model.chat_template")
-        from harness.config import chat_template_error
 
         why = chat_template_error(template)
         if why:
@@ -412,3 +411,36 @@ def _check_image_size(folder: Path, ip_file: str, processor, config, image_token
     if ppatch is not None and patch is not None and int(ppatch) != int(patch):
         raise _Bad("processor_config.json", f"patch_size={ppatch} but config.json's vision tower has "
                                             f"vision_config.patch_size={patch}")
+
+
+def chat_template_error(template: str) -> str | None:
+    """Why a chat template cannot be used (None if it can): it is compiled (transformers' sandboxed
+    jinja2 environment) and rendered on a one-image user message, as the evaluation will."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    try:
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                            add_generation_prompt=True)
+    except Exception as e:  # jinja2 TemplateSyntaxError / TemplateError / anything the template raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"does not compile or render ({type(e).__name__}: {first})".replace(" ()", "")
+    if not rendered or not str(rendered[0]).strip():
+        return "renders an empty prompt"
+    return None
+
+
+def check_available(model_cfg, *, model=None) -> None:
+    """Fail in one line, without loading any weights, if the checkpoint cannot be found or a local one is
+    incomplete or inconsistent (`check_checkpoint`, the one checkpoint check; the entry point of `vtbench`,
+    sweeps and `vtbench-calibrate`)."""
+    check_checkpoint(model_cfg, model=model)
+
+
+def _register() -> None:
+    from harness.models import loading
+
+    loading.explain_weights = weights_problem
+
+
+_register()

@@ -153,12 +153,9 @@ def check_safetensors(path: str | os.PathLike) -> None:
             )
 
 
-def check_available(model_cfg, *, model=None) -> None:
-    """Fail in one line, without loading any weights, if the checkpoint cannot be found or a local one is
-    incomplete or inconsistent (`harness.models.checkpoint.check_checkpoint`, the one checkpoint check)."""
-    from harness.models.checkpoint import check_checkpoint
-
-    check_checkpoint(model_cfg, model=model)
+#: names the tensors whose shapes disagree with the config (`harness.models.checkpoint.weights_problem`,
+#: which registers itself on import: the checkpoint check builds on this module, not the other way round)
+explain_weights = None
 
 
 def config_from_cfg(model_cfg) -> Any:
@@ -302,11 +299,9 @@ def load_model(model_cfg, device: str = "cpu", dtype: str | None = None):
         processor = load_processor(path, family_of(model.config), revision, trust)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if is_local and "mismatched" in msg.lower():
+        if is_local and "mismatched" in msg.lower() and explain_weights is not None:
             # transformers points at a report its default verbosity hides: name the tensors and shapes instead
-            from harness.models.checkpoint import weights_problem
-
-            msg = weights_problem(path) or msg
+            msg = explain_weights(path) or msg
         raise ModelLoadError(f"cannot load {path!r}: {msg}") from None
     model.eval()
     adapter = get_adapter(model)

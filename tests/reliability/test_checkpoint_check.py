@@ -222,7 +222,9 @@ def test_sweep_refuses_renumbered_positions_on_mrope_before_any_cell(family_chec
                                                    "method=fastv", "method.params.positions=keep,renumber"])
     err = capsys.readouterr().err
     assert rc == 2 and len(_lines(err)) == 1, err[-2000:]
-    assert _lines(err)[0].startswith("vtbench: error: method.params.positions=renumber:") and "M-RoPE" in err
+    # led by the cell it was found in (harness.sweep.sweep_error_line), then the key and value
+    assert _lines(err)[0].startswith("vtbench: error: [method.params.positions=renumber] "
+                                     "method.params.positions=renumber:") and "M-RoPE" in err
 
 
 def test_every_method_with_positions_refuses_renumber_on_every_mrope_family_at_validation():

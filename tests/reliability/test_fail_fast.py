@@ -55,6 +55,8 @@ NUMERIC_KEYS = [
     ("run.efficiency.warmup", 0, []),
     ("run.efficiency.repeats", 1, []),
     ("run.efficiency.decode_tokens", 1, []),
+    ("run.workers", 1, []),  # an integer >= 1 or auto (harness.workers)
+    ("run.threads", 1, []),  # null or an integer >= 1
     ("budget.value", "open0", ["method=fastv", "budget.kind=tokens"]),  # (0, ...]: zero is invalid
     ("budget.text_tokens", 1, ["method=fastv", "budget.kind=flops", "budget.value=0.5"]),
     ("calibration.n", 1, []),
@@ -310,13 +312,14 @@ def test_experiment_sweeper_params_are_validated_on_the_meta_device(tmp_path, ca
 
 
 def test_sweep_validation_builds_one_meta_model_per_model_config(monkeypatch):
+    import harness.models.checkpoint as checkpoint
     import harness.models.loading as loading
     from harness.sweep import validate_sweep
 
     calls = []
     real = loading.meta_adapter
     monkeypatch.setattr(loading, "meta_adapter", lambda m: calls.append(m.name) or real(m))
-    monkeypatch.setattr(loading, "check_available", lambda m: None)
+    monkeypatch.setattr(checkpoint, "check_available", lambda m: None)
     cells = validate_sweep(["method=fastv", "method.params.K=1,2,3", "run.seed=0,1"])
     assert len(cells) == 6 and calls == ["tiny"]
     calls.clear()

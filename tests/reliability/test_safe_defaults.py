@@ -52,7 +52,8 @@ def test_pickle_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from harness.models.loading import ModelLoadError, check_available, load_model
+    from harness.models.checkpoint import check_available
+    from harness.models.loading import ModelLoadError, load_model
 
     ckpt = tmp_path / "bin-only"
     shutil.copytree(tiny_checkpoint, ckpt)
