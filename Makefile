@@ -15,12 +15,27 @@ export TRANSFORMERS_VERBOSITY ?= error
 # Extra overrides for `make eval` / `make cell`, e.g. `make cell ARGS="method=fastv run.limit=50"`
 ARGS ?=
 VTB := $(VENV)/bin/vtbench
-# The default sweep (`make eval`): every method at three visual-token budgets, plus none.
+# The default sweep (`make eval`): every method at three visual-token budgets, plus none and blind.
 EVAL_SETTINGS ?= model=tiny benchmark=shapes run.limit=200 run.batch_size=8
 EVAL_BUDGETS ?= 0.33,0.22,0.125
-EVAL_TOKEN_METHODS ?= random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl
+# controls without a budget: the reference and no image at all
+EVAL_CONTROLS ?= none,blind
+# random draws a fresh subset per sample; its seeds (method.params.seed, pooled in the tables)
+EVAL_RANDOM_SEEDS ?= 0,1,2
+EVAL_TOKEN_METHODS ?= fastv,ficoco_l,tome,ficoco_v,ficoco_vl,visionzip,vispruner,divprune,pool,downsample,pdrop,dart,sparsevlm
 # compositions (methods/compose.py; conf/method/<name>.yaml, tiny settings in conf/model_method/tiny_<name>.yaml)
 EVAL_COMPOSITIONS ?= shortv_fastv,redundancylens_fastv
+# the default sweep's three Hydra multiruns (one per set of swept keys), each answered by run.workers worker
+# processes (default: one single-threaded worker per core, one per GPU; latency timed alone); `make eval` and
+# `make paper-check` run the same cells
+define EVAL_SWEEPS
+	@echo "== [1/3] controls: $(EVAL_CONTROLS) (no budget)"
+	$(VTB) -m method=$(EVAL_CONTROLS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [2/3] random x seeds $(EVAL_RANDOM_SEEDS) x budgets $(EVAL_BUDGETS)"
+	$(VTB) -m method=random method.params.seed=$(EVAL_RANDOM_SEEDS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== [3/3] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens)"
+	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+endef
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
 TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 3700 \
 	--images2 4 --questions2 12 --lr2 0.002 --warmup2 50 --decay-from2 400 --threads 1 --proj-init2 standardize \
@@ -54,11 +69,8 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv with pip and install vtbench (+ lmms-eval with --no-deps)
 
 .PHONY: eval
-eval: $(STAMP) ## The default sweep: none + every method and composition x 3 budgets on tiny/shapes (resumable, parallel workers), then the report
-	@echo "== [1/2] reference: method none"
-	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [2/2] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens), answered by run.workers worker processes (default: one single-threaded worker per core, one per GPU; timing alone)"
-	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+eval: $(STAMP) ## The default sweep: none, blind, random x 3 seeds and every method and composition x 3 budgets on tiny/shapes (resumable, parallel workers), then the report
+	$(EVAL_SWEEPS)
 	$(VENV)/bin/vtbench-report
 	@# the records behind results/tables (`vtbench-report --store results/store` regenerates them exactly)
 	@rm -rf results/store && mkdir -p results/store/records && cp $${VTBENCH_STORE:-runs/store}/records/*.json results/store/records/
@@ -76,8 +88,7 @@ cell: $(STAMP) ## One cell (default: tiny model, method none, full shapes test s
 PAPER_TOLERANCE ?= 1
 .PHONY: paper-check
 paper-check: $(STAMP) ## Does this machine reproduce the committed default table? (evaluates/reuses the sweep, compares; exit 1 if not)
-	$(VTB) -m method=none $(EVAL_SETTINGS) $(ARGS)
-	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	$(EVAL_SWEEPS)
 	$(VENV)/bin/vtbench-report --paper default --tolerance $(PAPER_TOLERANCE) --out runs/paper_check
 
 .PHONY: report

@@ -1,4 +1,7 @@
 """Equal-budget mapping: one common budget -> each method's own parameters, via analytic FLOPs."""
+import re
+from pathlib import Path
+
 import pytest
 
 from harness.config import ConfigError, compose_config, validate, validate_against_model
@@ -146,12 +149,20 @@ def test_parameters_the_budget_does_not_set_are_accepted(overrides):
 
 
 #: the record keys of `make eval`'s cells (EVAL_SETTINGS x EVAL_TOKEN_METHODS, shortv_auto, redundancylens,
-#: EVAL_COMPOSITIONS x EVAL_BUDGETS) and the equivalent spelled-out ShortV cells, as before the budget checks
+#: EVAL_COMPOSITIONS x EVAL_BUDGETS) and the equivalent spelled-out ShortV cells, as before the budget checks;
+#: `random` draws per sample since `per_sample` (new keys, one per seed of EVAL_RANDOM_SEEDS), `blind` is new
 MAKE_EVAL_KEYS = {
     'method=none model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '6cd71d5d86ad86f9',
-    'method=random budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '7f963a33cedf24ee',
-    'method=random budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '56e33ee569c359c0',
-    'method=random budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '7ac9cf66c950146f',
+    'method=random method.params.seed=0 budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '6f714a84a7c13366',
+    'method=random method.params.seed=0 budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'aa7bd87fff5b1402',
+    'method=random method.params.seed=0 budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '4705f86f3fccbb35',
+    'method=random method.params.seed=1 budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '97e226a6d17b5959',
+    'method=random method.params.seed=1 budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '5d9fb61aff9a2b70',
+    'method=random method.params.seed=1 budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '3278478daf9fc4ff',
+    'method=random method.params.seed=2 budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '39991e55d1007478',
+    'method=random method.params.seed=2 budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'a6c4489adae4c534',
+    'method=random method.params.seed=2 budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': 'ed81e331279f5bc8',
+    'method=blind model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '8380063956e2e73a',
     'method=fastv budget.kind=tokens budget.value=0.33 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '9ec022f1b9bba4f5',
     'method=fastv budget.kind=tokens budget.value=0.22 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '81bffd45e6440f2a',
     'method=fastv budget.kind=tokens budget.value=0.125 model=tiny benchmark=shapes run.limit=200 run.batch_size=8': '578619c1e3190724',
@@ -194,10 +205,16 @@ def test_make_eval_cells_stay_valid_with_their_keys():
         validate(cfg)
         assert record_key(resolved(cfg)) == key, cell
     settings = "model=tiny benchmark=shapes run.limit=200 run.batch_size=8".split()
-    cells = validate_sweep(["method=random,fastv,ficoco_l,tome,ficoco_v,ficoco_vl,shortv_auto,redundancylens,"
-                            "shortv_fastv,redundancylens_fastv", "budget.kind=tokens", "budget.value=0.33,0.22,0.125",
-                            *settings])
-    assert len(cells) == 30
+    # every sweep `make eval` runs (its EVAL_SWEEPS, read from the Makefile's variables) validates
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    var = {k: v.strip() for k, v in re.findall(r"^(EVAL_[A-Z_]+) \?= (.*)$", make, flags=re.M)}
+    sweeps = re.findall(r"^\t\$\(VTB\) -m (.*)$", make.split("define EVAL_SWEEPS")[1].split("endef")[0], flags=re.M)
+    n = 0
+    for line in sweeps:
+        line = re.sub(r"\$\((EVAL_[A-Z_]+)\)", lambda m: var[m.group(1)], line).replace("$(ARGS)", "")
+        n += len(validate_sweep(line.split()))
+    assert len(sweeps) == 3 and n == len(var["EVAL_CONTROLS"].split(",")) + 3 * 3 + 3 * (
+        len(var["EVAL_TOKEN_METHODS"].split(",")) + 2 + len(var["EVAL_COMPOSITIONS"].split(",")))
     assert len(validate_sweep(["method=shortv", "method.params.layers=auto", "method.params.N=0", "budget.kind=tokens",
                                "budget.value=0.33,0.22,0.125", *settings])) == 3
 

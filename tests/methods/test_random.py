@@ -128,7 +128,7 @@ def test_seed_range_ends_are_valid(seed):
 # ---- random dropping at any decoder layer (`layer`) ----------------------------------------------------
 def test_drop_at_a_later_layer_schedule_cache_and_flops():
     model, proc = tiny("llava", "llama", gqa=True)
-    _, m = apply(model, keep=10, layer=2, seed=5)
+    _, m = apply(model, keep=10, layer=2, seed=5, per_sample=False)
     inp = make_inputs(proc, (0, 1, 2))
     P = inp["input_ids"].shape[1]
     out = forward(model, inp, use_cache=True)
