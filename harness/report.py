@@ -140,7 +140,20 @@ def _method_order() -> tuple[str, ...]:
 
 #: distinct colours (tab10, then Dark2), one per name of `_method_order`
 _PALETTE = [*[f"C{i}" for i in range(10)], "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
-            "#a6761d", "#666666"]
+            "#a6761d", "#666666", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354",
+            "#756bb1"]
+#: markers cycle on another period than the colours, so two methods never share both (`none` is a star)
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def method_marker(method: str) -> str:
+    """The marker of a method in every line figure: `none` a star, the others by their place in
+    `_method_order` (any other composition by its name)."""
+    if method == "none":
+        return "*"
+    order = _method_order()
+    i = order.index(method) if method in order else sum(map(ord, method))
+    return _MARKERS[i % len(_MARKERS)]
 
 
 def method_colour(method: str):
@@ -723,7 +736,7 @@ def accuracy_vs_flops_figure(frame, x: str, title: str, *, what: str = "prefill"
     for m, g in frame.groupby("method", sort=True):
         g = g.sort_values(x)
         xs, ys = g[x] / scale, g["accuracy"]
-        kw = dict(color=method_colour(m), label=m, marker="*" if m == "none" else "o", ms=11 if m == "none" else 5)
+        kw = dict(color=method_colour(m), label=m, marker=method_marker(m), ms=11 if m == "none" else 5)
         if ci and {"acc_ci_low", "acc_ci_high"} <= set(g.columns) and g["acc_ci_low"].notna().any():
             err = np.vstack([ys - g["acc_ci_low"], g["acc_ci_high"] - ys]).clip(min=0)
             ax.errorbar(xs, ys, yerr=err, capsize=2, lw=1.2, elinewidth=0.8, **kw)
@@ -748,7 +761,7 @@ def recall_vs_flops_figure(t, title: str):
     for m, g in t.groupby("method", sort=True):
         g = g.sort_values("flops_raw")
         ax.plot(g["flops_raw"] / scale, g["asked_recall"], lw=1.2, color=method_colour(m), label=m,
-                marker="*" if m == "none" else "o", ms=11 if m == "none" else 5)
+                marker=method_marker(m), ms=11 if m == "none" else 5)
     ax.set_xlabel(f"prefill {unit} (counted)")
     ax.set_ylabel("asked-cell recall (mean over samples and LLM layers)")
     ax.set_ylim(-0.02, 1.02)
@@ -777,7 +790,7 @@ def _figures(t, fig_dir: Path, stem: str, title: str) -> list[Path]:
             fig, ax = plt.subplots(figsize=(6, 4.2))
             for m, g in t[t["method"] != "none"].groupby("method", sort=True):
                 g = g.sort_values("flops_ratio")
-                ax.plot(g["flops_ratio"], g["retention"], marker="o", ms=5, lw=1.2, label=m, color=method_colour(m))
+                ax.plot(g["flops_ratio"], g["retention"], marker=method_marker(m), ms=5, lw=1.2, label=m, color=method_colour(m))
             ax.axhline(1.0, color=method_colour("none"), lw=0.8, ls="--", label="none")
             ax.set_xlabel("prefill FLOPs ratio to none (counted)")
             ax.set_ylabel("retention (accuracy / none)")
