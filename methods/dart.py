@@ -222,10 +222,7 @@ class DART(Method):
         return [layout.visual] * self.K + [kept] * (shapes.llm.layers - self.K), self.selection_macs(shapes, layout)
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is None:
-            return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))
         per_layer, score = schedule
         macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + score
         return macs

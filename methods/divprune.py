@@ -163,9 +163,4 @@ class DivPrune(Method):
         return [kept] * shapes.llm.layers, layout.visual * layout.visual * shapes.llm.hidden
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is not None:
-            per_layer, select = schedule
-            macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + select
-        return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))

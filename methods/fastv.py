@@ -164,10 +164,7 @@ class FastV(Method):
         return [layout.visual] * self.K + [kept] * (s.layers - self.K), s.heads * n * s.head_dim
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is None:
-            return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))
         per_layer, score = schedule
         macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + score
         return macs

@@ -201,10 +201,7 @@ class PyramidDrop(Method):
         return per_layer, score
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is None:
-            return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))
         per_layer, score = schedule
         macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + score
         return macs

@@ -158,8 +158,4 @@ class RandomDrop(Method):
         return [layout.visual] * self.layer + [kept] * (shapes.llm.layers - self.layer), 0
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is not None:
-            macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in schedule[0])
-        return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))

@@ -489,10 +489,7 @@ class SparseVLM(Method):
         return per_layer, extra
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
-        macs = A.dense_prefill_macs(shapes, layout)
-        schedule = self.llm_visual_schedule(shapes, layout)
-        if schedule is None:
-            return macs
+        return A.scheduled_prefill_macs(shapes, layout, self.llm_visual_schedule(shapes, layout))
         per_layer, extra = schedule
         macs["llm"] = sum(A.llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + extra
         return macs

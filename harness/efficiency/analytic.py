@@ -313,3 +313,14 @@ def dense_prefill_macs(shapes: ModelShapes, layout: TokenLayout, n_logits: int =
         "llm": llm_prefill_macs(shapes.llm, layout.total),
         "lm_head": lm_head_macs(shapes.llm, n_logits),
     }
+
+
+def scheduled_prefill_macs(shapes: ModelShapes, layout: TokenLayout, schedule) -> dict[str, int]:
+    """Prefill MACs of a method that removes visual tokens inside the LLM (or at its input): the dense
+    vision tower, projector and LM head, and each decoder layer on the visual tokens alive at its input, plus
+    the method's own selection MACs; `schedule` is `Method.llm_visual_schedule` (None: the dense model)."""
+    macs = dense_prefill_macs(shapes, layout)
+    if schedule is not None:
+        per_layer, selection = schedule
+        macs["llm"] = sum(llm_layer_macs(shapes.llm, layout.with_visual(v).total) for v in per_layer) + selection
+    return macs
