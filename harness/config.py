@@ -465,7 +465,9 @@ def validate(cfg: DictConfig, *, check_device: bool = True):
     params = cfg.method.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
     try:
-        return methods.build(cfg.method.name, params)
+        method = methods.build(cfg.method.name, params)
+        method.check_run(OmegaConf.to_container(cfg.run, resolve=True))
+        return method
     except methods.MethodError as e:
         raise ConfigError(str(e)) from None
     except (TypeError, ValueError, ArithmeticError) as e:  # a method's own check tripping on an odd value

@@ -122,11 +122,29 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
             validate_against_model(cfg, method, cache=adapters)
             cfgs.append(cfg)
     except bad_input_errors() as e:  # name the cell: the same override may be fine in one cell, not in another
-        e.sweep_cell = cell_label(combo, combos)
+        if not _sweep_wide(e, combo, combos, elsewhere, adapters):
+            e.sweep_cell = cell_label(combo, combos)
         raise
     if not elsewhere:  # under SLURM each job checks its checkpoint on its own node
         check_every_checkpoint(cfgs)
     return combos
+
+
+def _sweep_wide(e: BaseException, combo: list[str], combos: list[list[str]], elsewhere: bool, adapters: dict) -> bool:
+    """True if a bad-input error found in the sweep's first cell is not about that cell (`logger.dir`, a value
+    every cell shares): the next cell fails with the same line. The line then names no cell; an error that
+    only some cells have is led by the cell (`[method=tome] ...`)."""
+    from harness.config import compose_config, validate, validate_against_model
+    from harness.errors import bad_input_errors, error_line
+
+    if combo is not combos[0] or len(combos) < 2:
+        return False
+    try:
+        cfg = compose_config(combos[1])
+        validate_against_model(cfg, validate(cfg, check_device=not elsewhere), cache=adapters)
+    except bad_input_errors() as other:
+        return error_line(other) == error_line(e)
+    return False
 
 
 def check_every_checkpoint(cfgs) -> None:

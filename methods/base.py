@@ -132,6 +132,10 @@ class Method:
                 f"(supports: {', '.join(self.families)})"
             )
 
+    def check_run(self, run: dict) -> None:
+        """Checks against the run's settings (`run.batch_size`, `run.efficiency.enabled`, ...), at validation
+        before anything loads; raise MethodError (one line, led by the key). Default: none."""
+
     def require_full_attention(self, adapter) -> None:
         """Refuse (one line) a language model with sliding-window attention: the shared LLM machinery
         (`llm_reduce`, `reduced_layer`) builds full causal masks and scores for the layers it changes."""

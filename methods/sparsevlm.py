@@ -377,6 +377,18 @@ class SparseVLM(Method):
         if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
             raise MethodError(f"{p}: cluster_size must be an integer >= 1, got {cs!r}")
 
+    def check_run(self, run: dict) -> None:
+        """`mode=rank` keeps a count that depends on each prompt: no analytic FLOPs for the efficiency probe's
+        counted == analytic check, and the samples of a batch may disagree; refused before anything loads."""
+        if self.mode != "rank":
+            return
+        if int(run.get("batch_size") or 1) > 1:
+            raise MethodError(f"method.params.mode=rank: sparsevlm's rank-adaptive count differs per prompt; it "
+                              f"needs run.batch_size=1 (got {run.get('batch_size')}), or use mode=fixed")
+        if (run.get("efficiency") or {}).get("enabled", True):
+            raise MethodError("method.params.mode=rank: sparsevlm's rank-adaptive count has no analytic FLOPs to "
+                              "check the efficiency probe against; set run.efficiency.enabled=false, or use mode=fixed")
+
     def validate(self, adapter) -> None:
         super().validate(adapter)
         if self._noop():

@@ -480,3 +480,24 @@ def test_config_files_build():
     assert lists == [[300, 200, 110], [303, 110, 36], [66, 30, 17]]
     for keep in lists:
         methods.build("sparsevlm", dict(paper["params"], keep=keep))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("extra, why", [
+    ([], "run.efficiency.enabled=false"),  # no analytic FLOPs for the probe's counted == analytic check
+    (["run.efficiency.enabled=false", "run.batch_size=4"], "run.batch_size=1"),  # counts differ per prompt
+])
+def test_rank_mode_is_refused_at_validation_where_it_cannot_run(extra, why, tmp_path, capsys):
+    """`mode=rank` with the efficiency probe or a batch > 1 is bad input before the model loads (one line,
+    exit 2, nothing written); at batch 1 without the probe it validates."""
+    from harness.cli.main import main
+    from harness.config import compose_config, validate
+
+    store = tmp_path / "store"
+    rc = main(["method=sparsevlm", "method.params.mode=rank", "method.params.keep_ratio=null", "logger=none",
+               f"store.dir={store}", *extra])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("vtbench: error: method.params.mode=rank:"), err
+    assert why in err[0] and not store.exists()
+    validate(compose_config(["method=sparsevlm", "method.params.mode=rank", "method.params.keep_ratio=null",
+                             "run.efficiency.enabled=false", "run.batch_size=1"]))
