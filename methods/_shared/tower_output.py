@@ -157,6 +157,7 @@ class TowerOutputMethod(Method):
     per_prompt = VisionReductionMethod.per_prompt
     prompt_target = VisionReductionMethod.prompt_target
     crop_tokens = VisionReductionMethod.crop_tokens
+    reduced_layout_counts = VisionReductionMethod.reduced_layout_counts  # with this class's keep_per_crop
 
     # -- subclass hooks
     def reduce(self, h, q, k, n_keep: int):
@@ -247,22 +248,6 @@ class TowerOutputMethod(Method):
         return model
 
     # -- counts
-    def reduced_layout_counts(self, layout, geom: VisionGeometry | None = None) -> tuple[int, int, int]:
-        """(CLIP passes, tokens through the projector, visual tokens entering the LLM) for a batch-1 layout,
-        as `VisionReductionMethod.reduced_layout_counts` (LLaVA-NeXT images: crops * k + one newline each)."""
-        geom = geom or self._geom
-        per = geom.visual_per_crop
-        if geom.family == "llava_next" and layout.images > 1:
-            passes, newlines = layout.images, layout.n_images
-        else:
-            passes = layout.visual // per if layout.visual % per == 0 else layout.images
-            newlines = 0
-        if self.per_prompt:
-            k = self.crop_tokens(geom, layout.visual, passes, newlines) if passes else per
-        else:
-            k = self.keep_per_crop(geom)
-        return passes, passes * k, passes * k + newlines
-
     def visual_tokens_kept(self, layout) -> int:
         geom = self._geom_or_default()
         if not self.per_prompt and self.keep_per_crop(geom) >= geom.visual_per_crop:

@@ -759,8 +759,12 @@ class VisionReductionMethod(Method):
         if self.per_prompt:
             k = self.crop_tokens(geom, layout.visual, passes, newlines) if passes else per
         else:
-            k = per - sum(self.schedule(geom).values())
+            k = self.keep_per_crop(geom)
         return passes, passes * k, passes * k + newlines
+
+    def keep_per_crop(self, geom: VisionGeometry) -> int:
+        """Tokens each CLIP pass keeps without a per-prompt budget (what the merge schedule leaves)."""
+        return geom.visual_per_crop - sum(self.schedule(geom).values())
 
     def analytic_prefill_macs(self, shapes, layout) -> dict[str, int]:
         """`layout.visual` is the unreduced visual count, `layout.images` the CLIP passes (images for
