@@ -37,10 +37,10 @@ define EVAL_SWEEPS
 	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 endef
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
-TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 150 --batch1 16 --lr1 0.002 --steps2 3700 \
-	--images2 4 --questions2 12 --lr2 0.002 --warmup2 50 --decay-from2 400 --threads 1 --proj-init2 standardize \
-	--dense-weight2 1.0 --dense-layer2 3 --row-layer2 5 --col-layer2 6 --route-weight2 1.0 --route-layer2 3 \
-	--route-heads2 2 --route-skip-count2 --gather-layer2 1 --readout-layer2 3 --curriculum2 0
+TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 1500 --steps2 6000 --curriculum2 1500 --code-layer2 2 \
+	--readout-layer2 5 --ground-weight2 1.0 --row-layer2 -1 --col-layer2 -1 --count-head2 2 --threads 2
+# `make tiny-model-card`: the previous checkpoint measured beside the current one (its git revision)
+CARD_BEFORE ?= 47d438b
 # `make bench`: one torch thread timed by process CPU time, so a busy machine widens spreads but does not bias ratios;
 # 11 interleaved prefill rounds (the medians of 5 moved by +-0.05 between runs on a shared CPU)
 BENCH_ARGS ?= --threads 1 --clock cpu --repeats 11 --batch-methods none,random,fastv,tome,ficoco_v,ficoco_l,ficoco_vl,shortv,redundancylens
@@ -134,7 +134,11 @@ bench-gpu: $(STAMP) ## GPU benchmark (CUDA, < 10 min): full-size random LLaVA-1.
 .PHONY: tiny-model
 tiny-model: $(STAMP) ## Retrain the embedded tiny LLaVA on shapes (CPU, deterministic; see its model card)
 	$(PY) -m harness.tiny_model.train $(TINY_ARGS) $(ARGS)
-	$(PY) -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 --modes none,blank,black,random10 --batch-size 25
+	$(PY) -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 --modes none,blank,black,random10 --batch-size 25 --card
+
+.PHONY: tiny-model-card
+tiny-model-card: $(STAMP) ## Measure the tiny model's properties against their thresholds (spread, content reading, redundancy, competence), before and after
+	$(PY) -m harness.tiny_model.card --before $(CARD_BEFORE) $(ARGS)
 
 .PHONY: tiny-families
 tiny-families: $(STAMP) ## Tiny random checkpoints of the other families under runs/tiny/ (model=tiny_qwen2_vl, ...)

@@ -1,10 +1,11 @@
-"""`shapes`: a procedurally generated, fine-detail visual question-answering benchmark.
+"""`shapes`: a procedurally generated visual question-answering benchmark.
 
 Each image is a 192x192 white canvas divided into a 4x4 grid of 48-pixel cells (3x3 ViT patches
-of 16 pixels each). A cell is empty, holds one small coloured shape (circle, square, triangle,
-diamond, cross, star; 11-16 px) or one black capital letter (Pillow's built-in default font,
-16-19 px), drawn near the cell centre with a small random offset -- so each object lies mostly in
-the cell's centre 16x16 patch. Questions are about *one* cell or need *every* cell:
+of 16 pixels each). A cell is empty, holds one coloured shape (circle, square, triangle, diamond,
+cross, star; 30-40 px across) or one black capital letter (Pillow's default font, 40-46 px, about 30 px
+tall), drawn near the cell centre with a small random offset -- so an object covers several patches
+(about 6 on average), like an object in a real photograph, and no single patch holds all of it.
+Questions are about *one* cell or need *every* cell:
 
 * ``colour``   -- "What colour is the shape in row 2, column 3?"      (6 answers)
 * ``shape``    -- "What shape is in row 2, column 3?"                 (6 answers)
@@ -13,12 +14,16 @@ the cell's centre 16x16 patch. Questions are about *one* cell or need *every* ce
 * ``count``    -- "How many red shapes are there?" / "How many circles are there?" (0-3)
 
 All answers are a lowercase single word or a digit. Answers are balanced per question type, so the
-best text-only guess (the most frequent answer per type) is near chance; a model has to look at
-small local detail -- a question about one cell depends on about one of the 144 patches -- so
-dropping most visual tokens at random costs a lot of accuracy.
+best text-only guess (the most frequent answer per type) is near chance.
+
+`render` also draws the same scene on other canvases (``cell_w`` x ``cell_h`` pixel cells, objects
+scaled with the cell): the embedded model is trained on varied image sizes and aspect ratios, as
+dynamic-resolution VLMs are, while the benchmark itself is always the 192x192 canvas.
 
 Everything is deterministic by ``seed``: document ``i`` of a split is generated from its own
 ``random.Random`` seeded with a string derived from ``(seed, split, i)``; no global RNG is used.
+(Generator 1.0 drew 11-16 px shapes and 16-19 px letters that fell almost entirely in the cell's
+centre patch; 2.0 draws them large enough to span several patches.)
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 
 IMAGE_SIZE = 192
 GRID = 4
@@ -81,15 +86,15 @@ _SYNONYMS = {"grey": "gray", "color": "colour", "violet": "purple", "plus": "cro
 # --------------------------------------------------------------------------------------------------
 # seeds
 # --------------------------------------------------------------------------------------------------
-def split_seed(seed: int, split: str) -> str:
+def split_seed(seed: int, split: str, version: str = GENERATOR_VERSION) -> str:
     """A string seed for `split`; different splits never share documents."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    return hashlib.sha256(f"shapes-v{GENERATOR_VERSION}:{int(seed)}:{split}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"shapes-v{version}:{int(seed)}:{split}".encode()).hexdigest()[:24]
 
 
-def doc_rng(seed: int, split: str, index: int) -> random.Random:
-    return random.Random(f"{split_seed(seed, split)}:{int(index)}")
+def doc_rng(seed: int, split: str, index: int, version: str = GENERATOR_VERSION) -> random.Random:
+    return random.Random(f"{split_seed(seed, split, version)}:{int(index)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +112,15 @@ def _font(size: int):
     return _FONT_CACHE[size]
 
 
-def make_scene(rng: random.Random, p_empty: float = P_EMPTY) -> list[dict]:
+# object sizes (px on the 48-pixel cell) and centre offsets by generator version; 1.0 is kept so that the
+# previous embedded model can be measured on the data it was trained for (`harness.tiny_model.card`)
+_SIZES = {
+    "2.0": {"shape": (30, 40), "letter": (40, 46), "offset": 3},
+    "1.0": {"shape": (11, 16), "letter": (16, 19), "offset": 2},
+}
+
+
+def make_scene(rng: random.Random, p_empty: float = P_EMPTY, version: str = GENERATOR_VERSION) -> list[dict]:
     """Random cell contents: a list of GRID*GRID dicts (row-major) with a 'kind' key.
 
     kind 'empty'; kind 'shape' with 'shape', 'colour', 'size', 'dx', 'dy'; kind 'letter' with
@@ -115,6 +128,10 @@ def make_scene(rng: random.Random, p_empty: float = P_EMPTY) -> list[dict]:
     of an empty cell; the benchmark uses the default) lets a training curriculum start from sparse
     scenes; shapes and letters keep their 55:25 ratio.
     """
+    if version not in _SIZES:
+        raise ValueError(f"unknown shapes generator version {version!r}; choose from {sorted(_SIZES)}")
+    sz = _SIZES[version]
+    off = sz["offset"]
     cells = []
     letters = list(LETTERS)
     rng.shuffle(letters)
@@ -128,17 +145,17 @@ def make_scene(rng: random.Random, p_empty: float = P_EMPTY) -> list[dict]:
                 "kind": "shape",
                 "shape": rng.choice(SHAPES),
                 "colour": rng.choice(COLOUR_NAMES),
-                "size": rng.randint(11, 16),
-                "dx": rng.randint(-2, 2),
-                "dy": rng.randint(-2, 2),
+                "size": rng.randint(*sz["shape"]),
+                "dx": rng.randint(-off, off),
+                "dy": rng.randint(-off, off),
             })
         else:
             cells.append({
                 "kind": "letter",
                 "letter": letters.pop(),
-                "size": rng.randint(16, 19),
-                "dx": rng.randint(-2, 2),
-                "dy": rng.randint(-2, 2),
+                "size": rng.randint(*sz["letter"]),
+                "dx": rng.randint(-off, off),
+                "dy": rng.randint(-off, off),
             })
     return cells
 
@@ -152,16 +169,19 @@ def _star(cx, cy, r):
     return pts
 
 
-def render(cells: list[dict]) -> Image.Image:
-    """Draw a scene as a 192x192 RGB image."""
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+def render(cells: list[dict], cell_w: int = CELL, cell_h: int = CELL) -> Image.Image:
+    """Draw a scene as an RGB image of GRID x GRID cells of `cell_w` x `cell_h` pixels (the benchmark:
+    48 x 48, a 192x192 image). Sizes and offsets are in units of the 48-pixel cell and scale with
+    min(cell_w, cell_h), so a smaller or wider canvas shows the same scene."""
+    k = min(cell_w, cell_h) / CELL
+    img = Image.new("RGB", (GRID * cell_w, GRID * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for idx, c in enumerate(cells):
         row, col = divmod(idx, GRID)
-        cx = col * CELL + CELL // 2 + c.get("dx", 0)
-        cy = row * CELL + CELL // 2 + c.get("dy", 0)
+        cx = col * cell_w + cell_w // 2 + c.get("dx", 0) * k
+        cy = row * cell_h + cell_h // 2 + c.get("dy", 0) * k
         if c["kind"] == "shape":
-            s = c["size"]
+            s = c["size"] * k
             r = s / 2
             fill = COLOURS[c["colour"]]
             box = (cx - r, cy - r, cx + r, cy + r)
@@ -182,7 +202,7 @@ def render(cells: list[dict]) -> Image.Image:
             elif kind == "star":
                 draw.polygon(_star(cx, cy, r * 1.1), fill=fill)
         elif c["kind"] == "letter":
-            draw.text((cx, cy), c["letter"], fill=(0, 0, 0), font=_font(c["size"]), anchor="mm")
+            draw.text((cx, cy), c["letter"], fill=(0, 0, 0), font=_font(max(8, round(c["size"] * k))), anchor="mm")
     return img
 
 
@@ -287,32 +307,58 @@ def scene_questions(cells: list[dict], rng: random.Random, k: int) -> list[tuple
     return out
 
 
-def make_doc(seed: int, split: str, index: int) -> dict:
-    """Document `index` of `split` (question type cycles through QUESTION_TYPES)."""
-    rng = doc_rng(seed, split, index)
+def make_doc(seed: int, split: str, index: int, version: str = GENERATOR_VERSION, with_cells: bool = False) -> dict:
+    """Document `index` of `split` (question type cycles through QUESTION_TYPES); `with_cells` adds the
+    scene itself ("cells", see `make_scene`) for analyses that need the ground truth."""
+    rng = doc_rng(seed, split, index, version)
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     while True:
-        cells = make_scene(rng)
+        cells = make_scene(rng, version=version)
         qa = make_question(cells, qtype, rng)
         if qa is not None:
             break
-    return {
+    doc = {
         "id": f"shapes-{split}-{index:06d}",
         "image": render(cells),
         "question": qa[0],
         "answer": qa[1],
         "qtype": qtype,
     }
+    if with_cells:
+        doc["cells"] = cells
+    return doc
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+def generate(split: str, n: int | None = None, seed: int = 0, version: str = GENERATOR_VERSION,
+             with_cells: bool = False) -> list[dict]:
     """`n` documents of `split` ('train' | 'val' | 'test'), deterministic by `seed`.
 
-    Each doc: {"id", "image" (PIL RGB 192x192), "question", "answer", "qtype"}.
+    Each doc: {"id", "image" (PIL RGB 192x192), "question", "answer", "qtype"} (+ "cells" with
+    `with_cells`). `version` "1.0" regenerates the previous generator's documents.
     """
-    split_seed(seed, split)  # validates the split
+    split_seed(seed, split, version)  # validates the split
     n = SPLIT_SIZES[split] if n is None else int(n)
-    return [make_doc(seed, split, i) for i in range(n)]
+    return [make_doc(seed, split, i, version, with_cells) for i in range(n)]
+
+
+_PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
+
+
+def question_cells(cells: list[dict], qtype: str, question: str) -> list[int]:
+    """The grid cells (row-major) holding the objects a question asks about: the named cell (colour,
+    shape, letter), the letter's cell (position), the counted objects (count; [] for a count of 0)."""
+    if qtype in ("colour", "shape", "letter"):
+        m = re.search(r"row (\d+), column (\d+)", question)
+        return [(int(m.group(1)) - 1) * GRID + int(m.group(2)) - 1]
+    if qtype == "position":
+        letter = re.search(r"letter (\w)", question).group(1)
+        return [i for i, c in enumerate(cells) if c.get("letter") == letter]
+    if qtype == "count":
+        w = question.split("How many ")[1].split(" ")[0]
+        if w in COLOURS:
+            return [i for i, c in enumerate(cells) if c.get("colour") == w]
+        return [i for i, c in enumerate(cells) if c.get("shape") == _PLURAL_TO_SHAPE.get(w)]
+    raise ValueError(f"unknown question type {qtype!r}")
 
 
 # --------------------------------------------------------------------------------------------------

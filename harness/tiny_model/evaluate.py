@@ -154,6 +154,68 @@ def recipe_flags(args: dict, steps2) -> list[str]:
     return out
 
 
+RETENTION_TABLE = Path(__file__).resolve().parents[2] / "results" / "tables" / "tiny_shapes_limit200.csv"
+
+
+def property_lines(model_dir: Path) -> list[str]:
+    """The model card's property table from `properties.json` (written by `make tiny-model-card`)."""
+    from harness.tiny_model.card import table
+
+    path = Path(model_dir) / "properties.json"
+    try:
+        data = json.loads(path.read_text())
+        lines = table(data["after"], data.get("before"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    before = data.get("before") or {}
+    after = data["after"]
+    lines = ["## Properties (`make tiny-model-card`)", "",
+             f"Measured by `harness/tiny_model/card.py` on the `shapes` test split (n={after.get('n')}); "
+             + (f"*before*: the previous checkpoint on the generator it was trained for (shapes "
+                f"{before.get('generator_version')}), *after*: this one (shapes {after.get('generator_version')})."
+                if before else "") , "", *lines, ""]
+    extra = [("colour probe on every token an object touches (any of its pixels)", "colour_probe_touching"),
+             ("random 33 %, positions kept", "random33_kept_accuracy"),
+             ("random 33 %, renumbered", "random33_renumbered_accuracy"),
+             ("visual tokens permuted + renumbered", "permuted_accuracy"),
+             ("the decoder on all tokens (the probes' reference)", "full_decoder_accuracy"),
+             ("asked object's most informative token removed", "drop_best_token_accuracy"),
+             ("blank image", "blank_accuracy"), ("answer prior", "prior_accuracy")]
+    lines += ["| measurement | before | after |", "|---|---|---|"]
+    for label, key in extra:
+        b = before.get(key)
+        lines.append(f"| {label} | {'-' if b is None else f'{b:.3f}'} | {after.get(key, float('nan')):.3f} |")
+    lines += ["", "Per question type (harness path): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in after.get("per_type", {}).items()), ""]
+    return lines
+
+
+def retention_lines(csv_path: Path) -> list[str]:
+    """Each method's retention (accuracy / `none`) at the default budgets, from the committed `make eval` table."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(csv_path, comment="#", dtype=str)
+    except (OSError, ValueError):
+        return []
+    if not {"method", "budget", "retention", "accuracy"} <= set(df.columns):
+        return []
+    df = df[df["method"].notna() & (df["method"] != "none")]
+    budgets = [b for b in df["budget"].unique() if b != "-"]
+    order = sorted(budgets, key=lambda b: -float(b.split("%")[0]) if b.split("%")[0].replace(".", "").isdigit() else 0)
+    lines = ["## Method retention at the default budgets (`make eval`)", "",
+             f"Accuracy / accuracy without reduction on the first 200 test questions, from `{csv_path.name}` "
+             "(results/tables; regenerate with `make eval`).", "",
+             "| method | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+    for m, g in df.groupby("method", sort=True):
+        by = {str(b).rstrip("†‡ "): r for b, r in zip(g["budget"], g["retention"])}
+        if set(g["budget"]) == {"-"}:
+            lines.append(f"| {m} | " + " | ".join([str(g["retention"].iloc[0])] + [""] * (len(order) - 1)) + " |")
+            continue
+        lines.append(f"| {m} | " + " | ".join(by.get(b.rstrip("†‡ "), "-") for b in order) + " |")
+    return lines + [""]
+
+
 def write_card(model_dir: Path, res: dict) -> Path:
     """Write the model card `README.md` of `model_dir` from its train log/info and `res`."""
     import csv
@@ -208,36 +270,44 @@ def write_card(model_dir: Path, res: dict) -> Path:
         "",
         "## Recipe",
         "",
-        "Two stages, as in LLaVA (see `harness/tiny_model/train.py`):",
+        "Two stages, as in LLaVA (see `harness/tiny_model/train.py`), on **full** images of varied sizes: "
+        "every step draws its scenes on one canvas, the benchmark's 192x192 (25 % of the tower's steps, 15 % of the decoder's), otherwise "
+        "4x4 cells of 32-64 x 32-64 px (128-256 px per side, aspect ratios up to 2:1) with the tower's "
+        "position embeddings interpolated -- dynamic resolution, as Qwen2-VL and LLaVA-NeXT train. A cell's "
+        "tokens sit at different sequence positions from step to step, so the decoder cannot find a cell by "
+        "its position id and reads where a token is from the token itself. No training sequence is made by "
+        "dropping, merging, permuting or masking visual tokens, and no loss says where to attend.",
         "",
         f"1. **Vision tower** ({args.get('steps1')} steps, batch {args.get('batch1')}, AdamW lr {args.get('lr1')}, "
-        "cosine): a dense objective on the feature layer (-2): each patch token classifies the "
-        "object under it (kind / colour / shape / letter of the grid cell whose centre patch it is; "
-        "'empty' elsewhere) and the row and column of its grid cell, with linear heads that are "
-        "discarded afterwards.",
+        "cosine): a dense objective on the feature layer (-2): every patch an object covers (at least 26 of "
+        "its pixels) classifies that object (kind / colour / shape / letter) and every patch the row and "
+        "column of its grid cell, with linear heads discarded afterwards.",
         f"2. **Projector + language model** ({steps2} steps, {args.get('images2')} images x "
         f"{args.get('questions2')} questions per step, AdamW lr {args.get('lr2')}), tower frozen: "
-        "next-token loss on the answer tokens of the exact evaluation prompt, plus auxiliary losses "
-        f"(weight {args.get('route_weight2')}) that teach the decoder the circuit the questions need:",
+        "next-token loss on the answer tokens of the exact evaluation prompt, plus objectives that teach "
+        "content and grounding, never a fixed place to look:",
         f"   * *projector init* ({args.get('proj_init2')}): the tower features' per-dimension mean and "
         "spread are folded into the first projector layer and the second is scaled so visual tokens enter "
-        "the decoder at the scale of the text embeddings (with the default init, visual tokens were ~500x "
-        "larger and the content a head copied from them was lost in the final norm);",
-        f"   * *dense answer words* at the visual positions: the residual stream entering decoder layer "
-        f"{args.get('dense_layer2')}, read through the final norm and the LM head, names each cell's "
-        f"contents at its centre patch (colour + shape, or letter); entering layer {args.get('row_layer2')} "
-        f"a letter's row number and entering layer {args.get('col_layer2')} its column number -- the "
-        "answers sit at the visual positions in the unembedding's own coordinates;",
-        f"   * *routing*: at the answer-predicting position, {args.get('route_heads2')} heads of layer "
-        f"{args.get('route_layer2')} attend to the centre patch of the asked cell (colour / shape / letter), "
-        f"of layer {args.get('row_layer2')} / {args.get('col_layer2')} to the asked letter (which row / "
-        "column); "
-        + (f"head {args.get('count_head2')} of layer {args.get('route_layer2')} spreads its attention evenly "
-           "over BOS (a sink) and the counted cells; " if args.get("count_head2", "-1") != "-1" else
-           "count questions get no routing (the model learns to count from the answer loss alone); ")
-        + f"heads of layer {args.get('gather_layer2')} read the question's row / column number (or letter, or "
-        "counted word) into the answer position first;",
-        f"   * *read-out*: the residual after layer {args.get('readout_layer2')} predicts the first answer token.",
+        "the decoder at the scale of the text embeddings;",
+        f"   * *dense answer words* (weight {args.get('dense_weight2')}) at every covered visual position: the "
+        f"residual stream entering decoder layer {args.get('dense_layer2')}, read through the final norm and the "
+        "LM head, names the object (colour + shape, or letter)"
+        + (f"; entering layer {args.get('row_layer2')} a letter's tokens name its row number and entering layer "
+           f"{args.get('col_layer2')} its column number;" if args.get("row_layer2", "-1") != "-1" else ";"),
+        f"   * *shared code* (weight {args.get('code_weight2')}, entering layer {args.get('code_layer2')}): every "
+        "visual token names its own cell (row, column) and object, and the answer position names what its "
+        "question asks about, through the same linear heads (discarded afterwards);",
+        f"   * *grounding* (weight {args.get('ground_weight2')}): at the answer position {args.get('ground_heads2')} "
+        f"heads of layer {args.get('ground_layer2')} spread their attention over all tokens of the asked object, "
+        "each object weighted equally (count questions: "
+        + (f"heads {args.get('count_head2')}-{int(args.get('count_head2', 0)) + int(args.get('ground_heads2', 1)) - 1}, "
+           if args.get("count_head2", "-1") != "-1" else "")
+        + "the counted objects and BOS as a sink weighted like one more object, so the mass on them is n/(n+1)) "
+        "-- wherever the object lies on that step's canvas, as referring-expression data grounds a real VLM; "
+        "no token position is ever singled out;",
+        f"   * *read-out* (weight {args.get('readout_weight2')}): the residual after layer "
+        f"{args.get('readout_layer2')} predicts the first answer token;",
+        f"   * *scene curriculum*: sparse scenes first, the benchmark's density after {args.get('curriculum2')} steps.",
         "",
         "   The image prefix of the prompt is question-independent, so its KV cache is computed once per image "
         "and shared by its questions. LR: warm-up, constant, then inverse-square-root decay after step "
@@ -250,7 +320,7 @@ def write_card(model_dir: Path, res: dict) -> Path:
         f"`torch.use_deterministic_algorithms(True)`, {args.get('threads')} torch thread(s).",
         f"Training wall time: {info.get('train_wall_s', 0) / 60:.1f} min on the shared 2-core CPU "
         f"(stage 1: {info.get('stage1_s', 0) / 60:.1f} min).",
-        *([f"Selection: {info['note']}."] if info.get("note") else []),
+        *([f"Note: {info['note']}."] if info.get("note") else []),
         "",
         "## Scores (`shapes` " + f"{res.get('split')} split, n={res.get('n')}, exact match)",
         "",
@@ -271,12 +341,11 @@ def write_card(model_dir: Path, res: dict) -> Path:
         weak = {k: v for k, v in modes["none"]["per_qtype"].items() if v < 0.7}
         if weak:
             lines += ["Limitations: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in weak.items())
-                      + " -- the recipe teaches these circuits least directly (position questions need a "
-                      "content-based look-up of the letter, counting an aggregate over cells); they are below "
-                      "the other types and cap the overall score.", ""]
+                      + " -- below the other question types.", ""]
     if "random10" in modes:
         lines += ["Per question type (random 10 %): " + ", ".join(
             f"{k} {100 * v:.1f}" for k, v in modes["random10"]["per_qtype"].items()), ""]
+    lines += property_lines(model_dir) + retention_lines(RETENTION_TABLE)
     lines += [
         "## Accuracy vs wall time (validation, during training)",
         "",
@@ -296,6 +365,7 @@ def write_card(model_dir: Path, res: dict) -> Path:
         + " ".join(extra) + "   # = make tiny-model",
         "python -m harness.tiny_model.evaluate --model harness/assets/tiny-llava --split test --n 500 "
         "--modes none,blank,black,random10 --batch-size 25 --json /tmp/tiny_eval.json --card",
+        "python -m harness.tiny_model.card --before 47d438b --threads 1 [--write]   # = make tiny-model-card: the properties",
         "```",
         "",
         "The evaluation prompts exactly as the harness does (chat template, processor, greedy "
@@ -343,6 +413,8 @@ def main(argv=None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))
     if args.card:
+        slim = {**res, "modes": {m: {k: v for k, v in r.items() if k != "predictions"} for m, r in res["modes"].items()}}
+        (args.model / "scores.json").write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
         print(f"model card: {write_card(args.model, res)}")
     return res
 

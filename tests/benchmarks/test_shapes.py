@@ -139,3 +139,58 @@ def test_parquet_roundtrip(tmp_path):
     S.ensure_data(tmp_path, seed=0, sizes={"val": 12, "test": 10})
     assert paths["test"].stat().st_mtime_ns == mtime
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- generator 2.0: objects that span several patches; other canvases; version 1.0 kept ------------------
+def _patches_covered(image, cell, min_pixels=26):
+    import numpy as np
+
+    m = S.object_mask(image, cell)
+    g = m.shape[0] // 16
+    return int((m.reshape(g, 16, g, 16).sum((1, 3)) >= min_pixels).sum())
+
+
+def test_objects_span_several_patches_and_version_1_kept_its_small_ones():
+    import numpy as np
+
+    def spread(version):
+        docs = S.generate("val", 40, version=version, with_cells=True)
+        return np.mean([_patches_covered(d["image"], k) for d in docs for k, c in enumerate(d["cells"])
+                        if c["kind"] != "empty"])
+
+    assert spread("2.0") >= 4.0
+    assert spread("1.0") < 1.5
+    assert S.generate("val", 3, version="1.0")[0]["question"] != "" and S.GENERATOR_VERSION == "2.0"
+    with pytest.raises(ValueError, match="version"):
+        S.make_scene(S.doc_rng(0, "val", 0), version="9.9")
+
+
+def test_render_on_other_canvases_shows_the_same_scene():
+    import numpy as np
+
+    d = S.generate("val", 1, with_cells=True)[0]
+    for cw, ch in ((32, 64), (64, 40), (48, 48)):
+        img = S.render(d["cells"], cw, ch)
+        assert img.size == (S.GRID * cw, S.GRID * ch)
+        a = np.asarray(img)
+        for k, c in enumerate(d["cells"]):  # an object stays inside its own cell, an empty cell stays white
+            r, col = divmod(k, S.GRID)
+            inside = (a[r * ch:(r + 1) * ch, col * cw:(col + 1) * cw] != 255).any(-1).sum()
+            assert (inside > 0) == (c["kind"] != "empty"), (cw, ch, k)
+    assert np.array_equal(np.asarray(S.render(d["cells"])), np.asarray(d["image"]))
+
+
+def test_question_cells_name_the_asked_objects():
+    docs = S.generate("val", 60, with_cells=True)
+    for d in docs:
+        cells = S.question_cells(d["cells"], d["qtype"], d["question"])
+        if d["qtype"] == "count":
+            assert len(cells) == int(d["answer"])
+        elif d["qtype"] == "position":
+            (k,) = cells
+            axis = 0 if "row" in d["question"] else 1
+            assert str(divmod(k, S.GRID)[axis] + 1) == d["answer"]
+        else:
+            (k,) = cells
+            c = d["cells"][k]
+            assert d["answer"] in (c.get("colour"), c.get("shape"), c.get("letter", "").lower())

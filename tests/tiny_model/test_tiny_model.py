@@ -29,9 +29,9 @@ def tiny():
 @needs_weights
 def test_folder_small_and_complete():
     size = sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file())
-    assert size < 40 * 1024 * 1024, size
+    assert size <= 20 * 1000 * 1000, size  # the issue's bound: at most 20 MB
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md",
-                 "train_log.csv"):
+                 "train_log.csv", "properties.json", "scores.json"):
         assert (ASSET / name).exists(), name
 
 
@@ -78,7 +78,7 @@ def test_answers_test_questions_and_needs_the_image(tiny):
     r10 = np.mean([S.score(answer_dropped(model, processor, d["image"], d["question"], 0.1, rng), d["answer"])
                    for d in docs])
     prior = S.prior_baseline(docs)
-    assert full >= 0.65, full
+    assert full >= 0.8, full
     assert blank <= prior + 0.10, (blank, prior)
     assert r10 <= full - 0.15, (r10, full)
 
@@ -136,14 +136,119 @@ def test_training_smoke_deterministic(tmp_path):
 
 def test_training_smoke_with_the_recipe_objectives(tmp_path):
     """The committed recipe's stage-2 objectives (standardised projector init, dense word / row / column
-    objectives at visual positions, routing, gather and read-out supervision) run end to end."""
+    objectives at every covered visual position, read-out supervision) run end to end on varied canvases."""
     from harness.tiny_model import train
 
     train.main(["--smoke", "--out", str(tmp_path), "--no-bar", "--proj-init2", "standardize",
                 "--dense-weight2", "1.0", "--dense-layer2", "1", "--row-layer2", "1", "--col-layer2", "1",
-                "--route-weight2", "1.0", "--route-layer2", "1", "--gather-layer2", "0", "--readout-layer2", "1",
-                "--count-head2", "1", "--dense-pos-letter2"])
+                "--readout-layer2", "0", "--code-layer2", "1", "--query-layer2", "1", "--curriculum2", "2",
+                "--ground-weight2", "1.0", "--ground-layer2", "1", "--questions2", "5"])
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_code_targets_and_curriculum():
+    from harness.tiny_model import train
+
+    assert train.code_targets("colour", "What colour is the shape in row 2, column 3?") == {"row": 1, "col": 2}
+    assert train.code_targets("position", "Which row is the letter K in?") == {"letter": S.LETTERS.index("K") + 1}
+    assert train.code_targets("count", "How many red shapes are there?") == {"colour": S.COLOUR_NAMES.index("red") + 1}
+    assert train.code_targets("count", "How many crosses are there?") == {"shape": S.SHAPES.index("cross") + 1}
+    assert train.query_words("count", "How many crosses are there?") == ["cross"]
+    assert train.curriculum_p_empty(0, 100) == pytest.approx(0.9)
+    assert train.curriculum_p_empty(100, 100) == S.P_EMPTY == train.curriculum_p_empty(5, 0)
+    # the shared heads read the visual tokens' labels and the questions' targets in the same classes
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(8, n) for k, n in train.CODE_HEADS.items()})
+    lab = torch.zeros(4, 7, dtype=torch.long)
+    lab[:, 4], lab[:, 5], lab[1, 1], lab[2, 3] = torch.tensor([0, 1, 2, 3]), 1, 2, 5
+    loss = train.code_loss(heads, torch.randn(1, 4, 8), [lab], torch.randn(2, 8), [{"row": 1, "col": 2}, {"letter": 5}])
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_grounding_targets_weigh_objects_equally_and_the_sink_as_one_more():
+    from harness.tiny_model import train
+
+    lab = torch.full((10, 7), 0, dtype=torch.long)
+    lab[:, 6] = torch.tensor([-1, 3, 3, 3, 5, 5, -1, 7, -1, -1])
+    one = train.grounding_targets(lab, [3], False, img_start=4)
+    assert one == pytest.approx({5: 1 / 3, 6: 1 / 3, 7: 1 / 3})
+    cnt = train.grounding_targets(lab, [3, 5, 7], True, img_start=4)
+    assert cnt[0] == pytest.approx(0.25) and sum(cnt.values()) == pytest.approx(1.0)
+    assert sum(cnt[4 + i] for i in (4, 5)) == pytest.approx(0.25) and cnt[4 + 7] == pytest.approx(0.25)
+    assert train.grounding_targets(lab, [], True, 4) == {0: 1.0}  # a count of zero: all on the sink
+    assert train.grounding_targets(lab, [9], False, 4) == {}  # an object covering no token: no target
+
+
+def test_canvases_vary_and_include_the_benchmark():
+    from harness.tiny_model import train
+
+    for stage in ("vision", "llm"):
+        got = [train.canvas(0, stage, s) for s in range(1000)]
+        assert got == [train.canvas(0, stage, s) for s in range(1000)]  # deterministic
+        share = sum(g == (S.CELL, S.CELL) for g in got) / len(got)
+        assert abs(share - train.P_BENCH_CANVAS[stage]) < 0.05, (stage, share)
+    assert len({g[0] * 10 + g[1] for g in got}) >= 15 and any(g[0] != g[1] for g in got)
+    assert all(w in train.CELL_SIZES and h in train.CELL_SIZES for w, h in got)
+
+
+@pytest.mark.parametrize("cw,ch", [(48, 48), (32, 64), (56, 40)])
+def test_patch_labels_name_every_covered_patch(cw, ch):
+    import numpy as np
+
+    from harness.tiny_model import train
+
+    d = S.generate("val", 3, with_cells=True)[2]
+    img = S.render(d["cells"], cw, ch)
+    lab = train.patch_labels(d["cells"], img, cw, ch).numpy()
+    gw, gh = img.size[0] // 16, img.size[1] // 16
+    assert lab.shape == (gw * gh, 7)
+    a = (np.asarray(img) != 255).any(-1)
+    for n in range(gw * gh):
+        py, px = divmod(n, gw)
+        assert lab[n, 4] == min((py * 16 + 8) // ch, 3) and lab[n, 5] == min((px * 16 + 8) // cw, 3)
+        owner = lab[n, 6]
+        if owner < 0:
+            assert lab[n, 0] == 0
+            continue
+        c = d["cells"][owner]
+        r, col = divmod(int(owner), S.GRID)
+        block = a[py * 16:(py + 1) * 16, px * 16:(px + 1) * 16]
+        ys, xs = np.nonzero(block)
+        ys, xs = ys + py * 16, xs + px * 16
+        assert ((ys // ch == r) & (xs // cw == col)).sum() >= train.MIN_PIXELS
+        assert lab[n, 0] == train.KIND_IDS[c["kind"]]
+        if c["kind"] == "shape":
+            assert S.COLOUR_NAMES[lab[n, 1] - 1] == c["colour"] and S.SHAPES[lab[n, 2] - 1] == c["shape"]
+        else:
+            assert S.LETTERS[lab[n, 3] - 1] == c["letter"]
+    covered = {int(o) for o in lab[:, 6] if o >= 0}
+    objects = {k for k, c in enumerate(d["cells"]) if c["kind"] != "empty"}
+    assert covered <= objects
+    if min(cw, ch) >= S.CELL:  # on the benchmark canvas (and larger) every object covers a patch
+        assert covered == objects
+    if (cw, ch) == (48, 48):  # the benchmark canvas: objects span several patches
+        per = [int((lab[:, 6] == k).sum()) for k in covered]
+        assert sum(per) / len(per) >= 3
+
+
+def test_prompt_codec_any_canvas_and_tower_features():
+    from harness.tiny_model import train
+
+    model, processor = train.build(train.CONFIGS["smoke"], seed=0)
+    codec = train.PromptCodec(processor)
+    q = "What shape is in row 2, column 3?"
+    for n in (144, 80, 256):
+        ids = processor.tokenizer(train.prompt_text(processor, q).replace("<image>", "<image>" * n))["input_ids"]
+        assert codec.prefix(n) + codec.suffix(q) == ids
+    d = S.generate("val", 1, with_cells=True)[0]
+    f = train.tower_features(model, train.pixels([S.render(d["cells"], 32, 64)]))
+    assert f.shape[:2] == (1, 8 * 16)
+    f192 = train.tower_features(model, train.pixels([d["image"]]))
+    with torch.no_grad():
+        ref = model.model.get_image_features(
+            pixel_values=processor(images=d["image"], text="<image>", return_tensors="pt")["pixel_values"]).pooler_output
+        got = model.model.multi_modal_projector(f192)
+    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in ref])
+    assert torch.allclose(got[0], ref, atol=1e-5)
 
 
 def test_cell_words_and_projector_init():
@@ -154,7 +259,6 @@ def test_cell_words_and_projector_init():
     assert train.cell_words(shape, 1, 2, "words") == ["red", "star"]
     assert train.cell_words(letter, 1, 2, "words") == ["k"]
     assert train.cell_words(letter, 1, 2, "row") == ["2"] and train.cell_words(letter, 1, 2, "col") == ["3"]
-    assert train.cell_words(letter, 1, 2, "col", with_letter=True) == ["k", "3"]
     assert train.cell_words(shape, 1, 2, "row") == [] and train.cell_words({"kind": "empty"}, 0, 0, "words") == []
 
     model, _ = train.build(train.CONFIGS["smoke"], seed=0)
