@@ -201,18 +201,30 @@ def retention_lines(csv_path: Path) -> list[str]:
     if not {"method", "budget", "retention", "accuracy"} <= set(df.columns):
         return []
     df = df[df["method"].notna() & (df["method"] != "none")]
-    budgets = [b for b in df["budget"].unique() if b != "-"]
-    order = sorted(budgets, key=lambda b: -float(b.split("%")[0]) if b.split("%")[0].replace(".", "").isdigit() else 0)
+
+    def clean(b):
+        return str(b).rstrip("†‡ ")
+
+    def share(b):
+        try:
+            return float(clean(b).split("%")[0])
+        except ValueError:
+            return -1.0
+
+    order = sorted({clean(b) for b in df["budget"] if clean(b) != "-"}, key=share, reverse=True)
     lines = ["## Method retention at the default budgets (`make eval`)", "",
-             f"Accuracy / accuracy without reduction on the first 200 test questions, from `{csv_path.name}` "
-             "(results/tables; regenerate with `make eval`).", "",
-             "| method | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+             f"Accuracy / accuracy without reduction (%) on the first 200 test questions, from `{csv_path.name}` "
+             "(results/tables; regenerate with `make eval`); `random`: the mean of its seeds; † the method reaches "
+             "no setting at that budget (the table's footnote).", "",
+             "| method | no budget | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
     for m, g in df.groupby("method", sort=True):
-        by = {str(b).rstrip("†‡ "): r for b, r in zip(g["budget"], g["retention"])}
-        if set(g["budget"]) == {"-"}:
-            lines.append(f"| {m} | " + " | ".join([str(g["retention"].iloc[0])] + [""] * (len(order) - 1)) + " |")
-            continue
-        lines.append(f"| {m} | " + " | ".join(by.get(b.rstrip("†‡ "), "-") for b in order) + " |")
+        cells = {}
+        for b, r in zip(g["budget"], g["retention"]):
+            try:
+                cells[clean(b)] = f"{100 * float(r):.1f}" + ("†" if str(b).endswith("†") else "")
+            except ValueError:
+                cells[clean(b)] = "-"
+        lines.append(f"| {m} | {cells.get('-', '')} | " + " | ".join(cells.get(b, "") for b in order) + " |")
     return lines + [""]
 
 
