@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -34,35 +33,13 @@ import numpy as np
 import torch
 
 from harness.benchmarks import shapes as S
+from harness.tiny_model.model_card import PROPERTIES, table, write_card
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava"
 ASSET_PATH = "harness/assets/tiny-llava"
 SINGLE_OBJECT_TYPES = ("colour", "shape", "letter", "position")
 KEEP = 0.33
 SEEDS = (0, 1, 2)
-
-# (key, description, threshold text, test on the value)
-PROPERTIES = [
-    ("patches_per_object", "objects cover at least 4 patches on average", ">= 4",
-     lambda v: v >= 4),
-    ("colour_probe_any_token", "a linear probe reads a shape's colour from any token it covers", ">= 0.9",
-     lambda v: v >= 0.9),
-    ("drop_best_token_retention", "removing the asked object's most informative token keeps the accuracy",
-     ">= 0.9", lambda v: v >= 0.9),
-    ("permute_renumber_retention", "visual tokens permuted and renumbered keep the accuracy", ">= 0.9",
-     lambda v: v >= 0.9),
-    ("random33_renumbered_vs_kept", "random 33 %: renumbered accuracy / positions-kept accuracy", ">= 0.9",
-     lambda v: v >= 0.9),
-    ("random33_retention", "random 33 % (renumbered, 3 seeds) keeps a real image's share of the accuracy",
-     "0.85-0.95", lambda v: 0.85 <= v <= 0.95),
-    ("background_nn_cosine", "background tokens are near-duplicates (mean nearest-neighbour cosine)",
-     ">= 0.95", lambda v: v >= 0.95),
-    ("accuracy", "exact match on the full test split (harness path)", ">= 0.85", lambda v: v >= 0.85),
-    ("min_type_accuracy", "the weakest question type", ">= 0.60", lambda v: v >= 0.60),
-    ("prior_over_accuracy", "answer prior / accuracy", "<= 0.5", lambda v: v <= 0.5),
-    ("blank_over_accuracy", "blank image / accuracy", "<= 0.5", lambda v: v <= 0.5),
-]
-
 
 class BadInput(ValueError):
     pass
@@ -309,21 +286,6 @@ def generator_of(model_dir: Path) -> str:
     return str(info.get("generator_version", "1.0"))
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-
-
-def table(after: dict, before: dict | None) -> list[str]:
-    head = "| property | threshold | before | after | holds |" if before else "| property | threshold | value | holds |"
-    lines = [head, "|---|---|---|---|---|" if before else "|---|---|---|---|"]
-    for key, desc, thr, ok in PROPERTIES:
-        v = after[key]
-        cells = [f"{desc} (`{key}`)", thr] + ([_fmt(before.get(key))] if before else []) + [_fmt(v),
-                                                                                           "yes" if ok(v) else "NO"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -340,8 +302,6 @@ def main(argv=None) -> int:
                          "scores.json (and the committed `make eval` table's retentions)")
     args = ap.parse_args(argv)
     if args.render:
-        from harness.tiny_model.evaluate import write_card
-
         try:
             scores = json.loads((args.model / "scores.json").read_text())
             json.loads((args.model / "properties.json").read_text())["after"]
@@ -377,8 +337,6 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.write_text("\n".join(lines) + "\n")
     if args.write:
-        from harness.tiny_model.evaluate import write_card
-
         (args.model / "properties.json").write_text(
             json.dumps({"after": after, "before": before}, indent=2, sort_keys=True) + "\n")
         try:

@@ -77,7 +77,7 @@ def test_colour_probe_separates_and_fails_on_noise():
 
 
 def test_thresholds_hold_and_fail():
-    from harness.tiny_model.card import PROPERTIES
+    from harness.tiny_model.model_card import PROPERTIES
 
     tests = {k: ok for k, _, _, ok in PROPERTIES}
     assert tests["random33_retention"](0.9) and not tests["random33_retention"](0.97)
