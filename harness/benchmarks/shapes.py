@@ -344,21 +344,29 @@ def generate(split: str, n: int | None = None, seed: int = 0, version: str = GEN
 _PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
 
 
+def question_target(qtype: str, question: str) -> dict:
+    """What a question asks about, parsed from its text: {"row", "col"} (0-based) of the named cell
+    (colour / shape / letter), {"letter"} (position), {"colour"} or {"shape"} counted (count)."""
+    if qtype in ("colour", "shape", "letter"):
+        m = re.search(r"row (\d+), column (\d+)", question)
+        return {"row": int(m.group(1)) - 1, "col": int(m.group(2)) - 1}
+    if qtype == "position":
+        return {"letter": re.search(r"letter (\w)", question).group(1)}
+    if qtype == "count":
+        w = question.split("How many ")[1].split(" ")[0]
+        return {"colour": w} if w in COLOURS else {"shape": _PLURAL_TO_SHAPE.get(w)}
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
 def question_cells(cells: list[dict], qtype: str, question: str) -> list[int]:
     """The grid cells (row-major) holding the objects a question asks about: the named cell (colour,
     shape, letter), the letter's cell (position), the counted objects (count; [] for a count of 0)."""
-    if qtype in ("colour", "shape", "letter"):
-        m = re.search(r"row (\d+), column (\d+)", question)
-        return [(int(m.group(1)) - 1) * GRID + int(m.group(2)) - 1]
-    if qtype == "position":
-        letter = re.search(r"letter (\w)", question).group(1)
-        return [i for i, c in enumerate(cells) if c.get("letter") == letter]
-    if qtype == "count":
-        w = question.split("How many ")[1].split(" ")[0]
-        if w in COLOURS:
-            return [i for i, c in enumerate(cells) if c.get("colour") == w]
-        return [i for i, c in enumerate(cells) if c.get("shape") == _PLURAL_TO_SHAPE.get(w)]
-    raise ValueError(f"unknown question type {qtype!r}")
+    t = question_target(qtype, question)
+    if "row" in t:
+        return [t["row"] * GRID + t["col"]]
+    key, value = next(iter(t.items()))
+    return [i for i, c in enumerate(cells) if c.get(key) == value]
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -279,27 +279,6 @@ def curriculum_p_empty(step: int, steps: int) -> float:
     return start + (S.P_EMPTY - start) * step / steps
 
 
-_PLURAL_TO_SHAPE = {v: k for k, v in S.SHAPE_PLURALS.items()}
-
-
-def query_words(qtype: str, question: str) -> list[str]:
-    """What a question asks about, as answer-vocabulary words: the row and column numbers of the named
-    cell (colour / shape / letter), the letter (position), the counted colour or shape (count). The
-    query objective (`--query-layer2`) makes the answer position name them: the question's content, read
-    from the question text, not a place in the image."""
-    import re
-
-    if qtype in ("colour", "shape", "letter"):
-        m = re.search(r"row (\d+), column (\d+)", question)
-        return [m.group(1), m.group(2)]
-    if qtype == "position":
-        return [re.search(r"letter (\w)", question).group(1).lower()]
-    if qtype == "count":
-        w = question.split("How many ")[1].split(" ")[0]
-        return [w if w in S.COLOURS else _PLURAL_TO_SHAPE[w]]
-    return []
-
-
 def cell_words(cell: dict, row: int, col: int, what: str) -> list[str]:
     """The answer words describing a grid cell for the dense objective `what`:
     'words' -> a shape's colour and shape, a letter's letter; 'row' / 'col' -> a letter's row / column
@@ -476,21 +455,16 @@ _LABEL_COLUMN = {"row": 4, "col": 5, "letter": 3, "colour": 1, "shape": 2}
 
 
 def code_targets(qtype: str, question: str) -> dict[str, int]:
-    """The shared-code targets of the answer position: what the question asks about, in the classes of
-    CODE_HEADS (the row and column of the named cell; the letter; the counted colour or shape)."""
-    import re
-
-    if qtype in ("colour", "shape", "letter"):
-        m = re.search(r"row (\d+), column (\d+)", question)
-        return {"row": int(m.group(1)) - 1, "col": int(m.group(2)) - 1}
-    if qtype == "position":
-        return {"letter": S.LETTERS.index(re.search(r"letter (\w)", question).group(1)) + 1}
-    if qtype == "count":
-        w = question.split("How many ")[1].split(" ")[0]
-        if w in S.COLOURS:
-            return {"colour": S.COLOUR_NAMES.index(w) + 1}
-        return {"shape": S.SHAPES.index(_PLURAL_TO_SHAPE[w]) + 1}
-    return {}
+    """The shared-code targets of the answer position: what the question asks about
+    (`shapes.question_target`) in the classes of CODE_HEADS (0 = none for the object heads)."""
+    t = S.question_target(qtype, question)
+    if "letter" in t:
+        return {"letter": S.LETTERS.index(t["letter"]) + 1}
+    if "colour" in t:
+        return {"colour": S.COLOUR_NAMES.index(t["colour"]) + 1}
+    if "shape" in t:
+        return {"shape": S.SHAPES.index(t["shape"]) + 1}
+    return t
 
 
 def code_loss(heads, h_img, labels, h_query, queries):
@@ -624,7 +598,7 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
                 if dl is not None:
                     dloss = dl if dloss is None else dloss + dl
         cache.batch_repeat_interleave(K)
-        seqs, tgts, qpos, qwords, codes, gtargets, glayers = [], [], [], [], [], [], []
+        seqs, tgts, qpos, codes, gtargets, glayers = [], [], [], [], [], []
         for cells_i, lab_i, qs in zip(scenes, labs, qas):
             for qt, q, a in qs[:K]:
                 sfx = codec.suffix(q)
@@ -632,7 +606,6 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
                 seqs.append(sfx + ans)
                 tgts.append([-100] * (len(sfx) - 1) + ans + [-100])
                 qpos.append(len(sfx) - 1)
-                qwords.append([codec.answer(w)[0] for w in query_words(qt, q)])
                 codes.append(code_targets(qt, q))
                 gtargets.append(grounding_targets(lab_i, S.question_cells(cells_i, qt, q), qt == "count", img_start))
                 layer = (args.ground_layer2 if qt != "position" or args.row_layer2 < 0 else
@@ -646,7 +619,7 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
             tg[i, :len(t)] = torch.tensor(t)
         out = lm(inputs_embeds=emb(ids), past_key_values=cache, use_cache=True,
                  position_ids=(P + torch.arange(L))[None].expand(B * K, -1),
-                 output_hidden_states=(args.readout_layer2 >= 0 or args.query_layer2 >= 0 or args.code_layer2 >= 0
+                 output_hidden_states=(args.readout_layer2 >= 0 or args.code_layer2 >= 0
                                        or args.ground_weight2 > 0))
         logits = model.lm_head(out.last_hidden_state)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=-100)
@@ -657,15 +630,6 @@ def stage2(model, processor, args, log: Logger, val_docs, bar_disable: bool):
             first = tg[torch.arange(len(qpos)), qp_t]
             loss = loss + args.readout_weight2 * nn.functional.cross_entropy(
                 model.lm_head(lm.norm(hmid)), first, ignore_index=-100)
-        if args.query_layer2 >= 0:
-            # the question's content at the answer position, read through the final norm and the LM head
-            qp_t = torch.tensor(qpos)
-            hq = out.hidden_states[args.query_layer2][torch.arange(len(qpos)), qp_t]
-            logp = torch.log_softmax(model.lm_head(lm.norm(hq)), dim=-1)
-            width = max(len(w) for w in qwords)
-            tid = torch.tensor([w + [w[0]] * (width - len(w)) for w in qwords])
-            tw = torch.tensor([[1.0 / len(w)] * len(w) + [0.0] * (width - len(w)) for w in qwords])
-            loss = loss - args.query_weight2 * (logp.gather(1, tid) * tw).sum(1).mean()
         if args.ground_weight2 > 0:
             for layer, first in sorted(set(glayers)):
                 gl = grounding_loss(model, out.hidden_states, cache, layer, qpos,
@@ -737,10 +701,6 @@ def parse_args(argv=None):
                     help="deep supervision: the residual after this decoder layer predicts the first answer "
                          "token (through the final norm and lm_head); -1 = off")
     ap.add_argument("--readout-weight2", type=float, default=0.5)
-    ap.add_argument("--query-layer2", type=int, default=-1,
-                    help="query objective: the residual entering this decoder layer at the answer position names "
-                         "what the question asks about (query_words); -1 = off")
-    ap.add_argument("--query-weight2", type=float, default=0.5)
     ap.add_argument("--ground-weight2", type=float, default=0.0,
                     help="weight of the grounding objective (grounding_loss); 0 = off")
     ap.add_argument("--ground-layer2", type=int, default=3,

@@ -141,7 +141,7 @@ def test_training_smoke_with_the_recipe_objectives(tmp_path):
 
     train.main(["--smoke", "--out", str(tmp_path), "--no-bar", "--proj-init2", "standardize",
                 "--dense-weight2", "1.0", "--dense-layer2", "1", "--row-layer2", "1", "--col-layer2", "1",
-                "--readout-layer2", "0", "--code-layer2", "1", "--query-layer2", "1", "--curriculum2", "2",
+                "--readout-layer2", "0", "--code-layer2", "1", "--curriculum2", "2",
                 "--ground-weight2", "1.0", "--ground-layer2", "1", "--questions2", "5"])
     assert (tmp_path / "model.safetensors").exists()
 
@@ -153,7 +153,6 @@ def test_code_targets_and_curriculum():
     assert train.code_targets("position", "Which row is the letter K in?") == {"letter": S.LETTERS.index("K") + 1}
     assert train.code_targets("count", "How many red shapes are there?") == {"colour": S.COLOUR_NAMES.index("red") + 1}
     assert train.code_targets("count", "How many crosses are there?") == {"shape": S.SHAPES.index("cross") + 1}
-    assert train.query_words("count", "How many crosses are there?") == ["cross"]
     assert train.curriculum_p_empty(0, 100) == pytest.approx(0.9)
     assert train.curriculum_p_empty(100, 100) == S.P_EMPTY == train.curriculum_p_empty(5, 0)
     # the shared heads read the visual tokens' labels and the questions' targets in the same classes
