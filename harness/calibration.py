@@ -84,7 +84,7 @@ def shortv_artefacts(cfg, model, processor, adapter, kinds=("visual", "text")) -
 
 
 def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dict[str, dict]:
-    from methods._shared.calibration import config_hash, greedy_layer_ranking, load_or_compute
+    from methods._shared.calibration import config_hash, greedy_layer_ranking, load_or_compute, reused_image_features
     from methods.redundancylens import kl_evaluator
 
     batches, data_id, n = calibration_batches(cfg, model, processor)
@@ -102,15 +102,16 @@ def redundancylens_artefacts(cfg, model, processor, adapter, method=None) -> dic
         def compute(reduction=reduction):
             from harness.execution import yield_now
 
-            kl = kl_evaluator(model, adapter, batches, reduction, **params)
-
             def evaluate(layers):  # one greedy step at a time: a waiting timing part goes first (harness.execution)
                 yield_now()
                 return kl(layers)
 
-            res = greedy_layer_ranking(
-                adapter.num_llm_layers, evaluate, tail=int(cfg.calibration.tail), alpha=float(cfg.calibration.alpha)
-            )
+            # every candidate reduces LLM layers only: the image encoder runs once per batch, not once per candidate
+            with reused_image_features(model, adapter):
+                kl = kl_evaluator(model, adapter, batches, reduction, **params)
+                res = greedy_layer_ranking(
+                    adapter.num_llm_layers, evaluate, tail=int(cfg.calibration.tail), alpha=float(cfg.calibration.alpha)
+                )
             return {"ranking": res["ranking"], "scores": res["rounds"], "base": res["base"]}
 
         out[reduction] = load_or_compute(key_parts, compute, cfg.calibration.dir, num_layers=adapter.num_llm_layers)

@@ -15,9 +15,15 @@ calibration artefacts.
   the next call if valid (`read_artefact`: seal, key, ranking a permutation consistent with the scores);
   an invalid one is named in one warning line and computed again. Processes that need one artefact at
   once wait for one computation (a file lock beside it).
+* `reused_image_features(model, adapter)`: both calibrations change LLM layers only and run the same
+  batches many times (ShortV: 1 + L forwards per batch, RedundancyLens: one per greedy candidate), so
+  within the block the image encoder runs once per batch and its output is reused (exact: same input,
+  same encoder, same result).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -42,6 +48,59 @@ def select_samples(n_total: int, n: int, seed: int) -> list[int]:
     if n > n_total:
         raise MethodError(f"calibration asks for {n} samples but the data set has only {n_total}")
     return sorted(random.Random(seed).sample(range(n_total), n))
+
+
+# ---- the image encoder once per batch ----------------------------------------------------------------
+@contextlib.contextmanager
+def reused_image_features(model, adapter):
+    """Within the block, `get_image_features` of the model computes once per distinct input (the same
+    tensor objects, unmodified, and the same other arguments) and returns that result afterwards. Only
+    for runs that leave the image encoder and projector untouched (the calibrations ablate LLM layers).
+    The inputs are held for the block's lifetime, so their ids cannot be reused by other tensors."""
+    from methods._shared.context import install_context
+
+    base = adapter.base
+    if getattr(base, "get_image_features", None) is None:
+        yield
+        return
+    install_context(model, adapter)  # the visual context's own wrapper stays below this cache
+    had = "get_image_features" in vars(base)
+    previous = vars(base).get("get_image_features")
+    encode = base.get_image_features
+    memo: dict = {}
+    active = [True]
+
+    def key_of(v):
+        if isinstance(v, torch.Tensor):
+            try:
+                version = v._version
+            except RuntimeError:  # an inference tensor has no version counter
+                version = None
+            return ("tensor", id(v), version)
+        if isinstance(v, (list, tuple)):
+            return (type(v).__name__, tuple(key_of(x) for x in v))
+        return ("value", repr(v))
+
+    @functools.wraps(encode)
+    def cached(*args, **kwargs):
+        if not active[0]:
+            return encode(*args, **kwargs)
+        key = (key_of(args), tuple(sorted((k, key_of(v)) for k, v in kwargs.items())))
+        if key not in memo:
+            memo[key] = ((args, kwargs), encode(*args, **kwargs))  # the inputs kept alive with the key
+        return memo[key][1]
+
+    base.get_image_features = cached
+    try:
+        yield
+    finally:
+        active[0] = False
+        memo.clear()
+        if vars(base).get("get_image_features") is cached:
+            if had:
+                base.get_image_features = previous
+            else:
+                del base.get_image_features
 
 
 # ---- Layer Contribution (ShortV) ---------------------------------------------------------------------
@@ -96,18 +155,19 @@ def layer_contribution(model, adapter, batches: Iterable[Mapping[str, Any]], kin
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            inputs = _model_inputs(batch, adapter)
-            logp = _last_logprobs(model, inputs)
-            n += logp.shape[0]
-            for i, layer in enumerate(layers):
-                patch_simulation(layer, ctx, rows)
-                try:
-                    logq = _last_logprobs(model, inputs)
-                finally:
-                    unpatch_layer(layer)
-                kl = (logq.exp() * (logq - logp)).sum(-1)  # KL(P_ablated || P_original), per sample
-                totals[i] += kl.double().sum()
+        with reused_image_features(model, adapter):  # the image encoder once per batch, not 1 + L times
+            for batch in batches:
+                inputs = _model_inputs(batch, adapter)
+                logp = _last_logprobs(model, inputs)
+                n += logp.shape[0]
+                for i, layer in enumerate(layers):
+                    patch_simulation(layer, ctx, rows)
+                    try:
+                        logq = _last_logprobs(model, inputs)
+                    finally:
+                        unpatch_layer(layer)
+                    kl = (logq.exp() * (logq - logp)).sum(-1)  # KL(P_ablated || P_original), per sample
+                    totals[i] += kl.double().sum()
     finally:
         model.train(was_training)
     if n == 0:

@@ -146,3 +146,48 @@ def test_greedy_layer_ranking():
     assert ranking_objective({"a": 0.9, "b": 1.1}, {"a": 1.0, "b": 1.0}, alpha=2.0) == pytest.approx(-0.05)
     with pytest.raises(MethodError, match="tail"):
         greedy_layer_ranking(4, evaluate, tail=5)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_reused_image_features_exact_and_scoped(family):
+    """Within `reused_image_features` the image encoder runs once per batch (the calibrations ablate LLM
+    layers only), the logits equal a fresh model's bit for bit, an input changed in place is encoded again,
+    and afterwards the model encodes every call as before."""
+    from methods._shared.calibration import reused_image_features
+    from methods._shared.context import install_context
+    from methods.redundancylens import kl_evaluator
+
+    model, proc = H.tiny(family, "qwen2" if family == "qwen2_vl" else "llama")
+    fresh = copy.deepcopy(model)
+    ad = get_adapter(model)
+    install_context(model, ad)
+    before = vars(ad.base).get("get_image_features")
+    calls = []
+    handle = ad.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    b1 = dict(H.make_inputs(proc, (0, 1), H.sizes_of(family)))
+    b2 = dict(H.make_inputs(proc, (2,), H.sizes_of(family)))
+    with torch.no_grad():
+        want1, want2 = fresh(**b1).logits, fresh(**b2).logits
+        with reused_image_features(model, ad):
+            for _ in range(3):
+                assert torch.equal(model(**b1).logits, want1)
+            n1 = len(calls)
+            assert torch.equal(model(**b2).logits, want2)
+            n2 = len(calls)
+            assert torch.equal(model(**b1).logits, want1) and len(calls) == n2  # still cached
+            b1["pixel_values"].mul_(0.5)  # changed in place: encoded again
+            assert torch.equal(model(**b1).logits, fresh(**b1).logits)
+            n3 = len(calls)
+        model(**b1)
+        model(**b1)
+    handle.remove()
+    assert n1 >= 1 and n2 == 2 * n1 and n3 == 3 * n1  # one encoder pass per batch (per crop pass of NeXT)
+    assert len(calls) == 5 * n1  # after the block every call encodes again
+    assert vars(ad.base).get("get_image_features") is before
+    # the greedy ranking's evaluator gives the same numbers with and without the cache
+    evaluate = kl_evaluator(fresh, get_adapter(fresh), [b2], "hollow", window=3)
+    plain = [evaluate(layers) for layers in ([0], [1, 2], [3])]
+    fresh2, _ = H.tiny(family, "qwen2" if family == "qwen2_vl" else "llama")
+    with reused_image_features(fresh2, get_adapter(fresh2)):
+        evaluate = kl_evaluator(fresh2, get_adapter(fresh2), [b2], "hollow", window=3)
+        assert [evaluate(layers) for layers in ([0], [1, 2], [3])] == plain
