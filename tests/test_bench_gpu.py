@@ -122,6 +122,7 @@ def test_time_guard_with_a_fake_clock():
     assert len(times["a"]) == 1 and g.events[-1] == "late: stopped after 1 of 5 rounds (time budget)"
 
 
+@pytest.mark.slow
 def test_gpu_run_end_to_end_on_scaled_down_models(tmp_path, monkeypatch):
     """`run_gpu_full` as `--gpu-full` runs it, on CPU in fp32 with the scaled-down configs: one report per
     architecture with the methods (memory, KV cache), scores and batch parts."""

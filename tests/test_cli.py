@@ -43,6 +43,7 @@ def test_missing_local_checkpoint(tmp_path):
     assert not list((tmp_path / "store").glob("records/*.json")) if (tmp_path / "store").exists() else True
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_hub_id_while_offline(tmp_path):
     out, seconds = _run(["model=llava15_7b"], tmp_path)

@@ -308,6 +308,7 @@ def _oom_on_call(monkeypatch, n: int):
     monkeypatch.setattr(VTBenchLMM, "generate_batch", generate_batch)
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_one_cell_of_a_sweep(args, tmp_path, monkeypatch, capsys):
     """Cell 1 runs out of memory at its 3rd sample: it is recorded failed with the reason, the sweep goes
     on to cell 2, and a rerun retries cell 1 from its 2 answers."""

@@ -327,6 +327,7 @@ def test_sweep_validation_builds_one_meta_model_per_model_config(monkeypatch):
     assert len(cells) == 6 and sorted(calls) == ["llava15_7b", "tiny"]
 
 
+@pytest.mark.slow
 def test_sweep_whose_cells_all_fail_exits_1_naming_them(args, tmp_path, capsys, monkeypatch):
     from harness.sweep import run_multirun
 

@@ -66,6 +66,7 @@ EDITS = {
 }
 
 
+@pytest.mark.slow
 def test_every_checkpoint_file_that_changes_answers_is_in_the_identity(tiny_checkpoint, data_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
