@@ -320,20 +320,46 @@ def _submit(pool, cfg, num, total, label: str) -> None:
                  "group": logger.get("group") if logger is not None else None})
 
 
+def _early_fork_server(overrides: list[str]):
+    """The workers' fork server, started before the sweep's validation when the sweep may use workers (its
+    imports then run beside the validation); None when it will not, or cannot start."""
+    from harness.workers import ForkServer, fork_server_wanted
+
+    if not fork_server_wanted(overrides):
+        return None
+    try:
+        return ForkServer()
+    except OSError:  # no fork server here: workers start as processes of their own
+        return None
+
+
+def _stop(server) -> None:
+    if server is not None:
+        server.close()
+
+
 def run_multirun(overrides: list[str]) -> int:
     import hydra
 
     from harness.config import CONF_DIR
     from harness.errors import EXIT_BAD_INPUT, EXIT_FAILED, bad_input_errors, error_line, interrupted
 
+    server = _early_fork_server(overrides)  # the workers' imports, while the cells are validated (harness.workers)
     try:
         combos = validate_sweep(overrides)
         plan = _worker_plan(overrides, combos)
     except bad_input_errors() as e:
+        _stop(server)
         print(f"vtbench: error: {sweep_error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
+        _stop(server)
         return interrupted("vtbench", e, "nothing ran yet")
+    except BaseException:
+        _stop(server)
+        raise
+    if plan is None:
+        server = _stop(server)
     _STATE["total"] = len(combos)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
     monitor = _monitor(combos).start()
@@ -342,7 +368,7 @@ def run_multirun(overrides: list[str]) -> int:
         from harness.workers import WorkerPool
 
         print(f"[vtbench] {plan.describe()}", file=sys.stderr, flush=True)
-        pool = _STATE["pool"] = WorkerPool(plan)
+        pool = _STATE["pool"] = WorkerPool(plan, server=server)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):

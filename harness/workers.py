@@ -16,6 +16,14 @@ Each worker is pinned to its share of the machine: on CPU `max(1, cores // N)` t
 worker by default), on a machine with several CUDA GPUs one GPU (`CUDA_VISIBLE_DEVICES`, round robin).
 Timing runs alone on its device (`harness.execution`).
 
+**Fork server.** The workers' heavy imports (torch, transformers, lmms-eval, W&B, fvcore: about 6 s of one
+core) are paid once per sweep, not once per worker: a fork server (`ForkServer`, `python -m harness.workers
+--fork-server`) starts when the sweep starts, imports them while the sweep validates its cells (on a core
+the validation leaves idle), and forks each worker on request, ready at once (a replacement too). It
+computes nothing before forking (no torch thread pool, no CUDA), so a forked worker is a fresh process
+with its modules loaded; it sets its own threads and device as a started one would. If the server cannot
+start, workers are started as processes of their own (`python -m harness.workers`), as before.
+
 Kill-safety: a worker dies with the sweep (a pipe whose write end only the sweep holds reads end of file when
 the sweep is gone, however it ended; and Linux `PR_SET_PDEATHSIG`), so SIGKILL of the sweep leaves no process
 behind and a rerun resumes every interrupted cell from its answers. A worker killed on its own fails only its cell ("the worker process died ..."; its answers are
@@ -25,10 +33,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -153,6 +164,147 @@ def plan(combos: list[list[str]], todo: int) -> Plan:
                 gpus=gpus if n > 1 else [], device=device)
 
 
+# ---- the fork server --------------------------------------------------------------------------------------
+#: what a worker imports before its first cell (the fork server imports them once for every worker)
+PRELOAD = ("torch", "harness.execution", "harness.runner", "harness.efficiency.probe", "lmms_eval.evaluator")
+#: imported too when installed (first use in a cell otherwise): W&B, fvcore, the LLaVA classes
+PRELOAD_OPTIONAL = ("wandb", "fvcore.nn", "transformers.models.llava.modeling_llava")
+WORKER_NAME, SERVER_NAME = b"vtbench-worker", b"vtbench-forksrv"
+
+
+def fork_server_wanted(overrides: list[str]) -> bool:
+    """Whether a sweep should start its fork server before validating (it may need workers): not when the
+    user asked for one process (`run.workers=1` / `VTBENCH_WORKERS=1`) or the machine has one core and no GPU
+    (a plan of one worker); the sweep stops an unneeded server."""
+    from harness.execution import usable_cores
+
+    given = [o.partition("=")[2].strip() for o in overrides if o.lstrip("+~").startswith("run.workers=")]
+    value = given[-1] if given else os.environ.get("VTBENCH_WORKERS", "auto")
+    if value.strip() in ("1", "0"):
+        return False
+    return usable_cores() > 1 or bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip(" -1"))
+
+
+class ForkServer:
+    """The sweep's side of the fork server: a control socket (one packet per message; file descriptors
+    travel with the spawn requests) and the server's messages -- `ready`, `spawned` (request -> pid), `exit`
+    (pid -> exit code, negative for a signal, as `subprocess` gives it)."""
+
+    def __init__(self):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.output = tempfile.TemporaryFile()  # its own output: an import error, shown if it cannot start
+        env = dict(os.environ)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.workers", "--fork-server", str(theirs.fileno()),
+                 "--parent", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env,
+                pass_fds=(theirs.fileno(),), close_fds=True)
+        finally:
+            theirs.close()
+        self.ready = self.failed = False
+        self.spawned: dict[int, int] = {}  # request number -> pid
+        self.exits: dict[int, int] = {}  # pid -> exit code
+        self._requests = 0
+
+    def spawn(self, fds: list[int], **args) -> int:
+        """Ask for a worker with `fds` (task input, result output, sweep-alive pipe, log) and `args`; returns
+        the request number (its pid follows in a `spawned` message)."""
+        n = self._requests
+        self._requests += 1
+        socket.send_fds(self.sock, [json.dumps({"spawn": n, **args}).encode()], fds)
+        return n
+
+    def drain(self, timeout: float | None = 0) -> None:
+        """Read the server's messages: wait up to `timeout` for the first, then every one already there."""
+        while not self.failed:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return
+            timeout = 0
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:  # the server is gone; the workers it forked died with it (their death signal)
+                self.failed = True
+                return
+            msg = json.loads(data)
+            if msg.get("ready"):
+                self.ready = True
+            elif "spawned" in msg:
+                self.spawned[int(msg["spawned"])] = int(msg["pid"])
+            elif "exit" in msg:
+                self.exits[int(msg["exit"])] = int(msg["code"])
+
+    def why_not(self) -> str:
+        """The last line of the server's output (why it stopped)."""
+        try:
+            self.output.seek(0)
+            lines = [ln for ln in self.output.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            lines = []
+        return lines[-1].strip() if lines else f"exit code {self.proc.poll()}"
+
+    def close(self) -> None:
+        """Stop the server (it ends on its closed socket; its workers must be gone first: they die with it)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.output.close()
+
+
+class _Forked:
+    """A worker forked by the fork server, with the part of `subprocess.Popen`'s interface the pool uses."""
+
+    def __init__(self, server: ForkServer, request: int, stdin):
+        self.server, self.request, self.stdin = server, request, stdin
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.spawned.get(self.request)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.server.drain(0)
+            pid = self.pid
+            if pid is not None and pid in self.server.exits:
+                self.returncode = self.server.exits[pid]
+            elif self.server.failed:  # forked or not, it cannot outlive the server (death signal)
+                self.returncode = -signal.SIGKILL
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired("vtbench worker", timeout)
+            self.server.drain(0.2 if left is None else min(0.2, left))
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.pid is None and self.poll() is None and time.monotonic() < deadline:  # not forked yet
+            self.server.drain(0.1)
+        if self.pid is not None and self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 # ---- the pool, in the sweep's process -------------------------------------------------------------------
 @dataclass
 class _Worker:
@@ -169,8 +321,10 @@ class WorkerPool:
     """N worker processes fed one cell at a time. Every method runs in the sweep's main thread (the
     workers' death signal is tied to the thread that starts them)."""
 
-    def __init__(self, plan: Plan, log_dir: Path | None = None, out=None):
+    def __init__(self, plan: Plan, log_dir: Path | None = None, out=None, server: ForkServer | None = None):
         self.plan = plan
+        #: the fork server that starts the workers (None: each worker a process of its own)
+        self.server = server
         #: the worker logs' folder (the sweep's Hydra folder, known once the first job runs)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.out = out or sys.stderr
@@ -194,6 +348,10 @@ class WorkerPool:
         log = self.log_dir / f"worker-{slot}.log"
         if self._alive is None:  # the workers' "sweep alive" pipe: only this process holds the write end
             self._alive = os.pipe()
+        if self.server is not None:
+            worker = self._fork(slot, env, log)
+            if worker is not None:
+                return worker
         r, w = os.pipe()
         alive = self._alive[0]
         try:
@@ -206,6 +364,38 @@ class WorkerPool:
         finally:
             os.close(w)
         worker = _Worker(index=slot, proc=proc, fd=r, log=log)
+        self.sel.register(r, selectors.EVENT_READ, worker)
+        self.workers.append(worker)
+        return worker
+
+    def _fork(self, slot: int, env: dict, log: Path) -> _Worker | None:
+        """A worker forked by the fork server; None (and the server stopped) if the server cannot start one."""
+        server = self.server
+        server.drain(0)
+        if server.failed:
+            print(f"vtbench: the workers' fork server stopped ({server.why_not()}); starting each worker as a "
+                  "process of its own", file=self.out, flush=True)
+            server.close()
+            self.server = None
+            return None
+        task_r, task_w = os.pipe()
+        r, w = os.pipe()
+        logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            request = server.spawn(
+                [task_r, w, self._alive[0], logfd], index=slot, workers=self.plan.workers,
+                threads=self.plan.threads, timing_threads=self.plan.timing_threads,
+                env={k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in env})
+        except OSError:  # the server is gone
+            server.failed, request = True, None
+        finally:
+            for fd in (task_r, w, logfd):  # the worker's ends: only the worker holds them (the server closes its copies)
+                os.close(fd)
+        if request is None:
+            os.close(task_w)
+            os.close(r)
+            return self._fork(slot, env, log)  # says so and stops the server; the caller starts a process
+        worker = _Worker(index=slot, proc=_Forked(server, request, os.fdopen(task_w, "wb")), fd=r, log=log)
         self.sel.register(r, selectors.EVENT_READ, worker)
         self.workers.append(worker)
         return worker
@@ -294,6 +484,12 @@ class WorkerPool:
                 w.proc.kill()
                 w.proc.wait()
             self._forget(w)
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
     def terminate(self) -> None:
         """Stop every worker now (the sweep was interrupted): SIGTERM, then SIGKILL after 10 s. Their answers
@@ -312,6 +508,7 @@ class WorkerPool:
                 w.proc.kill()
                 w.proc.wait()
             self._forget(w)
+        self._stop_server()
 
     def _close_alive(self) -> None:
         if self._alive is not None and not self.workers:
@@ -462,18 +659,135 @@ def _run_task(task: dict) -> dict:
     return run_job(cfg, task["num"])
 
 
+def _name_process(name: bytes) -> None:
+    """The process's name as `ps` / `top` show it (Linux `PR_SET_NAME`; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+def _fork_server(control_fd: int, parent: int) -> int:
+    """The fork server's loop (see the module docstring): import what every worker needs, then fork one worker
+    per request and report its pid, and each worker's exit, to the sweep. Ends when the sweep closes the
+    control socket or is gone; it computes nothing itself."""
+    import importlib
+
+    _name_process(SERVER_NAME)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep and its workers; it stops them, then this
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG: dies with the sweep
+    except Exception:  # pragma: no cover - not Linux: the closed socket ends it
+        pass
+    if os.getppid() != parent:
+        return 1
+    sock = socket.socket(fileno=control_fd)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    for name in PRELOAD_OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sock.send(json.dumps({"ready": True}).encode())
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                sock.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+            except OSError:
+                pass
+
+    while True:
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        reap()
+        if not ready:
+            continue
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 65536, 8)
+        except OSError:
+            return 0
+        if not msg:  # the sweep closed the socket (done) or is gone
+            return 0
+        req = json.loads(msg)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                sock.close()
+                code = _forked_worker(req, fds)
+            except BaseException:  # noqa: BLE001 - whatever ends it, it ends here (never back in the server's loop)
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        try:
+            sock.send(json.dumps({"spawned": req["spawn"], "pid": pid}).encode())
+        except OSError:
+            return 0
+
+
+def _forked_worker(req: dict, fds: list[int]) -> int:
+    task_r, result_w, alive_r, log = fds
+    os.dup2(task_r, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(task_r)
+    os.close(log)
+    sys.stdin = open(0, "r", closefd=False)  # noqa: SIM115 - the task pipe, read line by line
+    os.environ.update(req.get("env") or {})
+    _name_process(WORKER_NAME)
+    return _serve(result_w, alive_r, os.getppid(), int(req["workers"]), int(req["index"]), int(req["threads"]),
+                  int(req["timing_threads"]), started="forked")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--fork-server"]:
+        ap = argparse.ArgumentParser(prog="python -m harness.workers --fork-server")
+        ap.add_argument("--fork-server", type=int, required=True)
+        ap.add_argument("--parent", type=int, required=True)
+        a = ap.parse_args(argv)
+        return _fork_server(a.fork_server, a.parent)
     ap = argparse.ArgumentParser(prog="python -m harness.workers", description="a worker of a parallel sweep")
     for name in ("--result-fd", "--alive-fd", "--parent", "--workers", "--index", "--threads", "--timing-threads"):
         ap.add_argument(name, type=int, required=True)
     a = ap.parse_args(argv)
-    _die_with_parent(a.parent, a.alive_fd)
+    return _serve(a.result_fd, a.alive_fd, a.parent, a.workers, a.index, a.threads, a.timing_threads)
+
+
+def _serve(result_fd: int, alive_fd: int, parent: int, workers: int, index: int, threads: int,
+           timing_threads: int, started: str = "process") -> int:
+    """A worker's loop: one cell per line of its input, one result line per cell on `result_fd`. `started`:
+    how the worker began, stated in each record's `execution` ("forked" by the fork server, or a "process"
+    of its own)."""
+    _die_with_parent(parent, alive_fd)
     from harness.errors import install_signal_handlers
 
     install_signal_handlers()
-    out = a.result_fd
+    out = result_fd
 
     def send(msg: dict) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -486,9 +800,11 @@ def main(argv: list[str] | None = None) -> int:
         from harness.execution import Execution, remember_default_threads, set_current
 
         remember_default_threads()
-        torch.set_num_threads(a.threads)
-        extra = {"cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]} if "CUDA_VISIBLE_DEVICES" in os.environ else {}
-        set_current(Execution(workers=a.workers, worker=a.index, threads=a.threads, timing_threads=a.timing_threads,
+        torch.set_num_threads(threads)
+        extra = {"started": started}
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            extra["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        set_current(Execution(workers=workers, worker=index, threads=threads, timing_threads=timing_threads,
                               extra=extra))
         # the heavy imports once, while the sweep hands out the cells
         import harness.runner  # noqa: F401

@@ -306,3 +306,45 @@ def test_the_pool_hands_out_calibrating_cells_first_and_never_two_of_one_calibra
     pool.queue, pool.calibrated, pool.calibrating = [{"num": 9, "calibration": "Z"}], set(), {"Z"}
     busy.task = None  # nothing else runs: it goes (and waits for the lock) rather than never
     assert take()["num"] == 9
+
+
+# ---- the fork server -----------------------------------------------------------------------------------
+def test_the_fork_server_is_started_only_for_sweeps_that_may_use_workers(cores, monkeypatch):
+    from harness.workers import fork_server_wanted
+
+    monkeypatch.delenv("VTBENCH_WORKERS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cores(2)
+    assert fork_server_wanted(["method=none,fastv"])
+    assert not fork_server_wanted(["method=none,fastv", "run.workers=1"])
+    assert fork_server_wanted(["run.workers=1", "run.workers=2"])  # the last value wins, as in Hydra
+    monkeypatch.setenv("VTBENCH_WORKERS", "1")
+    assert not fork_server_wanted(["method=none,fastv"])
+    assert fork_server_wanted(["run.workers=auto"])
+    monkeypatch.delenv("VTBENCH_WORKERS")
+    cores(1)
+    assert not fork_server_wanted(["method=none,fastv"])  # one core, no GPU: one worker at most
+
+
+def test_a_stopped_fork_server_falls_back_to_worker_processes(tmp_path):
+    """A fork server that is gone (killed, or failed to import) is noticed at the next worker's start: one
+    line, the server let go, and the pool starts that worker as a process of its own."""
+    import io
+    import os
+
+    from harness.workers import ForkServer, Plan, WorkerPool
+
+    server = ForkServer()
+    server.proc.kill()
+    server.proc.wait()
+    out = io.StringIO()
+    pool = WorkerPool(Plan(workers=2, threads=1, timing_threads=1), log_dir=tmp_path, out=out, server=server)
+    pool._alive = os.pipe()
+    try:
+        assert pool._fork(0, dict(os.environ), tmp_path / "worker-0.log") is None
+    finally:
+        for fd in pool._alive:
+            os.close(fd)
+    assert pool.server is None and not pool.workers
+    (line,) = out.getvalue().splitlines()
+    assert "fork server stopped" in line and "process of its own" in line

@@ -138,10 +138,13 @@ def test_two_concurrent_sweeps_share_a_store(tiny_checkpoint, prepared_data, ref
 
 
 def _workers(pid: int) -> list[psutil.Process]:
+    """The sweep's worker processes: forked by its fork server (named `vtbench-worker`), or started as
+    processes of their own (`python -m harness.workers`); the fork server itself is not a worker."""
     out = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if "harness.workers" in " ".join(child.cmdline()):
+            cmd = " ".join(child.cmdline())
+            if child.name() == "vtbench-worker" or ("harness.workers" in cmd and "--fork-server" not in cmd):
                 out.append(child)
         except psutil.Error:
             pass
@@ -162,16 +165,22 @@ def test_parallel_sweep_killed_leaves_no_worker_and_resumes(tiny_checkpoint, pre
     args = [*PARALLEL, *cell_args(tiny_checkpoint, prepared_data, store, LIMIT)]
     a = rng.randint(1, LIMIT - 1)
     seen: dict[int, psutil.Process] = {}
+    every: dict[int, psutil.Process] = {}  # the workers, the fork server, anything else the sweep started
 
     def cond():
         seen.update({w.pid: w for w in _workers(proc.pid)})
+        try:
+            every.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+        except psutil.Error:
+            pass
         return progress(store)[0] == 0 and progress(store)[1] >= a
 
     proc = start(args, tmp_path)
     assert kill_when(proc, cond), "the sweep finished before the kill point"
     assert proc.returncode == -signal.SIGKILL and len(seen) == 2, seen
-    _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
-    assert not alive, alive  # the workers died with the sweep: nothing left running
+    assert len(every) >= 3  # the two workers and their fork server
+    _, alive = psutil.wait_procs(list(every.values()), timeout=10)
+    assert not alive, alive  # the workers and the server died with the sweep: nothing left running
     assert progress(store)[0] == 0  # ... mid-cell, at once: no worker went on to finish its cell
     n_answers = progress(store)[1]
     out = run(args, tmp_path)

@@ -55,6 +55,7 @@ def test_parallel_sweep_writes_the_serial_records(tiny_checkpoint, prepared_data
     assert all(r["execution"]["worker"] is None for r in want.values())
     assert {r["execution"]["worker"] for r in got.values()} == {0, 1}
     assert all(r["execution"]["workers"] == 2 and r["environment"]["torch_threads"] == 1 for r in got.values())
+    assert {r["execution"]["started"] for r in got.values()} == {"forked"}  # by the sweep's fork server
     for r in [*want.values(), *got.values()]:
         lat = r["efficiency"]["latency"]
         assert lat["taken"].startswith("alone: exclusive cpu lock") and lat["threads"] >= 1
