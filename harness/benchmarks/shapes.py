@@ -493,7 +493,7 @@ def verify(path: Path, split: str, seed: int = 0, n: int | None = None) -> None:
         pass
 
 
-def _write_parquet(docs: list[dict], path: Path) -> None:
+def _write_parquet(docs: list[dict], path: Path, pngs: list[bytes] | None = None) -> None:
     from datasets import Dataset, Features, Value
     from datasets import Image as HFImage
 
@@ -504,7 +504,8 @@ def _write_parquet(docs: list[dict], path: Path) -> None:
         "answer": Value("string"),
         "qtype": Value("string"),
     })
-    rows = [{**d, "image": {"bytes": _png(d["image"]), "path": None}} for d in docs]
+    pngs = [_png(d["image"]) for d in docs] if pngs is None else pngs
+    rows = [{**d, "image": {"bytes": png, "path": None}} for d, png in zip(docs, pngs)]
     ds = Dataset.from_list(rows, features=features)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
     os.close(fd)
@@ -543,7 +544,12 @@ def ensure_data(data_dir: str | os.PathLike, seed: int = 0, splits=("val", "test
         p = data_dir / f"{s}.parquet"
         n = sizes[s]
         if not p.exists() or meta.get("counts", {}).get(s) not in (None, n):
-            _write_parquet(generate(s, n, seed=seed), p)
+            docs = generate(s, n, seed=seed)
+            pngs = [_png(d["image"]) for d in docs]
+            _write_parquet(docs, p, pngs)
+            # what the generator makes, from the documents it just made (verify() compares the file to it)
+            _GENERATOR_DIGESTS.setdefault((s, n, seed, GENERATOR_VERSION), _content_digest(
+                (d["id"], d["question"], d["answer"], d["qtype"], png) for d, png in zip(docs, pngs)))
             changed = True
         paths[s] = p
         if s not in meta.get("sha256", {}):
