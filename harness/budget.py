@@ -31,12 +31,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from harness.budget_note import BUDGET_TOLERANCE, budget_note  # noqa: F401 - the rule lives there (light to import)
 from harness.efficiency import analytic as A
 
 KINDS = (None, "tokens", "flops")
-#: a FLOPs-matched budget whose closest setting misses its target by more than this is not met: the run
-#: warns (one line, before the model loads) and the report flags the row (`budget_note`)
-BUDGET_TOLERANCE = 0.02
+#: BUDGET_TOLERANCE (harness.budget_note): a FLOPs-matched budget whose closest setting misses its target by more
+#: than this is not met: the run warns (one line, before the model loads) and the report flags the row
 
 
 class BudgetError(ValueError):
@@ -205,17 +205,6 @@ def resolve(method, adapter, budget: dict | None) -> tuple[Any, dict]:
     info.update({"target_flops_ratio": target, "predicted_flops_ratio": best[2], "knob": {method.budget_param: best[3]}})
     info["visual_tokens_to_llm"] = best[1].visual_tokens_kept(layout)
     return best[1], info
-
-
-def budget_note(info: dict | None) -> str | None:
-    """Why a budget was not met: a FLOPs-matched budget whose closest setting misses its target."""
-    if not info or info.get("target_flops_ratio") is None or info.get("predicted_flops_ratio") is None:
-        return None
-    target, got = float(info["target_flops_ratio"]), float(info["predicted_flops_ratio"])
-    if abs(got - target) <= BUDGET_TOLERANCE:
-        return None
-    knob = ", ".join(f"{k}={v}" for k, v in (info.get("knob") or {}).items())
-    return f"target FLOPs ratio {target:.2f} not reachable, closest setting {knob} costs {got:.2f}"
 
 
 def build_tokens(registry, method, base: dict, value: float, adapter):

@@ -493,8 +493,8 @@ def pd_numeric(col):
 
 
 def budget_note(info: dict | None) -> str | None:
-    """Why a budget was not met (`harness.budget.budget_note`, the rule the run warns with)."""
-    from harness.budget import budget_note as note
+    """Why a budget was not met (`harness.budget_note`, the rule the run warns with)."""
+    from harness.budget_note import budget_note as note
 
     return note(info)
 
