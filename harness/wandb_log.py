@@ -177,10 +177,13 @@ def log_cell(record: dict, logger_cfg: dict, config: dict, doc_inputs=None) -> d
             name=run_name(record),
             group=group,
             job_type="cell",
-            config={**config, "resolved": resolved},
+            # the packages that matter are in `environment` (the record's): W&B's own scan of every installed
+            # package (requirements.txt) would cost each cell a quarter of a second
+            config={**config, "resolved": resolved, "environment": record.get("environment")},
             dir=wdir,
             mode=mode,
             reinit="finish_previous",
+            settings=wandb.Settings(x_save_requirements=False),
         )
         summary = {}
         _flat("", {"metrics": record.get("metrics", {}), "efficiency": record.get("efficiency", {})}, summary,
