@@ -25,16 +25,17 @@ EVAL_RANDOM_SEEDS ?= 0,1,2
 EVAL_TOKEN_METHODS ?= fastv,ficoco_l,tome,ficoco_v,ficoco_vl,visionzip,vispruner,divprune,pool,downsample,pdrop,dart,sparsevlm
 # compositions (methods/compose.py; conf/method/<name>.yaml, tiny settings in conf/model_method/tiny_<name>.yaml)
 EVAL_COMPOSITIONS ?= shortv_fastv,redundancylens_fastv
-# the default sweep's three Hydra multiruns (one per set of swept keys), each answered by run.workers worker
-# processes (default: one single-threaded worker per core, one per GPU; latency timed alone); `make eval` and
-# `make paper-check` run the same cells
+# the default sweep: three grids (each a Hydra multirun with its own swept keys) run as one sweep by one
+# `vtbench -m <grid> --next <grid> --next <grid>` command, answered by run.workers worker processes (default:
+# one single-threaded worker per core, one per GPU; forked by one fork server; latency timed alone) that take
+# the next grid's cells while the last ones of the previous grid still run; `make eval` and `make paper-check`
+# run the same cells
+EVAL_CONTROL_GRID = method=$(EVAL_CONTROLS) $(EVAL_SETTINGS) $(ARGS)
+EVAL_RANDOM_GRID = method=random method.params.seed=$(EVAL_RANDOM_SEEDS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+EVAL_METHOD_GRID = method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
 define EVAL_SWEEPS
-	@echo "== [1/3] controls: $(EVAL_CONTROLS) (no budget)"
-	$(VTB) -m method=$(EVAL_CONTROLS) $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [2/3] random x seeds $(EVAL_RANDOM_SEEDS) x budgets $(EVAL_BUDGETS)"
-	$(VTB) -m method=random method.params.seed=$(EVAL_RANDOM_SEEDS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
-	@echo "== [3/3] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens)"
-	$(VTB) -m method=$(EVAL_TOKEN_METHODS),shortv_auto,redundancylens,$(EVAL_COMPOSITIONS) budget.kind=tokens budget.value=$(EVAL_BUDGETS) $(EVAL_SETTINGS) $(ARGS)
+	@echo "== the default sweep, three grids in one command: [1] controls $(EVAL_CONTROLS) (no budget); [2] random x seeds $(EVAL_RANDOM_SEEDS) x budgets $(EVAL_BUDGETS); [3] token methods, ShortV (shortv_auto) and RedundancyLens (layers from their calibrations, at the matching FLOPs) and the compositions $(EVAL_COMPOSITIONS) (layers as configured, FastV's keep_ratio set by the budget) x budgets $(EVAL_BUDGETS) (share of visual tokens)"
+	$(VTB) -m $(EVAL_CONTROL_GRID) --next $(EVAL_RANDOM_GRID) --next $(EVAL_METHOD_GRID)
 endef
 # The recipe of the committed tiny model (see harness/assets/tiny-llava/README.md)
 TINY_ARGS ?= --out harness/assets/tiny-llava --seed 0 --steps1 1500 --steps2 6000 --curriculum2 1500 --code-layer2 2 \

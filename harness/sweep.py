@@ -8,6 +8,12 @@ Each job is one cell (`harness.runner.run_cell`): a complete record is reused, a
 resumes from its per-sample answers, a cell that fails at run time (e.g. out of memory, or every sample
 failing) is recorded as failed with its reason and the sweep goes on.
 
+Several sweeps in one command: `vtbench -m <sweep> --next <sweep> --next ...` validates every cell of every
+sweep first, then runs them as one sweep (one pool of workers, no wait between the sweeps, one fork server):
+the cells of the next sweep go to workers while the last ones of the previous sweep still run. Each sweep
+has its own overrides (nothing carries over a `--next`) and its own Hydra folder (`<sweep dir>/<n>/`); cells
+are numbered across them. `make eval` runs its three grids this way.
+
 Exit status: every cell of the sweep (the command line's sweeps and the config's `hydra.sweeper.params`)
 is validated before the first one runs, with the same checks as a single `vtbench` including the
 method against the model's architecture on the meta device (one meta model per model config): bad
@@ -24,6 +30,21 @@ import sys
 from pathlib import Path
 
 _STATE: dict = {"total": None, "reasons": {}, "pool": None}
+#: each cell of the running sweep composed once (by validate_sweep): overrides -> (config, record key); the
+#: plan, the progress monitor and the final check read them instead of composing again
+_CELLS: dict[tuple, tuple] = {}
+
+
+def _cell(combo: list[str]):
+    """The composed config and record key of a cell of the sweep (composed on first use)."""
+    from harness.config import compose_config, resolved
+    from harness.results import record_key
+
+    k = (tuple(combo), tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("VTBENCH_"))))
+    if k not in _CELLS:
+        cfg = compose_config(combo)
+        _CELLS[k] = (cfg, record_key(resolved(cfg)))
+    return _CELLS[k]
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -41,9 +62,20 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
+#: `_compose_hydra` results of the running command by overrides (each sweep asks three times)
+_HYDRA_NODES: dict[tuple, object] = {}
+
+
 def _compose_hydra(overrides: list[str]):
     """The composed config with Hydra's own node (sweeper params, launcher), or None if it does not compose
-    (compose_config reports the error in one line)."""
+    (compose_config reports the error in one line). Kept for the running command (`run_multirun`)."""
+    key = (tuple(overrides), tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("VTBENCH_"))))
+    if key not in _HYDRA_NODES:
+        _HYDRA_NODES[key] = _compose_hydra_now(overrides)
+    return _HYDRA_NODES[key]
+
+
+def _compose_hydra_now(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -94,7 +126,7 @@ def _cells_run_elsewhere(overrides: list[str]) -> bool:
     return "slurm" in target.lower()
 
 
-def validate_sweep(overrides: list[str]) -> list[list[str]]:
+def validate_sweep(overrides: list[str], adapters: dict | None = None) -> list[list[str]]:
     """Compose and validate every cell of the sweep (command-line sweeps and the config's
     `hydra.sweeper.params`, e.g. an experiment's table) with the full single-cell checks, the meta-device
     check against the model included (one meta model per model config); raises the first bad-input
@@ -111,7 +143,7 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
         compose_config(cells)
         raise
     elsewhere = _cells_run_elsewhere(overrides)
-    adapters: dict = {}
+    adapters = {} if adapters is None else adapters  # meta models by model config (shared by a command's sweeps)
     from harness.errors import bad_input_errors
 
     cfgs = []
@@ -121,6 +153,7 @@ def validate_sweep(overrides: list[str]) -> list[list[str]]:
             method = validate(cfg, check_device=not elsewhere)
             validate_against_model(cfg, method, cache=adapters)
             cfgs.append(cfg)
+            _cell(combo)  # composed once more, untouched by the checks: the sweep's copy of the cell
     except bad_input_errors() as e:  # name the cell: the same override may be fine in one cell, not in another
         if not _sweep_wide(e, combo, combos, elsewhere, adapters):
             e.sweep_cell = cell_label(combo, combos)
@@ -180,18 +213,17 @@ def sweep_error_line(e: BaseException) -> str:
     from harness.errors import error_line
 
     cell = getattr(e, "sweep_cell", "")
-    return f"[{cell}] {error_line(e)}" if cell else error_line(e)
+    where = " ".join(x for x in (getattr(e, "sweep_index", ""), cell) if x)
+    return f"[{where}] {error_line(e)}" if where else error_line(e)
 
 
 def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
     """`(overrides, reason)` of every cell of the sweep that has no complete record in its store."""
-    from harness.config import compose_config, resolved
-    from harness.results import ResultsStore, record_key
+    from harness.results import ResultsStore
 
     bad = []
     for combo in combos:
-        cfg = compose_config(combo)
-        key = record_key(resolved(cfg))
+        cfg, key = _cell(combo)
         rec = ResultsStore(cfg.store.dir).get(key)
         if rec is None:
             why = _STATE["reasons"].get(frozenset(combo)) or _STATE["reasons"].get(key)  # by key: a worker's cell
@@ -201,18 +233,57 @@ def cell_outcomes(combos: list[list[str]]) -> list[tuple[list[str], str]]:
     return bad
 
 
-def _monitor(combos: list[list[str]]):
+def _monitor(combos: list[list[str]], labels: list[str] | None = None):
     """The progress/result lines and the final table of the sweep (`harness.sweep_monitor`)."""
-    from harness.config import compose_config, resolved
-    from harness.results import ResultsStore, record_key
+    from harness.results import ResultsStore
     from harness.sweep_monitor import SweepMonitor
 
     cells = []
-    for combo in combos:
-        cfg = compose_config(combo)
-        key = record_key(resolved(cfg))
-        cells.append((_sweep_overrides(combo, combos), ResultsStore(cfg.store.dir).record_path(key), key))
+    for i, combo in enumerate(combos):
+        cfg, key = _cell(combo)
+        label = labels[i] if labels is not None else _sweep_overrides(combo, combos)
+        cells.append((label, ResultsStore(cfg.store.dir).record_path(key), key))
     return SweepMonitor(cells)
+
+
+#: separates the sweeps of one command (`vtbench -m <sweep> --next <sweep>`)
+NEXT = "--next"
+
+
+def split_sweeps(argv: list[str]) -> list[list[str]]:
+    """The sweeps of a command line, split at `--next`; raises ConfigError for an empty one."""
+    from harness.config import ConfigError
+
+    groups: list[list[str]] = [[]]
+    for a in argv:
+        if a == NEXT:
+            groups.append([])
+        else:
+            groups[-1].append(a)
+    if len(groups) > 1 and any(not g for g in groups):
+        n = next(i for i, g in enumerate(groups) if not g) + 1
+        raise ConfigError(f"{NEXT}: sweep {n} of {len(groups)} has no overrides (each sweep between {NEXT} separators "
+                          "needs its own, e.g. `-m method=none,fastv {NEXT} method=tome budget.value=0.5,0.25`)")
+    return groups
+
+
+def _labels(sweeps: list[tuple[list[str], list[list[str]]]]) -> list[str]:
+    """What names each cell in the progress lines and the final table: in one sweep the overrides that vary
+    (`_sweep_overrides`); across several, every override of the cell but those that all the cells share."""
+    if len(sweeps) == 1:
+        combos = sweeps[0][1]
+        return [_sweep_overrides(c, combos) for c in combos]
+    every = [c for _, combos in sweeps for c in combos]
+    shared = set(every[0]).intersection(*map(set, every[1:])) if every else set()
+    return [" ".join(o for o in c if o not in shared) or "(defaults)" for c in every]
+
+
+def _sweep_dir_override(overrides: list[str], base: str, n: int) -> list[str]:
+    """Sweep `n`'s own Hydra folder under the command's (`<base>/<n>`), unless its overrides name one."""
+    if any(o.lstrip("+~").startswith("hydra.sweep.dir=") for o in overrides):
+        return []
+    quoted = base.replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.sweep.dir='{quoted}/{n}'"]
 
 
 def _sweep_overrides(combo: list[str], all_combos: list[list[str]]) -> str:
@@ -252,7 +323,7 @@ def _job(cfg) -> dict | None:
     from harness.workers import needs_worker, run_job
 
     try:
-        num = HydraConfig.get().job.num + 1
+        num = HydraConfig.get().job.num + 1 + _STATE.get("offset", 0)
     except Exception:
         num = "?"
     total = _STATE["total"] or os.environ.get("VTBENCH_SWEEP_TOTAL") or "?"
@@ -261,6 +332,9 @@ def _job(cfg) -> dict | None:
     pool = _STATE.get("pool")
     if pool is not None and needs_worker(cfg):  # parallel answering: an idle worker takes it (harness.workers)
         _submit(pool, cfg, num, total, label)
+        from harness.execution import yield_now
+
+        yield_now()  # this process computes too (Hydra composing the jobs): a waiting timing part goes first
         return None
     print(f"[vtbench] ===== cell {num}/{total}: {label} =====", file=sys.stderr, flush=True)
     out = run_job(cfg, num)
@@ -284,19 +358,20 @@ def _basic_launcher(overrides: list[str]) -> bool:
     return target.endswith("BasicLauncher")
 
 
-def _worker_plan(overrides: list[str], combos: list[list[str]]):
+def _worker_plan(overrides: list[str] | list[list[str]], combos: list[list[str]]):
     """How many workers answer the sweep's cells (`run.workers`, checked like every value: it may not vary
-    within a sweep); None when the cells run one after another in this process."""
-    from harness.config import compose_config, resolved
-    from harness.results import ResultsStore, record_key
+    within a sweep, nor across the sweeps of one command); None when the cells run one after another in
+    this process. `overrides`: the sweep's, or each sweep's (a list of lists)."""
+    from harness.results import ResultsStore
     from harness.workers import plan
 
     todo = 0
     for combo in combos:
-        cfg = compose_config(combo)
-        todo += bool(cfg.run.force) or not ResultsStore(cfg.store.dir).is_complete(record_key(resolved(cfg)))
-    p = plan(combos, todo)
-    return p if p.workers > 1 and _basic_launcher(overrides) else None
+        cfg, key = _cell(combo)
+        todo += bool(cfg.run.force) or not ResultsStore(cfg.store.dir).is_complete(key)
+    p = plan(combos, todo, cfgs=[_cell(c)[0] for c in combos])
+    groups = overrides if overrides and isinstance(overrides[0], list) else [overrides]
+    return p if p.workers > 1 and all(_basic_launcher(g) for g in groups) else None
 
 
 def _submit(pool, cfg, num, total, label: str) -> None:
@@ -345,9 +420,20 @@ def run_multirun(overrides: list[str]) -> int:
     from harness.errors import EXIT_BAD_INPUT, EXIT_FAILED, bad_input_errors, error_line, interrupted
 
     server = _early_fork_server(overrides)  # the workers' imports, while the cells are validated (harness.workers)
+    _CELLS.clear()
+    _HYDRA_NODES.clear()
     try:
-        combos = validate_sweep(overrides)
-        plan = _worker_plan(overrides, combos)
+        groups = split_sweeps(overrides)
+        sweeps, adapters = [], {}
+        for i, group in enumerate(groups):
+            try:
+                sweeps.append((group, validate_sweep(group, adapters)))
+            except bad_input_errors() as e:
+                if len(groups) > 1:
+                    e.sweep_index = f"sweep {i + 1} of {len(groups)}:"
+                raise
+        combos = [c for _, cs in sweeps for c in cs]
+        plan = _worker_plan([g for g, _ in sweeps], combos)
     except bad_input_errors() as e:
         _stop(server)
         print(f"vtbench: error: {sweep_error_line(e)}", file=sys.stderr)
@@ -362,7 +448,8 @@ def run_multirun(overrides: list[str]) -> int:
         server = _stop(server)
     _STATE["total"] = len(combos)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
-    monitor = _monitor(combos).start()
+    labels = _labels(sweeps)
+    monitor = _monitor(combos, labels).start()
     pool = None
     if plan is not None:
         from harness.workers import WorkerPool
@@ -375,13 +462,35 @@ def run_multirun(overrides: list[str]) -> int:
         return _job(cfg)
 
     argv = sys.argv
-    sys.argv = ["vtbench", "--multirun", *overrides]
+    import time as _time
+
+    base = f"{os.environ.get('VTBENCH_OUTPUTS') or 'multirun'}/{_time.strftime('%Y-%m-%d/%H-%M-%S')}"
     # Hydra's own errors (e.g. a launcher that cannot start: no `srun` outside a SLURM cluster) come back
     # here as exceptions instead of Hydra's printed traceback, and end in one line
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    import contextlib
+
+    launching = contextlib.ExitStack()
+    if pool is not None and not plan.gpus and str(plan.device) == "cpu":
+        from harness.execution import device_lock
+
+        # going through the jobs (Hydra composes each one) computes on the CPU beside the workers: held shared
+        # like their computing, so no cell's timing part runs meanwhile (harness.execution; yields per job)
+        launching.enter_context(device_lock(plan.device).shared())
     try:
-        _entry()
+        offset = 0
+        for n, (group, group_combos) in enumerate(sweeps, 1):  # the workers take each sweep's cells as they come
+            _STATE["offset"] = offset
+            sys.argv = ["vtbench", "--multirun", *group,
+                        *(_sweep_dir_override(group, base, n) if len(sweeps) > 1 else [])]
+            from hydra.core.global_hydra import GlobalHydra
+
+            if GlobalHydra.instance().is_initialized():
+                GlobalHydra.instance().clear()
+            _entry()
+            offset += len(group_combos)
+        launching.close()
         if pool is not None:  # the cells handed to workers
             pool.join()
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
@@ -398,10 +507,12 @@ def run_multirun(overrides: list[str]) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     finally:
+        launching.close()
         if pool is not None:
             pool.terminate()  # nothing left after a join; after an error, no worker outlives the sweep
             _STATE["reasons"].update(pool.reasons)
             _STATE["pool"] = None
+        _STATE["offset"] = 0
         monitor.stop()
         sys.argv = argv
         if full_error is None:
@@ -413,8 +524,12 @@ def run_multirun(overrides: list[str]) -> int:
         failed = cell_outcomes(combos)
     except KeyboardInterrupt as e:
         return interrupted("vtbench", e, "rerun the same command to resume")
+    finally:
+        _CELLS.clear()  # the next sweep of this process composes its own cells
+        _HYDRA_NODES.clear()
     if failed:
-        names = "; ".join(f"[{_sweep_overrides(c, combos)}] {why}" for c, why in failed)
+        label = {tuple(c): lab for c, lab in zip(combos, labels)}
+        names = "; ".join(f"[{label.get(tuple(c)) or _sweep_overrides(c, combos)}] {why}" for c, why in failed)
         print(f"vtbench: {len(failed)} of {len(combos)} cells failed (rerun the same command to retry them): {names}",
               file=sys.stderr, flush=True)
         return EXIT_FAILED

@@ -132,17 +132,18 @@ def _gpus(device: str) -> list[str]:
     return visible[:n] if visible else [str(i) for i in range(n)]
 
 
-def plan(combos: list[list[str]], todo: int) -> Plan:
-    """The plan of a sweep from its cells' configs (all composed before): `run.workers` must be the same in
-    every cell (it says how the sweep runs, not what a cell is); at most one worker per cell to do."""
+def plan(combos: list[list[str]], todo: int, cfgs: list | None = None) -> Plan:
+    """The plan of a sweep from its cells' configs (all composed before; `cfgs`: already composed, in the
+    order of `combos`): `run.workers` must be the same in every cell (it says how the sweep runs, not what
+    a cell is); at most one worker per cell to do."""
     from omegaconf import OmegaConf
 
     from harness.config import ConfigError, compose_config
     from harness.execution import remember_default_threads, serial_threads, worker_threads
 
     values, devices, threads = [], [], []
-    for combo in combos:
-        cfg = compose_config(combo)
+    for i, combo in enumerate(combos):
+        cfg = cfgs[i] if cfgs is not None else compose_config(combo)
         values.append(OmegaConf.select(cfg, "run.workers", default="auto"))
         devices.append(str(cfg.run.device))
         threads.append(OmegaConf.select(cfg, "run.threads", default=None))
@@ -182,6 +183,9 @@ def fork_server_wanted(overrides: list[str]) -> bool:
     value = given[-1] if given else os.environ.get("VTBENCH_WORKERS", "auto")
     if value.strip() in ("1", "0"):
         return False
+    if "--next" not in overrides and not any("," in o or o.lstrip("+~").startswith(("experiment=", "hydra."))
+                                             for o in overrides):
+        return False  # one cell (no swept value, no experiment's table): it runs in the sweep's process
     return usable_cores() > 1 or bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip(" -1"))
 
 
@@ -411,12 +415,24 @@ class WorkerPool:
 
     # cells ------------------------------------------------------------------------------------------------
     def submit(self, task: dict) -> None:
-        """Queue a cell (the workers start importing now; cells are handed out by `join`). `task`: overrides,
+        """Queue a cell (the workers start now; an idle one takes it at once, `join` hands out the rest). `task`: overrides,
         key (the record key), calibration (what its first-use calibration is keyed by, or None), num, total,
         label, log (the cell's log file), group (the W&B group)."""
         self.queue.append(task)
         while self._idle(spawn_only=True) is not None:  # start the workers while Hydra goes through the jobs
             pass
+        self.pump()
+
+    def pump(self) -> None:
+        """Without waiting: read what finished, then hand queued cells to workers without one (the first cells
+        run while Hydra still goes through the sweep's jobs; `join` waits for the rest)."""
+        self._collect(timeout=0)
+        while self.queue:
+            w = next((w for w in self.workers if w.task is None), None)
+            task = self._next() if w is not None else None
+            if task is None:
+                return
+            self._dispatch(w, task)
 
     def _next(self) -> dict | None:
         """The next cell to hand out: first a cell that computes a calibration nobody computes yet (the long

@@ -199,7 +199,7 @@ MAKE_EVAL_KEYS = {
 
 @pytest.mark.slow  # validates the whole make eval sweep (about 8 s)
 def test_make_eval_cells_stay_valid_with_their_keys():
-    from harness.sweep import validate_sweep
+    from harness.sweep import split_sweeps, validate_sweep
 
     for cell, key in MAKE_EVAL_KEYS.items():
         cfg = compose_config(cell.split())
@@ -210,12 +210,14 @@ def test_make_eval_cells_stay_valid_with_their_keys():
     settings = "model=tiny benchmark=shapes run.limit=200 run.batch_size=8".split()
     # every sweep `make eval` runs (its EVAL_SWEEPS, read from the Makefile's variables) validates
     make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    var = {k: v.strip() for k, v in re.findall(r"^(EVAL_[A-Z_]+) \?= (.*)$", make, flags=re.M)}
-    sweeps = re.findall(r"^\t\$\(VTB\) -m (.*)$", make.split("define EVAL_SWEEPS")[1].split("endef")[0], flags=re.M)
+    var = {k: v.strip() for k, v in re.findall(r"^(EVAL_[A-Z_]+) \??= (.*)$", make, flags=re.M)}
+    (line,) = re.findall(r"^\t\$\(VTB\) -m (.*)$", make.split("define EVAL_SWEEPS")[1].split("endef")[0], flags=re.M)
+    for _ in range(3):  # the grids' variables name the others
+        line = re.sub(r"\$\((EVAL_[A-Z_]+)\)", lambda m: var[m.group(1)], line)
+    sweeps = split_sweeps(line.replace("$(ARGS)", "").split())
     n = 0
-    for line in sweeps:
-        line = re.sub(r"\$\((EVAL_[A-Z_]+)\)", lambda m: var[m.group(1)], line).replace("$(ARGS)", "")
-        n += len(validate_sweep(line.split()))
+    for sweep in sweeps:
+        n += len(validate_sweep(sweep))
     assert len(sweeps) == 3 and n == len(var["EVAL_CONTROLS"].split(",")) + 3 * 3 + 3 * (
         len(var["EVAL_TOKEN_METHODS"].split(",")) + 2 + len(var["EVAL_COMPOSITIONS"].split(",")))
     assert len(validate_sweep(["method=shortv", "method.params.layers=auto", "method.params.N=0", "budget.kind=tokens",

@@ -317,11 +317,14 @@ def test_the_fork_server_is_started_only_for_sweeps_that_may_use_workers(cores, 
     cores(2)
     assert fork_server_wanted(["method=none,fastv"])
     assert not fork_server_wanted(["method=none,fastv", "run.workers=1"])
-    assert fork_server_wanted(["run.workers=1", "run.workers=2"])  # the last value wins, as in Hydra
+    assert fork_server_wanted(["method=none,fastv", "run.workers=1", "run.workers=2"])  # the last value wins
     monkeypatch.setenv("VTBENCH_WORKERS", "1")
     assert not fork_server_wanted(["method=none,fastv"])
-    assert fork_server_wanted(["run.workers=auto"])
+    assert fork_server_wanted(["method=none,fastv", "run.workers=auto"])
     monkeypatch.delenv("VTBENCH_WORKERS")
+    assert not fork_server_wanted(["method=none", "run.limit=3"])  # one cell: no worker
+    assert fork_server_wanted(["method=none", "--next", "method=fastv"])
+    assert fork_server_wanted(["experiment=repro_fastv_llava15_7b"])  # its table may hold many cells
     cores(1)
     assert not fork_server_wanted(["method=none,fastv"])  # one core, no GPU: one worker at most
 

@@ -3,6 +3,8 @@
     vtbench                                     # tiny model, method none, shapes (the defaults)
     vtbench method=fastv method.params.R=0.75 run.limit=64
     vtbench -m method=none,fastv,tome           # a sweep (Hydra multirun; resumable)
+    vtbench -m method=none,blind --next method=fastv budget.kind=tokens budget.value=0.5,0.25
+                                                # several sweeps as one (one pool of workers)
     vtbench --help
 
 Errors in the configuration, the method parameters, the model or the data end in one line on
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: vtbench [-m|--multirun] [key=value ...]
+USAGE = """usage: vtbench [-m|--multirun] [key=value ...] [--next key=value ...]
        vtbench --cfg job|hydra|all [--resolve] [--package P] [key=value ...]   (print the composed config)
        vtbench --info [topic] | --hydra-help | -sc install=bash|zsh|fish     (Hydra's own flags)
 
@@ -262,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness.sweep import run_multirun
 
         return run_multirun([a for a in argv if a not in ("-m", "--multirun")])
+    if "--next" in argv:
+        print("vtbench: error: --next separates the sweeps of a multirun: vtbench -m <sweep> --next <sweep>",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     return run_one(argv)
 
 
