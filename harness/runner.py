@@ -119,23 +119,29 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
         _note_code_change(existing)
         existing["_reused"] = True
         return existing
-    method, _, budget_info = validate_against_model(cfg, method)  # bad input: before the store is touched
-    from harness.budget import budget_note
+    from harness.execution import device_lock
 
-    if note := budget_note(budget_info):  # the report flags the row too
-        _log(f"warning: budget.kind={cfg.budget.kind} budget.value={cfg.budget.value}: {note} "
-             "(the cell runs at the closest setting)")
-    from harness.models.checkpoint import check_available
+    # the set-up computes too (meta model, checkpoint hashes, the benchmark's data, lmms-eval's task index,
+    # decoding the documents): held shared like the answering, so no other process's timing part runs
+    # meanwhile; released before the cell's lock below (a process never waits for a cell holding the device)
+    with device_lock(cfg.run.device).shared():
+        method, _, budget_info = validate_against_model(cfg, method)  # bad input: before the store is touched
+        from harness.budget import budget_note
 
-    check_available(cfg.model)  # the checkpoint's files (harness/models/checkpoint.py), before the store is touched
-    store.check_writable()
+        if note := budget_note(budget_info):  # the report flags the row too
+            _log(f"warning: budget.kind={cfg.budget.kind} budget.value={cfg.budget.value}: {note} "
+                 "(the cell runs at the closest setting)")
+        from harness.models.checkpoint import check_available
 
-    from harness.benchmarks.prepare import prepare
+        check_available(cfg.model)  # the checkpoint's files (harness/models/checkpoint.py), before the store is touched
+        store.check_writable()
 
-    with _quiet_libraries():
-        task, include = prepare(cfg.benchmark, cfg.data_dir)
-        tm, task_dict = load_tasks(task, include)
-        truncated = check_docs(task_dict, cfg.run.limit)
+        from harness.benchmarks.prepare import prepare
+
+        with _quiet_libraries():
+            task, include = prepare(cfg.benchmark, cfg.data_dir)
+            tm, task_dict = load_tasks(task, include)
+            truncated = check_docs(task_dict, cfg.run.limit)
     if truncated:
         _log(f"warning: {len(truncated)} truncated image(s) in the benchmark data, flagged in the record: "
              f"{', '.join(truncated[:5])}{' ...' if len(truncated) > 5 else ''}")
@@ -147,8 +153,6 @@ def run_cell(cfg: DictConfig, *, efficiency_fn=None) -> dict:
             _log(f"cell {key} was completed by another process: reusing it")
             existing["_reused"] = True
             return existing
-        from harness.execution import device_lock
-
         # computing on the device: shared with other vtbench processes, except the probe's timing part
         # (exclusive) and, between answer batches, any timing part that waits (harness.execution)
         with device_lock(cfg.run.device).shared():

@@ -665,8 +665,10 @@ def _run_task(task: dict) -> dict:
     from omegaconf import open_dict
 
     from harness.config import compose_config
+    from harness.execution import device_lock
 
-    cfg = compose_config(task["overrides"])
+    with device_lock("cpu").shared():  # composing computes on the CPU beside the other workers' timing
+        cfg = compose_config(task["overrides"])
     if task.get("group") and cfg.get("logger") is not None and "group" in cfg.logger:
         with open_dict(cfg):
             cfg.logger.group = task["group"]

@@ -46,6 +46,24 @@ def test_sweep_part_runs_both_ways(tmp_path):
     bench_cli.run(["--quick", "--parts", "sweep", "--out", str(tmp_path), "--threads", "1", "--machine", "m"])
     data = json.loads((tmp_path / "m.json").read_text())["sweep"]
     assert [data["serial"]["workers"], data["parallel"]["workers"]] == [1, min(usable_cores(), 4)]
-    assert data["serial"]["cells"] == data["parallel"]["cells"] == 4 and len(data["rows"]) == 4
+    assert data["serial"]["cells"] == data["parallel"]["cells"] == data["serial_again"]["cells"] == 4 and len(data["rows"]) == 4
     assert all(r["same_answers"] and r["same_flops"] and r["taken"].startswith("alone") for r in data["rows"])
     assert data["gain"] > 0 and "## Parallel sweep" in (tmp_path / "m.md").read_text()
+
+
+def test_the_serial_run_again_is_the_noise_baseline():
+    """A serial run repeated after the parallel one: how often it lands inside its own earlier range is shown
+    beside the parallel figure (the bar a parallel run can be held to on the same machine)."""
+    serial = _run(120.0, 1, [_rec("a", "none", ["x"], (10, 9, 12, 12), (5, 4, 6, 96)),
+                             _rec("b", "fastv", ["x"], (8, 7, 9, 12), (4, 3, 5, 96))])
+    parallel = _run(60.0, 2, [_rec("a", "none", ["x"], (11, 10, 13, 12), (5, 4, 6, 96)),
+                              _rec("b", "fastv", ["x"], (9.5, 9, 10, 12), (4, 3, 5, 96))])
+    again = _run(118.0, 1, [_rec("a", "none", ["x"], (13, 12, 14, 12), (5, 4, 6, 96)),
+                            _rec("b", "fastv", ["x"], (8.5, 8, 9, 12), (4, 3, 5, 96))])
+    out = compare_sweeps(serial, parallel, "vtbench -m ...", again)
+    assert (out["within_iqr"], out["again_within_iqr"], out["again_decode_within_iqr"]) == (1, 1, 2)
+    assert out["rows"][0]["prefill_ms"]["again_within_iqr"] is False and "records" not in out["serial_again"]
+    md = "\n".join(render_sweep(out))
+    assert "| serial again | 1 |" in md and "for **1 of 2** cells" in md and "| none | 10.0 (9.0-12.0) | 13.0" in md
+    json.dumps(out)
+    assert "serial_again" not in compare_sweeps(serial, parallel)  # optional: the two-run comparison as before
