@@ -166,10 +166,18 @@ def plan(combos: list[list[str]], todo: int, cfgs: list | None = None) -> Plan:
 
 
 # ---- the fork server --------------------------------------------------------------------------------------
-#: what a worker imports before its first cell (the fork server imports them once for every worker)
-PRELOAD = ("torch", "harness.execution", "harness.runner", "harness.efficiency.probe", "lmms_eval.evaluator")
-#: imported too when installed (first use in a cell otherwise): W&B, fvcore, the LLaVA classes
-PRELOAD_OPTIONAL = ("wandb", "fvcore.nn", "transformers.models.llava.modeling_llava")
+#: what a worker imports before its first cell (the fork server imports them once for every worker), vtbench's
+#: own modules a cell imports on first use included
+PRELOAD = ("torch", "harness.execution", "harness.runner", "harness.efficiency.probe", "lmms_eval.evaluator",
+           "harness.config", "harness.benchmarks.prepare", "harness.benchmarks.shapes_task", "harness.budget",
+           "harness.calibration", "harness.environment", "harness.models.loading", "harness.models.checkpoint",
+           "harness.recall", "harness.wandb_log", "methods")
+#: imported too when installed (a first cell imports them otherwise, about 3 s of one core): W&B's run and API
+#: modules, fvcore, the LLaVA / CLIP / Llama classes and processors, lmms-eval's generation metrics
+PRELOAD_OPTIONAL = ("wandb", "wandb.apis.public", "wandb.sdk.launch", "fvcore.nn",
+                    "transformers.models.llava.modeling_llava", "transformers.models.llava.processing_llava",
+                    "transformers.models.clip.modeling_clip", "transformers.models.clip.image_processing_pil_clip",
+                    "transformers.models.llama.modeling_llama", "lmms_eval.models.model_utils.gen_metrics")
 WORKER_NAME, SERVER_NAME = b"vtbench-worker", b"vtbench-forksrv"
 
 
@@ -711,6 +719,7 @@ def _fork_server(control_fd: int, parent: int) -> int:
             importlib.import_module(name)
         except ImportError:
             pass
+    _warm_up()
     sys.stdout.flush()
     sys.stderr.flush()
     sock.send(json.dumps({"ready": True}).encode())
@@ -762,6 +771,19 @@ def _fork_server(control_fd: int, parent: int) -> int:
             sock.send(json.dumps({"spawned": req["spawn"], "pid": pid}).encode())
         except OSError:
             return 0
+
+
+def _warm_up() -> None:
+    """What a first cell pays once and a forked worker can inherit, computing nothing on a device: every
+    method's module (the registry) and one Hydra composition (Hydra's own modules and plugins)."""
+    try:
+        import methods
+        from harness.config import compose_config
+
+        methods.available()
+        compose_config([])
+    except Exception:  # a broken config or method is the cells' to report, in their own words
+        pass
 
 
 def _forked_worker(req: dict, fds: list[int]) -> int:
