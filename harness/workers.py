@@ -189,8 +189,9 @@ def fork_server_wanted(overrides: list[str]) -> bool:
 
     given = [o.partition("=")[2].strip() for o in overrides if o.lstrip("+~").startswith("run.workers=")]
     value = given[-1] if given else os.environ.get("VTBENCH_WORKERS", "auto")
-    if value.strip() in ("1", "0"):
-        return False
+    value = value.strip().strip("'\"")
+    if value != "auto" and not (value.isdigit() and int(value) > 1):
+        return False  # one worker, or a bad value the validation refuses in one line
     if "--next" not in overrides and not any("," in o or o.lstrip("+~").startswith(("experiment=", "hydra."))
                                              for o in overrides):
         return False  # one cell (no swept value, no experiment's table): it runs in the sweep's process
@@ -260,16 +261,15 @@ class ForkServer:
         return lines[-1].strip() if lines else f"exit code {self.proc.poll()}"
 
     def close(self) -> None:
-        """Stop the server (it ends on its closed socket; its workers must be gone first: they die with it)."""
+        """Stop the server now (its workers must be gone first: they die with it). Killed, not waited for: it
+        holds nothing, and one still importing (a sweep refused for bad input) would keep the sweep waiting."""
         try:
             self.sock.close()
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
         self.output.close()
 
 

@@ -323,6 +323,8 @@ def test_the_fork_server_is_started_only_for_sweeps_that_may_use_workers(cores, 
     assert fork_server_wanted(["method=none,fastv", "run.workers=auto"])
     monkeypatch.delenv("VTBENCH_WORKERS")
     assert not fork_server_wanted(["method=none", "run.limit=3"])  # one cell: no worker
+    assert not fork_server_wanted(["method=none,fastv", "run.workers=abc"])  # refused by the validation first
+    assert fork_server_wanted(["method=none,fastv", "run.workers=3"])
     assert fork_server_wanted(["method=none", "--next", "method=fastv"])
     assert fork_server_wanted(["experiment=repro_fastv_llava15_7b"])  # its table may hold many cells
     cores(1)
