@@ -35,12 +35,17 @@ _STATE: dict = {"total": None, "reasons": {}, "pool": None}
 _CELLS: dict[tuple, tuple] = {}
 
 
+def _env_key() -> tuple:
+    """The `VTBENCH_*` environment, part of every composition's cache key (the config reads it)."""
+    return tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("VTBENCH_")))
+
+
 def _cell(combo: list[str]):
     """The composed config and record key of a cell of the sweep (composed on first use)."""
     from harness.config import compose_config, resolved
     from harness.results import record_key
 
-    k = (tuple(combo), tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("VTBENCH_"))))
+    k = (tuple(combo), _env_key())
     if k not in _CELLS:
         cfg = compose_config(combo)
         _CELLS[k] = (cfg, record_key(resolved(cfg)))
@@ -69,7 +74,7 @@ _HYDRA_NODES: dict[tuple, object] = {}
 def _compose_hydra(overrides: list[str]):
     """The composed config with Hydra's own node (sweeper params, launcher), or None if it does not compose
     (compose_config reports the error in one line). Kept for the running command (`run_multirun`)."""
-    key = (tuple(overrides), tuple(sorted((n, v) for n, v in os.environ.items() if n.startswith("VTBENCH_"))))
+    key = (tuple(overrides), _env_key())
     if key not in _HYDRA_NODES:
         _HYDRA_NODES[key] = _compose_hydra_now(overrides)
     return _HYDRA_NODES[key]
@@ -444,8 +449,9 @@ def run_multirun(overrides: list[str]) -> int:
     except BaseException:
         _stop(server)
         raise
-    if plan is None:
-        server = _stop(server)
+    if plan is None:  # no workers: the server is not needed
+        _stop(server)
+        server = None
     _STATE["total"] = len(combos)
     os.environ["VTBENCH_SWEEP_TOTAL"] = str(_STATE["total"])  # for launchers that run cells in other processes
     labels = _labels(sweeps)

@@ -619,14 +619,7 @@ def _die_with_parent(parent: int, alive_fd: int) -> None:
     `PR_SET_PDEATHSIG` too (some sandboxes ignore it)."""
     import threading
 
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except Exception:  # pragma: no cover - not Linux: the watcher below does it
-        pass
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))  # not Linux: the watcher below does it
 
     def watch():
         while True:
@@ -685,14 +678,24 @@ def _run_task(task: dict) -> dict:
     return run_job(cfg, task["num"])
 
 
-def _name_process(name: bytes) -> None:
-    """The process's name as `ps` / `top` show it (Linux `PR_SET_NAME`; a no-op elsewhere)."""
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+
+
+def _prctl(option: int, arg) -> None:
+    """Linux `prctl(option, arg)` (a no-op elsewhere, or where a sandbox refuses it)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
     except Exception:  # pragma: no cover - not Linux
         pass
+
+
+def _name_process(name: bytes) -> None:
+    """The process's name as `ps` / `top` show it (`PR_SET_NAME`, 15 bytes at most)."""
+    import ctypes
+
+    _prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]))
 
 
 def _fork_server(control_fd: int, parent: int) -> int:
@@ -703,12 +706,7 @@ def _fork_server(control_fd: int, parent: int) -> int:
 
     _name_process(SERVER_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep and its workers; it stops them, then this
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG: dies with the sweep
-    except Exception:  # pragma: no cover - not Linux: the closed socket ends it
-        pass
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))  # dies with the sweep (elsewhere: its closed socket ends it)
     if os.getppid() != parent:
         return 1
     sock = socket.socket(fileno=control_fd)
